@@ -1,0 +1,25 @@
+"""Tapestry-JAX: federated frontier pretraining through owner-controlled buckets."""
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def _requirements():
+  lines = (_HERE / "requirements.txt").read_text().splitlines()
+  return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+
+
+setuptools.setup(
+    name="tapestry-jax",
+    version="0.1.0",
+    description="JAX-first federated (DiLoCo-family) LM pretraining across sovereign sites.",
+    long_description=(_HERE / "README.md").read_text() if (_HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(
+        include=["tapestry_jax*", "data_pipelines*", "launch*", "experiments*"]),
+    install_requires=_requirements(),
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+)
