@@ -1,0 +1,36 @@
+"""Train a language model at one site.
+
+  python -m launch.train --config=experiments/configs/lm.py:tiny --workdir=/tmp/lm_tiny
+  python -m launch.train --config=experiments/configs/lm.py:tiny --workdir=/tmp/lm_fr \
+      --config.data.source=text_files --config.data.paths=../shared/data/debref/fr.txt
+
+Rerunning with the same --workdir resumes from its latest checkpoint.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch.errors import exit_on_bad_input
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/configs/lm.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  # Imported here so --help stays fast and flag errors come before JAX starts.
+  import jax
+  from tapestry_jax import loop
+
+  logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+  with exit_on_bad_input():
+    result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  ev = result.get("eval", {})
+  print(f"done: step {result['step']}, eval loss {ev.get('eval_loss', float('nan')):.4f}, "
+        f"bits/byte {ev.get('eval_bits_per_byte', float('nan')):.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,279 @@
+"""Decoder-only transformer (LLaMA style) as pure functions over a parameter pytree.
+
+Data flow: token ids -> `forward` -> logits -> `loss` (train.py) / eval metrics.
+Pre-norm RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention,
+optional tied embeddings and z-loss. Layers are stacked along a leading `layers` axis
+(always, so checkpoints do not depend on `scan_layers`), and either scanned (compile
+time flat in depth) or unrolled. Every parameter and activation names its logical axes;
+`sharding.LOGICAL_RULES` maps them to the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tapestry_jax import sharding
+
+Params = dict[str, Any]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture hyperparameters. Hashable, so it can be a static jit argument."""
+  vocab_size: int = 384
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 32
+  d_ff: int = 384
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  z_loss: float = 0.0
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  remat: str = "none"  # none | full | dots | dots_no_batch
+  scan_layers: bool = True
+  attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention impl)
+
+  @classmethod
+  def from_config(cls, cfg) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
+
+  def validate(self) -> None:
+    if self.param_dtype not in _DTYPES or self.compute_dtype not in _DTYPES:
+      raise ValueError(f"model: dtypes must be one of {sorted(_DTYPES)}, got "
+                       f"param_dtype={self.param_dtype!r} compute_dtype={self.compute_dtype!r}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model: n_heads={self.n_heads} must be a multiple of "
+                       f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+    if self.head_dim % 2:
+      raise ValueError(f"model: head_dim={self.head_dim} must be even (rotary embeddings)")
+    if self.remat not in _REMAT_POLICIES:
+      raise ValueError(f"model: remat must be one of {sorted(_REMAT_POLICIES)}, got {self.remat!r}")
+    if self.attention not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"model: attention must be auto|xla|cudnn, got {self.attention!r}")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model: {name} must be positive, got {getattr(self, name)}")
+
+
+# name -> architecture. Vocab 384 covers the byte tokenizer (259 ids) padded to a
+# multiple of 128; the accelerator presets assume a 32k SentencePiece vocabulary.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=384, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                 head_dim=32, d_ff=384),
+    "small": dict(vocab_size=384, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4,
+                  head_dim=64, d_ff=1536),
+    "125m": dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
+                 head_dim=64, d_ff=2048),
+    "350m": dict(vocab_size=32768, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8,
+                 head_dim=64, d_ff=2816),
+    "1b": dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+               head_dim=64, d_ff=8192, tie_embeddings=True),
+    "7b": dict(vocab_size=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+               head_dim=128, d_ff=11008),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]  # logical axis names, one per dim
+  init: str  # "normal:<std>" | "ones"
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+  """The parameter pytree's structure: shape, logical axes and initialiser per leaf."""
+  D, H, K, Dh, F, V, N = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
+                          cfg.vocab_size, cfg.n_layers)
+  std_in = 1.0 / math.sqrt(D)
+  # Residual-branch outputs are scaled down with depth (GPT-2 / OLMo style).
+  std_out_attn = 1.0 / math.sqrt(H * Dh) / math.sqrt(2 * N)
+  std_out_mlp = 1.0 / math.sqrt(F) / math.sqrt(2 * N)
+  # Tied embeddings double as the output layer, so they get the output layer's scale.
+  std_embed = std_in if cfg.tie_embeddings else 1.0
+  specs: Params = {
+      "embed": ParamSpec((V, D), ("vocab", "embed"), f"normal:{std_embed}"),
+      "layers": {
+          "attn_norm": ParamSpec((N, D), ("layers", "norm"), "ones"),
+          "wq": ParamSpec((N, D, H, Dh), ("layers", "embed", "heads", "head_dim"), f"normal:{std_in}"),
+          "wk": ParamSpec((N, D, K, Dh), ("layers", "embed", "kv", "head_dim"), f"normal:{std_in}"),
+          "wv": ParamSpec((N, D, K, Dh), ("layers", "embed", "kv", "head_dim"), f"normal:{std_in}"),
+          "wo": ParamSpec((N, H, Dh, D), ("layers", "heads", "head_dim", "embed"),
+                          f"normal:{std_out_attn}"),
+          "mlp_norm": ParamSpec((N, D), ("layers", "norm"), "ones"),
+          "w_gate": ParamSpec((N, D, F), ("layers", "embed", "mlp"), f"normal:{std_in}"),
+          "w_up": ParamSpec((N, D, F), ("layers", "embed", "mlp"), f"normal:{std_in}"),
+          "w_down": ParamSpec((N, F, D), ("layers", "mlp", "embed"), f"normal:{std_out_mlp}"),
+      },
+      "final_norm": ParamSpec((D,), ("norm",), "ones"),
+  }
+  if not cfg.tie_embeddings:
+    specs["unembed"] = ParamSpec((D, V), ("embed", "vocab"), f"normal:{std_in}")
+  return specs
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+  """Pytree (same structure as params) of logical axis tuples."""
+  return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Params:
+  return jax.tree.map(lambda s: sharding.named_sharding(mesh, s.axes), param_specs(cfg),
+                      is_leaf=_is_spec)
+
+
+def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
+  leaves = jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec)
+  n = sum(math.prod(s.shape) for s in leaves)
+  if not include_embedding:
+    n -= cfg.vocab_size * cfg.d_model
+  return n
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+  """Initialises parameters; jit this with `out_shardings=param_shardings(...)` so every
+  device creates only its own shards (threefry is partitionable: values do not depend
+  on the mesh)."""
+  specs = param_specs(cfg)
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+  keys = jax.random.split(key, len(leaves))
+  dtype = _DTYPES[cfg.param_dtype]
+
+  def one(spec: ParamSpec, k):
+    if spec.init == "ones":
+      return jnp.ones(spec.shape, dtype)
+    std = float(spec.init.split(":")[1])
+    return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+
+  return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(leaves, keys)])
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def rms_norm(x_BxLxD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+  x32 = x_BxLxD.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * scale_D.astype(jnp.float32)).astype(x_BxLxD.dtype)
+
+
+def rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embeddings (rotate-half convention), computed in fp32."""
+  half = x_BxLxHxDh.shape[-1] // 2
+  freq_half = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLxhalf = positions_BxL[..., None].astype(jnp.float32) * freq_half
+  sin = jnp.sin(angle_BxLxhalf)[:, :, None, :]
+  cos = jnp.cos(angle_BxLxhalf)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxDh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxDh.dtype)
+
+
+def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
+  """Causal and within-document: position i sees j iff j <= i and same segment.
+
+  Padding (segment 0) attends to earlier padding only, so no row is empty."""
+  L = segment_ids_BxL.shape[1]
+  causal_LxL = jnp.tril(jnp.ones((L, L), jnp.bool_))
+  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return (same_BxLxL & causal_LxL)[:, None, :, :]  # B x 1 x L x L (broadcast over heads)
+
+
+def _layer(cfg: ModelConfig, x_BxLxD, layer: Params, positions_BxL, mask_Bx1xLxL):
+  cdt = _DTYPES[cfg.compute_dtype]
+  w = jax.tree.map(lambda p: p.astype(cdt), layer)
+
+  h_BxLxD = rms_norm(x_BxLxD, layer["attn_norm"], cfg.norm_eps)
+  q_BxLxHxDh = jnp.einsum("bld,dhk->blhk", h_BxLxD, w["wq"])
+  k_BxLxKxDh = jnp.einsum("bld,dhk->blhk", h_BxLxD, w["wk"])
+  v_BxLxKxDh = jnp.einsum("bld,dhk->blhk", h_BxLxD, w["wv"])
+  q_BxLxHxDh = sharding.constrain(rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta),
+                                  ("batch", "length", "act_heads", None))
+  k_BxLxKxDh = sharding.constrain(rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta),
+                                  ("batch", "length", "act_kv", None))
+  v_BxLxKxDh = sharding.constrain(v_BxLxKxDh, ("batch", "length", "act_kv", None))
+  impl = None if cfg.attention == "auto" else cfg.attention
+  o_BxLxHxDh = jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
+                                            mask=mask_Bx1xLxL, implementation=impl)
+  attn_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxDh, w["wo"])
+  x_BxLxD = sharding.constrain(x_BxLxD + attn_BxLxD, ("batch", "length", "act_embed"))
+
+  h_BxLxD = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.norm_eps)
+  gate_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w["w_gate"])
+  up_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w["w_up"])
+  act_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "act_mlp"))
+  mlp_BxLxD = jnp.einsum("blf,fd->bld", act_BxLxF, w["w_down"])
+  return sharding.constrain(x_BxLxD + mlp_BxLxD, ("batch", "length", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def forward(params: Params, inputs_BxL: jax.Array, positions_BxL: jax.Array,
+            segment_ids_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Returns fp32 logits_BxLxV. Attention never crosses segments or looks ahead."""
+  cdt = _DTYPES[cfg.compute_dtype]
+  # Gather from a table that is whole on every device (one all-gather, like FSDP does
+  # for every weight): a gather from a sharded table makes GSPMD replicate the result.
+  embed_VxD = sharding.constrain(params["embed"].astype(cdt), (None, None))
+  x_BxLxD = jnp.take(embed_VxD, inputs_BxL, axis=0)
+  x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
+  mask_Bx1xLxL = attention_mask(segment_ids_BxL)
+
+  def body(x, layer):
+    return _layer(cfg, x, layer, positions_BxL, mask_Bx1xLxL), None
+
+  if cfg.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, params["layers"])
+  else:
+    for i in range(cfg.n_layers):
+      x_BxLxD, _ = body(x_BxLxD, jax.tree.map(lambda p: p[i], params["layers"]))
+
+  x_BxLxD = rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps)
+  unembed_DxV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+  logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(cdt))
+  logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
+  return logits_BxLxV.astype(jnp.float32)
+
+
+def token_losses(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig):
+  """Per-token cross-entropy (nats) and z-loss, both BxL, plus the BxL loss mask."""
+  logits_BxLxV = forward(params, batch["inputs"], batch["positions"], batch["segment_ids"], cfg)
+  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+  ce_BxL = logz_BxL - target_logit_BxL
+  mask_BxL = (batch["segment_ids"] > 0).astype(jnp.float32)
+  return ce_BxL * mask_BxL, cfg.z_loss * jnp.square(logz_BxL) * mask_BxL, mask_BxL
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Analytic training FLOPs per token (forward + backward = 3x forward), PaLM style:
+  6 x (matmul params) + 12 x layers x heads x head_dim x seq_len for attention.
+  The embedding lookup is not a matmul and is not counted; the unembedding is."""
+  D, H, K, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+  per_layer = D * H * Dh * 2 + D * K * Dh * 2 + 3 * D * F
+  matmul_params = cfg.n_layers * per_layer + D * cfg.vocab_size
+  attn = 12 * cfg.n_layers * H * Dh * seq_len
+  return 6.0 * matmul_params + attn

@@ -1,0 +1,197 @@
+"""The site trainer's compiled core: optimizer, train state, train and eval steps.
+
+Data flow: host batch (numpy, from data_pipelines) -> `Trainer.shard_batch` -> jitted
+`train_step(state, batch) -> (state, metrics)` with explicit in/out shardings and buffer
+donation. The loop that drives it (logging, eval, checkpoints) is in `loop.py`; the
+federated outer loop reuses `Trainer` for its inner steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tapestry_jax import model as model_lib
+from tapestry_jax import sharding
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "target_bytes")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: model_lib.Params
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32[2] raw PRNG key, saved with the state for exact resume
+
+
+def make_schedule(tcfg) -> optax.Schedule:
+  """Learning-rate schedule: linear warmup, then cosine, warmup-stable-decay or constant."""
+  peak, warmup, total = float(tcfg.lr), int(tcfg.warmup_steps), int(tcfg.steps)
+  end = peak * float(tcfg.min_lr_ratio)
+  if tcfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end)
+  if tcfg.schedule == "wsd":
+    decay = max(1, int(round(total * float(tcfg.decay_fraction))))
+    stable = max(0, total - warmup - decay)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak),
+         optax.linear_schedule(peak, end, decay)],
+        boundaries=[warmup, warmup + stable])
+  if tcfg.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+  raise ValueError(f"train.schedule must be cosine|wsd|constant, got {tcfg.schedule!r}")
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only: not on norm scales (which are 2-D when stacked)."""
+  def keep(path, _):
+    return not any("norm" in str(getattr(p, "key", "")) for p in path)
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(tcfg) -> optax.GradientTransformation:
+  """Global-norm clipping followed by AdamW on `make_schedule`."""
+  return optax.chain(
+      optax.clip_by_global_norm(float(tcfg.grad_clip)) if tcfg.grad_clip > 0 else optax.identity(),
+      optax.adamw(make_schedule(tcfg), b1=float(tcfg.b1), b2=float(tcfg.b2), eps=float(tcfg.eps),
+                  weight_decay=float(tcfg.weight_decay), mask=_decay_mask),
+  )
+
+
+class Trainer:
+  """Compiled train/eval steps of one model on one mesh.
+
+  Everything is a pure function of its inputs; this object only holds the compiled
+  functions and the shardings they were compiled for."""
+
+  def __init__(self, model_cfg: model_lib.ModelConfig, tcfg, mesh: jax.sharding.Mesh):
+    self.model_cfg = model_cfg
+    self.mesh = mesh
+    self.microbatches = int(tcfg.microbatches)
+    self.schedule = make_schedule(tcfg)
+    self.optimizer = make_optimizer(tcfg)
+
+    self.param_shardings = model_lib.param_shardings(model_cfg, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract_params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
+    abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        self.optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
+        transform_non_params=lambda _: replicated)
+    self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
+                                      opt_state=opt_shardings, rng=replicated)
+    self.batch_sharding = sharding.named_sharding(mesh, ("batch", "length"))
+    self.replicated = replicated
+
+    self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+    self.train_step = jax.jit(
+        self._train_step_fn,
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, replicated),
+        donate_argnums=0)
+    self.eval_step = jax.jit(
+        self._eval_step_fn,
+        in_shardings=(self.param_shardings, self.batch_sharding),
+        out_shardings=replicated)
+
+  # ------------------------------------------------------------------ state
+
+  def _init_fn(self, seed: jax.Array) -> TrainState:
+    key = jax.random.PRNGKey(seed)
+    init_key, rng = jax.random.split(key)
+    params = model_lib.init_params(self.model_cfg, init_key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params), rng=rng)
+
+  def init_state(self, seed: int) -> TrainState:
+    """A fresh state, created directly sharded (no full copy on any one device)."""
+    with jax.set_mesh(self.mesh):
+      return self._init(jnp.asarray(seed, jnp.uint32))
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs carrying this mesh's shardings: the restore target."""
+    shapes = jax.eval_shape(self._init_fn, jnp.asarray(0, jnp.uint32))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_shardings)
+
+  def shard_batch(self, batch: dict[str, np.ndarray]) -> Batch:
+    """This process's rows of the global batch -> global arrays on the mesh."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k]))
+            for k in BATCH_KEYS}
+
+  # ------------------------------------------------------------------ steps
+
+  def _loss_sums(self, params, batch: Batch):
+    ce_BxL, z_BxL, mask_BxL = model_lib.token_losses(params, batch, self.model_cfg)
+    ce_sum, z_sum = ce_BxL.sum(), z_BxL.sum()
+    return ce_sum + z_sum, (ce_sum, z_sum, mask_BxL.sum())
+
+  def _train_step_fn(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+    grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
+    M = self.microbatches
+    if M == 1:
+      (_, (ce_sum, z_sum, n_tokens)), grads = grad_fn(state.params, batch)
+    else:
+      # Row r of the batch goes to microbatch r % M: every microbatch stays spread over
+      # all data-parallel devices, so the reshape moves no data.
+      def split(x_BxL):
+        B, L = x_BxL.shape
+        return x_BxL.reshape(B // M, M, L).swapaxes(0, 1)
+
+      micro = jax.tree.map(split, batch)
+
+      def accumulate(carry, mb):
+        g_acc, sums = carry
+        mb = jax.tree.map(lambda x: sharding.constrain(x, ("batch", "length")), mb)
+        (_, aux), g = grad_fn(state.params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, sums, aux)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      sums0 = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+      (grads, (ce_sum, z_sum, n_tokens)), _ = jax.lax.scan(accumulate, (zeros, sums0), micro)
+
+    # Mean over the real (non-padding) tokens of the whole global batch.
+    denom = jnp.maximum(n_tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rng, _ = jax.random.split(state.rng)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    metrics = {"loss": ce_sum / denom, "z_loss": z_sum / denom, "grad_norm": grad_norm,
+               "lr": self.schedule(state.step), "tokens": n_tokens}
+    return new_state, metrics
+
+  def _eval_step_fn(self, params, batch: Batch) -> dict[str, jax.Array]:
+    ce_BxL, _, mask_BxL = model_lib.token_losses(params, batch, self.model_cfg)
+    return {"loss_sum": ce_BxL.sum(), "tokens": mask_BxL.sum(),
+            "bytes": (batch["target_bytes"] * (batch["segment_ids"] > 0)).sum().astype(jnp.float32)}
+
+
+def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
+  """Eval loss (nats/token), perplexity and bits per byte from summed eval statistics."""
+  tokens = max(float(sums["tokens"]), 1.0)
+  loss = float(sums["loss_sum"]) / tokens
+  bpb = float(sums["loss_sum"]) / math.log(2) / max(float(sums["bytes"]), 1.0)
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)),
+          "eval_bits_per_byte": bpb, "eval_tokens": tokens}
+
+
+def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
+  """Runs the eval step over an iterable of host batches and summarises it."""
+  totals = None
+  for host_batch in batches:
+    out = trainer.eval_step(params, trainer.shard_batch(host_batch))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if totals is None:
+    raise ValueError("evaluation got no batches (is the eval split empty?)")
+  return summarize_eval(jax.device_get(totals))
