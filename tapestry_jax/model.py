@@ -81,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "1b": dict(vocab_size=32768, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
                head_dim=64, d_ff=8192, tie_embeddings=True),
     "7b": dict(vocab_size=32768, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-               head_dim=128, d_ff=11008),
+               head_dim=128, d_ff=14336),
 }
 
 
@@ -229,15 +229,19 @@ _REMAT_POLICIES = {
 }
 
 
-def forward(params: Params, inputs_BxL: jax.Array, positions_BxL: jax.Array,
-            segment_ids_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Returns fp32 logits_BxLxV. Attention never crosses segments or looks ahead."""
-  cdt = _DTYPES[cfg.compute_dtype]
+def embed(params: Params, inputs_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Token ids -> input embeddings x_BxLxD in the compute dtype."""
   # Gather from a table that is whole on every device (one all-gather, like FSDP does
   # for every weight): a gather from a sharded table makes GSPMD replicate the result.
-  embed_VxD = sharding.constrain(params["embed"].astype(cdt), (None, None))
+  embed_VxD = sharding.constrain(params["embed"].astype(_DTYPES[cfg.compute_dtype]), (None, None))
   x_BxLxD = jnp.take(embed_VxD, inputs_BxL, axis=0)
-  x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
+  return sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+
+def forward_embeddings(params: Params, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+                       segment_ids_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Input embeddings -> fp32 logits_BxLxV (split from `forward` so tests can
+  differentiate with respect to the inputs)."""
   mask_Bx1xLxL = attention_mask(segment_ids_BxL)
 
   def body(x, layer):
@@ -253,9 +257,16 @@ def forward(params: Params, inputs_BxL: jax.Array, positions_BxL: jax.Array,
 
   x_BxLxD = rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps)
   unembed_DxV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-  logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(cdt))
+  logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(x_BxLxD.dtype))
   logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
   return logits_BxLxV.astype(jnp.float32)
+
+
+def forward(params: Params, inputs_BxL: jax.Array, positions_BxL: jax.Array,
+            segment_ids_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Token ids -> fp32 logits_BxLxV. Attention never crosses segments or looks ahead."""
+  return forward_embeddings(params, embed(params, inputs_BxL, cfg), positions_BxL,
+                            segment_ids_BxL, cfg)
 
 
 def token_losses(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig):
