@@ -104,12 +104,14 @@ class ArrayRecordSource(registry.Source):
     instructions = {split: [] for split in registry.SPLITS}
     for path in self.files:
       reader = array_record_module.ArrayRecordReader(path)
+      if not reader.ok():  # (close() would raise on such a reader.)
+        raise DataError(f"{path} is not an ArrayRecord file")
       try:
-        if not reader.ok():
-          raise DataError(f"{path} is not an ArrayRecord file")
         n = reader.num_records()
         if n:  # Fail fast on a wrong file format rather than mid-training.
           decode_record(reader.read([0])[0], f"{path} record 0", vocab_size)
+      except RuntimeError as e:
+        raise DataError(f"{path}: corrupt ArrayRecord file: {e}") from e
       finally:
         reader.close()
       n_eval = files.eval_record_count(n, data_cfg.eval_fraction)
