@@ -10,6 +10,7 @@ topic mixes) that still rewards collaboration, because what is worth learning be
 the surface form is shared: which agents tend to do which actions to which entities,
 the attribute each entity usually has, which entities/places/actions co-occur in a
 topic, and discourse continuity (a clause's object often becomes the next subject).
+A few named agents are spelled the same in every language, as anchors.
 Nothing is copied from real text; everything is generated from the seed.
 
 The languages (`LANGUAGE_NAMES`, selectable by name or index):
@@ -46,7 +47,10 @@ from data_pipelines import registry
 from data_pipelines.errors import DataError
 
 # Sizes of the latent world. Agents are entities that can be subjects of actions;
-# entities 0..NUM_AGENTS-1 are agents, the rest are things.
+# entities 0..NUM_AGENTS-1 are agents, the rest are things. The first NUM_NAMED agents
+# have proper names spelled identically in every language (Latin letters), like the
+# names and brands real multilingual corpora share: anchors for cross-lingual transfer.
+NUM_NAMED = 12
 NUM_AGENTS = 40
 NUM_ENTITIES = 100
 NUM_ACTIONS = 30
@@ -236,12 +240,28 @@ def _spell(script: Script, rng: random.Random, n_syllables: int, coda: bool) -> 
   return word
 
 
+@functools.lru_cache(maxsize=8)
+def shared_names(seed: int) -> tuple[str, ...]:
+  """Proper names of the NUM_NAMED named agents, the same in every language."""
+  rng = random.Random(f"names/{seed}")
+  names: list[str] = []
+  while len(names) < NUM_NAMED:
+    name = _spell(SCRIPTS["latin"], rng, rng.randint(2, 3), rng.random() < 0.5)
+    if name.capitalize() not in names:
+      names.append(name.capitalize())
+  return tuple(names)
+
+
 @functools.lru_cache(maxsize=64)
 def make_lexicon(seed: int, language: int) -> Lexicon:
-  """The words of `language` in the world of `seed`: all distinct, spelled in its script."""
+  """The words of `language` in the world of `seed`: all distinct, spelled in its script.
+
+  Entities 0..NUM_NAMED-1 are the shared proper names.
+  """
   script = SCRIPTS[LANGUAGE_NAMES[language]]
   rng = random.Random(f"lexicon/{seed}/{language}")
-  used: set[str] = set()
+  names = shared_names(seed)
+  used: set[str] = {n.lower() for n in names}  # Latin words must not collide with names.
 
   def new_word(lo: int, hi: int, p_coda: float) -> str:
     while True:
@@ -255,7 +275,7 @@ def make_lexicon(seed: int, language: int) -> Lexicon:
       "plural", "subj_case", "obj_case", "past", "present", "verb_plural",
       "article_sg", "article_pl", "adposition", "copula")}
   return Lexicon(
-      entities=tuple(new_word(2, 3, 0.3) for _ in range(NUM_ENTITIES)),
+      entities=names + tuple(new_word(2, 3, 0.3) for _ in range(NUM_ENTITIES - NUM_NAMED)),
       actions=tuple(new_word(2, 3, 0.3) for _ in range(NUM_ACTIONS)),
       attributes=tuple(new_word(2, 3, 0.3) for _ in range(NUM_ATTRIBUTES)),
       places=tuple(new_word(2, 3, 0.3) for _ in range(NUM_PLACES)),
@@ -285,6 +305,9 @@ def latent_document(world: World, key: str, topic_cdf: list[float],
   prev_obj = -1
   clauses = []
 
+  def plural(entity: int) -> bool:
+    return entity >= NUM_NAMED and rng.random() < _P_PLURAL  # Names are singular.
+
   def attribute(entity: int) -> int:
     if rng.random() < _P_INTRINSIC:
       return world.attribute_of[entity]
@@ -295,7 +318,7 @@ def latent_document(world: World, key: str, topic_cdf: list[float],
       past = not past
     if rng.random() < _P_COPULA:
       subj = _sample(rng, world.topic_entity[topic])
-      clauses.append(Clause(subj, rng.random() < _P_PLURAL, -1, -1, -1, False, -1,
+      clauses.append(Clause(subj, plural(subj), -1, -1, -1, False, -1,
                             attribute(subj), -1, past))
       continue
     if 0 <= prev_obj < NUM_AGENTS and rng.random() < _P_CONTINUE:
@@ -311,9 +334,9 @@ def latent_document(world: World, key: str, topic_cdf: list[float],
     else:
       obj = _sample(rng, world.topic_entity[topic])
     clauses.append(Clause(
-        subj=subj, subj_plural=rng.random() < _P_PLURAL,
+        subj=subj, subj_plural=plural(subj),
         subj_attr=attribute(subj) if rng.random() < _P_ADJECTIVE else -1,
-        verb=verb, obj=obj, obj_plural=rng.random() < _P_PLURAL,
+        verb=verb, obj=obj, obj_plural=plural(obj),
         obj_attr=attribute(obj) if rng.random() < _P_ADJECTIVE else -1,
         attr=-1,
         place=_sample(rng, world.topic_place[topic]) if rng.random() < _P_PLACE else -1,
