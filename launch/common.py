@@ -1,18 +1,49 @@
-"""Turns a known bad-input error into one clear line on stderr and exit status 2.
+"""What every entry point under launch/ shares.
 
-Entry points wrap their library call in `exit_on_bad_input()` so that a bad config,
-missing file or unreachable bucket never ends in a library traceback.
+`exit_on_bad_input()` turns a known bad-input error into one clear line on stderr and
+exit status 2, so a bad config, missing file or unreachable bucket never ends in a
+library traceback. `quiet_library_logs()` keeps Orbax's per-save INFO chatter out of
+the console (warnings and errors still show).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import sys
+
+from absl import flags
 
 from data_pipelines import DataError
 from tapestry_jax.validate import ConfigError
 
 BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad flag or a
+  `--config.a.b=value` override naming no field ends in one line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if "Traceback (most recent call last)" in message:
+      # A config file's get_config() raised: keep the flag and the exception's last line.
+      lines = [l for l in message.splitlines() if l.strip()]
+      message = f"{lines[0]} {lines[-1]}"
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e)
+    name = re.search(r"'([A-Za-z_][\w.]*)", text)
+    hint = re.search(r'Did you mean "[^"]+"', text)
+    if isinstance(e, (AttributeError, KeyError)) and name:
+      # ml_collections reports a typo'd override as a nested Key/AttributeError.
+      message = f"bad --config override: no config field {name.group(1)!r}"
+      message += f" ({hint.group(0)}?)" if hint else ""
+    else:
+      message = f"bad --config override: {text}"
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 @contextlib.contextmanager
@@ -22,3 +53,15 @@ def exit_on_bad_input():
   except BAD_INPUT_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+class _DropLibraryInfo(logging.Filter):
+  _NOISY = ("/orbax/", "/grain/")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(p in record.pathname for p in self._NOISY)
+
+
+def quiet_library_logs() -> None:
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_DropLibraryInfo())

@@ -10,7 +10,7 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch.errors import exit_on_bad_input
+from launch.common import exit_on_bad_input, parse_flags, quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/configs/lm.py:tiny.", lock_config=True)
@@ -24,6 +24,7 @@ def main(argv):
   import jax
   from tapestry_jax import loop
 
+  quiet_library_logs()
   logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   with exit_on_bad_input():
     result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -33,4 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

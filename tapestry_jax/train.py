@@ -162,7 +162,7 @@ class Trainer:
     # Mean over the real (non-padding) tokens of the whole global batch.
     denom = jnp.maximum(n_tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rng, _ = jax.random.split(state.rng)
