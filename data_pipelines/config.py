@@ -47,7 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.packing_bins = 0
   # Host threads that read and tokenize documents ahead of packing (0 = inline).
   c.prefetch_threads = 4
-  # Host prefetch depth, in documents (reader) and in batches (final batch queue).
+  # Host prefetch depth: documents read ahead by the reader threads; the final batch
+  # queue holds min(this, 8) batches (batches are large, documents small).
   c.prefetch_buffer = 64
 
   c.synthetic = s = ml_collections.ConfigDict()
