@@ -14,6 +14,7 @@ add up to the text's UTF-8 length (exact bits per byte).
 """
 
 import os
+import sys
 from typing import Sequence
 
 from absl import app
@@ -88,11 +89,14 @@ def train(input_files: Sequence[str], model_prefix: str, vocab_size: int, *,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  input_files = files.expand_paths(_INPUT.value, what="--input")
-  path = train(input_files, _MODEL_PREFIX.value, _VOCAB_SIZE.value,
-               model_type=_MODEL_TYPE.value,
-               character_coverage=_CHARACTER_COVERAGE.value,
-               input_sentence_size=_INPUT_SENTENCE_SIZE.value)
+  try:
+    input_files = files.expand_paths(_INPUT.value, what="--input")
+    path = train(input_files, _MODEL_PREFIX.value, _VOCAB_SIZE.value,
+                 model_type=_MODEL_TYPE.value,
+                 character_coverage=_CHARACTER_COVERAGE.value,
+                 input_sentence_size=_INPUT_SENTENCE_SIZE.value)
+  except DataError as e:
+    sys.exit(f"train_sentencepiece: {e}")  # One line, no traceback, exit status 1.
   print(f"wrote {path} ({_VOCAB_SIZE.value} pieces from {len(input_files)} files)")
 
 
