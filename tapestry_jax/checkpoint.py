@@ -39,19 +39,28 @@ class Checkpointer:
             # Storage formats stated explicitly (STACK_NOTES.md): OCDBT + zarr3.
             "state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True),
             "data": grain.checkpoint.CheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
         })
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
+  def save(self, step: int, state, data_iterator, force: bool = False,
+           meta: dict | None = None) -> bool:
     """Saves if `step` is on the interval (or `force`). The iterator's position is read
-    now, before this call returns, so the caller may keep iterating."""
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
-                                data=grain.checkpoint.CheckpointSave(data_iterator)),
-        force=force)
+    now, before this call returns, so the caller may keep iterating. `meta` is a small
+    JSON dict kept in the same step (e.g. a federated site's round bookkeeping)."""
+    items = dict(state=ocp.args.PyTreeSave(state),
+                 data=grain.checkpoint.CheckpointSave(data_iterator))
+    if meta is not None:
+      items["meta"] = ocp.args.JsonSave(meta)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore_meta(self, step: int) -> dict | None:
+    """The `meta` dict saved with `step`, or None if that step has none."""
+    if "meta" not in self._manager.item_metadata(step):
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state, data_iterator):
     """Restores `state` onto the shardings in `abstract_state` and positions the

@@ -58,6 +58,20 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def _init_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(parameter-init key, training PRNG key) of a seed: one derivation for every caller."""
+  init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+  return init_key, rng
+
+
+def initial_params(model_cfg: model_lib.ModelConfig, seed: int):
+  """The params `Trainer.init_state(seed)` starts from, built without a mesh (the
+  federation's coordinator publishes them as global round 0). Threefry draws do not
+  depend on sharding, so these equal the sharded init bit for bit."""
+  return jax.jit(lambda s: model_lib.init_params(model_cfg, _init_keys(s)[0]))(
+      jnp.asarray(seed, jnp.uint32))
+
+
 def make_optimizer(tcfg) -> optax.GradientTransformation:
   """Global-norm clipping followed by AdamW on `make_schedule`."""
   return optax.chain(
@@ -106,8 +120,7 @@ class Trainer:
   # ------------------------------------------------------------------ state
 
   def _init_fn(self, seed: jax.Array) -> TrainState:
-    key = jax.random.PRNGKey(seed)
-    init_key, rng = jax.random.split(key)
+    init_key, rng = _init_keys(seed)
     params = model_lib.init_params(self.model_cfg, init_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.optimizer.init(params), rng=rng)

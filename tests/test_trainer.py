@@ -76,3 +76,15 @@ def test_weight_decay_skips_norm_scales():
   mask = train_lib._decay_mask(params)
   assert mask["layers"]["wq"] and mask["embed"]
   assert not mask["layers"]["attn_norm"] and not mask["final_norm"]
+
+
+def test_initial_params_equal_the_sharded_init():
+  """The federation's round 0 (built without a mesh) is exactly what every site's
+  sharded trainer initialises, so a site alone and the federation start alike."""
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices())
+  sharded = train_lib.Trainer(TINY, _tcfg(), mesh).init_state(7).params
+  host = train_lib.initial_params(TINY, 7)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               sharded, host)
+  other = train_lib.initial_params(TINY, 8)
+  assert not np.array_equal(np.asarray(other["embed"]), np.asarray(host["embed"]))
