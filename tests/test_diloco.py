@@ -1,0 +1,172 @@
+"""run_diloco: special cases (FedAvg, H=1 == data parallelism), participation, weights, state."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tapestry_jax import diloco
+from tapestry_jax import outer
+
+D = 3
+W_TRUE = np.array([1.0, -2.0, 0.5], np.float32)
+
+
+def loss_fn(params, batch):
+  pred_B = batch["x_BxD"] @ params["w_D"] + params["b"]
+  return jnp.mean((pred_B - batch["y_B"]) ** 2)
+
+
+def _batches(seed, n, B=8, shift=0.0):
+  """`n` linear-regression batches; `shift` makes the sites' data non-IID."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    x_BxD = rng.normal(size=(B, D)).astype(np.float32) + shift
+    y_B = (x_BxD @ W_TRUE + 0.3 + 0.1 * rng.normal(size=B)).astype(np.float32)
+    out.append({"x_BxD": x_BxD, "y_B": y_B})
+  return out
+
+
+def _init():
+  return {"w_D": jnp.zeros((D,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+
+
+def _np_sgd_site(params, batches, lr):
+  """Reference inner loop: plain SGD written out (p - lr * grad), one batch at a time."""
+  for b in batches:
+    g = jax.grad(loss_fn)(params, b)
+    params = jax.tree.map(lambda p, gi: p - lr * gi, params, g)
+  return params
+
+
+def _close(a, b, tol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
+                                                       rtol=tol, atol=tol), a, b)
+
+
+def test_h1_sgd_fedavg_equals_data_parallel_step_on_combined_batch():
+  lr = 0.1
+  site_data = [_batches(0, 1), _batches(1, 1, shift=1.0)]
+  fedavg = outer.make_outer_optimizer({"name": "sgd", "lr": 1.0, "momentum": 0.0})
+  res = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(lr), fedavg,
+                          rounds=1, inner_steps=1)
+  combined = {k: np.concatenate([site_data[0][0][k], site_data[1][0][k]]) for k in ("x_BxD", "y_B")}
+  g = jax.grad(loss_fn)(_init(), combined)
+  want = jax.tree.map(lambda p, gi: p - lr * gi, _init(), g)
+  _close(res.params, want)
+  assert np.abs(np.asarray(want["w_D"])).max() > 0.05  # a real step, not zeros == zeros
+
+
+def test_fedavg_global_is_weighted_mean_of_sites_with_token_weights():
+  # Unequal batch sizes, weighted by examples: site 1 has 3x the data.
+  site_data = [_batches(0, 4, B=4), _batches(1, 4, B=12, shift=0.5)]
+  fedavg = outer.make_outer_optimizer({"name": "sgd", "lr": 1.0, "momentum": 0.0})
+  res = diloco.run_diloco(loss_fn, _init(), site_data, optax.adam(0.05), fedavg, rounds=2,
+                          inner_steps=2, tokens_fn=lambda b: b["y_B"].shape[0])
+  np.testing.assert_allclose(res.history[-1]["weights"], [0.25, 0.75], rtol=1e-6)
+  assert res.history[-1]["tokens"] == [8, 24]
+  want = jax.tree.map(lambda a, b: 0.25 * a + 0.75 * b, *res.site_params)
+  _close(res.params, want)
+
+
+def test_weight_cap_limits_an_inflating_site():
+  # Each batch carries the token count its site reports; site 1 inflates its claim.
+  site_data = [[{**b, "claimed": np.int32(100)} for b in _batches(0, 2)],
+               [{**b, "claimed": np.int32(10**6)} for b in _batches(1, 2)]]
+  tokens_fn = lambda b: int(b["claimed"])
+  avg = outer.make_outer_optimizer({"name": "none"})
+  capped = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(0.05), avg, rounds=1,
+                             inner_steps=2, tokens_fn=tokens_fn, weight_cap=200)
+  # Per round: site 0 reports 200, site 1 reports 2*10**6, capped at 200: equal weights.
+  np.testing.assert_allclose(capped.history[0]["weights"], [0.5, 0.5])
+  _close(capped.params, jax.tree.map(lambda a, b: 0.5 * (a + b), *capped.site_params))
+  uncapped = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(0.05), avg, rounds=1,
+                               inner_steps=2, tokens_fn=tokens_fn)
+  assert uncapped.history[0]["weights"][1] > 0.99
+
+
+def test_dropped_site_continues_from_its_own_weights_and_rejoins():
+  lr, H = 0.05, 3
+  data = [_batches(s, 3 * H, shift=0.5 * s) for s in range(3)]
+  dropped = {(1, 1)}  # site 1 misses round 1
+  fedavg = outer.make_outer_optimizer({"name": "sgd", "lr": 1.0, "momentum": 0.0})
+
+  # Reference: the algorithm written out by hand, with a snapshot after every round.
+  g = _init()
+  site = [_init()] * 3
+  snapshots = []
+  for r in range(3):
+    live = [(r, s) not in dropped for s in range(3)]
+    for s in range(3):
+      start = g if live[s] else site[s]
+      site[s] = _np_sgd_site(start, data[s][r * H:(r + 1) * H], lr)
+    ids = [s for s in range(3) if live[s]]
+    g = jax.tree.map(lambda *xs: sum(xs) / len(ids), *[site[s] for s in ids])
+    snapshots.append((g, list(site)))
+  # Site 1 did not restart from the global in round 1: that is not what restarting gives.
+  restarted = _np_sgd_site(snapshots[0][0], data[1][H:2 * H], lr)
+  assert not np.allclose(snapshots[1][1][1]["w_D"], restarted["w_D"], atol=1e-3)
+
+  # Stop right after the dropped round (site 1's own trajectory), and one round later (rejoined).
+  for rounds in (2, 3):
+    res = diloco.run_diloco(loss_fn, _init(), data, optax.sgd(lr), fedavg, rounds=rounds,
+                            inner_steps=H, tokens_fn=lambda b: 8,
+                            participating=lambda r, s: (r, s) not in dropped)
+    want_g, want_sites = snapshots[rounds - 1]
+    _close(res.params, want_g, 1e-5)
+    for s in range(3):
+      _close(res.site_params[s], want_sites[s], 1e-5)
+  assert res.history[1]["live"] == [True, False, True]
+  np.testing.assert_allclose(res.history[1]["weights"], [0.5, 0.0, 0.5])  # renormalised over live
+  np.testing.assert_allclose(res.history[2]["weights"], [1 / 3] * 3, rtol=1e-6)
+  assert res.history[0]["tokens"] == [3 * 8] * 3
+
+
+def test_round_with_no_live_site_keeps_global_and_outer_state():
+  data = [_batches(0, 4), _batches(1, 4)]
+  tx = outer.make_outer_optimizer(outer.default_outer_config())
+  res = diloco.run_diloco(loss_fn, _init(), data, optax.sgd(0.05), tx, rounds=2, inner_steps=2,
+                          participating=lambda r, s: r == 0)
+  one = diloco.run_diloco(loss_fn, _init(), [iter(d) for d in data], optax.sgd(0.05), tx,
+                          rounds=1, inner_steps=2)
+  jax.tree.map(np.testing.assert_array_equal, res.params, one.params)
+  jax.tree.map(np.testing.assert_array_equal, res.outer_state, one.outer_state)
+  assert res.history[1]["weights"] == [0.0, 0.0]
+
+
+def test_sites_keep_their_inner_state_and_training_converges():
+  H, R = 10, 8
+  data = [_batches(s, H * R, shift=0.3 * s) for s in range(2)]
+  inner = [optax.adam(0.1), optax.adam(0.05)]  # per-site optimizers
+  records = []
+  # Milder outer momentum than the paper's 0.9: with 8 rounds, 0.9 still oscillates here.
+  outer_tx = outer.make_outer_optimizer({"name": "nesterov", "lr": 1.0, "momentum": 0.3})
+  res = diloco.run_diloco(loss_fn, _init(), data, inner, outer_tx, rounds=R, inner_steps=H,
+                          callback=records.append)
+  assert records == res.history and len(records) == R
+  # Inner Adam counts span all rounds: the state was not reset at each sync.
+  assert [int(s[0].count) for s in res.site_opt_states] == [H * R, H * R]
+  assert all(np.any(np.asarray(s[0].trace) != 0) for s in res.outer_state.values())  # momentum
+  first, last = np.mean(records[0]["loss"]), np.mean(records[-1]["loss"])
+  assert last < 0.1 * first, (first, last)
+  np.testing.assert_allclose(res.params["w_D"], W_TRUE, atol=0.15)
+
+
+def test_sign_one_round_moves_global_toward_sites():
+  data = [_batches(0, 3)]
+  res = diloco.run_diloco(loss_fn, _init(), data, optax.sgd(0.05),
+                          outer.make_outer_optimizer({"name": "sgd", "lr": 0.5, "momentum": 0.0}),
+                          rounds=1, inner_steps=3)
+  # Outer lr 0.5: the global lands halfway between the old global (0) and the site.
+  _close(res.params, jax.tree.map(lambda x: 0.5 * x, res.site_params[0]))
+
+
+def test_bad_arguments_are_clear_errors():
+  tx = optax.sgd(0.1)
+  with pytest.raises(ValueError, match="ran out of batches at round 1"):
+    diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], tx, tx, rounds=2, inner_steps=2)
+  with pytest.raises(ValueError, match="2 inner optimizers for 1 sites"):
+    diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], [tx, tx], tx, rounds=1, inner_steps=1)
+  with pytest.raises(ValueError, match="must be >= 1"):
+    diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], tx, tx, rounds=0, inner_steps=1)
