@@ -1,0 +1,319 @@
+"""Buckets: the storage a federation talks through, addressed by URL.
+
+Every site owns a bucket it publishes updates to and the coordinator owns the global
+bucket; `exchange.py` stores rounds of arrays in them. A `Bucket` is a thin layer over
+a TensorStore kvstore that adds what the federation needs and TensorStore does not:
+URL parsing for the four accepted forms, keys confined to the bucket's prefix, errors
+that say what failed, where and why in one sentence, and byte counters (the cost of a
+round is measured in bytes moved).
+
+Accepted URLs:
+  file:///abs/dir  or a plain path                 local directory (file driver)
+  memory://name                                    in-process store, for tests
+  gs://bucket/prefix                               Google Cloud Storage
+  s3://bucket/prefix?endpoint=URL&region=REGION    S3 or an S3-compatible store
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import urllib.parse
+import uuid
+from typing import Any
+
+import tensorstore as ts
+
+ACCEPTED_FORMS = ("file:///abs/dir (or a plain path), memory://name, gs://bucket/prefix, "
+                  "s3://bucket/prefix?endpoint=http://host:port&region=us-east-1")
+
+# One context for every bucket of the process: `memory://name` must reach the same
+# store from every Bucket (and every zarr array opened through one), and sharing it
+# also shares TensorStore's connection and concurrency pools. Its cache pool is empty
+# (TensorStore's default), so reads always see the stored bytes.
+_SHARED_CONTEXT = ts.Context()
+_RETRY_CONTEXTS: dict[int, ts.Context] = {}
+_CONTEXT_LOCK = threading.Lock()
+
+_S3_QUERY_KEYS = {"endpoint": "endpoint", "region": "aws_region", "aws_region": "aws_region"}
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
+
+
+class BucketError(Exception):
+  """A bucket URL that cannot be used, a key outside the bucket, or a failed storage op."""
+
+
+def _context(max_retries: int | None) -> ts.Context:
+  """The shared context, or one whose GCS/S3 drivers give up after `max_retries`."""
+  if max_retries is None:
+    return _SHARED_CONTEXT
+  with _CONTEXT_LOCK:
+    if max_retries not in _RETRY_CONTEXTS:
+      retries = {"max_retries": int(max_retries), "initial_delay": "0.2s", "max_delay": "5s"}
+      _RETRY_CONTEXTS[max_retries] = ts.Context(
+          {"s3_request_retries": retries, "gcs_request_retries": retries})
+    return _RETRY_CONTEXTS[max_retries]
+
+
+def _bad_url(url: str, why: str) -> BucketError:
+  return BucketError(f"bucket URL {url!r} is not usable ({why}); accepted forms are "
+                     f"{ACCEPTED_FORMS}")
+
+
+def _clean_prefix(url: str, path: str) -> str:
+  """'a/b/' -> 'a/b/' after checking its components; '' stays ''."""
+  parts = [p for p in path.strip("/").split("/")] if path.strip("/") else []
+  for p in parts:
+    if p in ("", ".", ".."):
+      raise _bad_url(url, f"its path {path!r} has an empty, '.' or '..' component")
+  return "/".join(parts) + "/" if parts else ""
+
+
+def kvstore_spec(url: str) -> dict[str, Any]:
+  """The TensorStore kvstore spec (a JSON dict) for a bucket URL.
+
+  The spec's `path` always ends with '/', so keys are appended as sub-paths.
+  Raises BucketError for an unknown scheme or a malformed URL.
+  """
+  if not isinstance(url, str) or not url.strip():
+    raise _bad_url(str(url), "it is empty")
+  if "://" not in url:
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", url)
+    if scheme and scheme.group(1).lower() in ("file", "memory", "gs", "s3"):
+      raise _bad_url(url, f"'{scheme.group(1)}:' must be followed by '//'")
+    if scheme:
+      raise _bad_url(url, f"unknown scheme {scheme.group(1)!r}")
+    return {"driver": "file", "path": os.path.abspath(os.path.expanduser(url)).rstrip("/") + "/"}
+  parts = urllib.parse.urlsplit(url)
+  scheme = parts.scheme.lower()
+  if parts.fragment:
+    raise _bad_url(url, "it has a '#' fragment")
+  if scheme == "file":
+    if parts.netloc not in ("", "localhost"):
+      raise _bad_url(url, "a file URL needs an absolute path, file:///abs/dir")
+    if parts.query:
+      raise _bad_url(url, "file URLs take no query")
+    path = urllib.parse.unquote(parts.path)
+    if not path.startswith("/") or path.strip("/") == "":
+      raise _bad_url(url, "a file URL needs an absolute directory below /")
+    return {"driver": "file", "path": "/" + _clean_prefix(url, path)}
+  if scheme == "memory":
+    if parts.query:
+      raise _bad_url(url, "memory URLs take no query")
+    name = _clean_prefix(url, parts.netloc + parts.path)
+    if not name:
+      raise _bad_url(url, "a memory URL needs a name, memory://name")
+    return {"driver": "memory", "path": name}
+  if scheme in ("gs", "s3"):
+    bucket = parts.netloc
+    if not bucket or not _BUCKET_NAME.match(bucket):
+      raise _bad_url(url, f"{bucket!r} is not a valid bucket name")
+    spec = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket,
+            "path": _clean_prefix(url, urllib.parse.unquote(parts.path))}
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+    if scheme == "gs" and query:
+      raise _bad_url(url, "gs URLs take no query")
+    for key, values in query.items():
+      if key not in _S3_QUERY_KEYS:
+        raise _bad_url(url, f"unknown query parameter {key!r} (s3 takes endpoint and region)")
+      if len(values) != 1 or not values[0]:
+        raise _bad_url(url, f"query parameter {key!r} needs exactly one non-empty value")
+      spec[_S3_QUERY_KEYS[key]] = values[0]
+    endpoint = spec.get("endpoint")
+    if endpoint is not None and not re.match(r"^https?://[^/]+", endpoint):
+      raise _bad_url(url, f"endpoint {endpoint!r} must look like http://host:port")
+    return spec
+  raise _bad_url(url, f"unknown scheme {scheme!r}")
+
+
+def check_key(key: str, *, what: str = "key") -> str:
+  """Returns `key` if it is relative and stays inside the bucket, else BucketError."""
+  if not isinstance(key, str) or not key:
+    raise BucketError(f"{what} {key!r} must be a non-empty string")
+  if key.startswith("/") or "\\" in key or "\x00" in key:
+    raise BucketError(f"{what} {key!r} must be relative, with '/' separators")
+  if any(p in ("", ".", "..") for p in key.split("/")):
+    raise BucketError(f"{what} {key!r} has an empty, '.' or '..' component; keys must "
+                      f"stay inside the bucket")
+  return key
+
+
+def describe_error(exc: BaseException) -> str:
+  """A short reason for a TensorStore/OS failure: 'permission denied (detail)' etc."""
+  text = str(exc).strip()
+  first = text.splitlines()[0] if text else type(exc).__name__
+  # TensorStore appends payloads ([http_response_body=...], [tensorstore_spec=...]) that
+  # bury the reason; keep only the status line.
+  detail = re.split(r"\s*\[[A-Za-z_-]+=", first, maxsplit=1)[0].strip()
+  detail = detail if len(detail) <= 300 else detail[:297] + "..."
+  low = text.lower()
+  if ("unauthenticated" in low or "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low
+      or "expiredtoken" in low or "'401'" in low):
+    reason = "credentials were missing or rejected"
+  elif ("permission_denied" in low or "permission denied" in low or "accessdenied" in low
+        or "access denied" in low or "'403'" in low):
+    reason = "permission denied"
+  elif ("could not connect" in low or "couldn't connect" in low or "resolve host" in low
+        or "unavailable" in low or "deadline_exceeded" in low or "timed out" in low
+        or "curl error" in low):
+    reason = "cannot reach endpoint"
+  elif "not a directory" in low:
+    reason = "a parent of the path is a file, not a directory"
+  elif "read-only file system" in low:
+    reason = "read-only file system"
+  elif "no space left" in low or "resource_exhausted" in low:
+    reason = "out of space or quota"
+  elif "nosuchbucket" in low or "not_found" in low:
+    reason = "the bucket or directory does not exist"
+  else:
+    reason = "storage error"
+  return f"{reason} ({detail})"
+
+
+def _prefix_successor(prefix: bytes) -> bytes:
+  """The smallest key greater than every key that starts with `prefix` (b'' = no bound)."""
+  p = bytearray(prefix)
+  while p and p[-1] == 0xFF:
+    p.pop()
+  if not p:
+    return b""
+  p[-1] += 1
+  return bytes(p)
+
+
+class Bucket:
+  """A storage bucket addressed by URL, with keys relative to the URL's prefix.
+
+  `max_retries` bounds how often the GCS/S3 drivers retry a failing request (None keeps
+  TensorStore's default, which can wait many minutes on an unreachable endpoint).
+  Counters `bytes_written`/`bytes_read` count payload bytes moved through this object,
+  including arrays that exchange.py moves (uncompressed sizes, see `record_transfer`).
+  """
+
+  def __init__(self, url: str, *, max_retries: int | None = None):
+    self.url = url
+    self._spec = kvstore_spec(url)
+    self.context = _context(max_retries)
+    self.bytes_written = 0
+    self.bytes_read = 0
+    self._lock = threading.Lock()
+    try:
+      self._kv = ts.KvStore.open(self._spec, context=self.context).result()
+    except Exception as e:  # noqa: BLE001  (TensorStore raises ValueError for everything)
+      raise BucketError(f"bucket {url}: cannot open: {describe_error(e)}") from None
+
+  def __repr__(self) -> str:
+    return f"Bucket({self.url!r})"
+
+  def _where(self, key: str) -> str:
+    """Where `key` lives, as a URL without the query (s3's endpoint would hide the key)."""
+    return f"{self.url.split('?', 1)[0].rstrip('/')}/{key}"
+
+  def _fail(self, op: str, key: str, exc: BaseException) -> BucketError:
+    return BucketError(f"bucket {self.url}: cannot {op} {key!r} ({self._where(key)}): "
+                       f"{describe_error(exc)}")
+
+  def record_transfer(self, *, written: int = 0, read: int = 0) -> None:
+    """Adds bytes moved outside `read`/`write` (exchange.py's zarr arrays) to the counters."""
+    with self._lock:
+      self.bytes_written += int(written)
+      self.bytes_read += int(read)
+
+  def read(self, key: str) -> bytes | None:
+    """The value stored at `key`, or None if there is none."""
+    check_key(key)
+    try:
+      result = self._kv.read(key).result()
+    except Exception as e:  # noqa: BLE001
+      raise self._fail("read", key, e) from None
+    if result.state != "value":
+      return None
+    value = bytes(result.value)
+    self.record_transfer(read=len(value))
+    return value
+
+  def write(self, key: str, data: bytes) -> None:
+    """Stores `data` at `key`; returns once the store reports it durable."""
+    check_key(key)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+      raise BucketError(f"bucket {self.url}: value for {key!r} must be bytes, got "
+                        f"{type(data).__name__}")
+    data = bytes(data)
+    try:
+      self._kv.write(key, data).result()
+    except Exception as e:  # noqa: BLE001
+      raise self._fail("write", key, e) from None
+    self.record_transfer(written=len(data))
+
+  def exists(self, key: str) -> bool:
+    """Whether `key` holds a value (reads zero bytes of it)."""
+    check_key(key)
+    try:
+      result = self._kv.read(key, byte_range=slice(0, 0)).result()
+    except Exception as e:  # noqa: BLE001
+      raise self._fail("check", key, e) from None
+    return result.state == "value"
+
+  def delete(self, key: str) -> None:
+    """Removes `key`; deleting a missing key is not an error."""
+    check_key(key)
+    try:
+      self._kv.write(key, None).result()
+    except Exception as e:  # noqa: BLE001
+      raise self._fail("delete", key, e) from None
+
+  def _key_range(self, prefix: str) -> ts.KvStore.KeyRange:
+    if prefix:
+      # A prefix may end mid-name ("updates/round_") or with '/'; only its complete
+      # components are checked.
+      check_key(prefix.rstrip("/") or "/", what="prefix")
+    raw = prefix.encode()
+    return ts.KvStore.KeyRange(inclusive_min=raw, exclusive_max=_prefix_successor(raw))
+
+  def list(self, prefix: str = "") -> list[str]:
+    """Sorted keys (relative to the bucket) that start with `prefix` ('' lists all)."""
+    try:
+      keys = self._kv.list(self._key_range(prefix)).result()
+    except BucketError:
+      raise
+    except Exception as e:  # noqa: BLE001
+      raise self._fail("list", prefix + "*", e) from None
+    return sorted(k.decode() for k in keys)
+
+  def delete_prefix(self, prefix: str) -> None:
+    """Removes every key that starts with `prefix` (which must be non-empty)."""
+    if not prefix:
+      raise BucketError(f"bucket {self.url}: refusing to delete with an empty prefix")
+    try:
+      self._kv.delete_range(self._key_range(prefix)).result()
+    except BucketError:
+      raise
+    except Exception as e:  # noqa: BLE001
+      raise self._fail("delete", prefix + "*", e) from None
+
+  def array_spec(self, key: str) -> dict[str, Any]:
+    """A kvstore spec rooted at `key` (for a zarr3 array stored there).
+
+    Open arrays with `context=bucket.context`: `memory://` stores are only shared
+    within that context.
+    """
+    check_key(key)
+    spec = dict(self._spec)
+    spec["path"] = spec["path"] + key.rstrip("/") + "/"
+    return spec
+
+  def check_writable(self) -> None:
+    """Writes, reads back and deletes a probe key; BucketError saying why if that fails."""
+    key = f".tapestry-probe-{uuid.uuid4().hex}"
+    payload = b"tapestry write probe"
+    try:
+      self._kv.write(key, payload).result()
+      back = self._kv.read(key).result()
+      self._kv.write(key, None).result()
+    except Exception as e:  # noqa: BLE001
+      raise BucketError(f"bucket {self.url} is not writable: writing a probe key at "
+                        f"{self._where(key)} failed: {describe_error(e)}") from None
+    if back.state != "value" or bytes(back.value) != payload:
+      raise BucketError(f"bucket {self.url} is not writable: a probe key written to "
+                        f"{self._where(key)} did not read back")

@@ -1,0 +1,766 @@
+"""Committed rounds of named arrays in a bucket: how sites and coordinator exchange models.
+
+Data flow: a site's outer step produces named arrays (an update) -> `write_arrays` stores
+each as a zarr3 array in the site's bucket, hashing every chunk as it goes ->
+`make_manifest` + `write_manifest` publish a manifest and, last, a COMMIT marker holding
+the manifest's hash. The coordinator (or another reader) trusts a round only through
+`read_manifest` (no COMMIT = not there), checks it with `check_schema` before reading a
+byte of array data, then reads it with `read_arrays` straight into its own shardings
+(any mesh), or block by block with `iter_blocks` + `read_block` for a streaming merge.
+Every chunk read is checked against the digest the writer recorded.
+
+Layout of one round under `prefix` (e.g. `updates/round_000012`):
+  {prefix}/arrays/{name}/zarr.json, {prefix}/arrays/{name}/c/...   one zarr3 array per name
+  {prefix}/manifest.json    canonical JSON: round metadata + one record per array
+  {prefix}/COMMIT           sha256 hex of manifest.json's bytes, written last
+and at the bucket root `LATEST` (JSON) pointing at the newest committed round.
+
+An array record is {shape, dtype, chunk_shape, codec, chunk_digests, digest}: the chunk
+grid is regular with `chunk_shape`; `chunk_digests` lists, in C order of the grid, the
+sha256 of each chunk's in-bounds elements as C-order little-endian bytes; `digest` is
+the sha256 of the concatenated 32-byte chunk digests.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+from tapestry_jax.buckets import Bucket, BucketError, check_key, describe_error
+
+FORMAT_VERSION = 1
+KINDS = ("update", "global")
+DEFAULT_MAX_CHUNK_BYTES = 16 << 20
+# Host copies of shards waiting for their writes to land; bounds host memory when an
+# accelerator's shards are copied out faster than storage takes them.
+MAX_INFLIGHT_BYTES = 1 << 30
+MANIFEST = "manifest.json"
+COMMIT = "COMMIT"
+LATEST = "LATEST"
+_TOP = {"update": "updates", "global": "rounds"}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_RANK = 32
+_MAX_DIM = 1 << 48
+
+Region = tuple[tuple[int, int], ...]  # (start, stop) per dimension
+
+
+class ExchangeError(Exception):
+  """A round that cannot be written, is not committed as claimed, or fails verification."""
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _round(value: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ExchangeError(f"round must be a non-negative integer, got {value!r}")
+  return int(value)
+
+
+def update_prefix(round: int) -> str:  # noqa: A002
+  """Where a site's update for `round` lives in its bucket: 'updates/round_000012'."""
+  return f"{_TOP['update']}/round_{_round(round):06d}"
+
+
+def global_prefix(round: int) -> str:  # noqa: A002
+  """Where the global model of `round` lives in the global bucket: 'rounds/round_000012'."""
+  return f"{_TOP['global']}/round_{_round(round):06d}"
+
+
+def round_prefix(kind: str, round: int) -> str:  # noqa: A002
+  """`update_prefix` or `global_prefix` by manifest kind."""
+  _check_kind(kind)
+  return update_prefix(round) if kind == "update" else global_prefix(round)
+
+
+def _check_kind(kind: str) -> None:
+  if kind not in KINDS:
+    raise ExchangeError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _check_prefix(bucket: Bucket, prefix: str) -> str:
+  try:
+    return check_key(prefix.rstrip("/") if isinstance(prefix, str) else prefix, what="prefix")
+  except BucketError as e:
+    raise ExchangeError(f"bucket {bucket.url}: {e}") from None
+
+
+def _where(bucket: Bucket, prefix: str, name: str | None = None) -> str:
+  at = f"bucket {bucket.url}, round {prefix}"
+  return at if name is None else f"array {name!r} ({at})"
+
+
+# --------------------------------------------------------------------------- chunks
+
+
+def _np_dtype(name: str) -> np.dtype:
+  try:
+    return np.dtype(name)
+  except TypeError:
+    return np.dtype(getattr(ml_dtypes, name))
+
+
+def _digest(a: np.ndarray) -> str:
+  """sha256 of `a`'s elements as C-order little-endian bytes."""
+  flat = np.ascontiguousarray(a).reshape(-1)
+  if sys.byteorder != "little" and flat.dtype.itemsize > 1:
+    flat = flat.byteswap()
+  return hashlib.sha256(flat.view(np.uint8)).hexdigest()
+
+
+def _combined_digest(chunk_digests: Sequence[str]) -> str:
+  h = hashlib.sha256()
+  for d in chunk_digests:
+    h.update(bytes.fromhex(d))
+  return h.hexdigest()
+
+
+def _grid(shape: Sequence[int], chunk: Sequence[int]) -> tuple[int, ...]:
+  return tuple(-(-s // c) for s, c in zip(shape, chunk))
+
+
+def _chunk_region(coord: Sequence[int], chunk: Sequence[int], shape: Sequence[int]) -> Region:
+  return tuple((k * c, min((k + 1) * c, s)) for k, c, s in zip(coord, chunk, shape))
+
+
+def _slices(region: Region) -> tuple[slice, ...]:
+  return tuple(slice(a, b) for a, b in region)
+
+
+def _normalize(index, shape: Sequence[int]) -> Region:
+  """A jax/numpy index (tuple of slices, possibly open-ended) as explicit (start, stop)s."""
+  index = tuple(index) if index is not None else ()
+  index = index + (slice(None),) * (len(shape) - len(index))
+  out = []
+  for sl, s in zip(index, shape):
+    start, stop, step = sl.indices(s)
+    if step != 1:
+      raise ExchangeError(f"strided index {sl} is not supported")
+    out.append((start, max(start, stop)))
+  return tuple(out)
+
+
+def _overlapping(region: Region, chunk: Sequence[int]) -> list[tuple[int, ...]]:
+  """Chunk-grid coordinates (C order) of the chunks that intersect `region`."""
+  if any(b <= a for a, b in region):
+    return []
+  ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(region, chunk)]
+  return list(itertools.product(*ranges))
+
+
+def _flat(coord: Sequence[int], grid: Sequence[int]) -> int:
+  i = 0
+  for k, g in zip(coord, grid):
+    i = i * g + k
+  return i
+
+
+def choose_chunk_shape(shape: Sequence[int], dtype, shard_shape: Sequence[int] | None = None,
+                       max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> tuple[int, ...]:
+  """The zarr chunk shape for an array: its shard shape (or whole shape), split along
+  the leading axis until a chunk is at most `max_chunk_bytes` (one leading row may
+  still exceed it). When the array is split into several shards the leading chunk size
+  divides the shard's, so every chunk belongs to exactly one shard and writers of
+  different shards never touch the same chunk."""
+  shape = tuple(int(s) for s in shape)
+  base = tuple(max(1, int(s)) for s in (shard_shape if shard_shape is not None else shape))
+  if not base:
+    return ()
+  row_bytes = max(1, np.dtype(dtype).itemsize * math.prod(base[1:]))
+  rows = max(1, int(max_chunk_bytes) // row_bytes)
+  if rows >= base[0]:
+    return base
+  if shard_shape is not None and tuple(shard_shape) != shape:
+    rows = max(d for d in range(1, rows + 1) if base[0] % d == 0)
+  return (rows,) + base[1:]
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _record_problems(name: str, rec: Any) -> list[str]:
+  """What is structurally wrong with an array record (empty list if nothing)."""
+  if not isinstance(rec, Mapping):
+    return [f"{name!r}: record is not a JSON object"]
+  missing = [k for k in ("shape", "dtype", "chunk_shape", "chunk_digests", "digest")
+             if k not in rec]
+  if missing:
+    return [f"{name!r}: record lacks {missing}"]
+  shape, chunk = rec["shape"], rec["chunk_shape"]
+
+  def ints(v):
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+  if not ints(shape) or len(shape) > _MAX_RANK or any(s < 0 or s > _MAX_DIM for s in shape):
+    return [f"{name!r}: declared shape {shape!r} is not a list of sane sizes"]
+  if not ints(chunk) or len(chunk) != len(shape) or any(
+      c < 1 or c > max(1, s) for c, s in zip(chunk, shape)):
+    return [f"{name!r}: declared chunk_shape {chunk!r} does not fit shape {shape!r}"]
+  try:
+    _np_dtype(rec["dtype"])
+  except (TypeError, AttributeError):
+    return [f"{name!r}: unknown dtype {rec['dtype']!r}"]
+  digests = rec["chunk_digests"]
+  n = math.prod(_grid(shape, chunk))
+  if not isinstance(digests, list) or len(digests) != n:
+    return [f"{name!r}: expected {n} chunk digests for shape {shape} in chunks of {chunk}, "
+            f"got {len(digests) if isinstance(digests, list) else type(digests).__name__}"]
+  if not all(isinstance(d, str) and _HEX64.match(d) for d in digests):
+    return [f"{name!r}: chunk digests are incomplete or not sha256 hex"]
+  if rec["digest"] != _combined_digest(digests):
+    return [f"{name!r}: record digest does not match its chunk digests"]
+  return []
+
+
+def _check_record(bucket: Bucket, prefix: str, name: str, rec: Any) -> None:
+  problems = _record_problems(name, rec)
+  if problems:
+    raise ExchangeError(f"{_where(bucket, prefix, name)}: bad array record: {problems[0]}")
+
+
+def _finish(rec: dict) -> dict:
+  digests = rec["chunk_digests"]
+  rec["digest"] = _combined_digest(digests) if all(d is not None for d in digests) else None
+  return rec
+
+
+def merge_records(per_process: Sequence[Mapping[str, dict]]) -> dict[str, dict]:
+  """Combines `write_arrays` results of the processes of one multi-process site.
+
+  Each process knows the digests of the chunks it wrote (None elsewhere); gather the
+  per-process dicts (e.g. over the site's own coordination channel) and merge them here
+  before `make_manifest`.
+  """
+  merged: dict[str, dict] = {}
+  for records in per_process:
+    for name, rec in records.items():
+      if name not in merged:
+        merged[name] = dict(rec, chunk_digests=list(rec["chunk_digests"]))
+        continue
+      m = merged[name]
+      if [m["shape"], m["dtype"], m["chunk_shape"]] != [rec["shape"], rec["dtype"],
+                                                        rec["chunk_shape"]]:
+        raise ExchangeError(f"array {name!r}: processes disagree on shape/dtype/chunks")
+      for i, d in enumerate(rec["chunk_digests"]):
+        if d is not None and m["chunk_digests"][i] not in (None, d):
+          raise ExchangeError(f"array {name!r}: processes disagree on chunk {i}'s digest")
+        if d is not None:
+          m["chunk_digests"][i] = d
+  return {name: _finish(rec) for name, rec in merged.items()}
+
+
+# --------------------------------------------------------------------------- zarr stores
+
+
+def _array_key(prefix: str, name: str) -> str:
+  return f"{prefix}/arrays/{name}"
+
+
+def _zarr_metadata(shape, dtype_name: str, chunk) -> dict:
+  return {"shape": list(shape), "data_type": dtype_name,
+          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}}}
+
+
+def _check_names(bucket: Bucket, prefix: str, names: Sequence[str]) -> None:
+  for name in names:
+    try:
+      check_key(name, what="array name")
+    except BucketError as e:
+      raise ExchangeError(f"{_where(bucket, prefix)}: {e}") from None
+  # A name that is a directory of another ('a' and 'a/b') would nest one zarr array
+  # inside the other's directory.
+  parents = {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+  nested = sorted(set(names) & parents)
+  if nested:
+    raise ExchangeError(f"{_where(bucket, prefix)}: array names {nested} are also parents "
+                        f"of other names; names must not nest")
+
+
+def _local_pieces(x) -> tuple[list[tuple[Region, Any]], bool]:
+  """(region, host data) for each piece this process writes, and whether it writes all.
+
+  A sharded jax.Array contributes its addressable shards with replica_id 0 (one copy
+  of each distinct shard, across all processes).
+  """
+  if isinstance(x, jax.Array):
+    pieces = [(_normalize(s.index, x.shape), s.data) for s in x.addressable_shards
+              if s.replica_id == 0]
+    for _, data in pieces:
+      data.copy_to_host_async()  # overlap all device->host copies of this array
+    return pieces, x.is_fully_addressable
+  a = np.asarray(x)
+  return [(tuple((0, s) for s in a.shape), a)], True
+
+
+def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
+                 max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                 compress: bool = False) -> dict[str, dict]:
+  """Stores each array as zarr3 at `{prefix}/arrays/{name}` and returns its record.
+
+  A sharded jax.Array is chunked by its shard shape and every process writes only the
+  shards it holds (replica 0 of each). Chunk digests are computed from the same host
+  bytes that are written. In a multi-process site each process's records carry None
+  for chunks other processes wrote: combine them with `merge_records`.
+  `compress` adds zstd (level 3); off by default because rounds are latency-bound.
+  Refuses to write into a committed round: committed rounds are immutable.
+  """
+  prefix = _check_prefix(bucket, prefix)
+  if bucket.exists(f"{prefix}/{COMMIT}"):
+    raise ExchangeError(f"{_where(bucket, prefix)}: round is already committed; committed "
+                        f"rounds are immutable")
+  names = sorted(arrays)
+  _check_names(bucket, prefix, names)
+  codec = "zstd" if compress else "raw"
+  codecs = [{"name": "bytes", "configuration": {"endian": "little"}}]
+  if compress:
+    codecs.append({"name": "zstd", "configuration": {"level": 3}})
+  # One process: a retry after a crash starts from a clean directory. Several: each
+  # process opens-or-creates the same metadata and writes only its own chunks.
+  single = jax.process_count() == 1
+
+  layouts, opens = {}, {}
+  for name in names:
+    x = arrays[name]
+    shape, dtype = tuple(int(s) for s in x.shape), np.dtype(x.dtype)
+    shard_shape = None
+    if isinstance(x, jax.Array):
+      shard_shape = x.sharding.shard_shape(x.shape)
+    chunk = choose_chunk_shape(shape, dtype, shard_shape, max_chunk_bytes)
+    layouts[name] = (shape, dtype, chunk)
+    spec = {"driver": "zarr3", "kvstore": bucket.array_spec(_array_key(prefix, name)),
+            "metadata": dict(_zarr_metadata(shape, dtype.name, chunk), codecs=codecs)}
+    # All opens are issued before any is awaited: on a remote store each is a round trip.
+    opens[name] = ts.open(spec, create=True, delete_existing=single, open=not single,
+                          context=bucket.context)
+
+  records: dict[str, dict] = {}
+  pending: collections.deque = collections.deque()  # (name, commit future, nbytes)
+  inflight = 0
+  written = 0
+
+  def settle(limit: int) -> None:
+    nonlocal inflight
+    while pending and inflight > limit:
+      name, fut, nbytes = pending.popleft()
+      try:
+        fut.result()
+      except Exception as e:  # noqa: BLE001
+        raise ExchangeError(f"{_where(bucket, prefix, name)}: write failed: "
+                            f"{describe_error(e)}") from None
+      inflight -= nbytes
+
+  # hashlib releases the GIL on large buffers, so chunks hash in parallel while
+  # TensorStore writes them.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    hashes: dict[str, list] = {}
+    for name in names:
+      shape, dtype, chunk = layouts[name]
+      try:
+        store = opens[name].result()
+      except Exception as e:  # noqa: BLE001
+        settle(-1)
+        raise ExchangeError(f"{_where(bucket, prefix, name)}: cannot create array: "
+                            f"{describe_error(e)}") from None
+      grid = _grid(shape, chunk)
+      pieces, complete = _local_pieces(arrays[name])
+      hashes[name] = []
+      for region, data in pieces:
+        data = np.asarray(data, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+        if any(a % c for (a, _), c in zip(region, chunk)):
+          raise ExchangeError(f"{_where(bucket, prefix, name)}: shard {region} is not "
+                              f"aligned to chunks {chunk}")
+        pending.append((name, store[_slices(region)].write(data), data.nbytes))
+        inflight += data.nbytes
+        written += data.nbytes
+        for coord in _overlapping(region, chunk):
+          local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in
+                        zip(_chunk_region(coord, chunk, shape), region))
+          hashes[name].append((_flat(coord, grid), pool.submit(_digest, data[local])))
+        settle(MAX_INFLIGHT_BYTES)
+      digests: list[str | None] = [None] * math.prod(grid)
+      for i, fut in hashes[name]:
+        digests[i] = fut.result()
+      if complete and any(d is None for d in digests):
+        raise ExchangeError(f"{_where(bucket, prefix, name)}: shards do not cover the array")
+      records[name] = _finish({"shape": list(shape), "dtype": dtype.name,
+                               "chunk_shape": list(chunk), "codec": codec,
+                               "chunk_digests": digests})
+    settle(-1)
+  bucket.record_transfer(written=written)
+  return records
+
+
+def _open_for_read(bucket: Bucket, prefix: str, name: str, rec: Mapping) -> ts.Future:
+  # The manifest's shape/dtype/chunks are constraints: TensorStore refuses stored
+  # metadata that disagrees with them.
+  spec = {"driver": "zarr3", "kvstore": bucket.array_spec(_array_key(prefix, name)),
+          "metadata": _zarr_metadata(rec["shape"], rec["dtype"], rec["chunk_shape"])}
+  return ts.open(spec, open=True, read=True, context=bucket.context)
+
+
+def _await_store(bucket, prefix, name, fut):
+  try:
+    return fut.result()
+  except Exception as e:  # noqa: BLE001
+    raise ExchangeError(f"{_where(bucket, prefix, name)}: cannot open stored array: "
+                        f"{describe_error(e)}") from None
+
+
+def _read(bucket, prefix, name, fut) -> np.ndarray:
+  try:
+    return fut.result()
+  except Exception as e:  # noqa: BLE001
+    raise ExchangeError(f"{_where(bucket, prefix, name)}: read failed: "
+                        f"{describe_error(e)}") from None
+
+
+def _verify_chunk(bucket, prefix, name, rec, coord, data: np.ndarray, actual: str) -> None:
+  grid = _grid(rec["shape"], rec["chunk_shape"])
+  expected = rec["chunk_digests"][_flat(coord, grid)]
+  if actual != expected:
+    raise ExchangeError(f"{_where(bucket, prefix, name)}: chunk {tuple(coord)} is corrupt "
+                        f"(sha256 {actual[:12]}... != recorded {expected[:12]}...)")
+
+
+def _assemble(region: Region, chunks: Mapping[tuple, np.ndarray], chunk, shape, dtype):
+  coords = _overlapping(region, chunk)
+  if len(coords) == 1 and _chunk_region(coords[0], chunk, shape) == region:
+    return chunks[coords[0]]  # the common case: a reader's shard is one whole chunk
+  out = np.empty(tuple(b - a for a, b in region), dtype)
+  for coord in coords:
+    creg = _chunk_region(coord, chunk, shape)
+    inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, creg))
+    dst = tuple(slice(a - r, b - r) for (a, b), (r, _) in zip(inter, region))
+    src = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inter, creg))
+    out[dst] = chunks[coord][src]
+  return out
+
+
+def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
+                shardings: Mapping[str, jax.sharding.Sharding], *,
+                verify: bool = True) -> dict[str, jax.Array]:
+  """Reads the named arrays of a committed round straight into `shardings`.
+
+  The shardings may live on any mesh (not the writer's). Each process reads only what
+  its addressable devices need. With `verify`, the whole chunks overlapping those
+  slices are read (each once per array) and checked against the manifest's digests;
+  without it, exactly the needed slices are read. Names not in `shardings` are skipped.
+  """
+  prefix = _check_prefix(bucket, prefix)
+  records = manifest.get("arrays") if isinstance(manifest, Mapping) else None
+  if not isinstance(records, Mapping):
+    raise ExchangeError(f"{_where(bucket, prefix)}: manifest has no 'arrays' table")
+  unknown = sorted(set(shardings) - set(records))
+  if unknown:
+    raise ExchangeError(f"{_where(bucket, prefix)}: arrays {unknown} are not in the manifest")
+  names = sorted(shardings)
+  for name in names:
+    _check_record(bucket, prefix, name, records[name])
+  opens = {name: _open_for_read(bucket, prefix, name, records[name]) for name in names}
+
+  out: dict[str, jax.Array] = {}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    for name in names:
+      rec = records[name]
+      shape, chunk = tuple(rec["shape"]), tuple(rec["chunk_shape"])
+      dtype = _np_dtype(rec["dtype"])
+      sharding = shardings[name]
+      try:
+        indices = sharding.addressable_devices_indices_map(shape)
+      except (ValueError, IndexError) as e:  # a mesh axis that does not divide a dim, or
+        # a spec longer than the rank
+        what = getattr(sharding, "spec", sharding)
+        raise ExchangeError(f"{_where(bucket, prefix, name)}: requested sharding {what} "
+                            f"does not fit shape {shape} ({str(e).splitlines()[0]})") from None
+      regions = {_normalize(idx, shape) for idx in indices.values()}
+      store = _await_store(bucket, prefix, name, opens[name])
+      nbytes = 0
+      if verify:
+        coords = sorted({c for r in regions for c in _overlapping(r, chunk)})
+        reads = {c: store[_slices(_chunk_region(c, chunk, shape))].read() for c in coords}
+        chunks, checks = {}, []
+        for c in coords:
+          chunks[c] = _read(bucket, prefix, name, reads[c])
+          nbytes += chunks[c].nbytes
+          checks.append((c, pool.submit(_digest, chunks[c])))
+        for c, fut in checks:
+          _verify_chunk(bucket, prefix, name, rec, c, chunks[c], fut.result())
+        pieces = {r: _assemble(r, chunks, chunk, shape, dtype) for r in regions}
+        del chunks
+      else:
+        reads = {r: store[_slices(r)].read() for r in regions}
+        pieces = {r: _read(bucket, prefix, name, f) for r, f in reads.items()}
+        nbytes = sum(p.nbytes for p in pieces.values())
+      bucket.record_transfer(read=nbytes)
+      out[name] = jax.make_array_from_callback(
+          shape, sharding, lambda idx, p=pieces, s=shape: p[_normalize(idx, s)], dtype=dtype)
+      del pieces
+  return out
+
+
+def iter_blocks(record: Mapping, max_block_bytes: int) -> Iterator[tuple[slice, ...]]:
+  """Chunk-aligned blocks that cover the array exactly once, in a fixed order.
+
+  A block is a run of whole chunk-rows along the leading axis spanning all other axes,
+  as many as fit in `max_block_bytes` (at least one). When one chunk-row alone is too
+  big, blocks are single chunks in C order of the chunk grid.
+  """
+  if max_block_bytes <= 0:
+    raise ExchangeError(f"max_block_bytes must be positive, got {max_block_bytes}")
+  problems = _record_problems("record", record)
+  if problems:
+    raise ExchangeError(f"bad array record: {problems[0]}")
+  shape, chunk = tuple(record["shape"]), tuple(record["chunk_shape"])
+  if not shape:
+    yield ()
+    return
+  grid = _grid(shape, chunk)
+  itemsize = _np_dtype(record["dtype"]).itemsize
+  row_bytes = chunk[0] * math.prod(shape[1:]) * itemsize
+  rest = tuple(slice(0, s) for s in shape[1:])
+  if row_bytes <= max_block_bytes:
+    rows = max(1, max_block_bytes // max(1, row_bytes))
+    for i in range(0, grid[0], rows):
+      yield (slice(i * chunk[0], min((i + rows) * chunk[0], shape[0])),) + rest
+    return
+  for coord in itertools.product(*(range(g) for g in grid)):
+    yield _slices(_chunk_region(coord, chunk, shape))
+
+
+def read_block(bucket: Bucket, prefix: str, name: str, record: Mapping,
+               index: tuple[slice, ...], *, verify: bool = True) -> np.ndarray:
+  """Reads one chunk-aligned block (e.g. from `iter_blocks`) of a stored array on the
+  host, checking every chunk in it against the record's digests when `verify`."""
+  prefix = _check_prefix(bucket, prefix)
+  _check_record(bucket, prefix, name, record)
+  shape, chunk = tuple(record["shape"]), tuple(record["chunk_shape"])
+  if len(tuple(index)) != len(shape):
+    raise ExchangeError(f"{_where(bucket, prefix, name)}: block index {index} has rank "
+                        f"{len(tuple(index))}, array has rank {len(shape)}")
+  region = _normalize(index, shape)
+  if any(a % c or (b % c and b != s) for (a, b), c, s in zip(region, chunk, shape)):
+    raise ExchangeError(f"{_where(bucket, prefix, name)}: block {region} is not aligned to "
+                        f"chunks {chunk}")
+  store = _await_store(bucket, prefix, name, _open_for_read(bucket, prefix, name, record))
+  block = _read(bucket, prefix, name, store[_slices(region)].read())
+  bucket.record_transfer(read=block.nbytes)
+  if verify:
+    for coord in _overlapping(region, chunk):
+      local = tuple(slice(a - r, b - r) for (a, b), (r, _) in
+                    zip(_chunk_region(coord, chunk, shape), region))
+      _verify_chunk(bucket, prefix, name, record, coord, block[local], _digest(block[local]))
+  return block
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def _canonical(bucket_url: str, prefix: str, obj: Any) -> bytes:
+  try:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+  except (TypeError, ValueError) as e:
+    raise ExchangeError(f"bucket {bucket_url}, round {prefix}: manifest is not plain JSON "
+                        f"({e})") from None
+
+
+def make_manifest(*, federation: str, kind: str, round: int, author: str,  # noqa: A002
+                  arrays: Mapping[str, dict], base_round: int | None = None,
+                  tokens: int = 0, extra: Mapping[str, Any] | None = None) -> dict:
+  """A manifest dict: `kind` is 'update' (a site's) or 'global' (the coordinator's),
+  `base_round` the global round the update was computed from, `tokens` how many
+  training tokens it consumed, `arrays` the records from `write_arrays`, `extra` any
+  small JSON dict."""
+  _check_kind(kind)
+  for field, value in (("federation", federation), ("author", author)):
+    if not isinstance(value, str) or not value:
+      raise ExchangeError(f"manifest {field} must be a non-empty string, got {value!r}")
+  if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 0:
+    raise ExchangeError(f"manifest tokens must be a non-negative integer, got {tokens!r}")
+  return {
+      "format": FORMAT_VERSION,
+      "federation": federation,
+      "kind": kind,
+      "round": _round(round),
+      "author": author,
+      "base_round": None if base_round is None else _round(base_round),
+      "tokens": int(tokens),
+      "arrays": {name: dict(rec) for name, rec in arrays.items()},
+      "extra": dict(extra or {}),
+  }
+
+
+_REQUIRED = ("format", "federation", "kind", "round", "author", "base_round", "tokens",
+             "arrays", "extra")
+
+
+def _manifest_problems(manifest: Any) -> list[str]:
+  if not isinstance(manifest, Mapping):
+    return ["manifest is not a JSON object"]
+  missing = [k for k in _REQUIRED if k not in manifest]
+  if missing:
+    return [f"manifest lacks fields {missing}"]
+  if manifest["format"] != FORMAT_VERSION:
+    return [f"manifest format {manifest['format']!r} is not {FORMAT_VERSION} (written by "
+            f"another version of tapestry_jax?)"]
+  if manifest["kind"] not in KINDS:
+    return [f"manifest kind {manifest['kind']!r} is not one of {KINDS}"]
+  if not isinstance(manifest["arrays"], Mapping):
+    return ["manifest 'arrays' is not a JSON object"]
+  problems = []
+  for name, rec in manifest["arrays"].items():
+    problems += _record_problems(name, rec)
+  return problems
+
+
+def write_manifest(bucket: Bucket, prefix: str, manifest: Mapping) -> str:
+  """Publishes a round: `{prefix}/manifest.json` (canonical JSON), then, last,
+  `{prefix}/COMMIT` holding the manifest's sha256 hex. Returns that hash.
+
+  Write the arrays first (`write_arrays` returns once they are durable). The bucket
+  is owned by one writer, so a check-then-write suffices to keep rounds immutable.
+  """
+  prefix = _check_prefix(bucket, prefix)
+  problems = _manifest_problems(manifest)
+  if problems:
+    raise ExchangeError(f"{_where(bucket, prefix)}: refusing to publish a bad manifest: "
+                        + "; ".join(problems[:5]))
+  data = _canonical(bucket.url, prefix, manifest)
+  if bucket.exists(f"{prefix}/{COMMIT}"):
+    raise ExchangeError(f"{_where(bucket, prefix)}: round is already committed; committed "
+                        f"rounds are immutable")
+  digest = hashlib.sha256(data).hexdigest()
+  bucket.write(f"{prefix}/{MANIFEST}", data)
+  bucket.write(f"{prefix}/{COMMIT}", digest.encode())
+  return digest
+
+
+def read_manifest(bucket: Bucket, prefix: str) -> dict | None:
+  """The manifest of a committed round, or None when `{prefix}/COMMIT` is absent.
+
+  ExchangeError when COMMIT exists but the manifest is missing, does not hash to it,
+  or is not a manifest this version understands.
+  """
+  prefix = _check_prefix(bucket, prefix)
+  commit = bucket.read(f"{prefix}/{COMMIT}")
+  if commit is None:
+    return None
+  data = bucket.read(f"{prefix}/{MANIFEST}")
+  if data is None:
+    raise ExchangeError(f"{_where(bucket, prefix)}: COMMIT exists but manifest.json is missing")
+  actual = hashlib.sha256(data).hexdigest()
+  if commit.strip().decode(errors="replace") != actual:
+    raise ExchangeError(f"{_where(bucket, prefix)}: manifest.json does not match COMMIT "
+                        f"(sha256 {actual[:12]}... != committed "
+                        f"{commit.strip()[:12].decode(errors='replace')}...); it was "
+                        f"changed after the round was committed")
+  try:
+    manifest = json.loads(data)
+  except ValueError as e:
+    raise ExchangeError(f"{_where(bucket, prefix)}: manifest.json is not JSON ({e})") from None
+  problems = _manifest_problems(manifest)
+  if problems:
+    raise ExchangeError(f"{_where(bucket, prefix)}: bad manifest: " + "; ".join(problems[:5]))
+  return manifest
+
+
+def _expected_shape_dtype(spec) -> tuple[tuple[int, ...], np.dtype]:
+  if hasattr(spec, "shape") and hasattr(spec, "dtype"):
+    return tuple(spec.shape), np.dtype(spec.dtype)
+  shape, dtype = spec
+  return tuple(shape), np.dtype(dtype)
+
+
+def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
+  """Checks, before anything is allocated or read, that the manifest declares exactly
+  the expected arrays with the expected shapes and dtypes.
+
+  `expected` maps name -> (shape, dtype) or anything with .shape/.dtype (arrays,
+  jax.ShapeDtypeStruct). Raises ExchangeError listing every problem.
+  """
+  records = manifest.get("arrays") if isinstance(manifest, Mapping) else None
+  where = (f"round {manifest.get('round')!r} by {manifest.get('author')!r}"
+           if isinstance(manifest, Mapping) else "manifest")
+  if not isinstance(records, Mapping):
+    raise ExchangeError(f"schema mismatch in {where}: manifest has no 'arrays' table")
+  problems = []
+  missing = sorted(set(expected) - set(records))
+  unexpected = sorted(set(records) - set(expected))
+  if missing:
+    problems.append(f"missing arrays {missing}")
+  if unexpected:
+    problems.append(f"unexpected arrays {unexpected}")
+  for name in sorted(set(expected) & set(records)):
+    rec = records[name]
+    shape, dtype = _expected_shape_dtype(expected[name])
+    structural = _record_problems(name, rec)
+    if structural:
+      problems += structural
+      continue
+    if tuple(rec["shape"]) != shape:
+      n_decl, n_exp = math.prod(rec["shape"]), math.prod(shape)
+      size = " (declares more elements than expected)" if n_decl > n_exp else ""
+      problems.append(f"{name!r}: shape {tuple(rec['shape'])} != expected {shape}{size}")
+    if _np_dtype(rec["dtype"]) != dtype:
+      problems.append(f"{name!r}: dtype {rec['dtype']} != expected {dtype.name}")
+  if problems:
+    shown = "; ".join(problems[:10])
+    more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+    raise ExchangeError(f"schema mismatch in {where}: {shown}{more}")
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def write_latest(bucket: Bucket, round: int, kind: str = "global") -> None:  # noqa: A002
+  """Points `LATEST` at `round`; refuses unless that round is committed in `bucket`."""
+  prefix = round_prefix(kind, round)
+  manifest = read_manifest(bucket, prefix)
+  if manifest is None:
+    raise ExchangeError(f"{_where(bucket, prefix)}: not committed (no COMMIT); LATEST may "
+                        f"only point at committed rounds")
+  if manifest["round"] != round or manifest["kind"] != kind:
+    raise ExchangeError(f"{_where(bucket, prefix)}: manifest says {manifest['kind']} round "
+                        f"{manifest['round']}, not {kind} round {round}")
+  bucket.write(LATEST, _canonical(bucket.url, LATEST,
+                                  {"kind": kind, "round": int(round), "prefix": prefix}))
+
+
+def read_latest(bucket: Bucket) -> int | None:
+  """The round `LATEST` points at, or None if the bucket has no LATEST yet."""
+  data = bucket.read(LATEST)
+  if data is None:
+    return None
+  try:
+    value = json.loads(data)["round"]
+    return _round(value)
+  except (ValueError, KeyError, TypeError, ExchangeError):
+    raise ExchangeError(f"bucket {bucket.url}: LATEST is not a round pointer: "
+                        f"{data[:80]!r}") from None
+
+
+def committed_rounds(bucket: Bucket, kind: str) -> list[int]:
+  """Sorted rounds of `kind` that have a COMMIT marker in `bucket` (by listing keys)."""
+  _check_kind(kind)
+  top = _TOP[kind]
+  pattern = re.compile(rf"^{top}/round_(\d+)/{COMMIT}$")
+  rounds = []
+  for key in bucket.list(f"{top}/"):
+    m = pattern.match(key)
+    if m:
+      rounds.append(int(m.group(1)))
+  return sorted(rounds)

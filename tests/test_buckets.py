@@ -1,0 +1,134 @@
+"""Buckets: URL forms, keys confined to the bucket, counters, and one-sentence errors."""
+
+import os
+import socket
+
+import pytest
+
+from tapestry_jax.buckets import Bucket, BucketError, kvstore_spec
+
+
+def test_url_forms(tmp_path, monkeypatch):
+  assert kvstore_spec(f"file://{tmp_path}/b") == {"driver": "file", "path": f"{tmp_path}/b/"}
+  monkeypatch.chdir(tmp_path)
+  assert kvstore_spec("rel/dir/") == {"driver": "file", "path": f"{tmp_path}/rel/dir/"}
+  assert kvstore_spec("memory://site-fr/x") == {"driver": "memory", "path": "site-fr/x/"}
+  assert kvstore_spec("gs://my-bucket/fed/a") == {"driver": "gcs", "bucket": "my-bucket",
+                                                  "path": "fed/a/"}
+  assert kvstore_spec("gs://my-bucket") == {"driver": "gcs", "bucket": "my-bucket", "path": ""}
+  assert kvstore_spec("s3://site-fr/pfx?endpoint=http://127.0.0.1:9000&region=us-east-1") == {
+      "driver": "s3", "bucket": "site-fr", "path": "pfx/",
+      "endpoint": "http://127.0.0.1:9000", "aws_region": "us-east-1"}
+
+
+@pytest.mark.parametrize("url, why", [
+    ("ftp://host/x", "unknown scheme 'ftp'"),
+    ("gs:/bucket/x", "must be followed by '//'"),
+    ("gs:///x", "not a valid bucket name"),
+    ("s3://b_B/x", "not a valid bucket name"),
+    ("s3://bkt/x?endpont=http://h:1", "unknown query parameter 'endpont'"),
+    ("s3://bkt/x?endpoint=127.0.0.1:9000", "must look like http://host:port"),
+    ("gs://bkt/a/../b", "'..' component"),
+    ("file://host/dir", "absolute path"),
+    ("file:///", "absolute directory"),
+    ("memory://", "needs a name"),
+    ("", "empty"),
+])
+def test_bad_urls_say_what_is_accepted(url, why):
+  with pytest.raises(BucketError) as e:
+    Bucket(url)
+  msg = str(e.value)
+  assert why in msg and repr(url) in msg
+  assert "file:///abs/dir" in msg and "memory://name" in msg and "s3://bucket/prefix" in msg
+  assert "\n" not in msg
+
+
+@pytest.mark.parametrize("url", ["memory://test-buckets-ops", "file"])
+def test_read_write_list_delete(url, tmp_path):
+  b = Bucket(str(tmp_path / "b") if url == "file" else url)
+  assert b.read("a/x") is None and not b.exists("a/x")
+  b.write("a/x", b"12345")
+  b.write("a/y", b"")
+  b.write("ab", b"z")
+  assert b.read("a/x") == b"12345" and b.read("a/y") == b""
+  assert b.exists("a/x") and b.exists("a/y")
+  assert b.list("a/") == ["a/x", "a/y"]
+  assert b.list("a") == ["a/x", "a/y", "ab"]
+  assert b.list() == ["a/x", "a/y", "ab"]
+  b.delete("a/x")
+  b.delete("a/x")  # deleting a missing key is fine
+  assert b.read("a/x") is None and b.list("a/") == ["a/y"]
+  b.delete_prefix("a/")
+  assert b.list() == ["ab"]
+  assert b.bytes_written == 6 and b.bytes_read == 5
+  b.record_transfer(written=10, read=4)
+  assert b.bytes_written == 16 and b.bytes_read == 9
+  b.check_writable()
+  assert b.list() == ["ab"]  # the probe is gone
+
+
+def test_memory_buckets_share_by_name():
+  Bucket("memory://test-share-a").write("k", b"v")
+  assert Bucket("memory://test-share-a").read("k") == b"v"
+  assert Bucket("memory://test-share-b").read("k") is None
+  assert Bucket("memory://test-share-a/k").list() == []  # a sub-prefix is another namespace
+
+
+def test_file_bucket_is_a_directory(tmp_path):
+  b = Bucket(f"file://{tmp_path}/b")
+  b.write("x/y", b"data")
+  assert (tmp_path / "b" / "x" / "y").read_bytes() == b"data"
+  assert b.array_spec("r/arrays/w") == {"driver": "file", "path": f"{tmp_path}/b/r/arrays/w/"}
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../x", "/etc/passwd", "a//b", "a/./b", "", "a/",
+                                 "a\\b"])
+def test_keys_stay_inside_the_bucket(key):
+  b = Bucket("memory://test-keys")
+  for op in (lambda: b.read(key), lambda: b.write(key, b"x"), lambda: b.exists(key),
+             lambda: b.delete(key), lambda: b.array_spec(key)):
+    with pytest.raises(BucketError, match="key"):
+      op()
+  with pytest.raises(BucketError, match="prefix"):
+    b.list("../")
+  with pytest.raises(BucketError):
+    b.delete_prefix("")
+
+
+def test_bucket_under_a_regular_file_is_not_writable(tmp_path):
+  (tmp_path / "plain").write_text("not a directory")
+  b = Bucket(f"file://{tmp_path}/plain/bucket")
+  with pytest.raises(BucketError) as e:
+    b.check_writable()
+  msg = str(e.value)
+  assert f"bucket file://{tmp_path}/plain/bucket is not writable" in msg
+  assert "a parent of the path is a file, not a directory" in msg
+  assert "\n" not in msg
+  with pytest.raises(BucketError, match=r"cannot write 'k' \(file://.*/plain/bucket/k\)"):
+    b.write("k", b"x")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory_is_not_writable(tmp_path):
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o555)
+  try:
+    with pytest.raises(BucketError, match="permission denied"):
+      Bucket(str(ro / "b")).check_writable()
+  finally:
+    ro.chmod(0o755)
+
+
+def test_unreachable_endpoint_is_named(monkeypatch):
+  monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+  monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+  with socket.socket() as s:  # a port nobody listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  url = f"s3://site-fr/p?endpoint=http://127.0.0.1:{port}&region=us-east-1"
+  b = Bucket(url, max_retries=1)
+  with pytest.raises(BucketError) as e:
+    b.write("k", b"x")
+  assert f"bucket {url}: cannot write 'k'" in str(e.value)
+  assert "cannot reach endpoint" in str(e.value)
