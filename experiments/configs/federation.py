@@ -1,0 +1,114 @@
+"""A federation of sovereign sites training one shared LM with DiLoCo.
+
+Every section of `lm.py` (model, data, train, mesh) is the per-site default; `federation`
+holds the outer loop and `sites` says who takes part, with what data and which bucket.
+
+Variants (optionally followed by /SITE,SITE,... to choose the sites):
+  tiny    4 sites, one synthetic language each (non-IID), ~1M params; the README's main
+          job, a few minutes on a laptop CPU. Sites: latin, cyrillic, greek, kana,
+          devanagari, hangul (e.g. `tiny/latin,cyrillic`).
+  debref  4 sites, one language each of ../shared/data/debref (en, fr, ja, id); the
+          quality benchmark's setting (byte-level, d=192, 3 layers, seq 128); any of
+          en, fr, ja, id, de, es, zh-cn with e.g. `debref/en,fr,de,es,zh-cn`.
+  small   4 synthetic sites on the ~20M `small` model.
+
+Run:
+  python -m launch.federate --config=experiments/configs/federation.py:tiny --workdir=/tmp/fed
+  # the same federation as separate processes, sharing only the buckets:
+  python -m launch.coordinator --config=experiments/configs/federation.py:tiny --workdir=/tmp/fed
+  python -m launch.site --config=experiments/configs/federation.py:tiny --workdir=/tmp/fed \
+      --site=latin
+  # override a site's data or bucket:
+  ... --config.sites.latin.source=text_files --config.sites.latin.paths=../shared/data/debref/fr.txt
+  ... --config.sites.latin.bucket=s3://site-latin/tapestry?endpoint=http://127.0.0.1:8333
+"""
+
+import ml_collections
+
+from experiments.configs import lm
+from tapestry_jax import outer
+
+
+def site(language: str = "", *, source: str = "", paths: str = "") -> ml_collections.ConfigDict:
+  """One site's entry in `config.sites`: its bucket and what differs in its data."""
+  s = ml_collections.ConfigDict()
+  # URL of the bucket this site owns and writes its updates to: file:///dir, gs://b/prefix,
+  # s3://b/prefix?endpoint=http://host:port&region=r. "" = file://WORKDIR/buckets/<site>.
+  s.bucket = ""
+  # Data source for this site ("" = config.data.source), and its file globs (file sources).
+  s.source = source
+  s.paths = paths
+  # synthetic source: the language(s) this site holds ("" = config.data.synthetic.languages).
+  s.languages = language
+  # Data shuffle seed offset: the site's data.seed is config.data.seed + this.
+  s.data_seed = 0
+  # This site's own mesh (sites may have different hardware); 0 = config.mesh's value.
+  s.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=0, tensor=0))
+  return s
+
+
+SYNTHETIC_SITES = ("latin", "cyrillic", "greek", "kana", "devanagari", "hangul")
+DEBREF_SITES = ("en", "fr", "ja", "id", "de", "es", "zh-cn")
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  variant, _, chosen = (arg or "tiny").partition("/")
+  if variant not in ("tiny", "debref", "small"):
+    raise ValueError(f"unknown federation config variant {variant!r}; known: tiny, debref, small")
+  available = DEBREF_SITES if variant == "debref" else SYNTHETIC_SITES
+  names = [n.strip() for n in chosen.split(",") if n.strip()] if chosen else list(available[:4])
+  unknown = sorted(set(names) - set(available))
+  if unknown:
+    raise ValueError(f"unknown sites {unknown} for variant {variant!r}; choose from {list(available)}")
+  c = lm.get_config("small" if variant == "small" else "tiny")
+  c.preset = variant
+
+  # --- the outer loop -------------------------------------------------------------------
+  f = c.federation = ml_collections.ConfigDict()
+  f.id = f"tapestry-{variant}"  # Federation id; bound into every manifest.
+  f.rounds = 12  # Outer rounds (global models published after round 0, the initial model).
+  f.inner_steps = 25  # H: inner optimizer steps per site per round.
+  # Sites whose update must be committed before the coordinator merges a round; 0 = all.
+  f.quorum = 0
+  # Seconds the coordinator waits for more than the quorum, counted from the first
+  # committed update of the round; then it merges what it has (if >= quorum).
+  f.deadline_s = 120.0
+  # Seconds without reaching the quorum after which a round is abandoned with an error
+  # (no new global round is written; the latest committed round stays the latest).
+  f.round_timeout_s = 1800.0
+  f.poll_s = 0.2  # Seconds between bucket polls while waiting.
+  # URL of the coordinator's global bucket; "" = file://WORKDIR/buckets/global.
+  f.global_bucket = ""
+  # Cap on the tokens one site may claim per round, in tokens; 0 = the configured
+  # inner_steps x global_batch_size x seq_len (a site cannot inflate its weight).
+  f.weight_cap_tokens = 0
+  f.outer = outer.default_outer_config()  # Outer optimizer (name, lr, momentum, b1, b2, eps).
+  # launch.federate also trains every site alone with the same local compute and reports
+  # the federated model against it.
+  f.compare_alone = True
+  # Seconds of compile-and-start slack a site allows when it waits for the global model.
+  f.site_wait_s = 1800.0
+
+  # --- the sites ------------------------------------------------------------------------
+  c.sites = ml_collections.ConfigDict()
+  for name in names:
+    c.sites[name] = (site(source="text_files", paths=f"../shared/data/debref/{name}.txt")
+                     if variant == "debref" else site(name))
+
+  t = c.train
+  t.steps = f.rounds * f.inner_steps  # Set again by the federation from rounds x H.
+  t.checkpoint_every = f.inner_steps  # Sites checkpoint once per round.
+  t.eval_every = 0
+  t.progress_bar = False
+  t.global_batch_size = 8  # Per site (the data-parallel baseline uses sites x this).
+  t.warmup_steps = 25
+  t.lr = 2e-3
+  if variant == "debref":
+    m = c.model
+    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff = 192, 3, 6, 6, 32, 512
+    c.data.tokenizer = "byte"
+    f.rounds, f.inner_steps = 16, 25
+    t.steps = f.rounds * f.inner_steps
+  if variant == "small":
+    t.global_batch_size = 16
+  return c

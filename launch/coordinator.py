@@ -1,0 +1,33 @@
+"""Run a federation's coordinator (a separate process; shares only the buckets).
+
+  python -m launch.coordinator --config=experiments/configs/federation.py:tiny --workdir=/tmp/fed
+
+Reads committed site updates, merges them with the outer optimizer and publishes each
+global round to the global bucket (config.federation.global_bucket). Rerunning resumes
+after the last committed round.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch.common import exit_on_bad_input, parse_flags, quiet_library_logs
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Federation config, e.g. experiments/configs/federation.py:tiny.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Federation directory (default buckets live here).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from tapestry_jax import coordinator
+
+  quiet_library_logs()
+  with exit_on_bad_input():
+    records = coordinator.Coordinator(_CONFIG.value, _WORKDIR.value).run()
+  print(f"coordinator: published {len(records)} rounds")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

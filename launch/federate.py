@@ -1,0 +1,66 @@
+"""Run a whole federation on this machine and compare it with each site alone.
+
+  python -m launch.federate --config=experiments/configs/federation.py:tiny --workdir=/tmp/fed
+  python -m launch.federate --config=experiments/configs/federation.py:tiny --workdir=/tmp/fed \
+      --mode=simulate      # all sites in this one process (fast ablations)
+
+--mode=processes (default) starts the coordinator and one process per site, sharing only
+the buckets (exactly what separate machines would run: see launch/coordinator.py and
+launch/site.py). Then, unless config.federation.compare_alone is False, every site is
+trained alone with the same local compute, and a table compares the global model's
+held-out loss and bits per byte on each site's data with the site's own model, next to
+the bytes each site sent and received. WORKDIR/summary.json has per-round records.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch.common import exit_on_bad_input, parse_flags, quiet_library_logs
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Federation config, e.g. experiments/configs/federation.py:tiny.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Federation directory: buckets, logs, summary.")
+_MODE = flags.DEFINE_enum("mode", "processes", ["processes", "simulate"],
+                          "Separate processes sharing buckets, or one in-process simulation.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def config_args(argv: list[str]) -> list[str]:
+  """The --config and --config.* arguments, to hand unchanged to the child processes."""
+  out, it = [], iter(argv)
+  for a in it:
+    if a == "--config" or (a.startswith("--config.") and "=" not in a):
+      out += [a, next(it, "")]
+    elif a.startswith("--config=") or a.startswith("--config."):
+      out.append(a)
+  return out
+
+
+def main(argv):
+  del argv
+  from tapestry_jax import federation, orchestrate, report, simulate
+
+  quiet_library_logs()
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  with exit_on_bad_input():
+    federation.check_federation_config(config)
+    if _MODE.value == "processes":
+      orchestrate.run_processes(config, workdir, config_args(sys.argv[1:]))
+      sites, coord = report.deployment_records(workdir, federation.site_names(config))
+    else:
+      sites, coord = simulate.simulate(config, workdir)["records"], None
+    alone = None
+    if config.federation.compare_alone:
+      logging.info("training every site alone with the same local compute")
+      alone = simulate.train_alone(config, workdir)
+  summary = report.summarize(config, sites, coord, alone=alone)
+  path = report.write(summary, workdir)
+  print(report.table(summary))
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

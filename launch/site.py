@@ -1,0 +1,40 @@
+"""Run one sovereign site of a federation (a separate process; shares only the buckets).
+
+  python -m launch.site --config=experiments/configs/federation.py:tiny --workdir=/tmp/fed \
+      --site=latin
+
+The site writes only to its own bucket (config.sites.NAME.bucket) and reads only the
+coordinator's. Rerunning with the same --workdir resumes from the site's last checkpoint.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch.common import exit_on_bad_input, parse_flags, quiet_library_logs
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Federation config, e.g. experiments/configs/federation.py:tiny.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Federation directory (default buckets live here).")
+_SITE = flags.DEFINE_string("site", None, "This site's name (a key of config.sites).")
+flags.mark_flags_as_required(["config", "workdir", "site"])
+
+
+def main(argv):
+  del argv
+  import jax
+  from tapestry_jax import site
+
+  quiet_library_logs()
+  logging.info("site %s: process %d/%d, devices: %s", _SITE.value, jax.process_index(),
+               jax.process_count(), jax.devices())
+  with exit_on_bad_input():
+    records = site.run_site(_CONFIG.value, _SITE.value, _WORKDIR.value)
+  if records:
+    last = records[-1]
+    print(f"site {_SITE.value}: done at global round {last['global_round']}, "
+          f"eval loss {last['eval_loss']:.4f}, bits/byte {last['eval_bits_per_byte']:.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

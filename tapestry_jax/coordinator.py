@@ -1,0 +1,217 @@
+"""The coordinator: waits for a quorum of committed site updates, merges them with the
+outer optimizer, and publishes the next global round to the bucket it owns.
+
+It only ever reads the sites' buckets and only ever writes the global bucket. A round
+is published as arrays (params and outer state), a manifest naming its inputs, a commit
+marker written last, then the LATEST pointer; a restarted coordinator finds the last
+committed round and redoes any round that was not committed (the merge is
+deterministic, so the redo is bit-identical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from tapestry_jax import buckets
+from tapestry_jax import exchange
+from tapestry_jax import federation
+from tapestry_jax import model as model_lib
+from tapestry_jax import merge as merge_lib
+from tapestry_jax import outer as outer_lib
+from tapestry_jax import train as train_lib
+from tapestry_jax import trees
+
+
+def manifest_sha256(manifest: dict) -> str:
+  """The hash its COMMIT marker holds (manifests are stored as canonical JSON)."""
+  return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":"),
+                                   allow_nan=False).encode()).hexdigest()
+
+
+class QuorumError(RuntimeError):
+  """A round did not reach its quorum before `federation.round_timeout_s`."""
+
+
+def initial_round(config) -> tuple[dict, dict]:
+  """Round 0 on the host: the initial params (the init every site's trainer makes from
+  train.seed) and the outer optimizer's initial state, as flat name -> numpy dicts."""
+  mcfg = model_lib.ModelConfig.from_config(config.model)
+  params = trees.flatten(jax.device_get(train_lib.initial_params(mcfg, int(config.train.seed))))
+  tx = outer_lib.make_outer_optimizer(config.federation.outer)
+  state = jax.device_get(outer_lib.init_outer_state(tx, params))
+  return params, state
+
+
+def validate_update(manifest: dict, config, site: str, round_: int, base_round: int,
+                    schema) -> str | None:
+  """Why this committed update may not be merged into `round_` (None = acceptable)."""
+  if manifest.get("kind") != "update" or manifest.get("federation") != config.federation.id:
+    return "not an update of this federation"
+  if manifest.get("author") != site:
+    return f"author {manifest.get('author')!r} is not the bucket's owner {site!r}"
+  if manifest.get("round") != round_:
+    return f"manifest round {manifest.get('round')} != {round_}"
+  if manifest.get("base_round") != base_round:
+    return f"trained from global round {manifest.get('base_round')}, expected {base_round} (stale)"
+  tokens = manifest.get("tokens")
+  if not isinstance(tokens, int) or tokens <= 0:
+    return f"token count {tokens!r} is not a positive integer"
+  try:
+    exchange.check_schema(manifest, schema)
+  except exchange.ExchangeError as e:
+    return str(e)
+  return None
+
+
+class Coordinator:
+  """Publishes global rounds; see the module docstring."""
+
+  def __init__(self, config, workdir: str):
+    federation.check_federation_config(config)
+    self.config = config
+    self.f = config.federation
+    self.names = sorted(federation.site_names(config))  # The merge's fixed order.
+    urls = federation.bucket_urls(config, workdir)
+    self.glob = buckets.Bucket(urls[federation.GLOBAL])
+    self.sites = {n: buckets.Bucket(urls[n]) for n in self.names}
+    self.tx = outer_lib.make_outer_optimizer(self.f.outer)
+    self.schema = federation.param_schema(config)
+    self.cap = federation.weight_cap(config)
+    self.quorum = federation.quorum(config)
+    self.dir = os.path.join(workdir, "coordinator")
+    os.makedirs(self.dir, exist_ok=True)
+    self._missing: set[tuple[str, int]] = set()  # (site, closed round) without its update.
+
+  # ---------------------------------------------------------------- rounds
+
+  def latest(self) -> int | None:
+    """The latest committed round, repairing the pointer if a crash left it behind."""
+    latest = exchange.read_latest(self.glob)
+    r = -1 if latest is None else latest
+    while exchange.read_manifest(self.glob, exchange.global_prefix(r + 1)) is not None:
+      r += 1
+    if r >= 0 and r != latest:
+      logging.info("coordinator: LATEST pointer said %s; round %d is committed", latest, r)
+      exchange.write_latest(self.glob, r)
+    return None if r < 0 else r
+
+  def publish_initial(self) -> None:
+    params, state = initial_round(self.config)
+    arrays = {f"params/{n}": a for n, a in params.items()}
+    for n, s in state.items():
+      arrays.update({f"outer/{n}/{k}": np.asarray(v) for k, v in outer_lib.state_leaves(s).items()})
+    prefix = exchange.global_prefix(0)
+    records = exchange.write_arrays(self.glob, prefix, arrays)
+    exchange.write_manifest(self.glob, prefix, exchange.make_manifest(
+        federation=self.f.id, kind="global", round=0, author=federation.GLOBAL, base_round=None,
+        tokens=0, arrays=records, extra={"inputs": []}))
+    exchange.write_latest(self.glob, 0)
+
+  def _log_late(self) -> None:
+    """Logs, once each, updates that were committed after their round had closed."""
+    for n, r in sorted(self._missing):
+      if exchange.read_manifest(self.sites[n], exchange.update_prefix(r)) is not None:
+        logging.warning("coordinator: late update of site %s for closed round %d ignored", n, r)
+        self._missing.discard((n, r))
+
+  def gather(self, round_: int) -> dict[str, dict]:
+    """Waits for the round's quorum (then `deadline_s` more for stragglers)."""
+    base = round_ - 1
+    accepted: dict[str, dict] = {}
+    rejected: set[str] = set()
+    t0 = last_log = time.monotonic()
+    first = None
+    while True:
+      self._log_late()
+      for n in self.names:
+        if n in accepted or n in rejected:
+          continue
+        m = exchange.read_manifest(self.sites[n], exchange.update_prefix(round_))
+        if m is None:
+          continue
+        why = validate_update(m, self.config, n, round_, base, self.schema)
+        if why is not None:
+          logging.warning("coordinator: round %d: rejected update of site %s: %s", round_, n, why)
+          rejected.add(n)
+          continue
+        accepted[n] = m
+        first = first or time.monotonic()
+      now = time.monotonic()
+      if len(accepted) == len(self.names):
+        return accepted
+      if len(accepted) >= self.quorum and now - first >= float(self.f.deadline_s):
+        missing = sorted(set(self.names) - set(accepted))
+        logging.warning("coordinator: round %d closes on quorum %d/%d; missing: %s", round_,
+                        len(accepted), len(self.names), missing)
+        return accepted
+      if now - t0 > float(self.f.round_timeout_s):
+        missing = sorted(set(self.names) - set(accepted))
+        raise QuorumError(
+            f"round {round_} reached {len(accepted)} of quorum {self.quorum} updates in "
+            f"{self.f.round_timeout_s:.0f} s; missing sites: {missing}; "
+            f"the latest global round stays {base}")
+      if now - last_log > 30:
+        logging.info("coordinator: round %d has %d/%d updates (quorum %d), waiting",
+                     round_, len(accepted), len(self.names), self.quorum)
+        last_log = now
+      time.sleep(float(self.f.poll_s))
+
+  def run_round(self, round_: int) -> dict:
+    """Gathers, merges and publishes global round `round_` (from round_ - 1)."""
+    t0 = time.perf_counter()
+    updates = self.gather(round_)
+    wait_s = time.perf_counter() - t0
+    names = [n for n in self.names if n in updates]
+    tokens = [updates[n]["tokens"] for n in names]
+    weights = outer_lib.cap_weights(tokens, self.cap)
+    base_prefix = exchange.global_prefix(round_ - 1)
+    base_manifest = exchange.read_manifest(self.glob, base_prefix)
+    read0 = self.glob.bytes_read + sum(self.sites[n].bytes_read for n in names)
+    write0 = self.glob.bytes_written
+    t1 = time.perf_counter()
+    prefix = exchange.global_prefix(round_)
+    records = merge_lib.merge_round(
+        self.tx, self.glob, base_prefix, base_manifest,
+        [(self.sites[n], exchange.update_prefix(round_), updates[n]) for n in names],
+        weights, self.glob, prefix)
+    inputs = [{"site": n, "round": round_, "manifest_sha256": manifest_sha256(updates[n]),
+               "tokens": t, "weight": float(w)} for n, t, w in zip(names, tokens, weights)]
+    exchange.write_manifest(self.glob, prefix, exchange.make_manifest(
+        federation=self.f.id, kind="global", round=round_, author=federation.GLOBAL,
+        base_round=round_ - 1, tokens=int(sum(tokens)), arrays=records,
+        extra={"inputs": inputs, "outer": self.f.outer.to_dict()}))
+    exchange.write_latest(self.glob, round_)
+    rec = {"round": round_, "sites": names, "weights": [float(w) for w in weights],
+           "wait_s": wait_s, "merge_s": time.perf_counter() - t1,
+           "bytes_read": self.glob.bytes_read + sum(self.sites[n].bytes_read for n in names) - read0,
+           "bytes_written": self.glob.bytes_written - write0,
+           "site_train_loss": {n: updates[n].get("extra", {}).get("train_loss") for n in names}}
+    self._missing = {(n, r) for n, r in self._missing if r >= round_ - 2}
+    self._missing |= {(n, round_) for n in self.names if n not in updates}
+    return rec
+
+  def run(self) -> list[dict]:
+    """Runs rounds until `federation.rounds`; resumes after the last committed round."""
+    self.glob.check_writable()
+    latest = self.latest()
+    if latest is None:
+      self.publish_initial()
+      latest = 0
+      logging.info("coordinator: published initial global round 0 to %s", self.glob.url)
+    records = []
+    with open(os.path.join(self.dir, "rounds.jsonl"), "a") as out:
+      for r in range(latest + 1, int(self.f.rounds) + 1):
+        rec = self.run_round(r)
+        records.append(rec)
+        out.write(json.dumps(rec) + "\n")
+        out.flush()
+        logging.info("coordinator: published global round %d from %s (wait %.1f s, merge %.2f s)",
+                     r, rec["sites"], rec["wait_s"], rec["merge_s"])
+    return records

@@ -1,0 +1,115 @@
+"""A federation config, seen from one party: who the sites are, where the buckets are,
+what each site's own training config is, and the up-front checks.
+
+Data flow: `experiments/configs/federation.py` -> `check_federation_config` (one clear
+line per mistake, before anything compiles) -> `site_config(config, name)` gives the
+single-site LM config that `tapestry_jax.site` trains with, `bucket_urls` the buckets
+that the coordinator and the sites exchange through.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from data_pipelines.errors import DataError
+
+from tapestry_jax import model as model_lib
+from tapestry_jax import outer as outer_lib
+from tapestry_jax import trees
+from tapestry_jax import validate
+from tapestry_jax.validate import ConfigError
+
+GLOBAL = "global"  # The coordinator's party name (a site may not take it).
+
+
+def site_names(config) -> list[str]:
+  """Site names in config order (the merge's fixed order is sorted(names))."""
+  return list(config.sites.keys())
+
+
+def site_config(config, name: str) -> ml_collections.ConfigDict:
+  """The single-site LM config that site `name` trains with.
+
+  The schedule spans the whole federation (rounds x inner_steps), and the site's data
+  overrides (source, paths, languages, seed) are applied to the shared data section."""
+  if name not in config.sites:
+    raise ConfigError(f"unknown site {name!r}; this federation's sites are {site_names(config)}")
+  s = config.sites[name]
+  c = ml_collections.ConfigDict({k: config[k] for k in ("model", "data", "train", "mesh")})
+  c = ml_collections.ConfigDict(c.to_dict())  # A deep, unlocked copy.
+  if s.source:
+    c.data.source = s.source
+  if s.paths:
+    c.data.paths = s.paths
+  if s.languages:
+    c.data.synthetic.languages = s.languages
+  c.data.seed = int(config.data.seed) + int(s.data_seed)
+  for axis, size in s.mesh.items():
+    if size:
+      c.mesh[axis] = int(size)
+  c.train.steps = int(config.federation.rounds) * int(config.federation.inner_steps)
+  c.train.checkpoint_every = int(config.federation.inner_steps)
+  return c
+
+
+def bucket_urls(config, workdir: str) -> dict[str, str]:
+  """Party name -> bucket URL; empty entries default to file://WORKDIR/buckets/<party>."""
+  base = os.path.join(os.path.abspath(workdir), "buckets")
+  urls = {GLOBAL: config.federation.global_bucket or "file://" + os.path.join(base, GLOBAL)}
+  for name in site_names(config):
+    urls[name] = config.sites[name].bucket or "file://" + os.path.join(base, name)
+  return urls
+
+
+def quorum(config) -> int:
+  """Updates needed to close a round (federation.quorum, 0 = every site)."""
+  return int(config.federation.quorum) or len(site_names(config))
+
+
+def weight_cap(config) -> int:
+  """Most tokens one site may claim for a round (the configured work of one round)."""
+  f = config.federation
+  return int(f.weight_cap_tokens) or (
+      int(f.inner_steps) * int(config.train.global_batch_size) * int(config.data.seq_len))
+
+
+def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Leaf name -> (shape, dtype) of the model every update and global round must match."""
+  mcfg = model_lib.ModelConfig.from_config(config.model)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.key(0)))
+  return {n: (tuple(a.shape), str(a.dtype)) for n, a in trees.flatten(abstract).items()}
+
+
+def check_federation_config(config, devices: list[jax.Device] | None = None,
+                            site: str | None = None) -> None:
+  """Validates the outer loop, the party list and (one or every) site's config."""
+  f = config.federation
+  names = site_names(config)
+  if not names:
+    raise ConfigError("config.sites is empty: a federation needs at least one site")
+  if GLOBAL in names:
+    raise ConfigError(f"{GLOBAL!r} is the coordinator's name; rename that site")
+  if site is not None and site not in names:
+    raise ConfigError(f"unknown site {site!r}; this federation's sites are {names}")
+  if int(f.rounds) <= 0 or int(f.inner_steps) <= 0:
+    raise ConfigError(f"federation.rounds={f.rounds} and federation.inner_steps={f.inner_steps} "
+                      "must be positive")
+  if not 0 <= int(f.quorum) <= len(names):
+    raise ConfigError(f"federation.quorum={f.quorum} must be between 0 (= all) and the "
+                      f"{len(names)} sites")
+  if float(f.deadline_s) < 0 or float(f.round_timeout_s) <= 0 or float(f.poll_s) <= 0:
+    raise ConfigError("federation.deadline_s must be >= 0, round_timeout_s and poll_s > 0")
+  if int(f.weight_cap_tokens) < 0:
+    raise ConfigError(f"federation.weight_cap_tokens={f.weight_cap_tokens} must be >= 0")
+  try:
+    outer_lib.make_outer_optimizer(f.outer)
+  except ValueError as e:
+    raise ConfigError(f"federation.outer: {e}") from None
+  for name in ([site] if site is not None else names):
+    try:
+      validate.check_site_config(site_config(config, name), devices)
+    except (ConfigError, DataError) as e:
+      raise ConfigError(f"site {name!r}: {e}") from None

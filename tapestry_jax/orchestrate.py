@@ -1,0 +1,82 @@
+"""A whole federation on one machine: the coordinator and every site as separate
+processes that share nothing but the buckets (what `launch.federate` runs).
+
+Each process gets the same config arguments, logs to `WORKDIR/logs/<party>.log`, and is
+watched: the console shows global rounds as the coordinator commits them, and if any
+process fails the others are stopped and its log's last lines are raised.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tqdm import tqdm
+
+from tapestry_jax import federation
+from tapestry_jax import report
+
+
+class PartyFailed(RuntimeError):
+  """A coordinator or site process exited with an error."""
+
+
+def _tail(path: str, n: int = 15) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      return "".join(f.readlines()[-n:])
+  except OSError:
+    return ""
+
+
+def run_processes(config, workdir: str, config_args: list[str], *, env: dict | None = None,
+                  progress: bool = True, timeout_s: float | None = None) -> None:
+  """Starts the coordinator and one process per site; returns when all have finished."""
+  workdir = os.path.abspath(workdir)
+  logs = os.path.join(workdir, "logs")
+  os.makedirs(logs, exist_ok=True)
+  env = dict(os.environ if env is None else env)
+  common = [*config_args, f"--workdir={workdir}"]
+  parties = {"coordinator": [sys.executable, "-m", "launch.coordinator", *common]}
+  for name in federation.site_names(config):
+    parties[name] = [sys.executable, "-m", "launch.site", *common, f"--site={name}"]
+  procs = {}
+  for party, cmd in parties.items():
+    log = open(os.path.join(logs, f"{party}.log"), "a")
+    procs[party] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True), log)
+  rounds_file = os.path.join(workdir, "coordinator", "rounds.jsonl")
+  bar = tqdm(total=int(config.federation.rounds), desc="global rounds", unit="round",
+             disable=not progress, dynamic_ncols=True)
+  t0 = time.monotonic()
+  try:
+    while True:
+      done = len(report.read_jsonl(rounds_file))
+      bar.update(done - bar.n)
+      codes = {p: proc.poll() for p, (proc, _) in procs.items()}
+      failed = {p: c for p, c in codes.items() if c not in (None, 0)}
+      if failed:
+        party, code = next(iter(failed.items()))
+        raise PartyFailed(f"{party} exited with status {code}; the end of "
+                          f"{os.path.join(logs, party + '.log')}:\n"
+                          f"{_tail(os.path.join(logs, party + '.log'))}")
+      if all(c == 0 for c in codes.values()):
+        return
+      if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+        raise PartyFailed(f"the federation did not finish in {timeout_s:.0f} s "
+                          f"(still running: {[p for p, c in codes.items() if c is None]})")
+      time.sleep(0.5)
+  finally:
+    bar.close()
+    for proc, log in procs.values():
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+          proc.wait(10)
+        except subprocess.TimeoutExpired:
+          os.killpg(proc.pid, signal.SIGKILL)
+          proc.wait()
+      log.close()

@@ -1,0 +1,115 @@
+"""The federation's summary: per-round records and the final comparison table.
+
+Reads the same record fields from a deployment (each site's `rounds.jsonl`, the
+coordinator's `rounds.jsonl`) or a simulation, and writes `WORKDIR/summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def deployment_records(workdir: str, names: Iterable[str]) -> tuple[list[dict], list[dict]]:
+  """(site records, coordinator records) written by the processes of a deployment.
+  A restarted site appends; the last record per (site, round) wins."""
+  latest: dict[tuple[str, int], dict] = {}
+  for name in names:
+    for rec in read_jsonl(os.path.join(workdir, "sites", name, "rounds.jsonl")):
+      latest[(name, rec["global_round"])] = rec
+  coord = {r["round"]: r for r in read_jsonl(os.path.join(workdir, "coordinator", "rounds.jsonl"))}
+  return [latest[k] for k in sorted(latest)], [coord[k] for k in sorted(coord)]
+
+
+def summarize(config, site_records: list[dict], coordinator_records: list[dict] | None = None,
+              alone: dict[str, dict] | None = None,
+              data_parallel: dict[str, dict] | None = None) -> dict[str, Any]:
+  """Per-round records and, per site, the final global model against the references."""
+  rounds_total = int(config.federation.rounds)
+  by_round: dict[int, dict] = {}
+  for rec in site_records:
+    g = rec["global_round"]
+    r = by_round.setdefault(g, {"round": g, "sites": {}})
+    r["sites"][rec["site"]] = {
+        k: rec[k] for k in ("eval_loss", "eval_bits_per_byte", "train_loss", "tokens",
+                            "compute_s", "bytes_up", "bytes_down", "wait_s", "read_s",
+                            "publish_s", "dropped") if k in rec}
+    s = r["sites"][rec["site"]]
+    s["exchange_s"] = sum(rec.get(k, 0.0) for k in ("wait_s", "read_s", "publish_s"))
+  for rec in coordinator_records or []:
+    by_round.setdefault(rec["round"], {"round": rec["round"], "sites": {}})["coordinator"] = rec
+  final = {}
+  names = sorted({rec["site"] for rec in site_records})
+  for name in names:
+    recs = [r for r in site_records if r["site"] == name]
+    last = max(recs, key=lambda r: r["global_round"])
+    final[name] = {
+        "global_round": last["global_round"],
+        "federated": {"eval_loss": last["eval_loss"],
+                      "eval_bits_per_byte": last["eval_bits_per_byte"]},
+        "bytes_sent": sum(r.get("bytes_up", 0) for r in recs),
+        "bytes_received": sum(r.get("bytes_down", 0) for r in recs),
+        "compute_s": sum(r.get("compute_s", 0.0) for r in recs),
+        "exchange_s": sum(sum(r.get(k, 0.0) for k in ("wait_s", "read_s", "publish_s"))
+                          for r in recs),
+    }
+    for key, ref in (("alone", alone), ("data_parallel", data_parallel)):
+      if ref and name in ref:
+        final[name][key] = {k: ref[name][k] for k in ("eval_loss", "eval_bits_per_byte")}
+  complete = all(final[n]["global_round"] == rounds_total for n in names)
+  return {"federation": config.federation.id, "rounds": rounds_total,
+          "inner_steps": int(config.federation.inner_steps), "complete": complete,
+          "outer": config.federation.outer.to_dict(),
+          "per_round": [by_round[g] for g in sorted(by_round)], "final": final}
+
+
+def _mib(n: float) -> str:
+  return f"{n / 2**20:.2f} MiB"
+
+
+def table(summary: dict[str, Any]) -> str:
+  """The final comparison as a fixed-width text table."""
+  final = summary["final"]
+  refs = [k for k in ("alone", "data_parallel") if any(k in v for v in final.values())]
+  head = ["site", "fed loss", "fed bpb"]
+  for k in refs:
+    head += [f"{k} loss", f"{k} bpb"]
+  head += ["sent", "received"]
+  rows = [head]
+  for name, v in final.items():
+    row = [name, f"{v['federated']['eval_loss']:.4f}", f"{v['federated']['eval_bits_per_byte']:.4f}"]
+    for k in refs:
+      ref = v.get(k)
+      row += [f"{ref['eval_loss']:.4f}", f"{ref['eval_bits_per_byte']:.4f}"] if ref else ["-", "-"]
+    row += [_mib(v["bytes_sent"]), _mib(v["bytes_received"])]
+    rows.append(row)
+  if final:
+    mean = lambda k, m: sum(v[k][m] for v in final.values() if k in v) / max(
+        1, sum(1 for v in final.values() if k in v))
+    row = ["mean", f"{mean('federated', 'eval_loss'):.4f}",
+           f"{mean('federated', 'eval_bits_per_byte'):.4f}"]
+    for k in refs:
+      row += [f"{mean(k, 'eval_loss'):.4f}", f"{mean(k, 'eval_bits_per_byte'):.4f}"]
+    row += [_mib(sum(v["bytes_sent"] for v in final.values())),
+            _mib(sum(v["bytes_received"] for v in final.values()))]
+    rows.append(row)
+  widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+           for r in rows]
+  lines.insert(1, "-" * len(lines[0]))
+  return "\n".join(lines)
+
+
+def write(summary: dict[str, Any], workdir: str) -> str:
+  path = os.path.join(workdir, "summary.json")
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2)
+  return path

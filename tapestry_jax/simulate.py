@@ -1,0 +1,128 @@
+"""The whole federation in one process: the fast path for ablations.
+
+The same `SiteWorker`s as the deployed sites (same trainer, data, adopt/train/delta)
+and the same outer step (`outer.merge_block`, whole arrays instead of chunks, which is
+bit-identical), looped over sites; no buckets. Also the two references a federated
+run is judged against: each site trained alone with the same local compute, and
+synchronous data parallelism over the union of the sites' data with the same total
+tokens and global batch.
+
+Records have the same fields as the deployed site's `rounds.jsonl`, so one report
+(`tapestry_jax.report`) reads both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from tapestry_jax import federation
+from tapestry_jax import loop
+from tapestry_jax import outer as outer_lib
+from tapestry_jax import site as site_lib
+from tapestry_jax import trees
+from tapestry_jax.coordinator import initial_round
+
+
+def _workers(config, workdir: str, devices=None) -> dict[str, site_lib.SiteWorker]:
+  """One worker per site (sorted names); sites with the same model/train/mesh share one
+  compiled trainer, so a simulation compiles once, not once per site."""
+  trainers: dict[str, Any] = {}
+  workers = {}
+  for name in sorted(federation.site_names(config)):
+    scfg = federation.site_config(config, name)
+    key = json.dumps({k: scfg[k].to_dict() for k in ("model", "train", "mesh")}, sort_keys=True)
+    if key not in trainers:
+      trainers[key] = loop.site_setup(scfg, devices)[1]
+    workers[name] = site_lib.SiteWorker(config, name, os.path.join(workdir, "sites", name),
+                                        devices=devices, trainer=trainers[key])
+  return workers
+
+
+def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[str, Any]:
+  """Runs `federation.rounds` rounds in-process; returns params, outer state and records.
+
+  `drop(round, site) -> bool` drops that site's update from that round (a site that
+  missed a round adopts the next global model, as a deployed late site does)."""
+  federation.check_federation_config(config, devices)
+  f = config.federation
+  workers = _workers(config, workdir, devices)
+  tx = outer_lib.make_outer_optimizer(f.outer)
+  cap = federation.weight_cap(config)
+  params, state = initial_round(config)
+  records = []
+  for g in range(int(f.rounds) + 1):
+    like = workers[next(iter(workers))].trainer.param_shardings
+    deltas, tokens, names = [], [], []
+    for name, w in workers.items():
+      w.adopt(trees.unflatten(params, like))
+      # Bytes are the raw array bytes a deployment would move (no bucket here).
+      rec = {"site": name, "global_round": g, "bytes_down": sum(a.nbytes for a in params.values()),
+             **w.evaluate()}
+      if g < int(f.rounds):
+        rec.update(w.train(int(f.inner_steps)))
+        if drop is not None and drop(g + 1, name):
+          rec["dropped"] = True
+        else:
+          deltas.append(trees.flatten(jax.device_get(w.delta())))
+          rec["bytes_up"] = sum(a.nbytes for a in deltas[-1].values())
+          tokens.append(rec["tokens"])
+          names.append(name)
+      records.append(rec)
+    if g == int(f.rounds):
+      break
+    t0 = time.perf_counter()
+    if deltas:
+      weights = outer_lib.cap_weights(tokens, cap)
+      new = {n: outer_lib.merge_block(tx, params[n], state[n], [d[n] for d in deltas], weights)
+             for n in params}
+      params = {n: np.asarray(v[0]) for n, v in new.items()}
+      state = {n: jax.device_get(v[1]) for n, v in new.items()}
+    logging.info("simulate: round %d merged from %s in %.2f s", g + 1, names,
+                 time.perf_counter() - t0)
+  for w in workers.values():
+    w.close()
+  return {"params": params, "outer_state": state, "records": records}
+
+
+def train_alone(config, workdir: str, *, devices=None) -> dict[str, dict]:
+  """Each site alone: the same init, data, inner optimizer and steps, no exchange.
+  Returns site -> held-out metrics of its own final model on its own data."""
+  f = config.federation
+  steps = int(f.rounds) * int(f.inner_steps)
+  results = {}
+  for name, w in _workers(config, os.path.join(workdir, "alone"), devices).items():
+    stats = w.train(steps)
+    results[name] = {**w.evaluate(), "tokens": stats["tokens"], "compute_s": stats["compute_s"]}
+  return results
+
+
+def train_data_parallel(config, workdir: str, *, devices=None) -> dict[str, dict]:
+  """Synchronous data parallelism over the union of all sites' data: global batch =
+  sites x per-site batch, the same number of steps, so the same total tokens.
+  Returns site -> held-out metrics of the one model on that site's data."""
+  names = sorted(federation.site_names(config))
+  dp = federation.site_config(config, names[0])
+  scfgs = [federation.site_config(config, n) for n in names]
+  if len({c.data.source for c in scfgs}) != 1:
+    raise ValueError("the data-parallel reference needs every site on the same data source")
+  dp.data.paths = ",".join(c.data.paths for c in scfgs if c.data.paths)
+  dp.data.synthetic.languages = ",".join(c.data.synthetic.languages for c in scfgs)
+  dp.train.global_batch_size = len(names) * int(config.train.global_batch_size)
+  _, trainer = loop.site_setup(dp, devices)
+  import data_pipelines  # pylint: disable=g-import-not-at-top
+  it = iter(data_pipelines.make_dataset(dp.data, split="train",
+                                        batch_size=dp.train.global_batch_size // jax.process_count(),
+                                        seed=dp.data.seed))
+  state = trainer.init_state(int(dp.train.seed))
+  with jax.set_mesh(trainer.mesh):
+    for _ in range(int(dp.train.steps)):
+      state, _ = trainer.train_step(state, trainer.shard_batch(next(it)))
+  workers = _workers(config, os.path.join(workdir, "dp"), devices)
+  return {n: w.evaluate(state.params) for n, w in workers.items()}

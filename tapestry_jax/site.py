@@ -1,0 +1,236 @@
+"""A sovereign site in the federation: its trainer, data and state across rounds.
+
+`SiteWorker` is the part shared by the in-process simulation and the deployed site
+process: adopt a global model (keeping the site's own optimizer state and data
+position), train H inner steps, and produce the pseudo-gradient `global - local`.
+`run_site` is the deployed loop: it reads committed global rounds from the coordinator's
+bucket straight into this site's mesh, publishes each update to the site's OWN bucket
+(arrays, manifest, commit marker last), and checkpoints after every publish so that a
+killed site resumes without skipping or repeating data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+import data_pipelines
+from tapestry_jax import buckets
+from tapestry_jax import checkpoint as checkpoint_lib
+from tapestry_jax import exchange
+from tapestry_jax import federation
+from tapestry_jax import loop
+from tapestry_jax import train as train_lib
+from tapestry_jax import trees
+
+
+class SiteWorker:
+  """One site's compiled trainer, data iterator, train state and round bookkeeping."""
+
+  def __init__(self, config, name: str, workdir: str, *, devices=None,
+               trainer: train_lib.Trainer | None = None):
+    self.name = name
+    self.config = federation.site_config(config, name)
+    self.workdir = workdir
+    if trainer is None:
+      _, trainer = loop.site_setup(self.config, devices)
+    self.trainer = trainer
+    self.mesh = trainer.mesh
+    t = self.config.train
+    self.tokens_per_step = int(t.global_batch_size) * int(self.config.data.seq_len)
+    local_batch = int(t.global_batch_size) // jax.process_count()
+    self.train_iter = iter(data_pipelines.make_dataset(
+        self.config.data, split="train", batch_size=local_batch, seed=self.config.data.seed))
+    self.state = trainer.init_state(int(t.seed))
+    self.base = None  # The global params the current inner phase started from.
+    self._ckpt = None
+    self._delta = jax.jit(
+        lambda base, params: jax.tree.map(
+            lambda b, p: b.astype(jnp.float32) - p.astype(jnp.float32), base, params),
+        out_shardings=trainer.param_shardings)
+
+  # ---------------------------------------------------------------- checkpoints
+
+  @property
+  def checkpointer(self) -> checkpoint_lib.Checkpointer:
+    if self._ckpt is None:
+      t = self.config.train
+      self._ckpt = checkpoint_lib.Checkpointer(
+          os.path.join(self.workdir, "checkpoints"), save_every=1,
+          keep=int(t.keep_checkpoints), async_save=bool(t.async_checkpoints))
+    return self._ckpt
+
+  def restore(self) -> dict | None:
+    """Restores the latest checkpoint (state, data position, meta); None if there is none."""
+    step = self.checkpointer.latest_step()
+    if step is None:
+      return None
+    self.state = self.checkpointer.restore(step, self.trainer.abstract_state(), self.train_iter)
+    return self.checkpointer.restore_meta(step)
+
+  def save(self, meta: dict) -> None:
+    self.checkpointer.save(int(self.state.step), self.state, self.train_iter, force=True, meta=meta)
+
+  def close(self) -> None:
+    if self._ckpt is not None:
+      self._ckpt.wait()
+      self._ckpt.close()
+
+  # ---------------------------------------------------------------- rounds
+
+  def adopt(self, params) -> None:
+    """Replaces the params by the global model (any host or device arrays), keeping the
+    optimizer state, step, PRNG key and data position; remembers it as the base."""
+    params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, self.trainer.param_shardings)
+    self.base = params
+    self.state = self.state.replace(params=jax.tree.map(jnp.copy, params))
+
+  def train(self, steps: int) -> dict[str, Any]:
+    """Runs `steps` inner steps; host reads the metrics once, at the end."""
+    t0 = time.perf_counter()
+    losses = []
+    with jax.set_mesh(self.mesh):
+      for _ in range(steps):
+        batch = self.trainer.shard_batch(next(self.train_iter))
+        self.state, m = self.trainer.train_step(self.state, batch)
+        losses.append(m["loss"])
+      losses = [float(x) for x in jax.device_get(losses)]
+    return {"train_loss": float(np.mean(losses)), "train_loss_last": losses[-1],
+            "tokens": steps * self.tokens_per_step, "compute_s": time.perf_counter() - t0,
+            "step": int(self.state.step)}
+
+  def delta(self):
+    """The pseudo-gradient `base - params` (float32, on this site's mesh)."""
+    if self.base is None:
+      raise RuntimeError("delta() before adopt(): the site has no global base")
+    with jax.set_mesh(self.mesh):
+      return self._delta(self.base, self.state.params)
+
+  def evaluate(self, params=None) -> dict[str, float]:
+    """Held-out metrics of `params` (default: the current params) on this site's data."""
+    params = self.state.params if params is None else params
+    with jax.set_mesh(self.mesh):
+      return train_lib.evaluate(self.trainer, params, loop.eval_batches(self.config))
+
+
+# -------------------------------------------------------------------- deployment
+
+def _wait(what: str, poll: Callable[[], Any], timeout_s: float, poll_s: float):
+  """Polls until `poll()` returns non-None; logs while waiting; raises after timeout."""
+  t0 = last_log = time.monotonic()
+  while True:
+    out = poll()
+    if out is not None:
+      return out
+    now = time.monotonic()
+    if now - t0 > timeout_s:
+      raise TimeoutError(f"gave up waiting for {what} after {timeout_s:.0f} s")
+    if now - last_log > 30:
+      logging.info("still waiting for %s (%.0f s)", what, now - t0)
+      last_log = now
+    time.sleep(poll_s)
+
+
+def read_global(bucket: buckets.Bucket, config, round_: int, shardings) -> tuple[Any, dict]:
+  """Reads committed global round `round_`'s params into `shardings` (a params pytree of
+  shardings), after checking the manifest against the model schema."""
+  prefix = exchange.global_prefix(round_)
+  manifest = exchange.read_manifest(bucket, prefix)
+  if manifest is None:
+    raise exchange.ExchangeError(f"{bucket.url}/{prefix} is not committed")
+  fid = config.federation.id
+  if manifest.get("kind") != "global" or manifest.get("round") != round_ or \
+      manifest.get("federation") != fid:
+    raise exchange.ExchangeError(
+        f"{bucket.url}/{prefix}: manifest is not global round {round_} of federation {fid!r}")
+  schema = {f"params/{n}": v for n, v in federation.param_schema(config).items()}
+  params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
+                                           if k.startswith("params/")})
+  exchange.check_schema(params_manifest, schema)
+  flat_shardings = {f"params/{n}": s for n, s in trees.flatten(shardings).items()}
+  flat = exchange.read_arrays(bucket, prefix, params_manifest, flat_shardings)
+  params = trees.unflatten({n[len("params/"):]: a for n, a in flat.items()}, shardings)
+  return params, manifest
+
+
+def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_round: int,
+                   delta, tokens: int, extra: dict) -> dict:
+  """Writes this site's update for `round_` (arrays, then manifest, then commit marker).
+
+  A round this site already committed (a restart after publishing) is kept as it is:
+  committed data is never rewritten."""
+  prefix = exchange.update_prefix(round_)
+  existing = exchange.read_manifest(bucket, prefix)
+  if existing is not None:
+    logging.info("site %s: round %d already committed in %s; keeping it", name, round_, bucket.url)
+    return existing
+  records = exchange.write_arrays(bucket, prefix, trees.flatten(delta))
+  manifest = exchange.make_manifest(
+      federation=config.federation.id, kind="update", round=round_, author=name,
+      base_round=base_round, tokens=int(tokens), arrays=records, extra=extra)
+  exchange.write_manifest(bucket, prefix, manifest)
+  return manifest
+
+
+def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
+  """The deployed site: loops over global rounds until the last one, then evaluates it.
+
+  Writes `WORKDIR/sites/NAME/rounds.jsonl` (one record per global model it trained
+  from: eval of that global on this site's held-out data, train loss, compute and
+  exchange seconds, bytes up and down). Returns the records of this run."""
+  federation.check_federation_config(config, devices, site=name)
+  f = config.federation
+  urls = federation.bucket_urls(config, workdir)
+  own, glob = buckets.Bucket(urls[name]), buckets.Bucket(urls[federation.GLOBAL])
+  own.check_writable()
+  site_dir = os.path.join(workdir, "sites", name)
+  os.makedirs(site_dir, exist_ok=True)
+  worker = SiteWorker(config, name, site_dir, devices=devices)
+  meta = worker.restore()
+  last_base = meta["base_round"] if meta else -1
+  if meta:
+    logging.info("site %s: resumed at step %d (trained from global round %d)", name,
+                 int(worker.state.step), last_base)
+  records = []
+  out = open(os.path.join(site_dir, "rounds.jsonl"), "a")
+  try:
+    while True:
+      t_wait = time.perf_counter()
+      g = _wait(f"a global round newer than {last_base} in {glob.url}",
+                lambda: (lambda r: r if r is not None and r > last_base else None)(
+                    exchange.read_latest(glob)),
+                float(f.site_wait_s), float(f.poll_s))
+      wait_s = time.perf_counter() - t_wait
+      read0, t_read = glob.bytes_read, time.perf_counter()
+      params, _ = read_global(glob, config, g, worker.trainer.param_shardings)
+      worker.adopt(params)
+      read_s = time.perf_counter() - t_read
+      rec = {"site": name, "global_round": g, "wait_s": wait_s, "read_s": read_s,
+             "bytes_down": glob.bytes_read - read0, **worker.evaluate()}
+      if g >= int(f.rounds):
+        records.append(rec)
+        out.write(json.dumps(rec) + "\n")
+        break
+      rec.update(worker.train(int(f.inner_steps)))
+      write0, t_pub = own.bytes_written, time.perf_counter()
+      publish_update(own, config, name, g + 1, g, worker.delta(), rec["tokens"],
+                     extra={"train_loss": rec["train_loss"], "step": rec["step"]})
+      rec.update(publish_s=time.perf_counter() - t_pub, bytes_up=own.bytes_written - write0)
+      worker.save({"base_round": g, "published_round": g + 1})
+      last_base = g
+      records.append(rec)
+      out.write(json.dumps(rec) + "\n")
+      out.flush()
+      logging.info("site %s: round %d published (train loss %.4f, global %d eval loss %.4f)",
+                   name, g + 1, rec["train_loss"], g, rec["eval_loss"])
+  finally:
+    out.close()
+    worker.close()
+  return records

@@ -1,0 +1,90 @@
+"""Ablation sweeps over a federation config, run in simulation and tabulated.
+
+A sweep file (`experiments/sweeps/*.py`) has `get_sweep() -> list[dict]`; each dict is
+one run: `name` plus config overrides by dotted path (`"federation.inner_steps": 10`).
+Two keys are not config paths: `sites` (comma-separated names to keep) and
+`drop_probability` (each site's update is dropped from each round with this probability,
+seeded, as if it missed the deadline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from tapestry_jax import report
+from tapestry_jax import simulate
+from tapestry_jax.validate import ConfigError
+
+
+def apply_overrides(config, overrides: dict[str, Any]):
+  """A copy of `config` with dotted-path overrides; unknown paths are a ConfigError."""
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    if key in ("name", "drop_probability"):
+      continue
+    if key == "sites":
+      keep = [s.strip() for s in str(value).split(",") if s.strip()]
+      unknown = sorted(set(keep) - set(c.sites.keys()))
+      if unknown:
+        raise ConfigError(f"sweep keeps unknown sites {unknown}; known: {list(c.sites.keys())}")
+      with c.sites.unlocked():
+        for name in list(c.sites.keys()):
+          if name not in keep:
+            del c.sites[name]
+      continue
+    *path, last = key.split(".")
+    node = c
+    try:
+      for p in path:
+        node = node[p]
+      node[last]  # pylint: disable=pointless-statement  (KeyError for a typo)
+      node[last] = value
+    except (KeyError, AttributeError, TypeError) as e:
+      raise ConfigError(f"sweep override {key}={value!r} does not apply: {e}") from None
+  return c
+
+
+def run_sweep(config, runs: list[dict[str, Any]], workdir: str, *, alone: bool = True) -> list[dict]:
+  """Simulates every run; returns one row per run with the mean final metrics."""
+  rows = []
+  for i, run in enumerate(runs):
+    name = run.get("name", f"run{i}")
+    c = apply_overrides(config, run)
+    p = float(run.get("drop_probability", 0.0))
+    rng = np.random.default_rng(int(c.train.seed))
+    drops = {(r, s): rng.random() < p for r in range(1, int(c.federation.rounds) + 1)
+             for s in sorted(c.sites.keys())}
+    run_dir = os.path.join(workdir, name)
+    logging.info("sweep: run %s %s", name, {k: v for k, v in run.items() if k != "name"})
+    sim = simulate.simulate(c, run_dir, drop=(lambda r, s: drops[(r, s)]) if p else None)
+    ref = simulate.train_alone(c, run_dir) if alone else None
+    summary = report.summarize(c, sim["records"], alone=ref)
+    report.write(summary, run_dir)
+    fin = summary["final"].values()
+    row = {"name": name, "overrides": {k: v for k, v in run.items() if k != "name"},
+           "eval_loss": float(np.mean([v["federated"]["eval_loss"] for v in fin])),
+           "eval_bits_per_byte": float(np.mean([v["federated"]["eval_bits_per_byte"] for v in fin])),
+           "bytes_sent": int(sum(v["bytes_sent"] for v in fin))}
+    if ref:
+      row["alone_eval_loss"] = float(np.mean([v["alone"]["eval_loss"] for v in fin]))
+      row["alone_eval_bits_per_byte"] = float(np.mean([v["alone"]["eval_bits_per_byte"]
+                                                       for v in fin]))
+    rows.append(row)
+    with open(os.path.join(workdir, "sweep.jsonl"), "a") as f:
+      f.write(json.dumps(row) + "\n")
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  head = ["run", "fed loss", "fed bpb", "alone bpb", "sent MiB", "overrides"]
+  body = [[r["name"], f"{r['eval_loss']:.4f}", f"{r['eval_bits_per_byte']:.4f}",
+           f"{r['alone_eval_bits_per_byte']:.4f}" if "alone_eval_bits_per_byte" in r else "-",
+           f"{r['bytes_sent'] / 2**20:.1f}", json.dumps(r["overrides"])] for r in rows]
+  widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+  fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths))
+  return "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(r) for r in body])
