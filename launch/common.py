@@ -16,9 +16,21 @@ import sys
 from absl import flags
 
 from data_pipelines import DataError
+from tapestry_jax.buckets import BucketError
 from tapestry_jax.validate import ConfigError
 
-BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError)
+# TimeoutError: a site that gave up waiting for the coordinator's bucket.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DataError, FileNotFoundError, BucketError, TimeoutError)
+
+
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+  """BAD_INPUT_ERRORS and the federation's own (a round that fails verification, a round
+  without its quorum), imported only when needed: their modules import jax."""
+  from tapestry_jax.coordinator import QuorumError
+  from tapestry_jax.exchange import ExchangeError
+
+  return BAD_INPUT_ERRORS + (ExchangeError, QuorumError)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -50,7 +62,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 def exit_on_bad_input():
   try:
     yield
-  except BAD_INPUT_ERRORS as e:
+  except Exception as e:  # noqa: BLE001
+    if not isinstance(e, bad_input_errors()):
+      raise
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -53,7 +53,8 @@ def validate_update(manifest: dict, config, site: str, round_: int, base_round: 
                     schema) -> str | None:
   """Why this committed update may not be merged into `round_` (None = acceptable)."""
   if manifest.get("kind") != "update" or manifest.get("federation") != config.federation.id:
-    return "not an update of this federation"
+    return (f"not an update of this federation ({manifest.get('kind')!r} of federation "
+            f"{manifest.get('federation')!r}, expected an update of {config.federation.id!r})")
   if manifest.get("author") != site:
     return f"author {manifest.get('author')!r} is not the bucket's owner {site!r}"
   if manifest.get("round") != round_:
@@ -88,6 +89,7 @@ class Coordinator:
     self.dir = os.path.join(workdir, "coordinator")
     os.makedirs(self.dir, exist_ok=True)
     self._missing: set[tuple[str, int]] = set()  # (site, closed round) without its update.
+    self._rejected: set[str] = set()  # Sites whose update the last gather refused.
 
   # ---------------------------------------------------------------- rounds
 
@@ -125,7 +127,7 @@ class Coordinator:
     """Waits for the round's quorum (then `deadline_s` more for stragglers)."""
     base = round_ - 1
     accepted: dict[str, dict] = {}
-    rejected: set[str] = set()
+    rejected = self._rejected = set()  # Committed but refused: not missing, never late.
     t0 = last_log = time.monotonic()
     first = None
     while True:
@@ -151,7 +153,7 @@ class Coordinator:
         logging.warning("coordinator: round %d closes on quorum %d/%d; missing: %s", round_,
                         len(accepted), len(self.names), missing)
         return accepted
-      if now - t0 > float(self.f.round_timeout_s):
+      if len(accepted) < self.quorum and now - t0 > float(self.f.round_timeout_s):
         missing = sorted(set(self.names) - set(accepted))
         raise QuorumError(
             f"round {round_} reached {len(accepted)} of quorum {self.quorum} updates in "
@@ -194,7 +196,8 @@ class Coordinator:
            "bytes_written": self.glob.bytes_written - write0,
            "site_train_loss": {n: updates[n].get("extra", {}).get("train_loss") for n in names}}
     self._missing = {(n, r) for n, r in self._missing if r >= round_ - 2}
-    self._missing |= {(n, round_) for n in self.names if n not in updates}
+    self._missing |= {(n, round_) for n in self.names
+                      if n not in updates and n not in self._rejected}
     return rec
 
   def run(self) -> list[dict]:

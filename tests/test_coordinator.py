@@ -1,0 +1,456 @@
+"""The coordinator's contract, with fake site updates instead of trained ones.
+
+Every test writes site updates directly (random float32 arrays of the tiny model's
+param schema, committed with a manifest) to file:// buckets, so nothing here trains:
+quorum and deadline, late and rejected updates, the weight cap, restart after a crash,
+the site-side checks on a global round, and bad input at the command line.
+"""
+import functools
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+
+from experiments.configs import federation as fed_config
+from tapestry_jax import buckets
+from tapestry_jax import coordinator as coord_lib
+from tapestry_jax import exchange
+from tapestry_jax import federation
+from tapestry_jax import merge as merge_lib
+from tapestry_jax import model as model_lib
+from tapestry_jax import outer
+from tapestry_jax import site as site_lib
+from tapestry_jax import trees
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SITES = ("cyrillic", "greek", "latin")  # Sorted: the merge's fixed order.
+
+
+def _config(**fed):
+  """Three tiny sites; short polls so that every wait in these tests is sub-second."""
+  c = fed_config.get_config("tiny/latin,cyrillic,greek")
+  f = c.federation
+  f.rounds, f.poll_s, f.deadline_s, f.round_timeout_s = 2, 0.01, 0.0, 20.0
+  for k, v in fed.items():
+    f[k] = v
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def _schema():
+  return federation.param_schema(_config())
+
+
+def _delta(seed: int) -> dict[str, np.ndarray]:
+  """A fake pseudo-gradient: small random float32 arrays of the model's schema."""
+  rng = np.random.default_rng(seed)
+  return {n: (1e-2 * rng.standard_normal(shape)).astype(dtype)
+          for n, (shape, dtype) in _schema().items()}
+
+
+def _bucket(config, workdir, party: str) -> buckets.Bucket:
+  return buckets.Bucket(federation.bucket_urls(config, str(workdir))[party])
+
+
+def _publish(config, workdir, site: str, round_: int, delta, *, tokens=None, **fields):
+  """Commits `delta` as `site`'s update for `round_` in its own bucket; `fields`
+  overrides manifest fields (author, base_round, federation, round) to forge bad ones."""
+  bucket = _bucket(config, workdir, site)
+  prefix = exchange.update_prefix(round_)
+  records = exchange.write_arrays(bucket, prefix, delta)
+  manifest = exchange.make_manifest(
+      federation=fields.get("federation", config.federation.id), kind="update",
+      round=fields.get("round", round_), author=fields.get("author", site),
+      base_round=fields.get("base_round", round_ - 1),
+      tokens=federation.weight_cap(config) if tokens is None else tokens, arrays=records)
+  exchange.write_manifest(bucket, prefix, manifest)
+  return manifest
+
+
+def _read_round(config, workdir, round_: int) -> tuple[dict, dict[str, np.ndarray]]:
+  """(manifest, every array) of committed global round `round_`."""
+  glob = _bucket(config, workdir, federation.GLOBAL)
+  prefix = exchange.global_prefix(round_)
+  manifest = exchange.read_manifest(glob, prefix)
+  assert manifest is not None, f"global round {round_} is not committed"
+  arrays = {n: exchange.read_block(glob, prefix, n, rec, tuple(slice(0, s) for s in rec["shape"]))
+            for n, rec in manifest["arrays"].items()}
+  return manifest, arrays
+
+
+def _reference(config, rounds) -> tuple[dict, dict]:
+  """Global params and outer state after whole-tree `outer.outer_step`s on numpy inputs;
+  `rounds` is a list of (deltas in merge order, weights)."""
+  tx = outer.make_outer_optimizer(config.federation.outer)
+  params, state = coord_lib.initial_round(config)
+  for deltas, weights in rounds:
+    params, state = outer.outer_step(tx, params, state, deltas, weights)
+  return jax.device_get(params), jax.device_get(state)
+
+
+def _assert_round_equals(arrays, params, state=None):
+  for name, want in params.items():
+    np.testing.assert_array_equal(arrays[f"params/{name}"], want, err_msg=name)
+  for name, s in (state or {}).items():
+    for leaf, want in outer.state_leaves(s).items():
+      np.testing.assert_array_equal(arrays[f"outer/{name}/{leaf}"], want, err_msg=f"{name}/{leaf}")
+
+
+def _warnings(caplog) -> list[str]:
+  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.fixture(autouse=True)
+def _capture_logs(caplog):
+  caplog.set_level(logging.INFO)
+
+
+# ------------------------------------------------------------------ merging a round
+
+
+def test_all_sites_commit_and_round_1_is_the_outer_step(tmp_path):
+  config = _config(rounds=1)
+  cap = federation.weight_cap(config)
+  deltas = {n: _delta(i) for i, n in enumerate(SITES)}
+  # cyrillic claims half a round's work, greek 3x the cap (counted as the cap), latin the cap.
+  tokens = {"cyrillic": cap // 2, "greek": 3 * cap, "latin": cap}
+  updates = {n: _publish(config, tmp_path, n, 1, deltas[n], tokens=tokens[n]) for n in SITES}
+
+  records = coord_lib.Coordinator(config, str(tmp_path)).run()
+
+  assert [r["round"] for r in records] == [1]
+  glob = _bucket(config, tmp_path, federation.GLOBAL)
+  assert exchange.read_latest(glob) == 1
+  assert exchange.committed_rounds(glob, "global") == [0, 1]
+  manifest, arrays = _read_round(config, tmp_path, 1)
+  assert manifest["base_round"] == 0 and manifest["author"] == federation.GLOBAL
+  inputs = manifest["extra"]["inputs"]
+  assert [i["site"] for i in inputs] == list(SITES)
+  assert [i["tokens"] for i in inputs] == [tokens[n] for n in SITES]
+  np.testing.assert_allclose([i["weight"] for i in inputs], [0.2, 0.4, 0.4], rtol=1e-6)
+  assert [i["manifest_sha256"] for i in inputs] == [
+      coord_lib.manifest_sha256(updates[n]) for n in SITES]
+  weights = outer.cap_weights([tokens[n] for n in SITES], cap)
+  params, state = _reference(config, [([deltas[n] for n in SITES], weights)])
+  _assert_round_equals(arrays, params, state)
+
+
+def test_quorum_closes_after_the_deadline_and_late_updates_are_ignored(tmp_path, caplog):
+  config = _config(quorum=2, deadline_s=0.3)
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord.publish_initial()
+  r1 = {n: _delta(10 + i) for i, n in enumerate(SITES)}
+  _publish(config, tmp_path, "cyrillic", 1, r1["cyrillic"])
+  _publish(config, tmp_path, "latin", 1, r1["latin"])
+
+  rec = coord.run_round(1)
+
+  assert rec["sites"] == ["cyrillic", "latin"]
+  assert rec["wait_s"] >= 0.3  # It waited the deadline for greek.
+  assert any("round 1 closes on quorum 2/3" in m and "missing: ['greek']" in m
+             for m in _warnings(caplog)), _warnings(caplog)
+  manifest, _ = _read_round(config, tmp_path, 1)
+  assert [i["site"] for i in manifest["extra"]["inputs"]] == ["cyrillic", "latin"]
+
+  # greek commits round 1 after it closed, then everyone commits round 2.
+  _publish(config, tmp_path, "greek", 1, r1["greek"])
+  r2 = {n: _delta(20 + i) for i, n in enumerate(SITES)}
+  for n in SITES:
+    _publish(config, tmp_path, n, 2, r2[n])
+  caplog.clear()
+  rec = coord.run_round(2)
+
+  assert rec["sites"] == list(SITES)
+  late = [m for m in _warnings(caplog) if "late update" in m]
+  assert late == ["coordinator: late update of site greek for closed round 1 ignored"]
+  manifest, arrays = _read_round(config, tmp_path, 2)
+  assert [(i["site"], i["round"]) for i in manifest["extra"]["inputs"]] == [
+      (n, 2) for n in SITES]
+  # greek's late round-1 update is in neither round.
+  params, state = _reference(config, [
+      ([r1["cyrillic"], r1["latin"]], [0.5, 0.5]),
+      ([r2[n] for n in SITES], np.full(3, 1 / 3, np.float32))])
+  _assert_round_equals(arrays, params, state)
+
+
+def test_a_round_with_its_quorum_is_not_abandoned_at_round_timeout(tmp_path):
+  # round_timeout_s bounds the wait for the QUORUM; once it is there, the round closes
+  # after the deadline even when that is later than round_timeout_s.
+  config = _config(quorum=2, deadline_s=0.6, round_timeout_s=0.2)
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord.publish_initial()
+  _publish(config, tmp_path, "cyrillic", 1, _delta(1))
+  _publish(config, tmp_path, "latin", 1, _delta(2))
+  rec = coord.run_round(1)
+  assert rec["sites"] == ["cyrillic", "latin"] and rec["wait_s"] >= 0.6
+
+
+def test_no_quorum_by_round_timeout_raises_and_commits_nothing(tmp_path):
+  config = _config(quorum=2, deadline_s=0.0, round_timeout_s=0.3)
+  _publish(config, tmp_path, "latin", 1, _delta(1))
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+
+  with pytest.raises(coord_lib.QuorumError,
+                     match=r"round 1 reached 1 of quorum 2 .*missing sites: \['cyrillic', "
+                           r"'greek'\].*latest global round stays 0"):
+    coord.run()
+
+  glob = _bucket(config, tmp_path, federation.GLOBAL)
+  assert exchange.read_latest(glob) == 0
+  assert exchange.committed_rounds(glob, "global") == [0]
+  assert glob.list(exchange.global_prefix(1)) == []  # Not a byte of round 1.
+  assert coord_lib.Coordinator(config, str(tmp_path)).latest() == 0
+
+
+# (round, what greek does wrong, the reason logged, a regex). Rounds >= 2 so that a stale base exists.
+BAD_UPDATES = [
+    (1, dict(author="latin"), r"author 'latin' is not the bucket's owner 'greek'"),
+    (2, dict(base_round=0), r"trained from global round 0, expected 1 \(stale\)"),
+    (3, dict(federation="someone-else"),
+     r"not an update of this federation \('update' of federation 'someone-else', expected an "
+     r"update of 'tapestry-tiny'\)"),
+    (4, dict(round=5), r"manifest round 5 != 4"),
+    (5, dict(tokens=0), r"token count 0 is not a positive integer"),
+    (6, dict(drop="final_norm"), r"schema mismatch.*missing arrays \['final_norm'\]"),
+    (7, dict(shape="embed"), r"schema mismatch.*'embed': shape \(384, 64\) != expected \(384, 128\)"),
+    (8, dict(dtype="embed"), r"schema mismatch.*'embed': dtype bfloat16 != expected float32"),
+]
+
+
+def test_bad_updates_are_rejected_with_a_reason_and_not_merged(tmp_path, caplog):
+  config = _config(rounds=len(BAD_UPDATES), quorum=2)
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord.publish_initial()
+  rounds = []
+  for round_, bad, reason in BAD_UPDATES:
+    bad = dict(bad)
+    honest = {n: _delta(100 * round_ + i) for i, n in enumerate(["cyrillic", "latin"])}
+    for n, d in honest.items():
+      _publish(config, tmp_path, n, round_, d)
+    d = _delta(100 * round_ + 9)
+    if "drop" in bad:
+      del d[bad.pop("drop")]
+    if "shape" in bad:
+      n = bad.pop("shape")
+      d[n] = d[n][:, :64]
+    if "dtype" in bad:
+      n = bad.pop("dtype")
+      d[n] = d[n].astype(ml_dtypes.bfloat16)
+    _publish(config, tmp_path, "greek", round_, d, **bad)
+    caplog.clear()
+
+    rec = coord.run_round(round_)
+
+    assert rec["sites"] == ["cyrillic", "latin"], reason
+    rejected = [m for m in _warnings(caplog) if "rejected update of site greek" in m]
+    assert len(rejected) == 1 and f"round {round_}:" in rejected[0], _warnings(caplog)
+    assert re.search(reason, rejected[0]), rejected[0]
+    # A rejected update is not a late one: it is never reported as such.
+    assert not [m for m in _warnings(caplog) if "late update" in m], _warnings(caplog)
+    rounds.append(([honest["cyrillic"], honest["latin"]], [0.5, 0.5]))
+
+  manifest, arrays = _read_round(config, tmp_path, len(BAD_UPDATES))
+  assert [i["site"] for i in manifest["extra"]["inputs"]] == ["cyrillic", "latin"]
+  params, state = _reference(config, rounds)
+  _assert_round_equals(arrays, params, state)
+
+
+def test_an_inflated_token_count_merges_like_the_honest_one(tmp_path):
+  config = _config(rounds=1)
+  cap = federation.weight_cap(config)
+  deltas = {n: _delta(30 + i) for i, n in enumerate(SITES)}
+  results = {}
+  for label, greek_tokens in (("honest", cap), ("inflated", 1000 * cap)):
+    workdir = tmp_path / label
+    for n in SITES:
+      _publish(config, workdir, n, 1, deltas[n], tokens=greek_tokens if n == "greek" else cap)
+    coord_lib.Coordinator(config, str(workdir)).run()
+    results[label] = _read_round(config, workdir, 1)
+
+  (honest, h_arrays), (inflated, i_arrays) = results["honest"], results["inflated"]
+  assert [i["tokens"] for i in inflated["extra"]["inputs"]] == [cap, 1000 * cap, cap]
+  assert [i["weight"] for i in inflated["extra"]["inputs"]] == [
+      i["weight"] for i in honest["extra"]["inputs"]]
+  assert h_arrays.keys() == i_arrays.keys()
+  for name in h_arrays:
+    np.testing.assert_array_equal(i_arrays[name], h_arrays[name], err_msg=name)
+
+
+# ------------------------------------------------------------------ restart
+
+
+def _publish_two_rounds(config, workdir):
+  for r in (1, 2):
+    for i, n in enumerate(SITES):
+      _publish(config, workdir, n, r, _delta(40 + 10 * r + i))
+
+
+def test_restart_redoes_an_uncommitted_round_bit_identically(tmp_path, monkeypatch):
+  config = _config(rounds=2)
+  _publish_two_rounds(config, tmp_path / "straight")
+  coord_lib.Coordinator(config, str(tmp_path / "straight")).run()
+  want_manifest, want = _read_round(config, tmp_path / "straight", 2)
+
+  # The crash: round 1 is published, then the process dies half-way through round 2's
+  # merge (some arrays written, no manifest, no COMMIT) ...
+  workdir = tmp_path / "crashed"
+  _publish_two_rounds(config, workdir)
+  finish, calls = merge_lib.BlockWriter.finish, []
+
+  def crash_in_round_2(self):
+    if self.prefix == exchange.global_prefix(2):
+      if len(calls) == 5:
+        raise KeyboardInterrupt("killed")
+      calls.append(self.name)
+    return finish(self)
+
+  monkeypatch.setattr(merge_lib.BlockWriter, "finish", crash_in_round_2)
+  with pytest.raises(KeyboardInterrupt):
+    coord_lib.Coordinator(config, str(workdir)).run()
+  monkeypatch.undo()
+  glob = _bucket(config, workdir, federation.GLOBAL)
+  prefix = exchange.global_prefix(2)
+  assert len(calls) == 5 and glob.list(f"{prefix}/arrays/")
+  # ... and a torn manifest without its COMMIT, as if it died between the two writes.
+  glob.write(f"{prefix}/{exchange.MANIFEST}", b'{"torn": ')
+  assert exchange.read_latest(glob) == 1 and exchange.read_manifest(glob, prefix) is None
+
+  records = coord_lib.Coordinator(config, str(workdir)).run()
+
+  assert [r["round"] for r in records] == [2]
+  assert exchange.read_latest(glob) == 2
+  manifest, got = _read_round(config, workdir, 2)
+  assert manifest == want_manifest
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_restart_repairs_a_latest_pointer_left_behind_without_recomputing(tmp_path, caplog):
+  config = _config(rounds=2)
+  _publish_two_rounds(config, tmp_path)
+  coord_lib.Coordinator(config, str(tmp_path)).run()
+  glob = _bucket(config, tmp_path, federation.GLOBAL)
+  prefix = exchange.global_prefix(2)
+  before = {k: (glob.read(k), os.stat(tmp_path / "buckets" / "global" / k).st_mtime_ns)
+            for k in glob.list(prefix + "/")}
+  # The crash: round 2's COMMIT is written, LATEST still says 1.
+  exchange.write_latest(glob, 1)
+  assert exchange.read_latest(glob) == 1
+
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+  assert coord.latest() == 2
+  assert exchange.read_latest(glob) == 2
+  assert any("LATEST pointer said 1; round 2 is committed" in r.getMessage()
+             for r in caplog.records)
+  assert coord.run() == []  # Nothing left to do, nothing recomputed.
+  after = {k: (glob.read(k), os.stat(tmp_path / "buckets" / "global" / k).st_mtime_ns)
+           for k in glob.list(prefix + "/")}
+  assert after == before
+
+
+# ------------------------------------------------------------------ the site's side
+
+
+def _shardings(config):
+  mcfg = model_lib.ModelConfig.from_config(config.model)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.key(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda _: device, abstract)
+
+
+def test_read_global_refuses_a_round_that_is_not_the_one_asked_for(tmp_path):
+  config = _config()
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord.publish_initial()
+  glob = coord.glob
+  shardings = _shardings(config)
+  params, manifest = site_lib.read_global(glob, config, 0, shardings)
+  assert manifest["round"] == 0
+  initial, _ = coord_lib.initial_round(config)
+  for name, p in trees.flatten(params).items():
+    np.testing.assert_array_equal(np.asarray(p), initial[name], err_msg=name)
+
+  with pytest.raises(exchange.ExchangeError, match=r"rounds/round_000003 is not committed"):
+    site_lib.read_global(glob, config, 3, shardings)
+  other = _config()
+  other.federation.id = "someone-else"
+  with pytest.raises(exchange.ExchangeError,
+                     match=r"manifest is not global round 0 of federation 'someone-else'"):
+    site_lib.read_global(glob, other, 0, shardings)
+  # Round 0's manifest copied under round 1's prefix: the manifest says round 0.
+  glob.write(f"{exchange.global_prefix(1)}/{exchange.MANIFEST}",
+             glob.read(f"{exchange.global_prefix(0)}/{exchange.MANIFEST}"))
+  glob.write(f"{exchange.global_prefix(1)}/{exchange.COMMIT}",
+             glob.read(f"{exchange.global_prefix(0)}/{exchange.COMMIT}"))
+  with pytest.raises(exchange.ExchangeError, match=r"manifest is not global round 1 of federation"):
+    site_lib.read_global(glob, config, 1, shardings)
+  # A site configured with another model: refused before a byte of array data is read.
+  wider = _config()
+  wider.model.d_model = 64
+  read0 = glob.bytes_read
+  with pytest.raises(exchange.ExchangeError,
+                     match=r"schema mismatch.*'params/embed': shape \(384, 128\) != expected "
+                           r"\(384, 64\)"):
+    site_lib.read_global(glob, wider, 0, _shardings(wider))
+  assert glob.bytes_read - read0 < 100_000  # The manifest and COMMIT only.
+
+
+def test_publish_update_keeps_an_already_committed_round(tmp_path, caplog):
+  config = _config()
+  bucket = _bucket(config, tmp_path, "latin")
+  first = site_lib.publish_update(bucket, config, "latin", 1, 0, _delta(1), 100, {"train_loss": 1.0})
+  again = site_lib.publish_update(bucket, config, "latin", 1, 0, _delta(2), 200, {"train_loss": 2.0})
+  assert again == first == exchange.read_manifest(bucket, exchange.update_prefix(1))
+  assert any("round 1 already committed" in r.getMessage() for r in caplog.records)
+  rec = first["arrays"]["embed"]
+  np.testing.assert_array_equal(
+      exchange.read_block(bucket, exchange.update_prefix(1), "embed", rec,
+                          tuple(slice(0, s) for s in rec["shape"])), _delta(1)["embed"])
+
+
+# ------------------------------------------------------------------ bad input, command line
+
+
+CLI_CONFIG = "--config=experiments/configs/federation.py:tiny/latin,cyrillic"
+
+
+def test_bad_input_at_the_command_line_is_one_line_and_exit_status_2(tmp_path):
+  regular = tmp_path / "a-file"
+  regular.write_text("not a directory")
+  cases = {
+      "unknown site": (["launch.site", "--site=klingon"], r"unknown site 'klingon'"),
+      "global bucket under a file": (
+          ["launch.coordinator", f"--config.federation.global_bucket=file://{regular}/global"],
+          r"bucket file://.*/a-file/global is not writable.*a parent of the path is a file"),
+      "global bucket in /proc": (
+          ["launch.coordinator", "--config.federation.global_bucket=file:///proc/forbidden"],
+          r"bucket file:///proc/forbidden is not writable"),
+      "site bucket under a file": (
+          ["launch.site", "--site=latin", f"--config.sites.latin.bucket=file://{regular}/latin"],
+          r"bucket file://.*/a-file/latin is not writable.*a parent of the path is a file"),
+      "malformed bucket URL": (
+          ["launch.coordinator", "--config.federation.global_bucket=ftp://host/x"],
+          r"bucket URL 'ftp://host/x' is not usable \(unknown scheme 'ftp'\)"),
+  }
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  procs = {}
+  for label, (args, _) in cases.items():  # All at once: most of each is the imports.
+    module, *rest = args
+    procs[label] = subprocess.Popen(
+        [sys.executable, "-m", module, CLI_CONFIG, f"--workdir={tmp_path / 'w'}", *rest],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for label, p in procs.items():
+    _, stderr = p.communicate(timeout=120)
+    errors = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert p.returncode == 2, (label, stderr[-2000:])
+    assert "Traceback" not in stderr, (label, stderr[-2000:])
+    assert len(errors) == 1, (label, stderr[-2000:])
+    assert re.search(cases[label][1], errors[0]), (label, errors[0])
