@@ -55,7 +55,8 @@ def run_processes(config, workdir: str, config_args: list[str], *, env: dict | N
   try:
     while True:
       done = len(report.read_jsonl(rounds_file))
-      bar.update(done - bar.n)
+      if done > bar.n:
+        bar.update(done - bar.n)
       codes = {p: proc.poll() for p, (proc, _) in procs.items()}
       failed = {p: c for p, c in codes.items() if c not in (None, 0)}
       if failed:
