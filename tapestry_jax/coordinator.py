@@ -135,10 +135,14 @@ class Coordinator:
       for n in self.names:
         if n in accepted or n in rejected:
           continue
-        m = exchange.read_manifest(self.sites[n], exchange.update_prefix(round_))
-        if m is None:
-          continue
-        why = validate_update(m, self.config, n, round_, base, self.schema)
+        try:
+          m = exchange.read_manifest(self.sites[n], exchange.update_prefix(round_))
+        except exchange.ExchangeError as e:  # A torn or tampered manifest: refuse, go on.
+          m, why = {}, str(e)
+        else:
+          if m is None:
+            continue
+          why = validate_update(m, self.config, n, round_, base, self.schema)
         if why is not None:
           logging.warning("coordinator: round %d: rejected update of site %s: %s", round_, n, why)
           rejected.add(n)
@@ -148,7 +152,9 @@ class Coordinator:
       now = time.monotonic()
       if len(accepted) == len(self.names):
         return accepted
-      if len(accepted) >= self.quorum and now - first >= float(self.f.deadline_s):
+      # Every site has answered (a rejected update cannot be replaced): no use waiting.
+      settled = len(accepted) + len(rejected) == len(self.names)
+      if len(accepted) >= self.quorum and (settled or now - first >= float(self.f.deadline_s)):
         missing = sorted(set(self.names) - set(accepted))
         logging.warning("coordinator: round %d closes on quorum %d/%d; missing: %s", round_,
                         len(accepted), len(self.names), missing)

@@ -40,8 +40,8 @@ def summarize(config, site_records: list[dict], coordinator_records: list[dict] 
     r = by_round.setdefault(g, {"round": g, "sites": {}})
     r["sites"][rec["site"]] = {
         k: rec[k] for k in ("eval_loss", "eval_bits_per_byte", "train_loss", "tokens",
-                            "compute_s", "bytes_up", "bytes_down", "wait_s", "read_s",
-                            "publish_s", "dropped") if k in rec}
+                            "compute_s", "eval_s", "bytes_up", "bytes_down", "wait_s",
+                            "read_s", "publish_s", "dropped") if k in rec}
     s = r["sites"][rec["site"]]
     s["exchange_s"] = sum(rec.get(k, 0.0) for k in ("wait_s", "read_s", "publish_s"))
   for rec in coordinator_records or []:

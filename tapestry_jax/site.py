@@ -212,8 +212,10 @@ def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
       params, _ = read_global(glob, config, g, worker.trainer.param_shardings)
       worker.adopt(params)
       read_s = time.perf_counter() - t_read
+      t_eval = time.perf_counter()
       rec = {"site": name, "global_round": g, "wait_s": wait_s, "read_s": read_s,
-             "bytes_down": glob.bytes_read - read0, **worker.evaluate()}
+             "bytes_down": glob.bytes_read - read0, **worker.evaluate(),
+             "eval_s": time.perf_counter() - t_eval}
       if g >= int(f.rounds):
         records.append(rec)
         out.write(json.dumps(rec) + "\n")
