@@ -80,8 +80,9 @@ class Coordinator:
     self.f = config.federation
     self.names = sorted(federation.site_names(config))  # The merge's fixed order.
     urls = federation.bucket_urls(config, workdir)
-    self.glob = buckets.Bucket(urls[federation.GLOBAL])
-    self.sites = {n: buckets.Bucket(urls[n]) for n in self.names}
+    retries = int(self.f.storage_retries)
+    self.glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries)
+    self.sites = {n: buckets.Bucket(urls[n], max_retries=retries) for n in self.names}
     self.tx = outer_lib.make_outer_optimizer(self.f.outer)
     self.schema = federation.param_schema(config)
     self.cap = federation.weight_cap(config)

@@ -102,6 +102,8 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
                       f"{len(names)} sites")
   if float(f.deadline_s) < 0 or float(f.round_timeout_s) <= 0 or float(f.poll_s) <= 0:
     raise ConfigError("federation.deadline_s must be >= 0, round_timeout_s and poll_s > 0")
+  if int(f.storage_retries) < 0:
+    raise ConfigError(f"federation.storage_retries={f.storage_retries} must be >= 0")
   if int(f.weight_cap_tokens) < 0:
     raise ConfigError(f"federation.weight_cap_tokens={f.weight_cap_tokens} must be >= 0")
   try:

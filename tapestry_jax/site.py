@@ -188,7 +188,9 @@ def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
   federation.check_federation_config(config, devices, site=name)
   f = config.federation
   urls = federation.bucket_urls(config, workdir)
-  own, glob = buckets.Bucket(urls[name]), buckets.Bucket(urls[federation.GLOBAL])
+  retries = int(f.storage_retries)
+  own = buckets.Bucket(urls[name], max_retries=retries)
+  glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries)
   own.check_writable()
   site_dir = os.path.join(workdir, "sites", name)
   os.makedirs(site_dir, exist_ok=True)

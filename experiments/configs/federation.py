@@ -77,6 +77,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # (no new global round is written; the latest committed round stays the latest).
   f.round_timeout_s = 1800.0
   f.poll_s = 0.2  # Seconds between bucket polls while waiting.
+  # gs:// and s3:// requests: retries (with exponential backoff, by TensorStore) of a
+  # transient error before the operation fails; bounds how long an unreachable bucket hangs.
+  f.storage_retries = 6
   # URL of the coordinator's global bucket; "" = file://WORKDIR/buckets/global.
   f.global_bucket = ""
   # Cap on the tokens one site may claim per round, in tokens; 0 = the configured
