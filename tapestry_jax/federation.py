@@ -76,6 +76,12 @@ def weight_cap(config) -> int:
       int(f.inner_steps) * int(config.train.global_batch_size) * int(config.data.seq_len))
 
 
+def evaluate_round(config, round_: int) -> bool:
+  """Whether sites evaluate global round `round_` (every eval_every-th, and the last)."""
+  f = config.federation
+  return round_ == int(f.rounds) or round_ % max(1, int(f.eval_every)) == 0
+
+
 def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
   """Leaf name -> (shape, dtype) of the model every update and global round must match."""
   mcfg = model_lib.ModelConfig.from_config(config.model)

@@ -50,7 +50,7 @@ def summarize(config, site_records: list[dict], coordinator_records: list[dict] 
   names = sorted({rec["site"] for rec in site_records})
   for name in names:
     recs = [r for r in site_records if r["site"] == name]
-    last = max(recs, key=lambda r: r["global_round"])
+    last = max((r for r in recs if "eval_loss" in r), key=lambda r: r["global_round"])
     final[name] = {
         "global_round": last["global_round"],
         "federated": {"eval_loss": last["eval_loss"],
@@ -64,7 +64,8 @@ def summarize(config, site_records: list[dict], coordinator_records: list[dict] 
     for key, ref in (("alone", alone), ("data_parallel", data_parallel)):
       if ref and name in ref:
         final[name][key] = {k: ref[name][k] for k in ("eval_loss", "eval_bits_per_byte")}
-  complete = all(final[n]["global_round"] == rounds_total for n in names)
+  complete = all(max(r["global_round"] for r in site_records if r["site"] == n) == rounds_total
+                 for n in names)
   return {"federation": config.federation.id, "rounds": rounds_total,
           "inner_steps": int(config.federation.inner_steps), "complete": complete,
           "outer": config.federation.outer.to_dict(),

@@ -63,8 +63,9 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
     for name, w in workers.items():
       w.adopt(trees.unflatten(params, like))
       # Bytes are the raw array bytes a deployment would move (no bucket here).
-      rec = {"site": name, "global_round": g, "bytes_down": sum(a.nbytes for a in params.values()),
-             **w.evaluate()}
+      rec = {"site": name, "global_round": g, "bytes_down": sum(a.nbytes for a in params.values())}
+      if federation.evaluate_round(config, g):
+        rec.update(w.evaluate())
       if g < int(f.rounds):
         rec.update(w.train(int(f.inner_steps)))
         if drop is not None and drop(g + 1, name):

@@ -216,8 +216,9 @@ def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
       read_s = time.perf_counter() - t_read
       t_eval = time.perf_counter()
       rec = {"site": name, "global_round": g, "wait_s": wait_s, "read_s": read_s,
-             "bytes_down": glob.bytes_read - read0, **worker.evaluate(),
-             "eval_s": time.perf_counter() - t_eval}
+             "bytes_down": glob.bytes_read - read0}
+      if federation.evaluate_round(config, g):
+        rec.update(worker.evaluate(), eval_s=time.perf_counter() - t_eval)
       if g >= int(f.rounds):
         records.append(rec)
         out.write(json.dumps(rec) + "\n")
@@ -232,8 +233,8 @@ def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
       records.append(rec)
       out.write(json.dumps(rec) + "\n")
       out.flush()
-      logging.info("site %s: round %d published (train loss %.4f, global %d eval loss %.4f)",
-                   name, g + 1, rec["train_loss"], g, rec["eval_loss"])
+      logging.info("site %s: round %d published (train loss %.4f)", name, g + 1,
+                   rec["train_loss"])
   finally:
     out.close()
     worker.close()

@@ -85,6 +85,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Cap on the tokens one site may claim per round, in tokens; 0 = the configured
   # inner_steps x global_batch_size x seq_len (a site cannot inflate its weight).
   f.weight_cap_tokens = 0
+  # Rounds between evaluations of the global model on every site's held-out data (the
+  # last round is always evaluated).
+  f.eval_every = 1
   f.outer = outer.default_outer_config()  # Outer optimizer (name, lr, momentum, b1, b2, eps).
   # launch.federate also trains every site alone with the same local compute and reports
   # the federated model against it.
