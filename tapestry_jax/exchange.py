@@ -542,10 +542,29 @@ def iter_blocks(record: Mapping, max_block_bytes: int) -> Iterator[tuple[slice, 
     yield _slices(_chunk_region(coord, chunk, shape))
 
 
+def open_array(bucket: Bucket, prefix: str, name: str, record: Mapping) -> ts.Future:
+  """Starts opening a stored array for reading and returns the future TensorStore.
+
+  Pass it (or its result) as `read_block(..., store=...)` to read many blocks of one
+  array without reopening it (and re-reading its metadata) for every block.
+  """
+  prefix = _check_prefix(bucket, prefix)
+  _check_record(bucket, prefix, name, record)
+  return _open_for_read(bucket, prefix, name, record)
+
+
 def read_block(bucket: Bucket, prefix: str, name: str, record: Mapping,
-               index: tuple[slice, ...], *, verify: bool = True) -> np.ndarray:
+               index: tuple[slice, ...], *, verify: bool = True,
+               store: ts.TensorStore | ts.Future | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
   """Reads one chunk-aligned block (e.g. from `iter_blocks`) of a stored array on the
-  host, checking every chunk in it against the record's digests when `verify`."""
+  host, checking every chunk in it against the record's digests when `verify`.
+
+  `store` is the array opened by `open_array` (opened here when None). `out`, a
+  C-contiguous array of the block's shape and dtype, receives the block and is
+  returned: reading into reused, aligned buffers saves an allocation per block and lets
+  JAX on CPU use the data without copying it.
+  """
   prefix = _check_prefix(bucket, prefix)
   _check_record(bucket, prefix, name, record)
   shape, chunk = tuple(record["shape"]), tuple(record["chunk_shape"])
@@ -556,8 +575,22 @@ def read_block(bucket: Bucket, prefix: str, name: str, record: Mapping,
   if any(a % c or (b % c and b != s) for (a, b), c, s in zip(region, chunk, shape)):
     raise ExchangeError(f"{_where(bucket, prefix, name)}: block {region} is not aligned to "
                         f"chunks {chunk}")
-  store = _await_store(bucket, prefix, name, _open_for_read(bucket, prefix, name, record))
-  block = _read(bucket, prefix, name, store[_slices(region)].read())
+  if store is None:
+    store = _open_for_read(bucket, prefix, name, record)
+  if isinstance(store, ts.Future):
+    store = _await_store(bucket, prefix, name, store)
+  source = store[_slices(region)]
+  if out is None:
+    block = _read(bucket, prefix, name, source.read())
+  else:
+    want = tuple(b - a for a, b in region)
+    if (tuple(out.shape) != want or out.dtype != _np_dtype(record["dtype"])
+        or not out.flags.c_contiguous or not out.flags.writeable):
+      raise ExchangeError(f"{_where(bucket, prefix, name)}: `out` must be a writable "
+                          f"C-contiguous {record['dtype']}{list(want)} array, got "
+                          f"{out.dtype}{list(out.shape)}")
+    _read(bucket, prefix, name, ts.array(out, copy=False, write=True).write(source))
+    block = out
   bucket.record_transfer(read=block.nbytes)
   if verify:
     for coord in _overlapping(region, chunk):

@@ -4,19 +4,30 @@ round -> the next global round, block by block.
 For every parameter, blocks are aligned to the chunks of every input (the least common
 multiple of their chunk sizes per dimension), so each block is read as whole chunks and
 checked against the writers' digests. A block of the previous global params, of the
-outer state and of each site's update is read (the K site reads concurrently), merged
-by `outer.merge_block` (the same jitted function the simulation uses on whole arrays,
-bit-identical by construction), and written to the new round while the next block is
-read. Peak memory is a few blocks times (K + 3), independent of the model's size.
+outer state and of each site's update is read (all concurrently, into reused 64-byte
+aligned buffers that JAX on CPU uses without a copy), merged by `outer.merge_block` (the
+same jitted function the simulation uses on whole arrays, bit-identical by
+construction), and written to the new round. The blocks of all parameters form one
+pipeline: the merged blocks are hashed and written while the next blocks are read (and
+`read_ahead` more block sets are read while one merges). Peak memory is
+(read_ahead + 1) block sets of K + 1 + (outer-state leaves) blocks, plus up to
+`MAX_PENDING_WRITE_BLOCKS` + 1 merged blocks being written, plus TensorStore's transient
+copy of each chunk in flight: independent of the model's size.
 """
 
 from __future__ import annotations
 
+# This module is exchange.py's block-level writer and reader: it uses its layout helpers.
+# pylint: disable=protected-access
+
+import collections
 import concurrent.futures
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 import tensorstore as ts
@@ -27,35 +38,61 @@ from tapestry_jax.buckets import Bucket, describe_error
 from tapestry_jax.exchange import ExchangeError
 
 DEFAULT_MAX_BLOCK_BYTES = 16 << 20
+# Block sets read while another one merges. 0 still overlaps the reads of block i + 1
+# with the hashing and writing of block i; 1 also overlaps them with its merge, at the
+# cost of one more block set of memory. Reading and hashing dominate (the merge itself
+# is a few fused elementwise passes), so on a 2-core host reading file:// buckets 1 was
+# no faster than 0 and took ~200 MiB more for 8 sites with 16 MiB blocks
+# (experiments/benchmarks/merge_throughput.py).
+DEFAULT_READ_AHEAD = 0
+# Merged blocks whose writes may be in flight before the merge waits for the oldest.
+MAX_PENDING_WRITE_BLOCKS = 2
+_ALIGN = 64  # XLA:CPU uses host buffers aligned to 64 bytes without copying them.
 
 
 class BlockWriter:
   """Writes one zarr3 array of a round block by block, hashing each chunk as it goes
-  (the same record format as `exchange.write_arrays`)."""
+  (the same record format as `exchange.write_arrays`).
 
-  def __init__(self, bucket: Bucket, prefix: str, name: str, shape, dtype, chunk):
+  With `hasher` (an executor), chunks are hashed there instead of in the caller."""
+
+  def __init__(self, bucket: Bucket, prefix: str, name: str, shape, dtype, chunk, *,
+               hasher: concurrent.futures.Executor | None = None):
     self.bucket, self.prefix, self.name = bucket, prefix, name
     self.shape, self.dtype, self.chunk = tuple(shape), np.dtype(dtype), tuple(chunk)
-    self.grid = exchange._grid(self.shape, self.chunk)  # pylint: disable=protected-access
-    self.digests: list[str | None] = [None] * math.prod(self.grid)
+    self.grid = exchange._grid(self.shape, self.chunk)
+    self.digests: list[Any] = [None] * math.prod(self.grid)
     spec = {"driver": "zarr3",
-            "kvstore": bucket.array_spec(exchange._array_key(prefix, name)),  # pylint: disable=protected-access
-            "metadata": dict(exchange._zarr_metadata(self.shape, self.dtype.name, self.chunk),  # pylint: disable=protected-access
+            "kvstore": bucket.array_spec(exchange._array_key(prefix, name)),
+            "metadata": dict(exchange._zarr_metadata(self.shape, self.dtype.name, self.chunk),
                              codecs=[{"name": "bytes", "configuration": {"endian": "little"}}])}
     self._open = ts.open(spec, create=True, delete_existing=True, context=bucket.context)
+    self._hasher = hasher
     self._pending: list[Any] = []
     self.nbytes = 0
 
-  def write(self, index: tuple[slice, ...], data: np.ndarray) -> None:
-    region = exchange._normalize(index, self.shape)  # pylint: disable=protected-access
+  def write(self, index: tuple[slice, ...], data: np.ndarray):
+    """Starts writing `data` at `index`; returns the write's future (durable when done).
+    `data` must not change until then."""
+    region = exchange._normalize(index, self.shape)
     data = np.asarray(data, dtype=self.dtype, order="C")
     store = self._result(self._open, "create")
-    self._pending.append(store[exchange._slices(region)].write(data))  # pylint: disable=protected-access
-    for coord in exchange._overlapping(region, self.chunk):  # pylint: disable=protected-access
-      creg = exchange._chunk_region(coord, self.chunk, self.shape)  # pylint: disable=protected-access
+    # Callers hand over `data` (never modified afterwards), so TensorStore need not copy it.
+    fut = store[exchange._slices(region)].write(
+        data, can_reference_source_data_indefinitely=True)
+    self._pending.append(fut)
+    for coord in exchange._overlapping(region, self.chunk):
+      creg = exchange._chunk_region(coord, self.chunk, self.shape)
       local = tuple(slice(a - r, b - r) for (a, b), (r, _) in zip(creg, region))
-      self.digests[exchange._flat(coord, self.grid)] = exchange._digest(data[local])  # pylint: disable=protected-access
+      i = exchange._flat(coord, self.grid)
+      self.digests[i] = (self._hasher.submit(exchange._digest, data[local]) if self._hasher
+                         else exchange._digest(data[local]))
     self.nbytes += data.nbytes
+    return fut
+
+  def wait(self, fut) -> None:
+    """Waits for one write returned by `write`, raising ExchangeError if it failed."""
+    self._result(fut, "write")
 
   def _result(self, fut, what: str):
     try:
@@ -68,23 +105,29 @@ class BlockWriter:
     """Waits until every block is durable; returns the array's record."""
     for fut in self._pending:
       self._result(fut, "write")
-    if any(d is None for d in self.digests):
+    self._pending = []
+    digests = [d.result() if isinstance(d, concurrent.futures.Future) else d
+               for d in self.digests]
+    if any(d is None for d in digests):
       raise ExchangeError(f"array {self.name!r}: blocks did not cover the array")
     self.bucket.record_transfer(written=self.nbytes)
-    return exchange._finish({"shape": list(self.shape), "dtype": self.dtype.name,  # pylint: disable=protected-access
+    return exchange._finish({"shape": list(self.shape), "dtype": self.dtype.name,
                              "chunk_shape": list(self.chunk), "codec": "raw",
-                             "chunk_digests": list(self.digests)})
+                             "chunk_digests": digests})
 
 
 def common_blocks(records: Sequence[Mapping], max_block_bytes: int):
   """(block chunk shape, blocks): blocks aligned to every record's chunk grid, grouped
-  along the leading axis up to `max_block_bytes`."""
+  along the leading axis up to `max_block_bytes`. An array with no elements is one
+  (empty) block, so that its records are still written."""
   shape = tuple(records[0]["shape"])
   if not shape:
     return (), [()]
-  step = tuple(min(s, math.lcm(*(int(r["chunk_shape"][d]) for r in records)))
+  step = tuple(max(1, min(s, math.lcm(*(int(r["chunk_shape"][d]) for r in records))))
                for d, s in enumerate(shape))
-  itemsize = exchange._np_dtype(records[0]["dtype"]).itemsize  # pylint: disable=protected-access
+  if 0 in shape:
+    return step, [tuple(slice(0, s) for s in shape)]
+  itemsize = exchange._np_dtype(records[0]["dtype"]).itemsize
   cell = itemsize * math.prod(step)
   rows = max(1, max_block_bytes // max(1, cell)) if step[1:] == shape[1:] else 1
   blocks = []
@@ -98,70 +141,163 @@ def common_blocks(records: Sequence[Mapping], max_block_bytes: int):
   return step, blocks
 
 
+@dataclasses.dataclass
+class _Param:
+  """How one parameter is merged: its inputs (in merge order), blocks and writers."""
+  name: str
+  # (bucket, prefix, array name, record) of each block-wise input: the global params,
+  # then the parameter-shaped outer-state leaves (sorted), then each site's update.
+  sources: list[tuple[Bucket, str, str, Mapping]]
+  leaves: list[str]  # blockable leaf names, in `sources` order
+  whole: dict[str, np.ndarray]  # leaves read whole (scalars such as Adam's count)
+  whole_records: dict[str, Mapping]
+  chunk: tuple[int, ...]
+  blocks: list[tuple[slice, ...]]
+  stores: list[Any] | None = None  # ts.open futures, started when the first block is read
+  writers: dict[str, BlockWriter] | None = None
+
+
+class _Buffers:
+  """A fixed set of reusable, 64-byte aligned host buffers of `capacity` bytes each."""
+
+  def __init__(self, count: int, capacity: int):
+    self._free = []
+    for _ in range(count):
+      raw = np.empty(capacity + _ALIGN, np.uint8)
+      off = (-raw.ctypes.data) % _ALIGN
+      self._free.append(raw[off:off + capacity])
+
+  def take(self, shape, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(raw buffer, a view of it with `shape` and `dtype`); raises when none is free."""
+    raw = self._free.pop()
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    return raw, raw[:n].view(dtype).reshape(shape)
+
+  def give(self, raws: Sequence[np.ndarray]) -> None:
+    self._free.extend(raws)
+
+
+def _own(x: np.ndarray, buffers: Sequence[np.ndarray]) -> np.ndarray:
+  """`x`, copied if it lies in one of `buffers` (which are about to be reused)."""
+  return x.copy() if any(np.may_share_memory(x, b) for b in buffers) else x
+
+
+def _plan(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
+          inputs: Sequence[tuple[Bucket, str, Mapping]], max_block_bytes: int) -> _Param:
+  prec = arrays[f"params/{name}"]
+  leaf_names = sorted(k[len(f"outer/{name}/"):] for k in arrays if k.startswith(f"outer/{name}/"))
+  param_like = np.empty(prec["shape"], exchange._np_dtype(prec["dtype"]))
+  blockable = outer_lib.blockable_leaves(tx, param_like)
+  if sorted(blockable) != leaf_names:
+    raise ExchangeError(f"global round {base_prefix}: outer state of {name!r} has leaves "
+                        f"{leaf_names}, the outer optimizer needs {sorted(blockable)}")
+  leaves = [l for l in leaf_names if blockable[l]]
+  sources = ([(glob, base_prefix, f"params/{name}", prec)]
+             + [(glob, base_prefix, f"outer/{name}/{l}", arrays[f"outer/{name}/{l}"])
+                for l in leaves]
+             + [(b, p, name, m["arrays"][name]) for b, p, m in inputs])
+  whole_records = {l: arrays[f"outer/{name}/{l}"] for l in leaf_names if not blockable[l]}
+  chunk, blocks = common_blocks([r for _, _, _, r in sources], max_block_bytes)
+  return _Param(name, sources, leaves, {}, whole_records, chunk, blocks)
+
+
 def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str,
                 base_manifest: Mapping, inputs: Sequence[tuple[Bucket, str, Mapping]],
                 weights: Sequence[float], out: Bucket, out_prefix: str, *,
-                max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES) -> dict[str, dict]:
+                max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+                read_ahead: int = DEFAULT_READ_AHEAD) -> dict[str, dict]:
   """Merges `inputs` ((site bucket, prefix, manifest), in the fixed merge order) into
   the global round at `out_prefix`; returns the new round's array records
-  (`params/<name>` and `outer/<name>/<leaf>`). Manifests must already be schema-checked."""
+  (`params/<name>` and `outer/<name>/<leaf>`). Manifests must already be schema-checked.
+  `read_ahead` block sets are read while one merges (see the module docstring)."""
   arrays = base_manifest["arrays"]
   names = sorted(n[len("params/"):] for n in arrays if n.startswith("params/"))
   weights = np.asarray(weights, np.float32)
-  records: dict[str, dict] = {}
   if len(inputs) != len(weights):
     raise ValueError(f"{len(inputs)} inputs but {len(weights)} weights")
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, len(inputs) + 2)) as pool:
-    for name in names:
-      prec = arrays[f"params/{name}"]
-      srecs = [m["arrays"][name] for _, _, m in inputs]
-      leaf_names = sorted(k[len(f"outer/{name}/"):] for k in arrays
-                          if k.startswith(f"outer/{name}/"))
-      param_like = np.empty(prec["shape"], exchange._np_dtype(prec["dtype"]))  # pylint: disable=protected-access
-      blockable = outer_lib.blockable_leaves(tx, param_like)
-      if sorted(blockable) != leaf_names:
-        raise ExchangeError(f"global round {base_prefix}: outer state of {name!r} has leaves "
-                            f"{leaf_names}, the outer optimizer needs {sorted(blockable)}")
-      whole = {leaf: exchange.read_block(
-                   glob, base_prefix, f"outer/{name}/{leaf}", arrays[f"outer/{name}/{leaf}"],
-                   tuple(slice(0, s) for s in arrays[f"outer/{name}/{leaf}"]["shape"]))
-               for leaf in leaf_names if not blockable[leaf]}
-      chunk, blocks = common_blocks(
-          [prec, *srecs, *(arrays[f"outer/{name}/{l}"] for l in leaf_names if blockable[l])],
-          max_block_bytes)
-      writers = {"params": BlockWriter(out, out_prefix, f"params/{name}", prec["shape"],
-                                       exchange._np_dtype(prec["dtype"]), chunk)}  # pylint: disable=protected-access
-      for leaf in leaf_names:
-        r = arrays[f"outer/{name}/{leaf}"]
-        writers[leaf] = BlockWriter(out, out_prefix, f"outer/{name}/{leaf}", r["shape"],
-                                    exchange._np_dtype(r["dtype"]),  # pylint: disable=protected-access
-                                    chunk if blockable[leaf] else r["shape"])
+  if read_ahead < 0:
+    raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
+  params = [_plan(tx, glob, base_prefix, arrays, n, inputs, max_block_bytes) for n in names]
+  work = [(p, i) for p in params for i in range(len(p.blocks))]
+  if not work:
+    return {}
+  n_sources = max(len(p.sources) for p in params)
+  capacity = max(math.prod(s.stop - s.start for s in idx)
+                 * exchange._np_dtype(r["dtype"]).itemsize
+                 for p in params for idx in p.blocks for _, _, _, r in p.sources)
+  buffers = _Buffers((read_ahead + 1) * n_sources, max(1, capacity))
+  writes: collections.deque = collections.deque()  # (writer, future, block number)
+  records: dict[str, dict] = {}
 
-      def read(idx):
-        futs = [pool.submit(exchange.read_block, b, p, name, r, idx)
-                for (b, p, _), r in zip(inputs, srecs)]
-        g = exchange.read_block(glob, base_prefix, f"params/{name}", prec, idx)
-        leaves = {l: exchange.read_block(glob, base_prefix, f"outer/{name}/{l}",
-                                         arrays[f"outer/{name}/{l}"], idx)
-                  for l in leaf_names if blockable[l]}
-        return g, leaves, [f.result() for f in futs]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=n_sources + 2) as pool:
 
-      nxt = pool.submit(read, blocks[0])
-      for i, idx in enumerate(blocks):
-        g, leaves, deltas = nxt.result()
-        if i + 1 < len(blocks):
-          nxt = pool.submit(read, blocks[i + 1])  # Read ahead while this block merges.
-        state = outer_lib.state_from_leaves(tx, g, {**whole, **leaves})
-        new_g, new_state = outer_lib.merge_block(tx, g, state, deltas, weights)
-        writers["params"].write(idx, np.asarray(new_g))
-        new_leaves = outer_lib.state_leaves(new_state)
-        for leaf in leaf_names:
-          if blockable[leaf]:
-            writers[leaf].write(idx, np.asarray(new_leaves[leaf]))
-          elif i == 0:
-            shape = arrays[f"outer/{name}/{leaf}"]["shape"]
-            writers[leaf].write(tuple(slice(0, s) for s in shape), np.asarray(new_leaves[leaf]))
-      records[f"params/{name}"] = writers["params"].finish()
-      for leaf in leaf_names:
-        records[f"outer/{name}/{leaf}"] = writers[leaf].finish()
+    def start(p: _Param, i: int):
+      """Starts reading block i of p into free buffers: (raw buffers, read futures)."""
+      if p.stores is None:
+        p.stores = [exchange.open_array(b, pre, n, r) for b, pre, n, r in p.sources]
+        p.whole = {l: exchange.read_block(glob, base_prefix, f"outer/{p.name}/{l}", r,
+                                          tuple(slice(0, s) for s in r["shape"]))
+                   for l, r in p.whole_records.items()}
+        p.writers = {leaf: BlockWriter(out, out_prefix, f"outer/{p.name}/{leaf}", r["shape"],
+                                       exchange._np_dtype(r["dtype"]),
+                                       p.chunk if leaf in p.leaves else r["shape"], hasher=pool)
+                     for leaf, r in [(l, arrays[f"outer/{p.name}/{l}"])
+                                     for l in sorted([*p.leaves, *p.whole_records])]}
+        prec = p.sources[0][3]
+        p.writers["params"] = BlockWriter(out, out_prefix, f"params/{p.name}", prec["shape"],
+                                          exchange._np_dtype(prec["dtype"]), p.chunk,
+                                          hasher=pool)
+      idx = p.blocks[i]
+      shape = tuple(s.stop - s.start for s in idx)
+      raws, futs = [], []
+      for (b, pre, n, r), store in zip(p.sources, p.stores):
+        raw, view = buffers.take(shape, exchange._np_dtype(r["dtype"]))
+        raws.append(raw)
+        futs.append(pool.submit(exchange.read_block, b, pre, n, r, idx, store=store, out=view))
+      return raws, futs
+
+    def settle(keep_blocks: int, block: int) -> None:
+      while writes and writes[0][2] < block - keep_blocks:
+        writer, fut, _ = writes.popleft()
+        writer.wait(fut)
+
+    reading: collections.deque = collections.deque()
+    started = 0
+
+    def fill(sets: int) -> None:
+      nonlocal started
+      while started < len(work) and len(reading) < sets:
+        reading.append(start(*work[started]))
+        started += 1
+
+    for k, (p, i) in enumerate(work):
+      fill(1)
+      raws, futs = reading.popleft()
+      # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
+      # inside state_from_leaves, would copy).
+      blocks = [jax.device_put(f.result()) for f in futs]
+      fill(read_ahead)  # Read the next blocks while this one merges.
+      g, leaf_blocks, deltas = blocks[0], blocks[1:1 + len(p.leaves)], blocks[1 + len(p.leaves):]
+      state = outer_lib.state_from_leaves(tx, g, {**p.whole, **dict(zip(p.leaves, leaf_blocks))})
+      new_g, new_state = outer_lib.merge_block(tx, g, state, deltas, weights)
+      # Materialized on the host: the merge has consumed its inputs (which JAX may alias
+      # without copying), so their buffers can be reused; an output that JAX forwarded
+      # from an input is copied out first.
+      new_g = _own(np.asarray(new_g), raws)
+      new_leaves = {l: _own(np.asarray(v), raws)
+                    for l, v in outer_lib.state_leaves(new_state).items()}
+      del state, new_state, blocks, g, leaf_blocks, deltas
+      buffers.give(raws)
+      idx = p.blocks[i]
+      writes.append((p.writers["params"], p.writers["params"].write(idx, new_g), k))
+      for leaf in p.leaves:
+        writes.append((p.writers[leaf], p.writers[leaf].write(idx, new_leaves[leaf]), k))
+      if i == 0:
+        for leaf, r in p.whole_records.items():
+          p.writers[leaf].write(tuple(slice(0, s) for s in r["shape"]), new_leaves[leaf])
+      settle(MAX_PENDING_WRITE_BLOCKS, k)
+    for p in params:
+      records[f"params/{p.name}"] = p.writers["params"].finish()
+      for leaf in sorted([*p.leaves, *p.whole_records]):
+        records[f"outer/{p.name}/{leaf}"] = p.writers[leaf].finish()
   return records

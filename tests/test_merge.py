@@ -1,0 +1,90 @@
+"""Streaming merge: merge_round over stored rounds == outer.outer_step on whole arrays."""
+
+import jax
+import numpy as np
+import pytest
+
+from tapestry_jax import exchange as ex
+from tapestry_jax import merge
+from tapestry_jax import outer
+from tapestry_jax.buckets import Bucket
+
+# A scalar, an empty array, a vector, rows that no chunk size divides, and a 3-D array.
+SHAPES = {"a": (), "b": (0, 5), "c": (7,), "d": (37, 6), "e": (5, 3, 4)}
+
+
+def _round(tmp_path, tx, rng):
+  """A committed global round 0 (params + outer state) and three site updates, each
+  written with different chunk sizes so that merge blocks span several chunks."""
+  glob = Bucket(str(tmp_path / "global"))
+  params = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+  arrays = {f"params/{n}": p for n, p in params.items()}
+  for n, p in params.items():
+    for leaf, v in outer.state_leaves(jax.device_get(tx.init(p))).items():
+      v = np.asarray(v)
+      arrays[f"outer/{n}/{leaf}"] = (np.abs(rng.standard_normal(v.shape)).astype(v.dtype)
+                                     if v.ndim else v)
+  records = ex.write_arrays(glob, ex.global_prefix(0), arrays, max_chunk_bytes=256)
+  ex.write_manifest(glob, ex.global_prefix(0), ex.make_manifest(
+      federation="t", kind="global", round=0, author="global", arrays=records))
+  inputs, deltas = [], []
+  for k, chunk_bytes in enumerate((128, 512, 300)):
+    bucket = Bucket(str(tmp_path / f"site{k}"))
+    delta = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+    records = ex.write_arrays(bucket, ex.update_prefix(1), delta, max_chunk_bytes=chunk_bytes)
+    ex.write_manifest(bucket, ex.update_prefix(1), ex.make_manifest(
+        federation="t", kind="update", round=1, author=f"s{k}", arrays=records, base_round=0,
+        tokens=1))
+    inputs.append((bucket, ex.update_prefix(1), ex.read_manifest(bucket, ex.update_prefix(1))))
+    deltas.append(delta)
+  state = {n: outer.state_from_leaves(tx, p, {l: arrays[f"outer/{n}/{l}"]
+                                              for l in outer.state_leaves(tx.init(p))})
+           for n, p in params.items()}
+  return glob, inputs, params, state, deltas
+
+
+def _whole(bucket, prefix, name, rec):
+  return ex.read_block(bucket, prefix, name, rec, tuple(slice(0, s) for s in rec["shape"]))
+
+
+@pytest.mark.parametrize("name", outer.OUTER_OPTIMIZERS)
+def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
+  tx = outer.make_outer_optimizer({"name": name})
+  glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(0))
+  weights = outer.cap_weights([1, 2, 3], None)
+  want_params, want_state = outer.outer_step(tx, params, state, deltas, weights)
+  base = ex.read_manifest(glob, ex.global_prefix(0))
+  for r, (read_ahead, max_block_bytes) in enumerate([(0, 64), (1, 1000), (2, 1 << 20)]):
+    prefix = ex.global_prefix(1 + r)
+    records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
+                                prefix, max_block_bytes=max_block_bytes, read_ahead=read_ahead)
+    assert sorted(records) == sorted(base["arrays"])
+    for n in SHAPES:
+      np.testing.assert_array_equal(
+          _whole(glob, prefix, f"params/{n}", records[f"params/{n}"]), want_params[n])
+      for leaf, v in outer.state_leaves(want_state[n]).items():
+        key = f"outer/{n}/{leaf}"
+        np.testing.assert_array_equal(_whole(glob, prefix, key, records[key]), v)
+
+
+def test_read_block_into_a_buffer_through_an_open_store(tmp_path):
+  bucket = Bucket(str(tmp_path / "b"))
+  a = np.arange(37 * 6, dtype=np.float32).reshape(37, 6)
+  rec = ex.write_arrays(bucket, "r", {"a": a}, max_chunk_bytes=100)["a"]  # 4-row chunks
+  store = ex.open_array(bucket, "r", "a", rec)
+  for index in ex.iter_blocks(rec, 200):
+    out = np.full(tuple(s.stop - s.start for s in index), -1, np.float32)
+    got = ex.read_block(bucket, "r", "a", rec, index, store=store, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, a[index])
+  with pytest.raises(ex.ExchangeError, match="`out` must be"):
+    ex.read_block(bucket, "r", "a", rec, (slice(0, 4), slice(0, 6)),
+                  out=np.zeros((4, 5), np.float32))
+  with pytest.raises(ex.ExchangeError, match="`out` must be"):
+    ex.read_block(bucket, "r", "a", rec, (slice(0, 4), slice(0, 6)), out=np.zeros((4, 6)))
+  # A corrupted chunk is still caught when reading into a buffer.
+  bad = dict(rec, chunk_digests=["0" * 64] + rec["chunk_digests"][1:])
+  bad["digest"] = ex._combined_digest(bad["chunk_digests"])  # pylint: disable=protected-access
+  with pytest.raises(ex.ExchangeError, match="corrupt"):
+    ex.read_block(bucket, "r", "a", bad, (slice(0, 4), slice(0, 6)),
+                  out=np.zeros((4, 6), np.float32))
