@@ -110,6 +110,7 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def write(summary: dict[str, Any], workdir: str) -> str:
+  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "summary.json")
   with open(path, "w") as f:
     json.dump(summary, f, indent=2)

@@ -57,6 +57,8 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   cap = federation.weight_cap(config)
   params, state = initial_round(config)
   records = []
+  os.makedirs(workdir, exist_ok=True)
+  log = open(os.path.join(workdir, "simulation.jsonl"), "a")  # Records as they come.
   for g in range(int(f.rounds) + 1):
     like = workers[next(iter(workers))].trainer.param_shardings
     deltas, tokens, names = [], [], []
@@ -76,6 +78,8 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
           tokens.append(rec["tokens"])
           names.append(name)
       records.append(rec)
+      log.write(json.dumps(rec) + "\n")
+      log.flush()
     if g == int(f.rounds):
       break
     t0 = time.perf_counter()
@@ -87,6 +91,7 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
       state = {n: jax.device_get(v[1]) for n, v in new.items()}
     logging.info("simulate: round %d merged from %s in %.2f s", g + 1, names,
                  time.perf_counter() - t0)
+  log.close()
   for w in workers.values():
     w.close()
   return {"params": params, "outer_state": state, "records": records}
