@@ -34,6 +34,8 @@ _BATCH = flags.DEFINE_integer("batch", 0, "Global batch in sequences (0 = the pr
 _SEQ = flags.DEFINE_integer("seq_len", 0, "Sequence length (0 = the preset's config).")
 _DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype (default: float32 on CPU, else bfloat16).")
 _REMAT = flags.DEFINE_string("remat", "", "Remat policy override (none|full|dots|dots_no_batch).")
+_SCAN = flags.DEFINE_enum("scan_layers", "", ["", "true", "false"],
+                          "Scan over layers (default: the preset config's setting).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 2 warm-up steps).")
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 0, "Side of the peak matmul (0 = 2048 on CPU, 8192 else).")
 _JSON = flags.DEFINE_string("json_out", "", "Also write the results here.")
@@ -59,6 +61,8 @@ def main(argv):
   config.model.compute_dtype = dtype
   if _REMAT.value:
     config.model.remat = _REMAT.value
+  if _SCAN.value:
+    config.model.scan_layers = _SCAN.value == "true"
   B = _BATCH.value or config.train.global_batch_size
   L = _SEQ.value or config.data.seq_len
   mcfg = model_lib.ModelConfig.from_config(config.model)
@@ -96,7 +100,7 @@ def main(argv):
   result = {
       "device": f"{len(devices)} x {devices[0].device_kind}",
       "preset": _PRESET.value, "params": model_lib.count_params(mcfg), "batch": B, "seq_len": L,
-      "compute_dtype": dtype, "remat": mcfg.remat, "compile_s": round(compile_s, 1),
+      "compute_dtype": dtype, "remat": mcfg.remat, "scan_layers": mcfg.scan_layers, "compile_s": round(compile_s, 1),
       "step_s": step_s, "tokens_per_s": tokens / step_s, "achieved_tflops": achieved / 1e12,
       "matmul_peak_tflops": matmul_peak_total / 1e12, "matmul_n": n,
       "ratio_vs_measured_matmul_peak": achieved / matmul_peak_total,
