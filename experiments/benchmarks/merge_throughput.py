@@ -1,11 +1,30 @@
 """Throughput and peak memory of the coordinator's streaming merge (`merge.merge_round`).
 
   python -m experiments.benchmarks.merge_throughput                     # 8 sites x 256 MiB
+  python -m experiments.benchmarks.merge_throughput --repeats=2 --cache=both
   python -m experiments.benchmarks.merge_throughput --sites=4 --update_mib=64 --outer=adam
 
 Target (issue 3): the coordinator merges K site updates at >= 50% of the raw TensorStore
 read throughput of the same bytes, measured in the same run, and its peak memory stays
 bounded: 8 updates of 256 MiB each merge in under 1 GiB resident.
+
+Two page-cache states are measured (--cache=warm|cold|both, default both), each with its
+own raw-read baselines, merges and ratio, because they answer different questions:
+  warm  every input byte is in the page cache (read once, untimed, before each repeat's
+        timed runs). Raw reads are then memory copies (~3-4 GB/s on 2 cores), so the
+        merge is CPU-bound, and what dominates it is the sha256 of every chunk read
+        (and written) that verification needs (~1.3 GB/s per core; the digests are what
+        signatures bind, so they cannot be skipped). This isolates the merge's own CPU
+        cost: the ratio is the verification + merge overhead over a bare memory copy.
+  cold  before EACH timed measurement (every raw-read variant, the verified read, every
+        merge) dirty pages are flushed (os.sync) and the page cache is dropped (write 3
+        to /proc/sys/vm/drop_caches; needs root, and it drops the cache of the whole
+        machine, other processes' included). Every byte then comes from storage, which
+        is what a coordinator reading fresh site updates sees: the updates were written
+        by other machines (or long enough ago), so they are not in its page cache. Here
+        the raw baseline is storage throughput and hashing can hide behind the reads.
+  both  warm, then cold, in every repeat. If the page cache cannot be dropped, --cache=cold
+        fails with one line saying why and --cache=both measures warm only (with a note).
 
 What runs, in order, under --workdir (a fresh temp dir, removed at the end unless --keep):
   1. Data: a previous global round (params/<name> and outer/<name>/<leaf> for --outer,
@@ -14,28 +33,35 @@ What runs, in order, under --workdir (a fresh temp dir, removed at the end unles
      write_manifest (16 MiB chunks). Every array is float32 [rows, --cols]; --num_arrays
      of them make --update_mib per update. They are generated and written one array at
      a time, then flushed to disk (os.sync).
-  2. Warm-up: every input byte is read once through TensorStore, untimed. All timed
-     reads below are from a warm page cache (it cannot be dropped without root, and the
-     data were just written), for the baselines and the merge alike.
-  3. Baselines, in this process, over exactly the bytes the merge reads (K updates,
+  2. Baselines, in this process, over exactly the bytes the merge reads (K updates,
      global params, outer state):
-       raw, blocks   TensorStore reads of the merge's blocks (whole chunks), no checks,
-                     one at a time (more in flight was slower on 2 cores);
-       raw, arrays   whole zarr3 arrays with `ts.open(...).read()`, no checks;
+       raw, blocks, W in flight
+                     TensorStore reads of the merge's blocks (whole chunks), no checks,
+                     W at a time: W = --read_window (1: more in flight was slower on 2
+                     cores, warm), and W = the merge's own read concurrency (one block
+                     of each parameter-shaped input: K + 1 + outer-state leaves), which
+                     storage (cold) rewards;
+       raw, arrays   whole zarr3 arrays with `ts.open(...).read()`, --read_window at a
+                     time, no checks;
        verified      exchange.read_block over the same blocks (sha256 of every chunk
                      checked against the writer's digest, as the merge does), on
                      os.cpu_count() threads.
-     The target ratio is taken against the FASTER raw read.
-  4. The merge, in a child process (so its peak RSS is the merge's alone, not the data
-     generator's): merge.merge_round of the K updates into the next global round, then
-     its manifest and COMMIT, like Coordinator.run_round. Before timing, the child
-     compiles outer.merge_block for the block shapes it will see (a long-running
-     coordinator did that in its first round) and resets its RSS high-water mark.
-  5. Check: --check_blocks blocks of the merged round are compared bit for bit with
-     outer.merge_block on the same inputs read back here.
-Steps 3 and 4 alternate --repeats times; the best time of each is reported, with CPU
-seconds (user + system, all threads). The machine's load average is printed too:
-other processes competing for the CPU slow every measurement.
+     The target ratio is taken against the FASTER raw read (of that cache state).
+  3. The merge, in a child process (so its peak RSS is the merge's alone, not the data
+     generator's): merge.merge_round of the K updates into a new global round, then its
+     manifest and COMMIT, like Coordinator.run_round. Before timing, the child compiles
+     outer.merge_block for the block shapes it will see (a long-running coordinator did
+     that in its first round), resets its RSS high-water mark, syncs, and (cold) drops
+     the page cache.
+  4. Check: --check_blocks blocks of the first merged round are compared bit for bit
+     with outer.merge_block on the same inputs read back here, and every later merged
+     round (warm or cold) must have the same array records (chunk digests) as the first.
+Steps 2 and 3 run --repeats times per cache state (warm, then cold, in each repeat);
+the best time of each is reported, with CPU seconds (user + system, all threads). Every
+timed measurement starts after an os.sync(), so that writeback of the previous merge's
+output does not overlap it. Peak RSS is the largest over all merges (page cache is not
+RSS, so it is the same warm or cold). The machine's load average is printed too: other
+processes competing for the CPU slow every measurement, warm ones most.
 """
 
 from __future__ import annotations
@@ -71,7 +97,12 @@ _READ_AHEAD = flags.DEFINE_integer("read_ahead", merge_lib.DEFAULT_READ_AHEAD,
                                    "merge_round's read_ahead (block sets read while one merges).")
 _READ_WINDOW = flags.DEFINE_integer("read_window", 1, "Reads in flight in the raw read "
                                     "baselines.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed (raw read, merge) pairs; best of each.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed (raw reads, merge) rounds per cache "
+                                "state; best of each.")
+_CACHE = flags.DEFINE_enum("cache", "both", ["warm", "cold", "both"],
+                           "Page cache for the timed runs: warm (inputs cached: CPU-bound), "
+                           "cold (os.sync + drop_caches before each: storage throughput; "
+                           "needs root), or both (warm, then cold, each repeat).")
 _CHECK_BLOCKS = flags.DEFINE_integer("check_blocks", 3, "Merged blocks checked against numpy.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where the buckets go ('' = a new dir under /tmp).")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep --workdir at the end.")
@@ -81,6 +112,36 @@ _CHILD = flags.DEFINE_string("merge_child", "", "Internal: run only the merge de
 
 FEDERATION = "merge-benchmark"
 MB = 1e6
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+# ------------------------------------------------------------------------- page cache
+
+def drop_page_cache() -> None:
+  """Flushes dirty pages (os.sync) and drops the whole machine's clean page cache,
+  dentries and inodes (needs root); raises OSError when that is refused."""
+  os.sync()
+  with open(DROP_CACHES, "w") as f:
+    f.write("3")
+
+
+def cannot_drop_page_cache() -> str | None:
+  """None if this process can drop the page cache (it does so once to find out), else
+  why not, in a few words."""
+  try:
+    drop_page_cache()
+  except OSError as e:
+    return f"writing 3 to {DROP_CACHES} failed ({e.strerror or e}; needs root on Linux)"
+  return None
+
+
+def prepare_cache(cache: str) -> None:
+  """Just before a timed measurement: flush writeback (so that it does not overlap the
+  measurement) and, for "cold", drop the page cache."""
+  if cache == "cold":
+    drop_page_cache()
+  else:
+    os.sync()
 
 
 # ------------------------------------------------------------------------- memory
@@ -160,6 +221,7 @@ def run_child(spec_path: str) -> None:
   warmup_s = time.perf_counter() - t0
   rss_ready = _status_kib("VmRSS")
   reset = _reset_peak_rss()
+  prepare_cache(spec["cache"])
   cpu0, t0 = _cpu_s(), time.perf_counter()
   records = merge_lib.merge_round(tx, glob, spec["base_prefix"], base, inputs, weights, glob,
                                   spec["out_prefix"], max_block_bytes=spec["max_block_bytes"],
@@ -169,7 +231,7 @@ def run_child(spec_path: str) -> None:
       base_round=0, tokens=0, arrays=records))
   merge_s, cpu_s = time.perf_counter() - t0, _cpu_s() - cpu0
   print(json.dumps({
-      "merge_s": merge_s, "cpu_s": cpu_s, "warmup_s": warmup_s,
+      "cache": spec["cache"], "merge_s": merge_s, "cpu_s": cpu_s, "warmup_s": warmup_s,
       "rss_after_imports_mib": rss_imports / 1024, "rss_before_merge_mib": rss_ready / 1024,
       # VmHWM after the reset: the peak of the merge itself (jit warm-up excluded).
       "peak_rss_merge_mib": _status_kib("VmHWM") / 1024 if reset else None,
@@ -351,6 +413,57 @@ def check_blocks(tx, glob: Bucket, sites: list[Bucket], weights, out_prefix: str
 
 # ------------------------------------------------------------------------- main
 
+def summarize(runs: dict, merges: list[dict], input_bytes: int) -> dict:
+  """The results of one cache state: best runs, baseline, ratios, peak RSS."""
+  best = {label: min(r) for label, r in runs.items()}  # (seconds, cpu) of the fastest run
+  merge_best = min(merges, key=lambda m: m["merge_s"])
+  merge_mbs = input_bytes / merge_best["merge_s"] / MB
+  raw_label = min((l for l in best if l.startswith("raw")), key=lambda l: best[l][0])
+  raw_mbs = input_bytes / best[raw_label][0] / MB
+  return {
+      "runs_s_cpu_s": {**runs, "merge": [(m["merge_s"], m["cpu_s"]) for m in merges]},
+      "best_s_cpu_s": {**best, "merge": (merge_best["merge_s"], merge_best["cpu_s"])},
+      "mb_s": {**{l: input_bytes / b[0] / MB for l, b in best.items()}, "merge": merge_mbs},
+      "baseline": raw_label, "raw_read_mb_s": raw_mbs, "merge_mb_s": merge_mbs,
+      "ratio_merge_vs_raw": merge_mbs / raw_mbs, "target_ratio": 0.5,
+      "ratio_merge_vs": {l: merge_mbs / (input_bytes / b[0] / MB) for l, b in best.items()},
+      "peak_rss_merge_mib": max(m["peak_rss_merge_mib"] or m["peak_rss_process_mib"]
+                                for m in merges),
+      "peak_rss_process_mib": max(m["peak_rss_process_mib"] for m in merges),
+      "rss_before_merge_mib": merge_best["rss_before_merge_mib"],
+      "rss_after_imports_mib": merge_best["rss_after_imports_mib"],
+      "jit_warmup_s": merge_best["warmup_s"],
+      "merge_bytes_read": merge_best["bytes_read"], "output_bytes": merge_best["bytes_written"],
+  }
+
+
+CACHE_TITLES = {
+    "warm": "WARM page cache (inputs cached; CPU-bound: sha256 of every chunk dominates)",
+    "cold": "COLD page cache (os.sync + drop_caches before each run; storage throughput, "
+            "what a coordinator reading fresh updates sees)",
+}
+
+
+def print_table(cache: str, r: dict) -> None:
+  print(f"-- {CACHE_TITLES[cache]}")
+  print(f"{'':36}{'seconds':>9}{'CPU s':>8}{'MB/s':>8}{'merge/this':>12}")
+  for label, (seconds, cpu_s) in r["best_s_cpu_s"].items():
+    if label == "merge":
+      continue
+    mbs = r["mb_s"][label]
+    print(f"{label + (' (baseline)' if label == r['baseline'] else ''):36}{seconds:9.2f}"
+          f"{cpu_s:8.2f}{mbs:8.0f}{r['merge_mb_s'] / mbs:12.2f}")
+  seconds, cpu_s = r["best_s_cpu_s"]["merge"]
+  print(f"{'merge_round (child process)':36}{seconds:9.2f}{cpu_s:8.2f}{r['merge_mb_s']:8.0f}")
+  ratio = r["ratio_merge_vs_raw"]
+  print(f"{cache} ratio, merge / {r['baseline']} read: {r['merge_mb_s']:.0f} / "
+        f"{r['raw_read_mb_s']:.0f} MB/s = {ratio:.2f} (target >= 0.50: "
+        f"{'met' if ratio >= 0.5 else 'NOT met'}); peak RSS of the merge "
+        f"{r['peak_rss_merge_mib']:.0f} MiB")
+  print(f"{cache} runs (s, CPU s): " + "; ".join(
+      f"{l} {[(round(a, 2), round(b, 2)) for a, b in v]}" for l, v in r["runs_s_cpu_s"].items()))
+
+
 def main(argv):
   del argv
   if _CHILD.value:
@@ -361,6 +474,16 @@ def main(argv):
   if K < 1 or rows < 1:
     raise app.UsageError(f"need --sites >= 1 and --update_mib large enough for {n_arrays} "
                          f"arrays of [rows, {cols}] float32")
+  caches = ["warm", "cold"] if _CACHE.value == "both" else [_CACHE.value]
+  cache_note = None
+  if "cold" in caches:
+    why = cannot_drop_page_cache()
+    if why and _CACHE.value == "cold":
+      sys.exit(f"merge_throughput: --cache=cold cannot drop the page cache: {why}")
+    if why:
+      cache_note = f"cold cache not measured, warm only: {why}"
+      print(f"note: {cache_note}")
+      caches = ["warm"]
   shape = (rows, cols)
   max_block_bytes = max(1, int(_MAX_BLOCK_MIB.value * 2**20))
   window = _READ_WINDOW.value
@@ -368,8 +491,8 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="merge_throughput_", dir="/tmp")
   os.makedirs(workdir, exist_ok=True)
   load0 = os.getloadavg()
-  runs = {"raw, blocks": [], "raw, arrays": [], "verified": []}
-  merges = []
+  merges: dict[str, list[dict]] = {c: [] for c in caches}
+  out_records = []
   try:
     t0 = time.perf_counter()
     glob, sites = write_inputs(workdir, tx, K, _names(n_arrays), shape)
@@ -379,79 +502,88 @@ def main(argv):
     input_bytes = sum(math.prod(r["shape"]) * np.dtype(r["dtype"]).itemsize
                       for _, _, _, r in arrays)
     weights = outer_lib.cap_weights([1000 * (k + 1) for k in range(K)], None)
+    # The merge reads one block of each parameter-shaped input at once: K updates, the
+    # global params and the parameter-shaped outer-state leaves.
+    merge_window = sum(tuple(r["shape"]) == shape for _, _, _, r in arrays) // n_arrays
+    variants = {f"raw, blocks, {w} in flight": (max_block_bytes, w)
+                for w in sorted({window, merge_window})}
+    variants["raw, arrays"] = (None, window)
+    runs = {c: {**{l: [] for l in variants}, "verified": []} for c in caches}
 
-    raw_read(arrays, max_block_bytes, window)  # Warm the page cache (untimed).
-    for rep in range(_REPEATS.value):
-      for label, fn in (("raw, blocks", lambda: raw_read(arrays, max_block_bytes, window)),
-                        ("raw, arrays", lambda: raw_read(arrays, None, window)),
-                        ("verified", lambda: verified_read(arrays, max_block_bytes))):
-        seconds, cpu_s, nbytes = fn()
-        if nbytes != input_bytes:
-          raise RuntimeError(f"{label} read {nbytes} bytes, expected {input_bytes}")
-        runs[label].append((seconds, cpu_s))
-      out_round = 1 + rep
-      merges.append(run_merge({
-          "outer": _OUTER.value, "global_url": glob.url, "base_prefix": exchange.global_prefix(0),
-          "site_urls": [b.url for b in sites], "update_prefix": exchange.update_prefix(1),
-          "weights": [float(w) for w in weights], "out_prefix": exchange.global_prefix(out_round),
-          "out_round": out_round, "max_block_bytes": max_block_bytes,
-          "read_ahead": _READ_AHEAD.value}, workdir))
+    for _ in range(_REPEATS.value):
+      for cache in caches:
+        if cache == "warm":
+          raw_read(arrays, max_block_bytes, window)  # Warm the page cache (untimed).
+        for label in runs[cache]:
+          prepare_cache(cache)
+          seconds, cpu_s, nbytes = (verified_read(arrays, max_block_bytes) if label == "verified"
+                                    else raw_read(arrays, *variants[label]))
+          if nbytes != input_bytes:
+            raise RuntimeError(f"{label} read {nbytes} bytes, expected {input_bytes}")
+          runs[cache][label].append((seconds, cpu_s))
+        out_round = 1 + len(out_records)
+        merges[cache].append(run_merge({
+            "outer": _OUTER.value, "global_url": glob.url,
+            "base_prefix": exchange.global_prefix(0), "site_urls": [b.url for b in sites],
+            "update_prefix": exchange.update_prefix(1),
+            "weights": [float(w) for w in weights], "out_prefix": exchange.global_prefix(out_round),
+            "out_round": out_round, "max_block_bytes": max_block_bytes,
+            "read_ahead": _READ_AHEAD.value, "cache": cache}, workdir))
+        out_records.append(
+            exchange.read_manifest(glob, exchange.global_prefix(out_round))["arrays"])
     checked = check_blocks(tx, glob, sites, weights, exchange.global_prefix(1), max_block_bytes,
                            _CHECK_BLOCKS.value)
+    for r, records in enumerate(out_records[1:], start=2):
+      if records != out_records[0]:
+        raise AssertionError(f"merged round {r} differs from round 1 (array records)")
   finally:
     if not _KEEP.value:
       shutil.rmtree(workdir, ignore_errors=True)
   load1 = os.getloadavg()
   sha_mb_s = sha256_mb_s()
 
-  best = {label: min(r) for label, r in runs.items()}  # (seconds, cpu) of the fastest run
-  merge_best = min(merges, key=lambda m: m["merge_s"])
-  merge_mbs = input_bytes / merge_best["merge_s"] / MB
-  raw_label = min(("raw, blocks", "raw, arrays"), key=lambda l: best[l][0])
-  raw_mbs = input_bytes / best[raw_label][0] / MB
-  peak = max(m["peak_rss_merge_mib"] or m["peak_rss_process_mib"] for m in merges)
+  per_cache = {c: summarize(runs[c], merges[c], input_bytes) for c in caches}
+  peak = max(r["peak_rss_merge_mib"] for r in per_cache.values())
+  first = per_cache[caches[0]]
   result = {
       "sites": K, "update_mib": _UPDATE_MIB.value, "arrays": n_arrays, "array_shape": list(shape),
       "outer": _OUTER.value, "max_block_bytes": max_block_bytes, "read_ahead": _READ_AHEAD.value,
-      "read_window": window, "cache": "warm (every byte read once before timing, for all)",
-      "input_bytes": input_bytes, "output_bytes": merge_best["bytes_written"],
-      "merge_bytes_read": merge_best["bytes_read"], "write_inputs_s": write_s,
-      "runs_s_cpu_s": {**runs, "merge": [(m["merge_s"], m["cpu_s"]) for m in merges]},
-      "baseline": raw_label, "raw_read_mb_s": raw_mbs, "merge_mb_s": merge_mbs,
-      "ratio_merge_vs_raw": merge_mbs / raw_mbs, "target_ratio": 0.5,
-      "ratio_merge_vs": {l: merge_mbs / (input_bytes / b[0] / MB) for l, b in best.items()},
+      "read_window": window, "merge_read_window": merge_window, "repeats": _REPEATS.value,
+      "cache": caches, "cache_note": cache_note,
+      "cache_meaning": {
+          "warm": "every input byte read once (untimed) before each repeat's timed runs",
+          "cold": "os.sync() and 3 > /proc/sys/vm/drop_caches before each timed run"},
+      "input_bytes": input_bytes, "output_bytes": first["output_bytes"],
+      "merge_bytes_read": first["merge_bytes_read"], "write_inputs_s": write_s,
+      **per_cache,
+      "ratio_merge_vs_raw": {c: r["ratio_merge_vs_raw"] for c, r in per_cache.items()},
+      "target_ratio": 0.5,
       "peak_rss_merge_mib": peak, "target_peak_rss_mib": 1024,
-      "peak_rss_process_mib": max(m["peak_rss_process_mib"] for m in merges),
-      "rss_before_merge_mib": merge_best["rss_before_merge_mib"],
-      "rss_after_imports_mib": merge_best["rss_after_imports_mib"],
-      "jit_warmup_s": merge_best["warmup_s"], "sha256_mb_per_cpu_s": sha_mb_s,
-      "blocks_checked_bit_identical": checked,
+      "peak_rss_process_mib": max(r["peak_rss_process_mib"] for r in per_cache.values()),
+      "sha256_mb_per_cpu_s": sha_mb_s,
+      "blocks_checked_bit_identical": checked, "merged_rounds_identical": len(out_records),
       "load_average_1m_before_after": [load0[0], load1[0]], "cpus": os.cpu_count(),
   }
   print(f"merge_round: {K} site updates x {_UPDATE_MIB.value} MiB ({n_arrays} arrays "
         f"{list(shape)} float32 each), outer {_OUTER.value}, blocks <= "
-        f"{max_block_bytes / 2**20:g} MiB, read_ahead {_READ_AHEAD.value}")
+        f"{max_block_bytes / 2**20:g} MiB, read_ahead {_READ_AHEAD.value}, "
+        f"best of {_REPEATS.value}")
   print(f"bytes merged (updates + global params + outer state): {input_bytes / 2**20:.0f} MiB "
-        f"read, {merge_best['bytes_written'] / 2**20:.0f} MiB written; page cache warm for all")
-  print(f"{'':30}{'seconds':>9}{'CPU s':>8}{'MB/s':>8}{'merge/this':>12}")
-  for label, (seconds, cpu_s) in best.items():
-    mbs = input_bytes / seconds / MB
-    print(f"{label + (' (baseline)' if label == raw_label else ''):30}{seconds:9.2f}{cpu_s:8.2f}"
-          f"{mbs:8.0f}{merge_mbs / mbs:12.2f}")
-  print(f"{'merge_round (child process)':30}{merge_best['merge_s']:9.2f}"
-        f"{merge_best['cpu_s']:8.2f}{merge_mbs:8.0f}")
-  ok = merge_mbs / raw_mbs >= 0.5
-  print(f"ratio merge / {raw_label} read: {merge_mbs / raw_mbs:.2f} (target >= 0.50: "
-        f"{'met' if ok else 'NOT met'})")
+        f"read, {first['output_bytes'] / 2**20:.0f} MiB written; page cache: "
+        + ", ".join(caches) + (f" ({cache_note})" if cache_note else ""))
+  for cache in caches:
+    print_table(cache, per_cache[cache])
+  print("ratios, merge MB/s / raw read MB/s: " + ", ".join(
+      f"{c} {r['ratio_merge_vs_raw']:.2f}" for c, r in per_cache.items())
+        + " (target >= 0.50)")
   print(f"peak RSS of the merge: {peak:.0f} MiB (target < 1024: "
         f"{'met' if peak < 1024 else 'NOT met'}); the child held "
-        f"{merge_best['rss_before_merge_mib']:.0f} MiB before merging (Python, JAX, TensorStore, "
+        f"{first['rss_before_merge_mib']:.0f} MiB before merging (Python, JAX, TensorStore, "
         f"compiled merge), {result['peak_rss_process_mib']:.0f} MiB at most over its life")
-  print(f"sha256: {sha_mb_s:.0f} MB per CPU second on one core; all runs (s, CPU s): "
-        + "; ".join(f"{l} {[(round(a, 2), round(b, 2)) for a, b in r]}"
-                    for l, r in result["runs_s_cpu_s"].items()))
-  print(f"{checked} merged blocks bit-identical to outer.merge_block; load average "
-        f"{load0[0]:.1f} -> {load1[0]:.1f} on {os.cpu_count()} CPUs")
+  print(f"sha256: {sha_mb_s:.0f} MB per CPU second on one core")
+  print(f"{checked} merged blocks bit-identical to outer.merge_block; all {len(out_records)} "
+        f"merged rounds have identical records; load average {load0[0]:.1f} -> "
+        f"{load1[0]:.1f} on {os.cpu_count()} CPUs")
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(result, f, indent=2)
