@@ -42,9 +42,7 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"  # none | full | dots | dots_no_batch
   scan_layers: bool = True
-  # auto: jax.nn.dot_product_attention (fused kernels on accelerators), einsum on CPU;
-  # xla | cudnn: that dot_product_attention implementation; einsum: ours (below).
-  attention: str = "auto"
+  attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention impl)
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -62,8 +60,8 @@ class ModelConfig:
       raise ValueError(f"model: head_dim={self.head_dim} must be even (rotary embeddings)")
     if self.remat not in _REMAT_POLICIES:
       raise ValueError(f"model: remat must be one of {sorted(_REMAT_POLICIES)}, got {self.remat!r}")
-    if self.attention not in ("auto", "xla", "cudnn", "einsum"):
-      raise ValueError(f"model: attention must be auto|xla|cudnn|einsum, got {self.attention!r}")
+    if self.attention not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"model: attention must be auto|xla|cudnn, got {self.attention!r}")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
       if getattr(self, name) <= 0:
         raise ValueError(f"model: {name} must be positive, got {getattr(self, name)}")
@@ -196,23 +194,6 @@ def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
   return (same_BxLxL & causal_LxL)[:, None, :, :]  # B x 1 x L x L (broadcast over heads)
 
 
-def einsum_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL):
-  """Grouped-query softmax attention as two einsums over (kv head, group) axes.
-
-  Same math as jax.nn.dot_product_attention; on XLA:CPU its backward pass needs far
-  fewer layout transposes than that function's vmapped GQA path (measured with
-  experiments/benchmarks/train_throughput.py), so CPU uses this one."""
-  B, L, H, Dh = q_BxLxHxDh.shape
-  K = k_BxLxKxDh.shape[2]
-  q_BxLxKxGxDh = (q_BxLxHxDh * jnp.asarray(Dh ** -0.5, q_BxLxHxDh.dtype)).reshape(B, L, K, H // K, Dh)
-  s_BxKxGxLxL = jnp.einsum("blkgd,bmkd->bkglm", q_BxLxKxGxDh, k_BxLxKxDh,
-                           preferred_element_type=jnp.float32)
-  s_BxKxGxLxL = jnp.where(mask_Bx1xLxL[:, :, None], s_BxKxGxLxL, jnp.finfo(jnp.float32).min)
-  p_BxKxGxLxL = jax.nn.softmax(s_BxKxGxLxL, axis=-1).astype(v_BxLxKxDh.dtype)
-  o_BxLxKxGxDh = jnp.einsum("bkglm,bmkd->blkgd", p_BxKxGxLxL, v_BxLxKxDh)
-  return o_BxLxKxGxDh.reshape(B, L, H, Dh)
-
-
 def _layer(cfg: ModelConfig, x_BxLxD, layer: Params, positions_BxL, mask_Bx1xLxL):
   cdt = _DTYPES[cfg.compute_dtype]
   w = jax.tree.map(lambda p: p.astype(cdt), layer)
@@ -226,12 +207,9 @@ def _layer(cfg: ModelConfig, x_BxLxD, layer: Params, positions_BxL, mask_Bx1xLxL
   k_BxLxKxDh = sharding.constrain(rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta),
                                   ("batch", "length", "act_kv", None))
   v_BxLxKxDh = sharding.constrain(v_BxLxKxDh, ("batch", "length", "act_kv", None))
-  if cfg.attention == "einsum" or (cfg.attention == "auto" and jax.default_backend() == "cpu"):
-    o_BxLxHxDh = einsum_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL)
-  else:
-    impl = None if cfg.attention == "auto" else cfg.attention
-    o_BxLxHxDh = jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
-                                              mask=mask_Bx1xLxL, implementation=impl)
+  impl = None if cfg.attention == "auto" else cfg.attention
+  o_BxLxHxDh = jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
+                                            mask=mask_Bx1xLxL, implementation=impl)
   attn_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxDh, w["wo"])
   x_BxLxD = sharding.constrain(x_BxLxD + attn_BxLxD, ("batch", "length", "act_embed"))
 

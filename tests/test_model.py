@@ -104,20 +104,3 @@ def test_logical_rules_never_reuse_a_mesh_axis():
 def test_bad_mesh_shapes(shape, n, err):
   with pytest.raises(sharding.MeshError, match=err):
     sharding.resolve_mesh_shape(shape, n)
-
-
-def test_einsum_attention_matches_dot_product_attention():
-  """CPU's einsum attention is the same function as jax.nn.dot_product_attention
-  (grouped-query heads, causal + document mask), values and gradients."""
-  rng = np.random.default_rng(0)
-  B, L, H, K, Dh = 2, 16, 4, 2, 8
-  q, k, v = (jnp.asarray(rng.normal(size=(B, L, n, Dh)), jnp.float32) for n in (H, K, K))
-  seg = jnp.asarray(np.where(np.arange(L) < 6, 1, 2)[None].repeat(B, 0), jnp.int32)
-  mask = model_lib.attention_mask(seg)
-  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-  ours = lambda q, k, v: model_lib.einsum_attention(q, k, v, mask)
-  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
-  g_ref = jax.grad(lambda *a: (ref(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
-  g_ours = jax.grad(lambda *a: (ours(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
-  for a, b in zip(g_ours, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
