@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two sites, two rounds of 3 inner steps, site b on a different mesh than site a.
 OVERRIDES = {
     "federation.rounds": 2, "federation.inner_steps": 3, "federation.poll_s": 0.05,
-    "federation.compare_alone": False, "train.global_batch_size": 8, "train.warmup_steps": 2,
+    "federation.compare_alone": False, "federation.eval_every": 1,
+    "train.global_batch_size": 8, "train.warmup_steps": 2,
     "train.eval_batches": 2, "data.seq_len": 64, "data.synthetic.num_documents": 200,
     "mesh.fsdp": -1,
 }

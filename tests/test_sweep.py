@@ -14,7 +14,7 @@ def test_overrides_apply_to_a_copy():
                                    "federation.outer.lr": 0.3, "sites": "latin,kana"})
   assert c.federation.inner_steps == 10 and c.federation.outer.lr == 0.3
   assert sorted(federation.site_names(c)) == ["kana", "latin"]
-  assert base.federation.inner_steps == 25 and len(federation.site_names(base)) == 4
+  assert base.federation.inner_steps == 10 and len(federation.site_names(base)) == 4
 
 
 def test_typos_and_unknown_sites_are_config_errors():
