@@ -611,6 +611,11 @@ def _canonical(bucket_url: str, prefix: str, obj: Any) -> bytes:
                         f"({e})") from None
 
 
+def manifest_digest(manifest: Mapping) -> str:
+  """The sha256 hex a committed manifest's COMMIT marker holds (of its canonical JSON)."""
+  return hashlib.sha256(_canonical("-", "-", manifest)).hexdigest()
+
+
 def make_manifest(*, federation: str, kind: str, round: int, author: str,  # noqa: A002
                   arrays: Mapping[str, dict], base_round: int | None = None,
                   tokens: int = 0, extra: Mapping[str, Any] | None = None) -> dict:

@@ -27,6 +27,7 @@ from tapestry_jax import checkpoint as checkpoint_lib
 from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import loop
+from tapestry_jax import outer as outer_lib
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
 
@@ -51,10 +52,7 @@ class SiteWorker:
     self.state = trainer.init_state(int(t.seed))
     self.base = None  # The global params the current inner phase started from.
     self._ckpt = None
-    self._delta = jax.jit(
-        lambda base, params: jax.tree.map(
-            lambda b, p: b.astype(jnp.float32) - p.astype(jnp.float32), base, params),
-        out_shardings=trainer.param_shardings)
+    self._delta = jax.jit(outer_lib.pseudo_gradient, out_shardings=trainer.param_shardings)
 
   # ---------------------------------------------------------------- checkpoints
 
