@@ -177,19 +177,36 @@ class Coordinator:
     t0 = time.perf_counter()
     updates = self.gather(round_)
     wait_s = time.perf_counter() - t0
-    names = [n for n in self.names if n in updates]
-    tokens = [updates[n]["tokens"] for n in names]
-    weights = outer_lib.cap_weights(tokens, self.cap)
+    gathered = [n for n in self.names if n in updates]
     base_prefix = exchange.global_prefix(round_ - 1)
     base_manifest = exchange.read_manifest(self.glob, base_prefix)
-    read0 = self.glob.bytes_read + sum(self.sites[n].bytes_read for n in names)
+    read0 = self.glob.bytes_read + sum(self.sites[n].bytes_read for n in gathered)
     write0 = self.glob.bytes_written
     t1 = time.perf_counter()
     prefix = exchange.global_prefix(round_)
-    records = merge_lib.merge_round(
-        self.tx, self.glob, base_prefix, base_manifest,
-        [(self.sites[n], exchange.update_prefix(round_), updates[n]) for n in names],
-        weights, self.glob, prefix)
+    while True:
+      names = [n for n in self.names if n in updates]
+      tokens = [updates[n]["tokens"] for n in names]
+      weights = outer_lib.cap_weights(tokens, self.cap)
+      try:
+        records = merge_lib.merge_round(
+            self.tx, self.glob, base_prefix, base_manifest,
+            [(self.sites[n], exchange.update_prefix(round_), updates[n]) for n in names],
+            weights, self.glob, prefix)
+        break
+      except merge_lib.NonFiniteUpdate as e:
+        # Found while merging (the values are only read there); nothing is committed yet.
+        bad = names[e.index]
+        why = f"non-finite values in array {e.name}"
+        logging.warning("coordinator: rejected update of site %s for round %d: %s",
+                        bad, round_, why)
+        self._rejected.add(bad)  # Committed but refused: never reported as late.
+        del updates[bad]
+        if len(updates) < self.quorum:
+          raise QuorumError(
+              f"round {round_}: rejected update of site {bad}: {why}; {len(updates)} "
+              f"updates remain, quorum {self.quorum}; the latest global round stays "
+              f"{round_ - 1}") from None
     inputs = [{"site": n, "round": round_, "manifest_sha256": manifest_sha256(updates[n]),
                "tokens": t, "weight": float(w)} for n, t, w in zip(names, tokens, weights)]
     exchange.write_manifest(self.glob, prefix, exchange.make_manifest(
@@ -199,7 +216,8 @@ class Coordinator:
     exchange.write_latest(self.glob, round_)
     rec = {"round": round_, "sites": names, "weights": [float(w) for w in weights],
            "wait_s": wait_s, "merge_s": time.perf_counter() - t1,
-           "bytes_read": self.glob.bytes_read + sum(self.sites[n].bytes_read for n in names) - read0,
+           "bytes_read": (self.glob.bytes_read + sum(self.sites[n].bytes_read for n in gathered)
+                          - read0),
            "bytes_written": self.glob.bytes_written - write0,
            "site_train_loss": {n: updates[n].get("extra", {}).get("train_loss") for n in names}}
     self._missing = {(n, r) for n, r in self._missing if r >= round_ - 2}

@@ -50,6 +50,16 @@ MAX_PENDING_WRITE_BLOCKS = 2
 _ALIGN = 64  # XLA:CPU uses host buffers aligned to 64 bytes without copying them.
 
 
+class NonFiniteUpdate(ExchangeError):
+  """A site's update holds a NaN or an infinity: merging it would poison the global
+  model (a norm bound alone does not catch NaN). `index` is the update's position in
+  `merge_round`'s `inputs`, `name` the array's name."""
+
+  def __init__(self, message: str, index: int, name: str):
+    super().__init__(message)
+    self.index, self.name = index, name
+
+
 class BlockWriter:
   """Writes one zarr3 array of a round block by block, hashing each chunk as it goes
   (the same record format as `exchange.write_arrays`).
@@ -270,32 +280,62 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         reading.append(start(*work[started]))
         started += 1
 
-    for k, (p, i) in enumerate(work):
-      fill(1)
-      raws, futs = reading.popleft()
-      # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
-      # inside state_from_leaves, would copy).
-      blocks = [jax.device_put(f.result()) for f in futs]
-      fill(read_ahead)  # Read the next blocks while this one merges.
-      g, leaf_blocks, deltas = blocks[0], blocks[1:1 + len(p.leaves)], blocks[1 + len(p.leaves):]
-      state = outer_lib.state_from_leaves(tx, g, {**p.whole, **dict(zip(p.leaves, leaf_blocks))})
-      new_g, new_state = outer_lib.merge_block(tx, g, state, deltas, weights)
-      # Materialized on the host: the merge has consumed its inputs (which JAX may alias
-      # without copying), so their buffers can be reused; an output that JAX forwarded
-      # from an input is copied out first.
-      new_g = _own(np.asarray(new_g), raws)
-      new_leaves = {l: _own(np.asarray(v), raws)
-                    for l, v in outer_lib.state_leaves(new_state).items()}
-      del state, new_state, blocks, g, leaf_blocks, deltas
-      buffers.give(raws)
-      idx = p.blocks[i]
-      writes.append((p.writers["params"], p.writers["params"].write(idx, new_g), k))
-      for leaf in p.leaves:
-        writes.append((p.writers[leaf], p.writers[leaf].write(idx, new_leaves[leaf]), k))
-      if i == 0:
-        for leaf, r in p.whole_records.items():
-          p.writers[leaf].write(tuple(slice(0, s) for s in r["shape"]), new_leaves[leaf])
-      settle(MAX_PENDING_WRITE_BLOCKS, k)
+    def check_finite(p: _Param, host: Sequence[np.ndarray]) -> None:
+      """Raises NonFiniteUpdate for the first site-update block with a NaN or Inf."""
+      first = 1 + len(p.leaves)
+      for j, block in enumerate(host[first:]):
+        if not np.isfinite(block).all():
+          b, pre, n, _ = p.sources[first + j]
+          raise NonFiniteUpdate(
+              f"update {pre} in bucket {b.url}: array {n!r} has non-finite values "
+              f"(NaN or Inf)", index=j, name=n)
+
+    def merge_all() -> None:
+      for k, (p, i) in enumerate(work):
+        fill(1)
+        raws, futs = reading.popleft()
+        host = [f.result() for f in futs]
+        check_finite(p, host)  # Before a value of it is merged.
+        # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
+        # inside state_from_leaves, would copy).
+        blocks = [jax.device_put(h) for h in host]
+        del host
+        fill(read_ahead)  # Read the next blocks while this one merges.
+        n_leaves = len(p.leaves)
+        g, leaf_blocks, deltas = blocks[0], blocks[1:1 + n_leaves], blocks[1 + n_leaves:]
+        state = outer_lib.state_from_leaves(tx, g,
+                                            {**p.whole, **dict(zip(p.leaves, leaf_blocks))})
+        new_g, new_state = outer_lib.merge_block(tx, g, state, deltas, weights)
+        # Materialized on the host: the merge has consumed its inputs (which JAX may alias
+        # without copying), so their buffers can be reused; an output that JAX forwarded
+        # from an input is copied out first.
+        new_g = _own(np.asarray(new_g), raws)
+        new_leaves = {l: _own(np.asarray(v), raws)
+                      for l, v in outer_lib.state_leaves(new_state).items()}
+        del state, new_state, blocks, g, leaf_blocks, deltas
+        buffers.give(raws)
+        idx = p.blocks[i]
+        writes.append((p.writers["params"], p.writers["params"].write(idx, new_g), k))
+        for leaf in p.leaves:
+          writes.append((p.writers[leaf], p.writers[leaf].write(idx, new_leaves[leaf]), k))
+        if i == 0:
+          for leaf, r in p.whole_records.items():
+            p.writers[leaf].write(tuple(slice(0, s) for s in r["shape"]), new_leaves[leaf])
+        settle(MAX_PENDING_WRITE_BLOCKS, k)
+
+    try:
+      merge_all()
+    except Exception:
+      # Nothing of this attempt is committed; let its writes land before the caller
+      # may redo the merge into the same prefix (a late write would overwrite the redo's).
+      for p in params:
+        for writer in (p.writers or {}).values():
+          for fut in [writer._open, *writer._pending]:
+            try:
+              fut.result()
+            except Exception:  # noqa: BLE001
+              pass
+      raise
     for p in params:
       records[f"params/{p.name}"] = p.writers["params"].finish()
       for leaf in sorted([*p.leaves, *p.whole_records]):

@@ -282,6 +282,71 @@ def test_an_inflated_token_count_merges_like_the_honest_one(tmp_path):
     np.testing.assert_array_equal(i_arrays[name], h_arrays[name], err_msg=name)
 
 
+def _poisoned(delta, value):
+  """`delta` with `value` (NaN or Inf) in the last element of its last array, so that
+  the merge has written blocks of round 1 before it reads the bad one."""
+  name = sorted(delta)[-1]
+  bad = delta[name].copy()
+  bad.flat[-1] = value
+  return {**delta, name: bad}, name
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+def test_a_non_finite_update_is_rejected_and_the_others_are_merged(tmp_path, caplog, value):
+  config = _config(rounds=2, quorum=2)
+  cap = federation.weight_cap(config)
+  r1 = {n: _delta(60 + i) for i, n in enumerate(SITES)}
+  greek, name = _poisoned(r1["greek"], value)
+  for n in SITES:
+    _publish(config, tmp_path, n, 1, greek if n == "greek" else r1[n])
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord.publish_initial()
+
+  rec = coord.run_round(1)
+
+  assert rec["sites"] == ["cyrillic", "latin"]
+  np.testing.assert_array_equal(rec["weights"], [0.5, 0.5])
+  rejected = [m for m in _warnings(caplog) if "rejected update of site greek" in m]
+  assert rejected == [f"coordinator: rejected update of site greek for round 1: "
+                      f"non-finite values in array {name}"], _warnings(caplog)
+  assert exchange.read_latest(_bucket(config, tmp_path, federation.GLOBAL)) == 1
+  manifest, arrays = _read_round(config, tmp_path, 1)
+  assert [i["site"] for i in manifest["extra"]["inputs"]] == ["cyrillic", "latin"]
+  weights = outer.cap_weights([cap, cap], cap)
+  params, state = _reference(config, [([r1["cyrillic"], r1["latin"]], weights)])
+  _assert_round_equals(arrays, params, state)
+  assert all(np.isfinite(a).all() for a in arrays.values())
+
+  # The refused update is not a late one: round 2 does not report it.
+  for i, n in enumerate(SITES):
+    _publish(config, tmp_path, n, 2, _delta(70 + i))
+  caplog.clear()
+  assert coord.run_round(2)["sites"] == list(SITES)
+  assert not [m for m in _warnings(caplog) if "late update" in m], _warnings(caplog)
+
+
+def test_a_non_finite_update_below_quorum_raises_and_commits_nothing(tmp_path, caplog):
+  config = _config(rounds=1, quorum=3)
+  deltas = {n: _delta(80 + i) for i, n in enumerate(SITES)}
+  greek, name = _poisoned(deltas["greek"], np.nan)
+  for n in SITES:
+    _publish(config, tmp_path, n, 1, greek if n == "greek" else deltas[n])
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+
+  with pytest.raises(coord_lib.QuorumError,
+                     match=rf"round 1: rejected update of site greek: non-finite values in "
+                           rf"array {name}; 2 updates remain, quorum 3; the latest global "
+                           rf"round stays 0"):
+    coord.run()
+
+  assert any("rejected update of site greek for round 1" in m for m in _warnings(caplog))
+  glob = _bucket(config, tmp_path, federation.GLOBAL)
+  assert exchange.read_latest(glob) == 0
+  assert exchange.committed_rounds(glob, "global") == [0]
+  assert exchange.read_manifest(glob, exchange.global_prefix(1)) is None
+  assert coord_lib.Coordinator(config, str(tmp_path)).latest() == 0
+
+
 # ------------------------------------------------------------------ restart
 
 
