@@ -10,7 +10,6 @@ deterministic, so the redo is bit-identical).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -27,12 +26,6 @@ from tapestry_jax import merge as merge_lib
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
-
-
-def manifest_sha256(manifest: dict) -> str:
-  """The hash its COMMIT marker holds (manifests are stored as canonical JSON)."""
-  return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":"),
-                                   allow_nan=False).encode()).hexdigest()
 
 
 class QuorumError(RuntimeError):
@@ -207,7 +200,7 @@ class Coordinator:
               f"round {round_}: rejected update of site {bad}: {why}; {len(updates)} "
               f"updates remain, quorum {self.quorum}; the latest global round stays "
               f"{round_ - 1}") from None
-    inputs = [{"site": n, "round": round_, "manifest_sha256": manifest_sha256(updates[n]),
+    inputs = [{"site": n, "round": round_, "manifest_sha256": exchange.manifest_digest(updates[n]),
                "tokens": t, "weight": float(w)} for n, t, w in zip(names, tokens, weights)]
     exchange.write_manifest(self.glob, prefix, exchange.make_manifest(
         federation=self.f.id, kind="global", round=round_, author=federation.GLOBAL,

@@ -135,7 +135,7 @@ def test_all_sites_commit_and_round_1_is_the_outer_step(tmp_path):
   assert [i["tokens"] for i in inputs] == [tokens[n] for n in SITES]
   np.testing.assert_allclose([i["weight"] for i in inputs], [0.2, 0.4, 0.4], rtol=1e-6)
   assert [i["manifest_sha256"] for i in inputs] == [
-      coord_lib.manifest_sha256(updates[n]) for n in SITES]
+      exchange.manifest_digest(updates[n]) for n in SITES]
   weights = outer.cap_weights([tokens[n] for n in SITES], cap)
   params, state = _reference(config, [([deltas[n] for n in SITES], weights)])
   _assert_round_equals(arrays, params, state)
