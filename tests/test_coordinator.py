@@ -6,6 +6,7 @@ quorum and deadline, late and rejected updates, the weight cap, restart after a 
 the site-side checks on a global round, and bad input at the command line.
 """
 import functools
+import json
 import logging
 import os
 import re
@@ -519,3 +520,35 @@ def test_bad_input_at_the_command_line_is_one_line_and_exit_status_2(tmp_path):
     assert "Traceback" not in stderr, (label, stderr[-2000:])
     assert len(errors) == 1, (label, stderr[-2000:])
     assert re.search(cases[label][1], errors[0]), (label, errors[0])
+
+
+@pytest.mark.parametrize("trick", ["../cyrillic/updates/round_000001/arrays/embed",
+                                   "/etc/passwd", "layers/../../../x"])
+def test_a_manifest_with_path_tricks_is_rejected_before_any_read(tmp_path, caplog, trick):
+  """A hand-crafted (but committed) manifest that names an array outside the site's
+  prefix is refused by the schema check; no read leaves the owner's prefix."""
+  config = _config(quorum=2)
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord.publish_initial()
+  for i, n in enumerate(["cyrillic", "latin"]):
+    _publish(config, tmp_path, n, 1, _delta(i))
+  bucket = _bucket(config, tmp_path, "greek")
+  prefix = exchange.update_prefix(1)
+  records = exchange.write_arrays(bucket, prefix, _delta(9))
+  records[trick] = records.pop("embed")
+  manifest = exchange.make_manifest(
+      federation=config.federation.id, kind="update", round=1, author="greek", base_round=0,
+      tokens=federation.weight_cap(config), arrays=records)
+  data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+  bucket.write(f"{prefix}/manifest.json", data)  # Forged by hand: write_manifest would
+  bucket.write(f"{prefix}/COMMIT", exchange.manifest_digest(manifest).encode())  # refuse it.
+  read_before = coord.sites["greek"].bytes_read
+  rec = coord.run_round(1)
+  assert rec["sites"] == ["cyrillic", "latin"]
+  rejected = [m for m in _warnings(caplog) if "rejected update of site greek" in m]
+  assert len(rejected) == 1 and "unexpected arrays" in rejected[0], _warnings(caplog)
+  # Only greek's manifest and COMMIT were read (a few kB), none of its ~3.5 MB of arrays.
+  assert coord.sites["greek"].bytes_read - read_before < 64 << 10
+  with pytest.raises(buckets.BucketError, match="keys must stay inside the bucket"):
+    exchange.read_block(bucket, prefix, trick, records[trick],
+                        tuple(slice(0, s) for s in records[trick]["shape"]))
