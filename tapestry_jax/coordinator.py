@@ -187,10 +187,10 @@ class Coordinator:
             [(self.sites[n], exchange.update_prefix(round_), updates[n]) for n in names],
             weights, self.glob, prefix)
         break
-      except merge_lib.NonFiniteUpdate as e:
+      except merge_lib.BadUpdate as e:
         # Found while merging (the values are only read there); nothing is committed yet.
         bad = names[e.index]
-        why = f"non-finite values in array {e.name}"
+        why = e.reason
         logging.warning("coordinator: rejected update of site %s for round %d: %s",
                         bad, round_, why)
         self._rejected.add(bad)  # Committed but refused: never reported as late.

@@ -50,14 +50,22 @@ MAX_PENDING_WRITE_BLOCKS = 2
 _ALIGN = 64  # XLA:CPU uses host buffers aligned to 64 bytes without copying them.
 
 
-class NonFiniteUpdate(ExchangeError):
+class BadUpdate(ExchangeError):
+  """A site's update cannot be merged: found while its blocks are read, so nothing of the
+  round is committed. `index` is the update's position in `merge_round`'s `inputs`,
+  `name` the array's name, `reason` a short why (for the coordinator's log)."""
+
+  def __init__(self, message: str, index: int, name: str, reason: str):
+    super().__init__(message)
+    self.index, self.name, self.reason = index, name, reason
+
+
+class NonFiniteUpdate(BadUpdate):
   """A site's update holds a NaN or an infinity: merging it would poison the global
-  model (a norm bound alone does not catch NaN). `index` is the update's position in
-  `merge_round`'s `inputs`, `name` the array's name."""
+  model (a norm bound alone does not catch NaN)."""
 
   def __init__(self, message: str, index: int, name: str):
-    super().__init__(message)
-    self.index, self.name = index, name
+    super().__init__(message, index, name, f"non-finite values in array {name}")
 
 
 class BlockWriter:
@@ -244,7 +252,16 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
     def start(p: _Param, i: int):
       """Starts reading block i of p into free buffers: (raw buffers, read futures)."""
       if p.stores is None:
-        p.stores = [exchange.open_array(b, pre, n, r) for b, pre, n, r in p.sources]
+        p.stores = []
+        first = 1 + len(p.leaves)
+        for j, (b, pre, n, r) in enumerate(p.sources):
+          try:
+            p.stores.append(exchange.open_array(b, pre, n, r))
+          except ExchangeError as e:  # A site's missing or damaged array: refuse its update.
+            if j < first:
+              raise
+            raise BadUpdate(str(e), index=j - first, name=n,
+                            reason=f"unreadable or corrupt: {e}") from None
         p.whole = {l: exchange.read_block(glob, base_prefix, f"outer/{p.name}/{l}", r,
                                           tuple(slice(0, s) for s in r["shape"]))
                    for l, r in p.whole_records.items()}
@@ -294,7 +311,16 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
       for k, (p, i) in enumerate(work):
         fill(1)
         raws, futs = reading.popleft()
-        host = [f.result() for f in futs]
+        host = []
+        for j, fut in enumerate(futs):
+          try:
+            host.append(fut.result())
+          except ExchangeError as e:  # A corrupt or unreadable chunk of a site's update
+            first = 1 + len(p.leaves)  # refuses that update, not the whole round.
+            if j < first:
+              raise
+            raise BadUpdate(str(e), index=j - first, name=p.sources[j][2],
+                            reason=f"unreadable or corrupt: {e}") from None
         check_finite(p, host)  # Before a value of it is merged.
         # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
         # inside state_from_leaves, would copy).

@@ -552,3 +552,39 @@ def test_a_manifest_with_path_tricks_is_rejected_before_any_read(tmp_path, caplo
   with pytest.raises(buckets.BucketError, match="keys must stay inside the bucket"):
     exchange.read_block(bucket, prefix, trick, records[trick],
                         tuple(slice(0, s) for s in records[trick]["shape"]))
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_a_corrupt_committed_update_is_rejected_and_the_others_are_merged(tmp_path, caplog,
+                                                                          damage):
+  """One flipped byte (or a missing chunk) in a committed update fails its digest: the
+  update is refused with its site and array named, the others make the round."""
+  config = _config(quorum=2)
+  cap = federation.weight_cap(config)
+  r1 = {n: _delta(80 + i) for i, n in enumerate(SITES)}
+  for n in SITES:
+    _publish(config, tmp_path, n, 1, r1[n])
+  chunk = next((tmp_path / "buckets" / "greek" / exchange.update_prefix(1) / "arrays" /
+                "embed" / "c").rglob("*"))
+  while chunk.is_dir():
+    chunk = next(chunk.iterdir())
+  if damage == "flip":
+    data = bytearray(chunk.read_bytes())
+    data[-3] ^= 0x10  # Uncompressed chunks end with the element bytes.
+    chunk.write_bytes(bytes(data))
+  else:
+    chunk.unlink()
+  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord.publish_initial()
+
+  rec = coord.run_round(1)
+
+  assert rec["sites"] == ["cyrillic", "latin"]
+  rejected = [m for m in _warnings(caplog) if "rejected update of site greek" in m]
+  assert len(rejected) == 1 and "'embed'" in rejected[0] and "corrupt" in rejected[0], \
+      _warnings(caplog)
+  manifest, arrays = _read_round(config, tmp_path, 1)
+  assert [i["site"] for i in manifest["extra"]["inputs"]] == ["cyrillic", "latin"]
+  params, state = _reference(config, [([r1["cyrillic"], r1["latin"]],
+                                       outer.cap_weights([cap, cap], cap))])
+  _assert_round_equals(arrays, params, state)
