@@ -59,8 +59,8 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   records = []
   os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, "simulation.jsonl"), "a")  # Records as they come.
+  like = next(iter(workers.values())).trainer.param_shardings  # The params' structure.
   for g in range(int(f.rounds) + 1):
-    like = workers[next(iter(workers))].trainer.param_shardings
     deltas, tokens, names = [], [], []
     for name, w in workers.items():
       w.adopt(trees.unflatten(params, like))
