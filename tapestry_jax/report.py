@@ -18,6 +18,11 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _exchange_s(rec: dict) -> float:
+  """Seconds a site spent outside training in one round: waiting, reading, publishing."""
+  return sum(rec.get(k, 0.0) for k in ("wait_s", "read_s", "publish_s"))
+
+
 def deployment_records(workdir: str, names: Iterable[str]) -> tuple[list[dict], list[dict]]:
   """(site records, coordinator records) written by the processes of a deployment.
   A restarted site appends; the last record per (site, round) wins."""
@@ -43,7 +48,7 @@ def summarize(config, site_records: list[dict], coordinator_records: list[dict] 
                             "compute_s", "eval_s", "bytes_up", "bytes_down", "wait_s",
                             "read_s", "publish_s", "dropped") if k in rec}
     s = r["sites"][rec["site"]]
-    s["exchange_s"] = sum(rec.get(k, 0.0) for k in ("wait_s", "read_s", "publish_s"))
+    s["exchange_s"] = _exchange_s(rec)
   for rec in coordinator_records or []:
     by_round.setdefault(rec["round"], {"round": rec["round"], "sites": {}})["coordinator"] = rec
   final = {}
@@ -58,8 +63,7 @@ def summarize(config, site_records: list[dict], coordinator_records: list[dict] 
         "bytes_sent": sum(r.get("bytes_up", 0) for r in recs),
         "bytes_received": sum(r.get("bytes_down", 0) for r in recs),
         "compute_s": sum(r.get("compute_s", 0.0) for r in recs),
-        "exchange_s": sum(sum(r.get(k, 0.0) for k in ("wait_s", "read_s", "publish_s"))
-                          for r in recs),
+        "exchange_s": sum(_exchange_s(r) for r in recs),
     }
     for key, ref in (("alone", alone), ("data_parallel", data_parallel)):
       if ref and name in ref:

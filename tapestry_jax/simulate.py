@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from absl import logging
 
+import data_pipelines
+
 from tapestry_jax import federation
 from tapestry_jax import loop
 from tapestry_jax import outer as outer_lib
@@ -122,7 +124,6 @@ def train_data_parallel(config, workdir: str, *, devices=None) -> dict[str, dict
   dp.data.synthetic.languages = ",".join(c.data.synthetic.languages for c in scfgs)
   dp.train.global_batch_size = len(names) * int(config.train.global_batch_size)
   _, trainer = loop.site_setup(dp, devices)
-  import data_pipelines  # pylint: disable=g-import-not-at-top
   it = iter(data_pipelines.make_dataset(dp.data, split="train",
                                         batch_size=dp.train.global_batch_size // jax.process_count(),
                                         seed=dp.data.seed))

@@ -136,7 +136,8 @@ def _wait(what: str, poll: Callable[[], Any], timeout_s: float, poll_s: float):
     time.sleep(poll_s)
 
 
-def read_global(bucket: buckets.Bucket, config, round_: int, shardings) -> tuple[Any, dict]:
+def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
+                schema=None) -> tuple[Any, dict]:
   """Reads committed global round `round_`'s params into `shardings` (a params pytree of
   shardings), after checking the manifest against the model schema."""
   prefix = exchange.global_prefix(round_)
@@ -148,7 +149,7 @@ def read_global(bucket: buckets.Bucket, config, round_: int, shardings) -> tuple
       manifest.get("federation") != fid:
     raise exchange.ExchangeError(
         f"{bucket.url}/{prefix}: manifest is not global round {round_} of federation {fid!r}")
-  schema = {f"params/{n}": v for n, v in federation.param_schema(config).items()}
+  schema = {f"params/{n}": v for n, v in (schema or federation.param_schema(config)).items()}
   params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
                                            if k.startswith("params/")})
   exchange.check_schema(params_manifest, schema)
@@ -198,6 +199,7 @@ def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
   if meta:
     logging.info("site %s: resumed at step %d (trained from global round %d)", name,
                  int(worker.state.step), last_base)
+  schema = federation.param_schema(config)  # Once, not per round.
   records = []
   out = open(os.path.join(site_dir, "rounds.jsonl"), "a")
   try:
@@ -209,7 +211,7 @@ def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
                 float(f.site_wait_s), float(f.poll_s))
       wait_s = time.perf_counter() - t_wait
       read0, t_read = glob.bytes_read, time.perf_counter()
-      params, _ = read_global(glob, config, g, worker.trainer.param_shardings)
+      params, _ = read_global(glob, config, g, worker.trainer.param_shardings, schema)
       worker.adopt(params)
       read_s = time.perf_counter() - t_read
       t_eval = time.perf_counter()
