@@ -16,6 +16,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Federation config, e.g. experiments/configs/federation.py:tiny.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Federation directory (default buckets live here).")
+_PRIVATE_KEY = flags.DEFINE_string(
+    "private_key", None, "This party's Ed25519 private key file (python -m launch.keygen); "
+    "default WORKDIR/keys/PARTY.key.")
+_CREDENTIALS = flags.DEFINE_string(
+    "credentials", None, "Where this party's own S3 credentials come from: 'env' "
+    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY of this process), a credentials file "
+    "(optionally PATH#PROFILE), or unset for TensorStore's default chain.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,7 +32,9 @@ def main(argv):
 
   quiet_library_logs()
   with exit_on_bad_input():
-    records = coordinator.Coordinator(_CONFIG.value, _WORKDIR.value).run()
+    records = coordinator.Coordinator(
+        _CONFIG.value, _WORKDIR.value, private_key=_PRIVATE_KEY.value,
+        credentials=_CREDENTIALS.value).run()
   print(f"coordinator: published {len(records)} rounds")
 
 

@@ -12,6 +12,7 @@ held-out loss and bits per byte on each site's data with the site's own model, n
 the bytes each site sent and received. WORKDIR/summary.json has per-round records.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -25,6 +26,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Federation directory: buckets, logs, summary.")
 _MODE = flags.DEFINE_enum("mode", "processes", ["processes", "simulate"],
                           "Separate processes sharing buckets, or one in-process simulation.")
+_CREDENTIALS_DIR = flags.DEFINE_string(
+    "credentials_dir", None, "For buckets on S3: a directory with one credentials file "
+    "per party, PARTY.aws-credentials (the coordinator's party is 'coordinator'); each process is "
+    "given only its own. Unset: every process uses TensorStore's default chain.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,7 +53,12 @@ def main(argv):
   with exit_on_bad_input():
     federation.check_federation_config(config)
     if _MODE.value == "processes":
-      orchestrate.run_processes(config, workdir, config_args(sys.argv[1:]))
+      args = config_args(sys.argv[1:])
+      party_args = {}
+      if _CREDENTIALS_DIR.value:
+        party_args = {p: [f"--credentials={os.path.join(_CREDENTIALS_DIR.value, p)}"
+                          f".aws-credentials"] for p in federation.party_names(config)}
+      orchestrate.run_processes(config, workdir, args, party_args=party_args)
       sites, coord = report.deployment_records(workdir, federation.site_names(config))
     else:
       sites, coord = simulate.simulate(config, workdir)["records"], None

@@ -17,6 +17,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Federation directory (default buckets live here).")
 _SITE = flags.DEFINE_string("site", None, "This site's name (a key of config.sites).")
+_PRIVATE_KEY = flags.DEFINE_string(
+    "private_key", None, "This party's Ed25519 private key file (python -m launch.keygen); "
+    "default WORKDIR/keys/PARTY.key.")
+_CREDENTIALS = flags.DEFINE_string(
+    "credentials", None, "Where this party's own S3 credentials come from: 'env' "
+    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY of this process), a credentials file "
+    "(optionally PATH#PROFILE), or unset for TensorStore's default chain.")
 flags.mark_flags_as_required(["config", "workdir", "site"])
 
 
@@ -29,7 +36,8 @@ def main(argv):
   logging.info("site %s: process %d/%d, devices: %s", _SITE.value, jax.process_index(),
                jax.process_count(), jax.devices())
   with exit_on_bad_input():
-    records = site.run_site(_CONFIG.value, _SITE.value, _WORKDIR.value)
+    records = site.run_site(_CONFIG.value, _SITE.value, _WORKDIR.value,
+                             private_key=_PRIVATE_KEY.value, credentials=_CREDENTIALS.value)
   if records:
     last = records[-1]
     print(f"site {_SITE.value}: done at global round {last['global_round']}, "

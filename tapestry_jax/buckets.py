@@ -16,6 +16,7 @@ Accepted URLs:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -33,7 +34,7 @@ ACCEPTED_FORMS = ("file:///abs/dir (or a plain path), memory://name, gs://bucket
 # also shares TensorStore's connection and concurrency pools. Its cache pool is empty
 # (TensorStore's default), so reads always see the stored bytes.
 _SHARED_CONTEXT = ts.Context()
-_RETRY_CONTEXTS: dict[int, ts.Context] = {}
+_CONTEXTS: dict[tuple, ts.Context] = {}
 _CONTEXT_LOCK = threading.Lock()
 
 _S3_QUERY_KEYS = {"endpoint": "endpoint", "region": "aws_region", "aws_region": "aws_region"}
@@ -44,16 +45,48 @@ class BucketError(Exception):
   """A bucket URL that cannot be used, a key outside the bucket, or a failed storage op."""
 
 
-def _context(max_retries: int | None) -> ts.Context:
-  """The shared context, or one whose GCS/S3 drivers give up after `max_retries`."""
-  if max_retries is None:
+def credentials_spec(credentials: str | None) -> dict | None:
+  """TensorStore's `aws_credentials` resource for a party's S3 credentials.
+
+  None: TensorStore's default chain (AWS_* environment variables, then the user's AWS
+  profile). "env": only the AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY environment
+  variables of this process. A file path (optionally "PATH#PROFILE"): that party's own
+  AWS-style credentials file, profile "default" unless named.
+  """
+  if credentials is None or credentials == "":
+    return None
+  if credentials == "env":
+    return {"type": "environment"}
+  path, _, profile = str(credentials).partition("#")
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isfile(path):
+    raise BucketError(f"S3 credentials file {path} does not exist (credentials are 'env', "
+                      f"a file path, or 'PATH#PROFILE')")
+  # aws-c-auth also resolves a config file; the party's own (possibly empty) one.
+  config = path + ".config"
+  if not os.path.exists(config):
+    config = os.devnull
+  return {"type": "profile", "credentials_file": path, "config_file": config,
+          "profile": profile or "default"}
+
+
+def _context(max_retries: int | None, credentials: str | None = None) -> ts.Context:
+  """The shared context, or one with the GCS/S3 drivers' retry limit and S3 credentials."""
+  creds = credentials_spec(credentials)
+  if max_retries is None and creds is None:
     return _SHARED_CONTEXT
+  key = (max_retries, json.dumps(creds, sort_keys=True))
   with _CONTEXT_LOCK:
-    if max_retries not in _RETRY_CONTEXTS:
-      retries = {"max_retries": int(max_retries), "initial_delay": "0.2s", "max_delay": "5s"}
-      _RETRY_CONTEXTS[max_retries] = ts.Context(
-          {"s3_request_retries": retries, "gcs_request_retries": retries})
-    return _RETRY_CONTEXTS[max_retries]
+    if key not in _CONTEXTS:
+      spec: dict[str, Any] = {}
+      if max_retries is not None:
+        retries = {"max_retries": int(max_retries), "initial_delay": "0.2s", "max_delay": "5s"}
+        spec.update(s3_request_retries=retries, gcs_request_retries=retries)
+      if creds is not None:
+        spec["aws_credentials"] = creds
+      # memory:// stores live in a context; the parent keeps them shared across all.
+      _CONTEXTS[key] = ts.Context(spec, parent=_SHARED_CONTEXT)
+    return _CONTEXTS[key]
 
 
 def _bad_url(url: str, why: str) -> BucketError:
@@ -185,16 +218,19 @@ def _prefix_successor(prefix: bytes) -> bytes:
 class Bucket:
   """A storage bucket addressed by URL, with keys relative to the URL's prefix.
 
-  `max_retries` bounds how often the GCS/S3 drivers retry a failing request (None keeps
-  TensorStore's default, which can wait many minutes on an unreachable endpoint).
+  `max_retries` bounds how often the GCS/S3 drivers retry a failing request, with
+  exponential backoff (None keeps TensorStore's default, which can wait many minutes on
+  an unreachable endpoint). `credentials` says where this party's S3 credentials come
+  from (see `credentials_spec`); each party passes its own.
   Counters `bytes_written`/`bytes_read` count payload bytes moved through this object,
   including arrays that exchange.py moves (uncompressed sizes, see `record_transfer`).
   """
 
-  def __init__(self, url: str, *, max_retries: int | None = None):
+  def __init__(self, url: str, *, max_retries: int | None = None,
+               credentials: str | None = None):
     self.url = url
     self._spec = kvstore_spec(url)
-    self.context = _context(max_retries)
+    self.context = _context(max_retries, credentials)
     self.bytes_written = 0
     self.bytes_read = 0
     self._lock = threading.Lock()
@@ -245,6 +281,23 @@ class Bucket:
     except Exception as e:  # noqa: BLE001
       raise self._fail("write", key, e) from None
     self.record_transfer(written=len(data))
+
+  def create(self, key: str, data: bytes) -> bool:
+    """Stores `data` at `key` only if `key` holds no value: a create-only (conditional)
+    write. True if this call created it, False if a value was already there (left as
+    it is). On S3-like stores, which cannot rename atomically, this is what lets two
+    racing writers agree that exactly one of them committed."""
+    check_key(key)
+    data = bytes(data)
+    try:
+      # StorageGeneration "no value" (b'\x02'): the write applies only if the key is absent.
+      stamp = self._kv.write(key, data, if_equal=b"\x02").result()
+    except Exception as e:  # noqa: BLE001
+      raise self._fail("create", key, e) from None
+    if not stamp.generation:  # The condition failed: someone else's value is there.
+      return False
+    self.record_transfer(written=len(data))
+    return True
 
   def exists(self, key: str) -> bool:
     """Whether `key` holds a value (reads zero bytes of it)."""

@@ -1,11 +1,17 @@
 """The coordinator: waits for a quorum of committed site updates, merges them with the
 outer optimizer, and publishes the next global round to the bucket it owns.
 
-It only ever reads the sites' buckets and only ever writes the global bucket. A round
-is published as arrays (params and outer state), a manifest naming its inputs, a commit
-marker written last, then the LATEST pointer; a restarted coordinator finds the last
-committed round and redoes any round that was not committed (the merge is
-deterministic, so the redo is bit-identical).
+It only ever reads the sites' buckets and only ever writes the global bucket. Every
+update is verified before a value of it is used: the author's signature against the
+trust root, freshness (its round, and the global round it was trained from), its schema
+against the model (before anything is allocated), then, while it streams through the
+merge, the digest of every chunk and the finiteness of every value. A round is published
+as arrays (params and outer state) in an attempt directory of its own, a manifest naming
+its inputs (by manifest digest) signed with the coordinator's key, a commit marker
+created last with a create-only write (so of two coordinators racing on a round exactly
+one commits), then the LATEST pointer. A restarted coordinator finds the last committed
+round and redoes any round that was not committed (the merge is deterministic, so the
+redo is bit-identical; `launch.audit` checks any round the same way).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from tapestry_jax import merge as merge_lib
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
+from tapestry_jax import trust
 
 
 class QuorumError(RuntimeError):
@@ -43,15 +50,25 @@ def initial_round(config) -> tuple[dict, dict]:
 
 
 def validate_update(manifest: dict, config, site: str, round_: int, base_round: int,
-                    schema) -> str | None:
-  """Why this committed update may not be merged into `round_` (None = acceptable)."""
+                    schema, root: trust.TrustRoot | None = None) -> str | None:
+  """Why this committed update may not be merged into `round_` (None = acceptable).
+
+  In order: the author's signature (when `root` is given; forged, unknown-key and
+  altered manifests stop here), the federation, the author, freshness (an update
+  replayed from another round, or trained from another global round, is refused) and
+  the schema (names, shapes, dtypes: checked before anything is allocated)."""
+  if root is not None:
+    try:
+      root.verify(manifest, site)
+    except trust.TrustError as e:
+      return f"bad signature: {e}"
   if manifest.get("kind") != "update" or manifest.get("federation") != config.federation.id:
     return (f"not an update of this federation ({manifest.get('kind')!r} of federation "
             f"{manifest.get('federation')!r}, expected an update of {config.federation.id!r})")
   if manifest.get("author") != site:
     return f"author {manifest.get('author')!r} is not the bucket's owner {site!r}"
   if manifest.get("round") != round_:
-    return f"manifest round {manifest.get('round')} != {round_}"
+    return f"manifest round {manifest.get('round')} != {round_} (replayed from another round?)"
   if manifest.get("base_round") != base_round:
     return f"trained from global round {manifest.get('base_round')}, expected {base_round} (stale)"
   tokens = manifest.get("tokens")
@@ -67,15 +84,22 @@ def validate_update(manifest: dict, config, site: str, round_: int, base_round: 
 class Coordinator:
   """Publishes global rounds; see the module docstring."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, *, private_key: str | None = None,
+               credentials: str | None = None):
+    """`private_key`: the coordinator's key file (default WORKDIR/keys/coordinator.key);
+    `credentials`: its own S3 credentials ('env', a file, or None for the default chain)."""
     federation.check_federation_config(config)
     self.config = config
     self.f = config.federation
     self.names = sorted(federation.site_names(config))  # The merge's fixed order.
+    self.root, self.signer = federation.party_trust(config, federation.COORDINATOR, workdir,
+                                                    private_key)
     urls = federation.bucket_urls(config, workdir)
     retries = int(self.f.storage_retries)
-    self.glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries)
-    self.sites = {n: buckets.Bucket(urls[n], max_retries=retries) for n in self.names}
+    self.glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries,
+                               credentials=credentials)
+    self.sites = {n: buckets.Bucket(urls[n], max_retries=retries, credentials=credentials)
+                  for n in self.names}
     self.tx = outer_lib.make_outer_optimizer(self.f.outer)
     self.schema = federation.param_schema(config)
     self.cap = federation.weight_cap(config)
@@ -104,11 +128,49 @@ class Coordinator:
     for n, s in state.items():
       arrays.update({f"outer/{n}/{k}": np.asarray(v) for k, v in outer_lib.state_leaves(s).items()})
     prefix = exchange.global_prefix(0)
-    records = exchange.write_arrays(self.glob, prefix, arrays)
-    exchange.write_manifest(self.glob, prefix, exchange.make_manifest(
-        federation=self.f.id, kind="global", round=0, author=federation.GLOBAL, base_round=None,
-        tokens=0, arrays=records, extra={"inputs": []}))
+    attempt = exchange.new_attempt()
+    records = exchange.write_arrays(self.glob, exchange.data_prefix(prefix, attempt), arrays)
+    self._commit(prefix, exchange.make_manifest(
+        federation=self.f.id, kind="global", round=0, author=federation.COORDINATOR,
+        attempt=attempt, base_round=None, tokens=0, arrays=records, extra={"inputs": []}))
     exchange.write_latest(self.glob, 0)
+
+  def _sign(self, manifest: dict) -> dict:
+    return self.signer.sign(manifest) if self.signer is not None else manifest
+
+  def _commit(self, prefix: str, manifest: dict) -> tuple[dict, bool]:
+    """Signs and commits `manifest`; (the committed manifest, whether it is ours).
+
+    If another coordinator committed the round first, its (verified) manifest is
+    returned and ours is dropped: exactly one commit per round."""
+    manifest = self._sign(manifest)
+    try:
+      exchange.write_manifest(self.glob, prefix, manifest)
+      return manifest, True
+    except exchange.CommitConflict:
+      theirs = self.read_global(prefix)
+      logging.warning("coordinator: %s was committed by another coordinator (attempt %s) "
+                      "before ours (attempt %s); keeping theirs", prefix, theirs["attempt"],
+                      manifest["attempt"])
+      return theirs, False
+
+  def read_global(self, prefix: str) -> dict:
+    """A committed global round's manifest, signature verified."""
+    manifest = exchange.read_manifest(self.glob, prefix)
+    if manifest is None:
+      raise exchange.ExchangeError(f"{self.glob.url}/{prefix} is not committed")
+    if self.root is not None:
+      try:
+        self.root.verify(manifest, federation.COORDINATOR)
+      except trust.TrustError as e:
+        raise exchange.ExchangeError(f"{self.glob.url}/{prefix}: {e}") from None
+    return manifest
+
+  def merge_settings(self) -> dict:
+    """What besides the inputs decides the merge (recorded in each round for audits)."""
+    robust = self.f.get("robust")
+    return {"weight_cap_tokens": int(self.cap),
+            "robust": robust.to_dict() if robust is not None else None}
 
   def _log_late(self) -> None:
     """Logs, once each, updates that were committed after their round had closed."""
@@ -136,9 +198,11 @@ class Coordinator:
         else:
           if m is None:
             continue
-          why = validate_update(m, self.config, n, round_, base, self.schema)
+          why = validate_update(m, self.config, n, round_, base, self.schema, self.root)
         if why is not None:
-          logging.warning("coordinator: round %d: rejected update of site %s: %s", round_, n, why)
+          digest = exchange.manifest_digest(m)[:16] if m else "-"
+          logging.warning("coordinator: round %d: rejected update of site %s (manifest "
+                          "sha256 %s): %s", round_, n, digest, why)
           rejected.add(n)
           continue
         accepted[n] = m
@@ -172,11 +236,12 @@ class Coordinator:
     wait_s = time.perf_counter() - t0
     gathered = [n for n in self.names if n in updates]
     base_prefix = exchange.global_prefix(round_ - 1)
-    base_manifest = exchange.read_manifest(self.glob, base_prefix)
+    base_manifest = self.read_global(base_prefix)
     read0 = self.glob.bytes_read + sum(self.sites[n].bytes_read for n in gathered)
     write0 = self.glob.bytes_written
     t1 = time.perf_counter()
     prefix = exchange.global_prefix(round_)
+    attempt = exchange.new_attempt()
     while True:
       names = [n for n in self.names if n in updates]
       tokens = [updates[n]["tokens"] for n in names]
@@ -185,14 +250,16 @@ class Coordinator:
         records = merge_lib.merge_round(
             self.tx, self.glob, base_prefix, base_manifest,
             [(self.sites[n], exchange.update_prefix(round_), updates[n]) for n in names],
-            weights, self.glob, prefix)
+            weights, self.glob, exchange.data_prefix(prefix, attempt),
+            **outer_lib.robust_kwargs(self.f.get("robust")))
         break
       except merge_lib.BadUpdate as e:
         # Found while merging (the values are only read there); nothing is committed yet.
         bad = names[e.index]
         why = e.reason
-        logging.warning("coordinator: rejected update of site %s for round %d: %s",
-                        bad, round_, why)
+        logging.warning("coordinator: round %d: rejected update of site %s (manifest "
+                        "sha256 %s): %s", round_, bad,
+                        exchange.manifest_digest(updates[bad])[:16], why)
         self._rejected.add(bad)  # Committed but refused: never reported as late.
         del updates[bad]
         if len(updates) < self.quorum:
@@ -202,12 +269,17 @@ class Coordinator:
               f"{round_ - 1}") from None
     inputs = [{"site": n, "round": round_, "manifest_sha256": exchange.manifest_digest(updates[n]),
                "tokens": t, "weight": float(w)} for n, t, w in zip(names, tokens, weights)]
-    exchange.write_manifest(self.glob, prefix, exchange.make_manifest(
-        federation=self.f.id, kind="global", round=round_, author=federation.GLOBAL,
-        base_round=round_ - 1, tokens=int(sum(tokens)), arrays=records,
-        extra={"inputs": inputs, "outer": self.f.outer.to_dict()}))
+    committed, ours = self._commit(prefix, exchange.make_manifest(
+        federation=self.f.id, kind="global", round=round_, author=federation.COORDINATOR,
+        attempt=attempt, base_round=round_ - 1, tokens=int(sum(tokens)), arrays=records,
+        extra={"inputs": inputs, "base_manifest_sha256": exchange.manifest_digest(base_manifest),
+               "outer": self.f.outer.to_dict(), "merge": self.merge_settings()}))
     exchange.write_latest(self.glob, round_)
+    if not ours:
+      names = [i["site"] for i in committed["extra"]["inputs"]]
+      weights = [i["weight"] for i in committed["extra"]["inputs"]]
     rec = {"round": round_, "sites": names, "weights": [float(w) for w in weights],
+           "committed_by_us": ours,
            "wait_s": wait_s, "merge_s": time.perf_counter() - t1,
            "bytes_read": (self.glob.bytes_read + sum(self.sites[n].bytes_read for n in gathered)
                           - read0),

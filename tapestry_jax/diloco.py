@@ -3,7 +3,8 @@
 `run_diloco` simulates k sites and the coordinator on one host. Each round every live
 site starts from the current global params, takes H inner optimizer steps on its own
 data (keeping its own inner optimizer state across rounds), and sends the pseudo-gradient
-`global - local`; the sites' deltas are weighted (`outer.cap_weights`) and merged with
+`global - local`; the sites' deltas are weighted (`outer.cap_weights`), optionally clipped
+and robustly aggregated (`outer.default_robust_config`), and merged with
 `outer.outer_step`, the same per-leaf jitted function the streaming coordinator runs.
 Tests of the algorithm's special cases (FedAvg, H=1 == data parallelism) run on it, and
 so can quick experiments with toy losses.
@@ -75,6 +76,7 @@ def run_diloco(
     weight_cap: int | None = None,
     participating: Callable[[int, int], bool] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    robust: Any = None,
 ) -> DilocoResult:
   """Runs `rounds` DiLoCo rounds of `inner_steps` (H) inner steps on each site, in-process.
 
@@ -98,6 +100,11 @@ def run_diloco(
       the start of the next round it participates in. Weights are renormalised over the
       live sites; a round with no live site leaves the global and outer state unchanged.
     callback: called after each round with that round's history record.
+    robust: the robust merge settings, a config section like `outer.default_robust_config()`
+      (a ConfigDict or Mapping; None or missing fields: its defaults, the plain weighted
+      mean). With clipping, each site's delta is scaled by min(1, clip_norm / its global
+      norm); trimmed_mean and median ignore the weights. A round whose live sites are too
+      few for the aggregator (trimmed_mean: 2 * trim + 1) raises ValueError.
 
   Returns:
     DilocoResult. Each history record has: "round", "loss" (mean inner loss per site over
@@ -109,6 +116,7 @@ def run_diloco(
     raise ValueError("run_diloco needs at least one site")
   if int(rounds) < 1 or int(inner_steps) < 1:
     raise ValueError(f"rounds={rounds} and inner_steps={inner_steps} must be >= 1")
+  robust_kw = outer.robust_kwargs(robust)  # Field errors before any training.
   if isinstance(inner_optimizers, optax.GradientTransformation):
     txs = [inner_optimizers] * n_sites
   else:
@@ -156,7 +164,7 @@ def run_diloco(
       w_live = outer.cap_weights([tokens[i] for i in live_ids], weight_cap)
       deltas = [outer.pseudo_gradient(global_params, site_params[i]) for i in live_ids]
       global_params, outer_state = outer.outer_step(
-          outer_optimizer, global_params, outer_state, deltas, w_live)
+          outer_optimizer, global_params, outer_state, deltas, w_live, **robust_kw)
       for i, w in zip(live_ids, w_live):
         weights[i] = float(w)
 

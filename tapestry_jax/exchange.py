@@ -9,11 +9,17 @@ byte of array data, then reads it with `read_arrays` straight into its own shard
 (any mesh), or block by block with `iter_blocks` + `read_block` for a streaming merge.
 Every chunk read is checked against the digest the writer recorded.
 
-Layout of one round under `prefix` (e.g. `updates/round_000012`):
-  {prefix}/arrays/{name}/zarr.json, {prefix}/arrays/{name}/c/...   one zarr3 array per name
-  {prefix}/manifest.json    canonical JSON: round metadata + one record per array
-  {prefix}/COMMIT           sha256 hex of manifest.json's bytes, written last
-and at the bucket root `LATEST` (JSON) pointing at the newest committed round.
+Layout of one round under `prefix` (e.g. `updates/round_000012`). Every attempt to write
+the round goes to a directory of its own, and the round is committed by creating COMMIT
+with a create-only write, so two writers racing on one round (two coordinators, or a
+restarted one) cannot both commit it, and a reader never sees a mix of their data:
+  {prefix}/{attempt}/arrays/{name}/zarr.json, .../c/...   one zarr3 array per name
+  {prefix}/{attempt}/manifest.json    canonical JSON: round metadata (naming its attempt),
+                                      signature, one record per array
+  {prefix}/COMMIT     {"attempt": ..., "manifest_sha256": ...}, created last, never replaced
+and at the bucket root `LATEST` (JSON) pointing at the newest committed round. An
+attempt that lost the race, or crashed, leaves a directory no COMMIT names: garbage
+that readers never look at (`uncommitted_attempts` lists it for cleaning).
 
 An array record is {shape, dtype, chunk_shape, codec, chunk_digests, digest}: the chunk
 grid is regular with `chunk_shape`; `chunk_digests` lists, in C order of the grid, the
@@ -32,6 +38,7 @@ import math
 import os
 import re
 import sys
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -42,7 +49,7 @@ import tensorstore as ts
 
 from tapestry_jax.buckets import Bucket, BucketError, check_key, describe_error
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS = ("update", "global")
 DEFAULT_MAX_CHUNK_BYTES = 16 << 20
 # Host copies of shards waiting for their writes to land; bounds host memory when an
@@ -61,6 +68,10 @@ Region = tuple[tuple[int, int], ...]  # (start, stop) per dimension
 
 class ExchangeError(Exception):
   """A round that cannot be written, is not committed as claimed, or fails verification."""
+
+
+class CommitConflict(ExchangeError):
+  """Another writer committed this round first (its COMMIT exists); ours is not used."""
 
 
 # --------------------------------------------------------------------------- layout
@@ -86,6 +97,30 @@ def round_prefix(kind: str, round: int) -> str:  # noqa: A002
   """`update_prefix` or `global_prefix` by manifest kind."""
   _check_kind(kind)
   return update_prefix(round) if kind == "update" else global_prefix(round)
+
+
+_ATTEMPT = re.compile(r"^a-[0-9a-f]{16}$")
+
+
+def new_attempt(seed: str | None = None) -> str:
+  """A name for one attempt at writing a round: 'a-' + 16 hex digits.
+
+  Random by default (racing coordinators must not share a directory). A site passes a
+  `seed` (e.g. 'site/round/base') so that every process of a multi-process site writes
+  into the same attempt; a site is the only writer of its bucket."""
+  if seed is None:
+    return "a-" + uuid.uuid4().hex[:16]
+  return "a-" + hashlib.sha256(seed.encode()).hexdigest()[:16]
+
+
+def data_prefix(prefix: str, manifest_or_attempt: Mapping | str) -> str:
+  """Where a round's arrays live: `{prefix}/{attempt}` (the attempt its manifest names)."""
+  attempt = (manifest_or_attempt.get("attempt") if isinstance(manifest_or_attempt, Mapping)
+             else manifest_or_attempt)
+  if not isinstance(attempt, str) or not _ATTEMPT.match(attempt):
+    raise ExchangeError(f"round {prefix}: attempt {str(attempt)[:40]!r} is not of the form "
+                        f"'a-' + 16 hex digits")
+  return f"{prefix.rstrip('/')}/{attempt}"
 
 
 def _check_kind(kind: str) -> None:
@@ -312,6 +347,8 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
                  compress: bool = False) -> dict[str, dict]:
   """Stores each array as zarr3 at `{prefix}/arrays/{name}` and returns its record.
 
+  `prefix` is an attempt's directory, `data_prefix(round prefix, new_attempt())`.
+
   A sharded jax.Array is chunked by its shard shape and every process writes only the
   shards it holds (replica 0 of each). Chunk digests are computed from the same host
   bytes that are written. In a multi-process site each process's records carry None
@@ -320,8 +357,9 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
   Refuses to write into a committed round: committed rounds are immutable.
   """
   prefix = _check_prefix(bucket, prefix)
-  if bucket.exists(f"{prefix}/{COMMIT}"):
-    raise ExchangeError(f"{_where(bucket, prefix)}: round is already committed; committed "
+  parent, _, attempt = prefix.rpartition("/")
+  if parent and _ATTEMPT.match(attempt) and _committed_attempt(bucket, parent) == attempt:
+    raise ExchangeError(f"{_where(bucket, prefix)}: this attempt is committed; committed "
                         f"rounds are immutable")
   names = sorted(arrays)
   _check_names(bucket, prefix, names)
@@ -454,7 +492,7 @@ def _assemble(region: Region, chunks: Mapping[tuple, np.ndarray], chunk, shape, 
 def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
                 shardings: Mapping[str, jax.sharding.Sharding], *,
                 verify: bool = True) -> dict[str, jax.Array]:
-  """Reads the named arrays of a committed round straight into `shardings`.
+  """Reads the named arrays of committed round `prefix` straight into `shardings`.
 
   The shardings may live on any mesh (not the writer's). Each process reads only what
   its addressable devices need. With `verify`, the whole chunks overlapping those
@@ -465,6 +503,7 @@ def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
   records = manifest.get("arrays") if isinstance(manifest, Mapping) else None
   if not isinstance(records, Mapping):
     raise ExchangeError(f"{_where(bucket, prefix)}: manifest has no 'arrays' table")
+  prefix = data_prefix(prefix, manifest)
   unknown = sorted(set(shardings) - set(records))
   if unknown:
     raise ExchangeError(f"{_where(bucket, prefix)}: arrays {unknown} are not in the manifest")
@@ -617,24 +656,27 @@ def manifest_digest(manifest: Mapping) -> str:
 
 
 def make_manifest(*, federation: str, kind: str, round: int, author: str,  # noqa: A002
-                  arrays: Mapping[str, dict], base_round: int | None = None,
+                  attempt: str, arrays: Mapping[str, dict], base_round: int | None = None,
                   tokens: int = 0, extra: Mapping[str, Any] | None = None) -> dict:
   """A manifest dict: `kind` is 'update' (a site's) or 'global' (the coordinator's),
-  `base_round` the global round the update was computed from, `tokens` how many
-  training tokens it consumed, `arrays` the records from `write_arrays`, `extra` any
-  small JSON dict."""
+  `attempt` the directory the arrays were written to (`new_attempt`), `base_round` the
+  global round the update was computed from, `tokens` how many training tokens it
+  consumed, `arrays` the records from `write_arrays`, `extra` any small JSON dict.
+  Sign it (`trust.Signer.sign`) before `write_manifest`."""
   _check_kind(kind)
   for field, value in (("federation", federation), ("author", author)):
     if not isinstance(value, str) or not value:
       raise ExchangeError(f"manifest {field} must be a non-empty string, got {value!r}")
   if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 0:
     raise ExchangeError(f"manifest tokens must be a non-negative integer, got {tokens!r}")
+  data_prefix("-", attempt)  # Checks its form.
   return {
       "format": FORMAT_VERSION,
       "federation": federation,
       "kind": kind,
       "round": _round(round),
       "author": author,
+      "attempt": attempt,
       "base_round": None if base_round is None else _round(base_round),
       "tokens": int(tokens),
       "arrays": {name: dict(rec) for name, rec in arrays.items()},
@@ -642,8 +684,8 @@ def make_manifest(*, federation: str, kind: str, round: int, author: str,  # noq
   }
 
 
-_REQUIRED = ("format", "federation", "kind", "round", "author", "base_round", "tokens",
-             "arrays", "extra")
+_REQUIRED = ("format", "federation", "kind", "round", "author", "attempt", "base_round",
+             "tokens", "arrays", "extra")
 
 
 def _manifest_problems(manifest: Any) -> list[str]:
@@ -657,6 +699,8 @@ def _manifest_problems(manifest: Any) -> list[str]:
             f"another version of tapestry_jax?)"]
   if manifest["kind"] not in KINDS:
     return [f"manifest kind {manifest['kind']!r} is not one of {KINDS}"]
+  if not isinstance(manifest["attempt"], str) or not _ATTEMPT.match(manifest["attempt"]):
+    return [f"manifest attempt {str(manifest['attempt'])[:40]!r} is not 'a-' + 16 hex digits"]
   if not isinstance(manifest["arrays"], Mapping):
     return ["manifest 'arrays' is not a JSON object"]
   problems = []
@@ -665,12 +709,38 @@ def _manifest_problems(manifest: Any) -> list[str]:
   return problems
 
 
-def write_manifest(bucket: Bucket, prefix: str, manifest: Mapping) -> str:
-  """Publishes a round: `{prefix}/manifest.json` (canonical JSON), then, last,
-  `{prefix}/COMMIT` holding the manifest's sha256 hex. Returns that hash.
+def _read_commit(bucket: Bucket, prefix: str) -> dict | None:
+  """The parsed COMMIT marker of round `prefix`, or None when there is none."""
+  data = bucket.read(f"{prefix}/{COMMIT}")
+  if data is None:
+    return None
+  try:
+    commit = json.loads(data)
+    if not (isinstance(commit, dict) and _ATTEMPT.match(commit["attempt"])
+            and re.fullmatch(r"[0-9a-f]{64}", commit["manifest_sha256"])):
+      raise ValueError
+  except (ValueError, KeyError, TypeError):
+    raise ExchangeError(f"{_where(bucket, prefix)}: COMMIT is not a commit marker: "
+                        f"{data[:80]!r}") from None
+  return commit
 
-  Write the arrays first (`write_arrays` returns once they are durable). The bucket
-  is owned by one writer, so a check-then-write suffices to keep rounds immutable.
+
+def _committed_attempt(bucket: Bucket, prefix: str) -> str | None:
+  try:
+    commit = _read_commit(bucket, prefix)
+  except ExchangeError:
+    return None
+  return None if commit is None else commit["attempt"]
+
+
+def write_manifest(bucket: Bucket, prefix: str, manifest: Mapping) -> str:
+  """Publishes a round: `{prefix}/{attempt}/manifest.json` (canonical JSON), then, last,
+  creates `{prefix}/COMMIT` naming the attempt and the manifest's sha256 with a
+  create-only write. Returns that hash.
+
+  Write the arrays into the attempt first (`write_arrays` returns once they are
+  durable). Raises CommitConflict when the round was already committed (by anyone):
+  committed rounds are immutable and exactly one attempt commits a round.
   """
   prefix = _check_prefix(bucket, prefix)
   problems = _manifest_problems(manifest)
@@ -678,34 +748,40 @@ def write_manifest(bucket: Bucket, prefix: str, manifest: Mapping) -> str:
     raise ExchangeError(f"{_where(bucket, prefix)}: refusing to publish a bad manifest: "
                         + "; ".join(problems[:5]))
   data = _canonical(bucket.url, prefix, manifest)
-  if bucket.exists(f"{prefix}/{COMMIT}"):
-    raise ExchangeError(f"{_where(bucket, prefix)}: round is already committed; committed "
-                        f"rounds are immutable")
+  if bucket.exists(f"{prefix}/{COMMIT}"):  # Cheap early out; the create below decides.
+    raise CommitConflict(f"{_where(bucket, prefix)}: round is already committed; committed "
+                         f"rounds are immutable")
   digest = hashlib.sha256(data).hexdigest()
-  bucket.write(f"{prefix}/{MANIFEST}", data)
-  bucket.write(f"{prefix}/{COMMIT}", digest.encode())
+  attempt = manifest["attempt"]
+  bucket.write(f"{data_prefix(prefix, attempt)}/{MANIFEST}", data)
+  marker = _canonical(bucket.url, prefix, {"attempt": attempt, "manifest_sha256": digest})
+  if not bucket.create(f"{prefix}/{COMMIT}", marker):
+    raise CommitConflict(f"{_where(bucket, prefix)}: another writer committed this round "
+                         f"first; attempt {attempt} is not used")
   return digest
 
 
 def read_manifest(bucket: Bucket, prefix: str) -> dict | None:
   """The manifest of a committed round, or None when `{prefix}/COMMIT` is absent.
 
-  ExchangeError when COMMIT exists but the manifest is missing, does not hash to it,
-  or is not a manifest this version understands.
+  ExchangeError when COMMIT exists but the manifest it names is missing, does not hash
+  to it, names another attempt, or is not a manifest this version understands.
+  Signatures are checked by the caller (`trust.TrustRoot.verify`).
   """
   prefix = _check_prefix(bucket, prefix)
-  commit = bucket.read(f"{prefix}/{COMMIT}")
+  commit = _read_commit(bucket, prefix)
   if commit is None:
     return None
-  data = bucket.read(f"{prefix}/{MANIFEST}")
+  where = f"{data_prefix(prefix, commit['attempt'])}/{MANIFEST}"
+  data = bucket.read(where)
   if data is None:
-    raise ExchangeError(f"{_where(bucket, prefix)}: COMMIT exists but manifest.json is missing")
+    raise ExchangeError(f"{_where(bucket, prefix)}: COMMIT names {where}, which is missing")
   actual = hashlib.sha256(data).hexdigest()
-  if commit.strip().decode(errors="replace") != actual:
+  if commit["manifest_sha256"] != actual:
     raise ExchangeError(f"{_where(bucket, prefix)}: manifest.json does not match COMMIT "
                         f"(sha256 {actual[:12]}... != committed "
-                        f"{commit.strip()[:12].decode(errors='replace')}...); it was "
-                        f"changed after the round was committed")
+                        f"{commit['manifest_sha256'][:12]}...); it was changed after the "
+                        f"round was committed")
   try:
     manifest = json.loads(data)
   except ValueError as e:
@@ -713,7 +789,19 @@ def read_manifest(bucket: Bucket, prefix: str) -> dict | None:
   problems = _manifest_problems(manifest)
   if problems:
     raise ExchangeError(f"{_where(bucket, prefix)}: bad manifest: " + "; ".join(problems[:5]))
+  if manifest["attempt"] != commit["attempt"]:
+    raise ExchangeError(f"{_where(bucket, prefix)}: manifest names attempt "
+                        f"{manifest['attempt']}, COMMIT {commit['attempt']}")
   return manifest
+
+
+def uncommitted_attempts(bucket: Bucket, prefix: str) -> list[str]:
+  """Attempt directories under round `prefix` that its COMMIT does not name (garbage left
+  by a crashed or beaten writer; safe to delete once the round is committed)."""
+  prefix = _check_prefix(bucket, prefix)
+  committed = _committed_attempt(bucket, prefix)
+  found = {k[len(prefix) + 1:].split("/", 1)[0] for k in bucket.list(prefix + "/")}
+  return sorted(a for a in found if _ATTEMPT.match(a) and a != committed)
 
 
 def _expected_shape_dtype(spec) -> tuple[tuple[int, ...], np.dtype]:
@@ -765,7 +853,10 @@ def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
 
 
 def write_latest(bucket: Bucket, round: int, kind: str = "global") -> None:  # noqa: A002
-  """Points `LATEST` at `round`; refuses unless that round is committed in `bucket`."""
+  """Points `LATEST` at `round`; refuses unless that round is committed in `bucket`.
+
+  Never moves it backwards: a slower writer of an older round (a second coordinator)
+  leaves a newer pointer as it is."""
   prefix = round_prefix(kind, round)
   manifest = read_manifest(bucket, prefix)
   if manifest is None:
@@ -774,6 +865,12 @@ def write_latest(bucket: Bucket, round: int, kind: str = "global") -> None:  # n
   if manifest["round"] != round or manifest["kind"] != kind:
     raise ExchangeError(f"{_where(bucket, prefix)}: manifest says {manifest['kind']} round "
                         f"{manifest['round']}, not {kind} round {round}")
+  try:
+    current = read_latest(bucket)
+  except ExchangeError:
+    current = None  # An unreadable pointer is replaced.
+  if current is not None and current >= round:
+    return
   bucket.write(LATEST, _canonical(bucket.url, LATEST,
                                   {"kind": kind, "round": int(round), "prefix": prefix}))
 

@@ -13,16 +13,21 @@ import os
 
 import jax
 import ml_collections
+from absl import logging
 
 from data_pipelines.errors import DataError
 
 from tapestry_jax import model as model_lib
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import trees
+from tapestry_jax import trust
 from tapestry_jax import validate
 from tapestry_jax.validate import ConfigError
 
-GLOBAL = "global"  # The coordinator's party name (a site may not take it).
+GLOBAL = "global"  # The global bucket's name among the buckets (a site may not take it).
+# The coordinator's party name: author of global rounds, its key in the trust root (a
+# site may not take it either).
+COORDINATOR = "coordinator"
 
 
 def site_names(config) -> list[str]:
@@ -64,6 +69,45 @@ def bucket_urls(config, workdir: str) -> dict[str, str]:
   return urls
 
 
+def party_names(config) -> list[str]:
+  """Every party that signs: the sites and the coordinator."""
+  return [*site_names(config), COORDINATOR]
+
+
+def default_key_file(workdir: str, party: str) -> str:
+  """Where a party's private key is looked for when none is given: WORKDIR/keys/PARTY.key."""
+  return os.path.join(os.path.abspath(workdir), "keys", f"{party}.key")
+
+
+def party_trust(config, party: str, workdir: str, private_key: str | None = None
+                ) -> tuple[trust.TrustRoot | None, trust.Signer | None]:
+  """The trust root every party verifies against and `party`'s own signer.
+
+  With federation.trust.require_signatures (the default) every party must have a public
+  key in federation.trust.public_keys, and `party`'s private key (`private_key`, default
+  WORKDIR/keys/PARTY.key) must match its public key. Without it: (None, None), nothing
+  is signed or verified (for experiments on one trusted machine only)."""
+  t = config.federation.trust
+  if not bool(t.require_signatures):
+    logging.warning("federation.trust.require_signatures is off: updates and global rounds "
+                    "are neither signed nor verified")
+    return None, None
+  missing = [p for p in party_names(config) if not t.public_keys.get(p, "")]
+  if missing:
+    raise ConfigError(
+        f"federation.trust.public_keys has no key for {missing}; every party needs one. "
+        f"Create a key pair per party with `python -m launch.keygen --party=NAME --out=DIR` "
+        f"and set --config.federation.trust.public_keys.NAME=ed25519:... (launch.federate "
+        f"makes them itself for a federation run on one machine)")
+  try:
+    root = trust.TrustRoot.from_config(config)
+    signer = trust.Signer.from_file(party, private_key or default_key_file(workdir, party))
+    root.check_signer(signer)
+  except trust.TrustError as e:
+    raise ConfigError(f"party {party!r}: {e}") from None
+  return root, signer
+
+
 def quorum(config) -> int:
   """Updates needed to close a round (federation.quorum, 0 = every site)."""
   return int(config.federation.quorum) or len(site_names(config))
@@ -96,8 +140,9 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
   names = site_names(config)
   if not names:
     raise ConfigError("config.sites is empty: a federation needs at least one site")
-  if GLOBAL in names:
-    raise ConfigError(f"{GLOBAL!r} is the coordinator's name; rename that site")
+  taken = sorted({GLOBAL, COORDINATOR} & set(names))
+  if taken:
+    raise ConfigError(f"site names {taken} are reserved for the coordinator; rename those sites")
   if site is not None and site not in names:
     raise ConfigError(f"unknown site {site!r}; this federation's sites are {names}")
   if int(f.rounds) <= 0 or int(f.inner_steps) <= 0:
@@ -116,6 +161,10 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
     outer_lib.make_outer_optimizer(f.outer)
   except ValueError as e:
     raise ConfigError(f"federation.outer: {e}") from None
+  try:
+    outer_lib.check_robust_config(f.get("robust"), len(names), int(f.quorum))
+  except ValueError as e:
+    raise ConfigError(f"federation.robust: {e}") from None
   for name in ([site] if site is not None else names):
     try:
       validate.check_site_config(site_config(config, name), devices)

@@ -13,6 +13,14 @@ pipeline: the merged blocks are hashed and written while the next blocks are rea
 (read_ahead + 1) block sets of K + 1 + (outer-state leaves) blocks, plus up to
 `MAX_PENDING_WRITE_BLOCKS` + 1 merged blocks being written, plus TensorStore's transient
 copy of each chunk in flight: independent of the model's size.
+
+Robust merging (`outer.default_robust_config`): with clip_norm > 0 each site's update is
+scaled by min(1, clip_norm / norm), where the norm is the one the site declared in its
+signed manifest (`extra["update_norm"]`), so every update is read once. While its blocks
+are read, the actual sum of squares of each update is accumulated (float64); after the
+last block, an update whose actual norm is not the declared one is refused (BadUpdate)
+before anything is committed. The trimmed-mean and median aggregators are coordinate-wise,
+so they stream block by block like the mean.
 """
 
 from __future__ import annotations
@@ -48,6 +56,11 @@ DEFAULT_READ_AHEAD = 0
 # Merged blocks whose writes may be in flight before the merge waits for the oldest.
 MAX_PENDING_WRITE_BLOCKS = 2
 _ALIGN = 64  # XLA:CPU uses host buffers aligned to 64 bytes without copying them.
+# A declared update norm must match the norm of the values read to this relative
+# tolerance (the two float64 sums add the same squares in different orders), plus this
+# absolute one (for all-zero updates).
+NORM_RTOL = 1e-4
+NORM_ATOL = 1e-12
 
 
 class BadUpdate(ExchangeError):
@@ -219,15 +232,57 @@ def _plan(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
   return _Param(name, sources, leaves, {}, whole_records, chunk, blocks)
 
 
+def declared_norm(manifest: Mapping) -> Any:
+  """The update norm a site declared in its manifest (`extra["update_norm"]`), or None."""
+  extra = manifest.get("extra")
+  return extra.get("update_norm") if isinstance(extra, Mapping) else None
+
+
+def _clip_scales(inputs: Sequence[tuple[Bucket, str, Mapping]], clip_norm: float,
+                 declared_norms: Sequence[Any] | None) -> tuple[np.ndarray, list[float]]:
+  """(per-site clip scales, declared norms as floats); BadUpdate for the first site whose
+  declared norm is missing, not a number, non-finite or negative while clipping is on."""
+  if declared_norms is None:
+    declared_norms = [declared_norm(m) for _, _, m in inputs]
+  if len(declared_norms) != len(inputs):
+    raise ValueError(f"{len(inputs)} inputs but {len(declared_norms)} declared norms")
+  if not clip_norm:
+    return np.ones(len(inputs), np.float32), []
+  norms = []
+  for k, ((b, pre, _), v) in enumerate(zip(inputs, declared_norms)):
+    ok = (isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+          and math.isfinite(float(v)) and float(v) >= 0)
+    if not ok:
+      raise BadUpdate(f"update {pre} in bucket {b.url}: declared update norm "
+                      f"(extra.update_norm) is {v!r}, clipping needs a finite number >= 0",
+                      index=k, name="update_norm", reason=f"bad declared norm {v!r}")
+    norms.append(float(v))
+  return outer_lib.clip_scales(norms, clip_norm), norms
+
+
 def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str,
                 base_manifest: Mapping, inputs: Sequence[tuple[Bucket, str, Mapping]],
                 weights: Sequence[float], out: Bucket, out_prefix: str, *,
                 max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
-                read_ahead: int = DEFAULT_READ_AHEAD) -> dict[str, dict]:
-  """Merges `inputs` ((site bucket, prefix, manifest), in the fixed merge order) into
-  the global round at `out_prefix`; returns the new round's array records
+                read_ahead: int = DEFAULT_READ_AHEAD, clip_norm: float = 0.0,
+                aggregator: str = "mean", trim: int = 0,
+                declared_norms: Sequence[float] | None = None) -> dict[str, dict]:
+  """Merges `inputs` ((site bucket, round prefix, manifest), in the fixed merge order)
+  into the global round's attempt directory `out_prefix` (`exchange.data_prefix`); returns the new round's array records
   (`params/<name>` and `outer/<name>/<leaf>`). Manifests must already be schema-checked.
-  `read_ahead` block sets are read while one merges (see the module docstring)."""
+  `read_ahead` block sets are read while one merges (see the module docstring).
+
+  `clip_norm`, `aggregator` and `trim` are the robust settings (`outer.robust_kwargs`;
+  the defaults merge exactly as without them). With `clip_norm` > 0 the clip scales come
+  from `declared_norms` (default: each manifest's `extra["update_norm"]`), and the result
+  is bit-identical to `outer.outer_step(..., norms=declared_norms)`. Raises BadUpdate
+  (index = the update's position in `inputs`) for an update that is unreadable, corrupt or
+  non-finite, whose declared norm is unusable (before anything is read) or differs from
+  the norm of its values (after the last block; nothing is committed either way), and
+  ValueError for robust settings the number of inputs cannot support."""
+  # Committed rounds keep their arrays in the attempt directory their manifest names.
+  base_prefix = exchange.data_prefix(base_prefix, base_manifest)
+  inputs = [(b, exchange.data_prefix(p, m), m) for b, p, m in inputs]
   arrays = base_manifest["arrays"]
   names = sorted(n[len("params/"):] for n in arrays if n.startswith("params/"))
   weights = np.asarray(weights, np.float32)
@@ -235,6 +290,13 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
     raise ValueError(f"{len(inputs)} inputs but {len(weights)} weights")
   if read_ahead < 0:
     raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
+  robust = outer_lib.robust_kwargs({"clip_norm": clip_norm, "aggregator": aggregator,
+                                    "trim": trim})
+  clip_norm, aggregator, trim = robust["clip_norm"], robust["aggregator"], robust["trim"]
+  outer_lib.check_update_count(aggregator, trim, len(inputs))
+  scales, norms = _clip_scales(inputs, clip_norm, declared_norms)
+  # Each update's sum of squares over the blocks read so far (only when clipping uses it).
+  sum_squares = [0.0] * len(inputs) if clip_norm else None
   params = [_plan(tx, glob, base_prefix, arrays, n, inputs, max_block_bytes) for n in names]
   work = [(p, i) for p in params for i in range(len(p.blocks))]
   if not work:
@@ -322,6 +384,11 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
             raise BadUpdate(str(e), index=j - first, name=p.sources[j][2],
                             reason=f"unreadable or corrupt: {e}") from None
         check_finite(p, host)  # Before a value of it is merged.
+        # Squares are summed on the pool while this block merges; the buffers stay
+        # untouched until the sums are in.
+        first = 1 + len(p.leaves)
+        squares = ([pool.submit(outer_lib.sum_squares, h) for h in host[first:]]
+                   if sum_squares is not None else [])
         # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
         # inside state_from_leaves, would copy).
         blocks = [jax.device_put(h) for h in host]
@@ -331,7 +398,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         g, leaf_blocks, deltas = blocks[0], blocks[1:1 + n_leaves], blocks[1 + n_leaves:]
         state = outer_lib.state_from_leaves(tx, g,
                                             {**p.whole, **dict(zip(p.leaves, leaf_blocks))})
-        new_g, new_state = outer_lib.merge_block(tx, g, state, deltas, weights)
+        new_g, new_state = outer_lib.merge_block(tx, g, state, deltas, weights, scales=scales,
+                                                 aggregator=aggregator, trim=trim)
         # Materialized on the host: the merge has consumed its inputs (which JAX may alias
         # without copying), so their buffers can be reused; an output that JAX forwarded
         # from an input is copied out first.
@@ -339,6 +407,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         new_leaves = {l: _own(np.asarray(v), raws)
                       for l, v in outer_lib.state_leaves(new_state).items()}
         del state, new_state, blocks, g, leaf_blocks, deltas
+        for j, fut in enumerate(squares):
+          sum_squares[j] += fut.result()
         buffers.give(raws)
         idx = p.blocks[i]
         writes.append((p.writers["params"], p.writers["params"].write(idx, new_g), k))
@@ -348,6 +418,18 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
           for leaf, r in p.whole_records.items():
             p.writers[leaf].write(tuple(slice(0, s) for s in r["shape"]), new_leaves[leaf])
         settle(MAX_PENDING_WRITE_BLOCKS, k)
+      if sum_squares is not None:
+        check_norms()
+
+    def check_norms() -> None:
+      """Raises BadUpdate for the first update whose declared norm is not its actual one."""
+      for j, (declared, ss) in enumerate(zip(norms, sum_squares)):
+        actual = math.sqrt(ss)
+        if abs(actual - declared) > NORM_RTOL * max(actual, declared) + NORM_ATOL:
+          b, pre, _ = inputs[j]
+          raise BadUpdate(f"update {pre} in bucket {b.url}: declared norm {declared!r} != "
+                          f"actual norm {actual!r}", index=j, name="update_norm",
+                          reason=f"declared norm {declared!r} != actual norm {actual!r}")
 
     try:
       merge_all()

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from tapestry_jax import federation
 from tapestry_jax import report
+from tapestry_jax import trust
 
 
 class PartyFailed(RuntimeError):
@@ -33,21 +34,40 @@ def _tail(path: str, n: int = 15) -> str:
 
 
 def run_processes(config, workdir: str, config_args: list[str], *, env: dict | None = None,
+                  party_args: dict[str, list[str]] | None = None,
+                  party_env: dict[str, dict[str, str]] | None = None,
                   progress: bool = True, timeout_s: float | None = None) -> None:
-  """Starts the coordinator and one process per site; returns when all have finished."""
+  """Starts the coordinator and one process per site; returns when all have finished.
+
+  `party_args` / `party_env` add arguments / environment variables to one party's
+  process only (its own key and credentials), by party name (the coordinator's is 'coordinator')."""
+  party_args, party_env = party_args or {}, party_env or {}
+  config_args = list(config_args)
+  if config.federation.trust.require_signatures:
+    # Every party runs on this machine: each gets a key pair of its own in WORKDIR/keys
+    # (kept across reruns, so a rerun resumes), and every process the same trust root.
+    trust.ensure_local_keys(config, os.path.join(os.path.abspath(workdir), "keys"),
+                            federation.party_names(config))
+    config_args += [f"--config.federation.trust.public_keys.{p}={k}"
+                    for p, k in config.federation.trust.public_keys.items()]
   workdir = os.path.abspath(workdir)
   logs = os.path.join(workdir, "logs")
   os.makedirs(logs, exist_ok=True)
   env = dict(os.environ if env is None else env)
   common = [*config_args, f"--workdir={workdir}"]
-  parties = {"coordinator": [sys.executable, "-m", "launch.coordinator", *common]}
+  g = federation.COORDINATOR
+  parties = {"coordinator": [sys.executable, "-m", "launch.coordinator", *common,
+                             *party_args.get(g, [])]}
+  envs = {"coordinator": dict(env, **party_env.get(g, {}))}
   for name in federation.site_names(config):
-    parties[name] = [sys.executable, "-m", "launch.site", *common, f"--site={name}"]
+    parties[name] = [sys.executable, "-m", "launch.site", *common, f"--site={name}",
+                     *party_args.get(name, [])]
+    envs[name] = dict(env, **party_env.get(name, {}))
   procs = {}
   for party, cmd in parties.items():
     log = open(os.path.join(logs, f"{party}.log"), "a")
-    procs[party] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True), log)
+    procs[party] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     env=envs[party], start_new_session=True), log)
   rounds_file = os.path.join(workdir, "coordinator", "rounds.jsonl")
   bar = tqdm(total=int(config.federation.rounds), desc="global rounds", unit="round",
              disable=not progress, dynamic_ncols=True)

@@ -13,6 +13,13 @@ Nesterov momentum, Adam, plain averaging: no global-norm clipping, no cross-leaf
 statistics). That is what makes a chunk-by-chunk merge exact: updating rows [a:b] of a
 parameter needs only rows [a:b] of the deltas and of the state's parameter-shaped leaves,
 plus the state's small scalars (e.g. Adam's step count), which every block updates the same way.
+
+Robust merging (`default_robust_config`): each site's pseudo-gradient may be clipped to a
+global L2 norm, and the weighted mean may be replaced by a coordinate-wise trimmed mean or
+median. Both stay block-exact: clipping is a per-site scale min(1, C / ||delta_k||) fixed
+before the merge (the streaming coordinator takes ||delta_k|| from the site's signed
+manifest, then checks it against the values it reads), and the robust aggregators are
+coordinate-wise.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import optax
 from tapestry_jax import trees
 
 OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam", "none")
+AGGREGATORS = ("mean", "trimmed_mean", "median")
 
 
 def default_outer_config() -> ml_collections.ConfigDict:
@@ -107,6 +115,110 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
   b2 = _number("b2", _get(cfg, "b2"), 0.0, 1.0, lo_open=False, hi_open=True)
   eps = _number("eps", _get(cfg, "eps"), 0.0, math.inf, lo_open=True, hi_open=True)
   return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+
+
+# ---------------------------------------------------------------------- robust merge config
+
+
+def default_robust_config() -> ml_collections.ConfigDict:
+  """Norm clipping and the aggregator of the outer step; the defaults are today's plain
+  weighted mean with no clipping. Every field commented."""
+  return ml_collections.ConfigDict(dict(
+      # Per-site clip of the pseudo-gradient's global L2 norm (over all leaves), > 0 to
+      # clip, 0 = off: site k's delta is scaled by min(1, clip_norm / ||delta_k||_2), so a
+      # norm-boosted update moves the global by at most clip_norm times its weight.
+      # Same units as the parameters.
+      clip_norm=0.0,
+      # One of AGGREGATORS. mean: the token-weighted mean (cap_weights) of the (clipped)
+      # deltas. trimmed_mean: per coordinate, drop the `trim` largest and `trim` smallest
+      # site values and average the rest. median: per coordinate median (the mean of the two
+      # middle values for an even count). The robust aggregators are unweighted: token
+      # weights do not apply to them.
+      aggregator="mean",
+      # Sites dropped at EACH end per coordinate by trimmed_mean, >= 1 (unused otherwise).
+      # A round may close with only `quorum` updates, so quorum must be >= 2 * trim + 1.
+      trim=1,
+  ))
+
+
+def _robust_field(cfg, key: str):
+  """`cfg[key]`, or the `default_robust_config()` value when the field is absent."""
+  if cfg is None:
+    return default_robust_config()[key]
+  if not isinstance(cfg, (Mapping, ml_collections.ConfigDict)):
+    raise ValueError("the robust merge config must be a ConfigDict or Mapping; "
+                     f"got {type(cfg).__name__}.")
+  return cfg[key] if key in cfg else default_robust_config()[key]
+
+
+def _check_robust(clip_norm, aggregator, trim) -> tuple[float, str, int]:
+  """The three robust settings, checked one by one (not against any site count)."""
+  if aggregator not in AGGREGATORS:
+    raise ValueError(f"robust.aggregator must be one of {', '.join(AGGREGATORS)}; "
+                     f"got {aggregator!r}.")
+  bad_clip = ValueError(f"robust.clip_norm must be a finite number >= 0 (0 = off); "
+                        f"got {clip_norm!r}.")
+  try:
+    c = float(clip_norm)
+  except (TypeError, ValueError):
+    raise bad_clip from None
+  if isinstance(clip_norm, bool) or not (math.isfinite(c) and c >= 0):
+    raise bad_clip
+  if isinstance(trim, bool) or not isinstance(trim, (int, np.integer)) or trim < 0:
+    raise ValueError(f"robust.trim must be an integer >= 0; got {trim!r}.")
+  if aggregator == "trimmed_mean" and trim < 1:
+    raise ValueError(f"robust.trim must be >= 1 for aggregator trimmed_mean (trim 0 is the "
+                     f"plain unweighted mean); got {trim}.")
+  return c, aggregator, int(trim)
+
+
+def robust_kwargs(cfg) -> dict[str, Any]:
+  """`{"clip_norm", "aggregator", "trim"}` from a robust config section (None or absent
+  fields: `default_robust_config()`), checked field by field; the keyword arguments of
+  `outer_step` and `merge.merge_round`. Raises ValueError naming the bad field."""
+  clip_norm, aggregator, trim = _check_robust(*(_robust_field(cfg, k)
+                                                for k in ("clip_norm", "aggregator", "trim")))
+  return {"clip_norm": clip_norm, "aggregator": aggregator, "trim": trim}
+
+
+def min_updates(aggregator: str, trim: int) -> int:
+  """The fewest updates `aggregator` can merge: 2 * trim + 1 for trimmed_mean, else 1."""
+  return 2 * int(trim) + 1 if aggregator == "trimmed_mean" else 1
+
+
+def check_update_count(aggregator: str, trim: int, num_updates: int) -> None:
+  """Raises ValueError if a round's `num_updates` merged updates are too few for
+  `aggregator` (trimmed_mean drops `trim` at each end and needs one left)."""
+  if num_updates < 1:
+    raise ValueError("the outer step needs at least one site update")
+  need = min_updates(aggregator, trim)
+  if num_updates < need:
+    raise ValueError(f"aggregator {aggregator} with trim={trim} needs at least {need} "
+                     f"updates (2 * trim + 1); the round has {num_updates}.")
+
+
+def check_robust_config(cfg, num_sites: int, quorum: int) -> None:
+  """Raises ValueError (one line) if the robust settings `cfg` cannot be supported by a
+  federation of `num_sites` sites whose rounds may close with `quorum` updates (0 = every
+  site, as `federation.quorum`). Refused: an unknown aggregator, a negative or non-finite
+  clip_norm, trimmed_mean with trim < 1 or quorum < 2 * trim + 1, and median with quorum < 3
+  (the median of two updates is their mean: it tolerates no bad update)."""
+  kw = robust_kwargs(cfg)  # clip_norm: any value >= 0 works with any number of sites.
+  aggregator, trim = kw["aggregator"], kw["trim"]
+  if int(num_sites) < 1:
+    raise ValueError(f"the robust merge needs at least one site; got num_sites={num_sites}.")
+  if not 0 <= int(quorum) <= int(num_sites):
+    raise ValueError(f"quorum must be between 0 (= all) and the number of sites "
+                     f"{num_sites}; got {quorum}.")
+  k = int(quorum) or int(num_sites)  # The fewest updates a round may be merged from.
+  if aggregator == "trimmed_mean" and k < 2 * trim + 1:
+    raise ValueError(f"robust.aggregator trimmed_mean with trim={trim} needs a quorum of at "
+                     f"least 2 * trim + 1 = {2 * trim + 1} updates; the quorum is {k} "
+                     f"({num_sites} sites). Lower robust.trim or raise federation.quorum.")
+  if aggregator == "median" and k < 3:
+    raise ValueError(f"robust.aggregator median needs a quorum of at least 3 updates (the "
+                     f"median of 2 is their mean and tolerates nothing); the quorum is {k} "
+                     f"({num_sites} sites).")
 
 
 # ---------------------------------------------------------------------- per-leaf state
@@ -195,50 +307,133 @@ def cap_weights(tokens: Sequence[int], cap: int | None) -> np.ndarray:
   return (t / total).astype(np.float32)
 
 
+# Elements per float64 slice when summing squares: bounds the temporary copy to 8 MiB.
+_NORM_SLICE = 1 << 20
+
+
+def sum_squares(x) -> float:
+  """sum(x ** 2) of one array in float64, in slices of `_NORM_SLICE` elements (so a big
+  leaf needs no float64 copy of itself)."""
+  flat = np.asarray(x).reshape(-1)
+  total = 0.0
+  for i in range(0, flat.size, _NORM_SLICE):
+    part = flat[i:i + _NORM_SLICE].astype(np.float64)
+    total += float(np.dot(part, part))
+  return total
+
+
+def update_norm(delta) -> float:
+  """The global L2 norm of one site's pseudo-gradient over all its leaves, in float64.
+
+  `delta` is a pytree or flat `{name: array}` dict; leaves are summed in name order so the
+  number does not depend on the container. A site declares this value in its update's
+  manifest (`extra["update_norm"]`); the coordinator clips with it and checks it against the
+  norm of the values it reads."""
+  flat = trees.flatten(delta)
+  return math.sqrt(sum(sum_squares(jax.device_get(flat[n])) for n in sorted(flat)))
+
+
+def clip_scales(norms: Sequence[float], clip_norm: float) -> np.ndarray:
+  """Per-site float32 clip scales min(1, clip_norm / norm_k) (all 1 when clip_norm is 0).
+
+  A zero norm gets scale 1. Raises ValueError for a negative or non-finite norm when
+  clipping is on (the coordinator turns a bad declared norm into a BadUpdate first)."""
+  c, _, _ = _check_robust(clip_norm, "mean", 0)
+  if not c:
+    return np.ones(len(norms), np.float32)
+  n = np.asarray(norms, np.float64).reshape(-1)
+  if not np.all(np.isfinite(n)) or np.any(n < 0):
+    raise ValueError(f"update norms must be finite and >= 0 to clip; got {list(norms)}")
+  return (c / np.maximum(n, c)).astype(np.float32)  # Exactly 1 where n <= c.
+
+
 # ---------------------------------------------------------------------- the merge
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _merge_block_jit(tx, global_block, state_block, deltas, weights_K):
-  # Fixed accumulation order (site 0, 1, ...) in float32: float addition is not associative,
-  # so a different order on another block or another run would change the bits.
-  delta = weights_K[0] * deltas[0].astype(jnp.float32)
-  for k in range(1, len(deltas)):
-    delta = delta + weights_K[k] * deltas[k].astype(jnp.float32)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _merge_block_jit(tx, aggregator, trim, global_block, state_block, deltas, coef_K):
+  # mean: delta = sum_k coef_k * delta_k, coef = weight * clip scale. Fixed accumulation
+  # order (site 0, 1, ...) in float32: float addition is not associative, so a different
+  # order on another block or another run would change the bits.
+  if aggregator == "mean":
+    delta = coef_K[0] * deltas[0].astype(jnp.float32)
+    for k in range(1, len(deltas)):
+      delta = delta + coef_K[k] * deltas[k].astype(jnp.float32)
+  else:
+    # Robust: coordinate-wise over the clipped deltas (coef = clip scale). Sorting along the
+    # site axis is exact and per coordinate, so row-blocks agree with the whole array.
+    sorted_KxN = jnp.sort(jnp.stack([coef_K[k] * d.astype(jnp.float32)
+                                     for k, d in enumerate(deltas)]), axis=0)
+    K = len(deltas)
+    if aggregator == "median":
+      mid = K // 2
+      delta = sorted_KxN[mid] if K % 2 else 0.5 * (sorted_KxN[mid - 1] + sorted_KxN[mid])
+    else:  # trimmed_mean, summed in sorted order like the mean.
+      delta = sorted_KxN[trim]
+      for k in range(trim + 1, K - trim):
+        delta = delta + sorted_KxN[k]
+      delta = delta / jnp.float32(K - 2 * trim)
   updates, new_state = tx.update(delta, state_block, global_block)
   return optax.apply_updates(global_block, updates), new_state
 
 
 def merge_block(tx: optax.GradientTransformation, global_block, state_block,
-                deltas: Sequence[Any], weights) -> tuple[jax.Array, Any]:
+                deltas: Sequence[Any], weights, *, scales=None, aggregator: str = "mean",
+                trim: int = 0) -> tuple[jax.Array, Any]:
   """One outer step on one block (a whole leaf, or rows of it): returns (new_global, new_state).
 
-  delta = sum_k weights[k] * deltas[k] (float32, fixed order), then
+  The merged pseudo-gradient, in float32 and a fixed order, is
+    mean:          sum_k weights[k] * scales[k] * deltas[k] (no renormalization after
+                   clipping, so a clipped site keeps its bound);
+    trimmed_mean:  per coordinate, the mean of the values scales[k] * deltas[k] left after
+                   dropping the `trim` smallest and `trim` largest;
+    median:        per coordinate, the median of scales[k] * deltas[k] (even count: the
+                   mean of the two middle values).
+  The robust aggregators ignore `weights` (token counts do not apply to them). `scales`
+  are the per-site clip scales (`clip_scales`; default all 1: no clipping). Then
   `tx.update(delta, state_block, global_block)` and `optax.apply_updates`. Jitted once per
-  `tx` object (it is a static argument) and per block shape. For an elementwise `tx` (all of
-  `make_outer_optimizer`'s), merging row-blocks and concatenating them is bit-identical to
-  merging the whole array; scalar state leaves come out equal from every block."""
+  `tx` object (a static argument), aggregator, trim and block shape. For an elementwise
+  `tx` (all of `make_outer_optimizer`'s), merging row-blocks and concatenating them is
+  bit-identical to merging the whole array; scalar state leaves come out equal from every
+  block."""
   deltas = tuple(deltas)
   weights_K = np.asarray(weights, np.float32).reshape(-1)
   if not deltas:
     raise ValueError("merge_block needs at least one site delta")
   if len(deltas) != weights_K.size:
     raise ValueError(f"got {len(deltas)} deltas but {weights_K.size} weights")
+  scales_K = (np.ones_like(weights_K) if scales is None
+              else np.asarray(scales, np.float32).reshape(-1))
+  if scales_K.size != weights_K.size:
+    raise ValueError(f"got {len(deltas)} deltas but {scales_K.size} clip scales")
+  _check_robust(0.0, aggregator, trim)
+  check_update_count(aggregator, trim, len(deltas))
   shape = tuple(np.shape(global_block))
   for k, d in enumerate(deltas):
     if tuple(np.shape(d)) != shape:
       raise ValueError(f"delta {k} has shape {tuple(np.shape(d))}, the block has {shape}")
-  return _merge_block_jit(tx, global_block, state_block, deltas, weights_K)
+  # float32 products on the host: a scale of 1 leaves each weight's bits as they were.
+  coef_K = weights_K * scales_K if aggregator == "mean" else scales_K
+  return _merge_block_jit(tx, aggregator, int(trim) if aggregator == "trimmed_mean" else 0,
+                          global_block, state_block, deltas, coef_K)
 
 
 def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Mapping[str, Any],
-               site_deltas: Sequence[Any], weights) -> tuple[Any, dict[str, Any]]:
+               site_deltas: Sequence[Any], weights, *, clip_norm: float = 0.0,
+               aggregator: str = "mean", trim: int = 0,
+               norms: Sequence[float] | None = None) -> tuple[Any, dict[str, Any]]:
   """The whole-tree outer step: `merge_block` on every leaf.
 
   `global_params` and each of `site_deltas` share one pytree structure; `outer_state` is
-  the per-leaf dict from `init_outer_state`. Returns (new_params with `global_params`'
-  structure, new per-leaf state dict). Leaf by leaf is deliberate: it is exactly what the
-  streaming coordinator computes, so simulation and deployment agree bit for bit."""
+  the per-leaf dict from `init_outer_state`. `clip_norm`, `aggregator` and `trim` are the
+  robust settings (`robust_kwargs`; the defaults are the plain weighted mean). With
+  `clip_norm` > 0 each site is scaled by min(1, clip_norm / norms[k]); `norms` default to
+  `update_norm(site_deltas[k])` (pass the sites' declared norms to reproduce a streaming
+  merge that used them). Returns (new_params with `global_params`' structure, new per-leaf
+  state dict). Leaf by leaf is deliberate: it is exactly what the streaming coordinator
+  computes, so simulation and deployment agree bit for bit."""
+  clip_norm, aggregator, trim = _check_robust(clip_norm, aggregator, trim)
+  check_update_count(aggregator, trim, len(site_deltas))
   flat_g = trees.flatten(global_params)
   flat_d = [trees.flatten(d) for d in site_deltas]
   if set(outer_state) != set(flat_g):
@@ -249,8 +444,14 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
     if set(d) != set(flat_g):
       raise KeyError(f"site delta {k} does not have the params' leaves: "
                      f"{sorted(set(d) ^ set(flat_g))[:5]} differ")
+  if clip_norm and norms is None:
+    norms = [update_norm(d) for d in flat_d]
+  if norms is not None and len(norms) != len(flat_d):
+    raise ValueError(f"got {len(flat_d)} site deltas but {len(norms)} norms")
+  scales = clip_scales(norms, clip_norm) if clip_norm else None  # None: no clipping.
   new_params, new_state = {}, {}
   for name, g in flat_g.items():
     new_params[name], new_state[name] = merge_block(
-        tx, g, outer_state[name], [d[name] for d in flat_d], weights)
+        tx, g, outer_state[name], [d[name] for d in flat_d], weights, scales=scales,
+        aggregator=aggregator, trim=trim)
   return trees.unflatten(new_params, global_params), new_state

@@ -1,8 +1,9 @@
 """The whole federation in one process: the fast path for ablations.
 
 The same `SiteWorker`s as the deployed sites (same trainer, data, adopt/train/delta)
-and the same outer step (`outer.merge_block`, whole arrays instead of chunks, which is
-bit-identical), looped over sites; no buckets. Also the two references a federated
+and the same outer step (`outer.outer_step`: `outer.merge_block` on whole arrays instead
+of chunks, which is bit-identical, with the same robust settings
+`federation.robust`), looped over sites; no buckets. Also the two references a federated
 run is judged against: each site trained alone with the same local compute, and
 synchronous data parallelism over the union of the sites' data with the same total
 tokens and global batch.
@@ -56,6 +57,8 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   f = config.federation
   workers = _workers(config, workdir, devices)
   tx = outer_lib.make_outer_optimizer(f.outer)
+  # Clipping and aggregator; the defaults (no section) are the plain weighted mean.
+  robust = outer_lib.robust_kwargs(f.get("robust"))
   cap = federation.weight_cap(config)
   params, state = initial_round(config)
   records = []
@@ -87,10 +90,11 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
     t0 = time.perf_counter()
     if deltas:
       weights = outer_lib.cap_weights(tokens, cap)
-      new = {n: outer_lib.merge_block(tx, params[n], state[n], [d[n] for d in deltas], weights)
-             for n in params}
-      params = {n: np.asarray(v[0]) for n, v in new.items()}
-      state = {n: jax.device_get(v[1]) for n, v in new.items()}
+      # Clip norms from the deltas in float64, as a deployed site computes the norm it
+      # declares: the coordinator then merges the same bits.
+      new_params, new_state = outer_lib.outer_step(tx, params, state, deltas, weights, **robust)
+      params = {n: np.asarray(v) for n, v in new_params.items()}
+      state = jax.device_get(new_state)
     logging.info("simulate: round %d merged from %s in %.2f s", g + 1, names,
                  time.perf_counter() - t0)
   log.close()

@@ -4,9 +4,11 @@
 process: adopt a global model (keeping the site's own optimizer state and data
 position), train H inner steps, and produce the pseudo-gradient `global - local`.
 `run_site` is the deployed loop: it reads committed global rounds from the coordinator's
-bucket straight into this site's mesh, publishes each update to the site's OWN bucket
-(arrays, manifest, commit marker last), and checkpoints after every publish so that a
-killed site resumes without skipping or repeating data.
+bucket straight into this site's mesh, after verifying the coordinator's signature and
+refusing a round that goes backwards (rollback); publishes each update, signed with the
+site's key, to the site's OWN bucket (arrays, manifest, commit marker last); and
+checkpoints after every publish so that a killed site resumes without skipping or
+repeating data.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tapestry_jax import loop
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
+from tapestry_jax import trust
 
 
 class SiteWorker:
@@ -136,14 +139,32 @@ def _wait(what: str, poll: Callable[[], Any], timeout_s: float, poll_s: float):
     time.sleep(poll_s)
 
 
+class RollbackError(exchange.ExchangeError):
+  """The global bucket offers a round older than one this site already trained from."""
+
+
 def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
-                schema=None) -> tuple[Any, dict]:
+                schema=None, root: trust.TrustRoot | None = None,
+                last_round: int | None = None) -> tuple[Any, dict]:
   """Reads committed global round `round_`'s params into `shardings` (a params pytree of
-  shardings), after checking the manifest against the model schema."""
+  shardings) after verifying it: the coordinator's signature (with `root`), that it is
+  round `round_` of this federation and not older than `last_round` (the newest global
+  this site has adopted: a rollback is refused), and its schema, before anything is
+  allocated. Every chunk is checked against the signed digests as it is read."""
+  if last_round is not None and round_ < last_round:
+    raise RollbackError(f"{bucket.url}: global round {round_} is older than round "
+                        f"{last_round}, which this site already trained from; refusing "
+                        f"to roll back")
   prefix = exchange.global_prefix(round_)
   manifest = exchange.read_manifest(bucket, prefix)
   if manifest is None:
     raise exchange.ExchangeError(f"{bucket.url}/{prefix} is not committed")
+  if root is not None:
+    try:
+      root.verify(manifest, federation.COORDINATOR)
+    except trust.TrustError as e:
+      raise exchange.ExchangeError(f"{bucket.url}/{prefix}: refusing the global model: "
+                                   f"{e}") from None
   fid = config.federation.id
   if manifest.get("kind") != "global" or manifest.get("round") != round_ or \
       manifest.get("federation") != fid:
@@ -160,8 +181,10 @@ def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
 
 
 def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_round: int,
-                   delta, tokens: int, extra: dict) -> dict:
-  """Writes this site's update for `round_` (arrays, then manifest, then commit marker).
+                   delta, tokens: int, extra: dict,
+                   signer: trust.Signer | None = None) -> dict:
+  """Writes this site's update for `round_` (arrays, then the manifest signed by
+  `signer`, then the commit marker, created last).
 
   A round this site already committed (a restart after publishing) is kept as it is:
   committed data is never rewritten."""
@@ -170,26 +193,60 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
   if existing is not None:
     logging.info("site %s: round %d already committed in %s; keeping it", name, round_, bucket.url)
     return existing
-  records = exchange.write_arrays(bucket, prefix, trees.flatten(delta))
+  # Deterministic, so every process of a multi-process site writes the same attempt.
+  # Declared so that the coordinator can clip in its one streaming pass (it checks the
+  # claim against what it reads); the simulation's function, so both clip alike.
+  norm = outer_lib.update_norm(delta)
+  if not np.isfinite(norm):
+    raise exchange.ExchangeError(
+        f"site {name}: the update for round {round_} has non-finite values (NaN or Inf): "
+        f"training diverged; not publishing it (the coordinator would refuse it)")
+  attempt = exchange.new_attempt(f"{name}/{round_}/{base_round}")
+  records = exchange.write_arrays(bucket, exchange.data_prefix(prefix, attempt),
+                                  trees.flatten(delta))
   manifest = exchange.make_manifest(
       federation=config.federation.id, kind="update", round=round_, author=name,
-      base_round=base_round, tokens=int(tokens), arrays=records, extra=extra)
+      attempt=attempt, base_round=base_round, tokens=int(tokens), arrays=records,
+      extra=dict(extra, update_norm=norm))
+  if signer is not None:
+    manifest = signer.sign(manifest)
   exchange.write_manifest(bucket, prefix, manifest)
   return manifest
 
 
-def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
+_ROLLBACK_WARNED: set[tuple[str, int]] = set()
+
+
+def _newer_global(glob: buckets.Bucket, last_base: int) -> int | None:
+  """The round LATEST names if it is newer than `last_base`; None to keep waiting.
+
+  A pointer that went backwards (a rollback, by a faulty or hostile writer of the global
+  bucket) is refused and logged once; the site keeps waiting for a newer round."""
+  r = exchange.read_latest(glob)
+  if r is not None and r < last_base and (glob.url, r) not in _ROLLBACK_WARNED:
+    _ROLLBACK_WARNED.add((glob.url, r))
+    logging.warning("refusing rollback: %s LATEST names global round %d, older than round %d "
+                    "this site already trained from", glob.url, r, last_base)
+  return r if r is not None and r > last_base else None
+
+
+def run_site(config, name: str, workdir: str, *, devices=None, private_key: str | None = None,
+             credentials: str | None = None) -> list[dict]:
   """The deployed site: loops over global rounds until the last one, then evaluates it.
+
+  `private_key`: this site's key file (default WORKDIR/keys/NAME.key); `credentials`: its
+  own S3 credentials ('env', a credentials file, or None for TensorStore's default chain).
 
   Writes `WORKDIR/sites/NAME/rounds.jsonl` (one record per global model it trained
   from: eval of that global on this site's held-out data, train loss, compute and
   exchange seconds, bytes up and down). Returns the records of this run."""
   federation.check_federation_config(config, devices, site=name)
   f = config.federation
+  root, signer = federation.party_trust(config, name, workdir, private_key)
   urls = federation.bucket_urls(config, workdir)
   retries = int(f.storage_retries)
-  own = buckets.Bucket(urls[name], max_retries=retries)
-  glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries)
+  own = buckets.Bucket(urls[name], max_retries=retries, credentials=credentials)
+  glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries, credentials=credentials)
   own.check_writable()
   site_dir = os.path.join(workdir, "sites", name)
   os.makedirs(site_dir, exist_ok=True)
@@ -206,12 +263,11 @@ def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
     while True:
       t_wait = time.perf_counter()
       g = _wait(f"a global round newer than {last_base} in {glob.url}",
-                lambda: (lambda r: r if r is not None and r > last_base else None)(
-                    exchange.read_latest(glob)),
-                float(f.site_wait_s), float(f.poll_s))
+                lambda: _newer_global(glob, last_base), float(f.site_wait_s), float(f.poll_s))
       wait_s = time.perf_counter() - t_wait
       read0, t_read = glob.bytes_read, time.perf_counter()
-      params, _ = read_global(glob, config, g, worker.trainer.param_shardings, schema)
+      params, _ = read_global(glob, config, g, worker.trainer.param_shardings, schema,
+                              root=root, last_round=last_base)
       worker.adopt(params)
       read_s = time.perf_counter() - t_read
       t_eval = time.perf_counter()
@@ -226,7 +282,8 @@ def run_site(config, name: str, workdir: str, *, devices=None) -> list[dict]:
       rec.update(worker.train(int(f.inner_steps)))
       write0, t_pub = own.bytes_written, time.perf_counter()
       publish_update(own, config, name, g + 1, g, worker.delta(), rec["tokens"],
-                     extra={"train_loss": rec["train_loss"], "step": rec["step"]})
+                     extra={"train_loss": rec["train_loss"], "step": rec["step"]},
+                     signer=signer)
       rec.update(publish_s=time.perf_counter() - t_pub, bytes_up=own.bytes_written - write0)
       worker.save({"base_round": g, "published_round": g + 1})
       last_base = g

@@ -5,6 +5,7 @@ param schema, committed with a manifest) to file:// buckets, so nothing here tra
 quorum and deadline, late and rejected updates, the weight cap, restart after a crash,
 the site-side checks on a global round, and bad input at the command line.
 """
+import base64
 import functools
 import json
 import logging
@@ -12,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import jax
 import ml_dtypes
@@ -28,19 +30,34 @@ from tapestry_jax import model as model_lib
 from tapestry_jax import outer
 from tapestry_jax import site as site_lib
 from tapestry_jax import trees
+from tapestry_jax import trust
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITES = ("cyrillic", "greek", "latin")  # Sorted: the merge's fixed order.
 
 
+_KEYS = tempfile.mkdtemp(prefix="tapestry-test-keys-")  # One key pair per party, per process.
+
+
 def _config(**fed):
-  """Three tiny sites; short polls so that every wait in these tests is sub-second."""
+  """Three tiny sites; short polls so that every wait in these tests is sub-second; the
+  trust root holds the keys in _KEYS."""
   c = fed_config.get_config("tiny/latin,cyrillic,greek")
   f = c.federation
   f.rounds, f.poll_s, f.deadline_s, f.round_timeout_s = 2, 0.01, 0.0, 20.0
   for k, v in fed.items():
     f[k] = v
+  trust.ensure_local_keys(c, _KEYS, federation.party_names(c))
   return c
+
+
+def _signer(party: str) -> trust.Signer:
+  return trust.Signer.from_file(party, os.path.join(_KEYS, f"{party}.key"))
+
+
+def _coordinator(config, workdir) -> coord_lib.Coordinator:
+  return coord_lib.Coordinator(config, str(workdir),
+                               private_key=os.path.join(_KEYS, "coordinator.key"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,17 +76,37 @@ def _bucket(config, workdir, party: str) -> buckets.Bucket:
   return buckets.Bucket(federation.bucket_urls(config, str(workdir))[party])
 
 
-def _publish(config, workdir, site: str, round_: int, delta, *, tokens=None, **fields):
-  """Commits `delta` as `site`'s update for `round_` in its own bucket; `fields`
-  overrides manifest fields (author, base_round, federation, round) to forge bad ones."""
+def _declared_norm(delta) -> dict:
+  """{'update_norm': L2 norm} as an honest site declares it ({} when it is not finite:
+  JSON has no NaN; a hostile site's NaN update declares nothing)."""
+  norm = float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in delta.values())))
+  return {"update_norm": norm} if np.isfinite(norm) else {}
+
+
+def _publish(config, workdir, site: str, round_: int, delta, *, tokens=None, signer="own",
+             **fields):
+  """Commits `delta` as `site`'s update for `round_` in its own bucket, signed by `signer`
+  (default: the site's own key; None = unsigned; a party name = that party's key);
+  `fields` overrides manifest fields (author, base_round, federation, round) to forge
+  bad ones."""
   bucket = _bucket(config, workdir, site)
   prefix = exchange.update_prefix(round_)
-  records = exchange.write_arrays(bucket, prefix, delta)
+  attempt = exchange.new_attempt()
+  records = exchange.write_arrays(bucket, exchange.data_prefix(prefix, attempt), delta)
   manifest = exchange.make_manifest(
       federation=fields.get("federation", config.federation.id), kind="update",
-      round=fields.get("round", round_), author=fields.get("author", site),
+      round=fields.get("round", round_), author=fields.get("author", site), attempt=attempt,
       base_round=fields.get("base_round", round_ - 1),
-      tokens=federation.weight_cap(config) if tokens is None else tokens, arrays=records)
+      tokens=federation.weight_cap(config) if tokens is None else tokens, arrays=records,
+      extra=_declared_norm(delta))
+  if signer is not None:
+    key = (signer if isinstance(signer, trust.ed25519.Ed25519PrivateKey)
+           else _signer(manifest["author"] if signer == "own" else signer).key)
+    manifest = trust.Signer(manifest["author"], key).sign(manifest)
+  if fields.get("forge"):
+    manifest["signature"]["value"] = base64.b64encode(bytes(64)).decode()
+  if "alter_tokens" in fields:
+    manifest["tokens"] = fields["alter_tokens"]
   exchange.write_manifest(bucket, prefix, manifest)
   return manifest
 
@@ -80,7 +117,8 @@ def _read_round(config, workdir, round_: int) -> tuple[dict, dict[str, np.ndarra
   prefix = exchange.global_prefix(round_)
   manifest = exchange.read_manifest(glob, prefix)
   assert manifest is not None, f"global round {round_} is not committed"
-  arrays = {n: exchange.read_block(glob, prefix, n, rec, tuple(slice(0, s) for s in rec["shape"]))
+  data = exchange.data_prefix(prefix, manifest)
+  arrays = {n: exchange.read_block(glob, data, n, rec, tuple(slice(0, s) for s in rec["shape"]))
             for n, rec in manifest["arrays"].items()}
   return manifest, arrays
 
@@ -123,14 +161,14 @@ def test_all_sites_commit_and_round_1_is_the_outer_step(tmp_path):
   tokens = {"cyrillic": cap // 2, "greek": 3 * cap, "latin": cap}
   updates = {n: _publish(config, tmp_path, n, 1, deltas[n], tokens=tokens[n]) for n in SITES}
 
-  records = coord_lib.Coordinator(config, str(tmp_path)).run()
+  records = _coordinator(config, tmp_path).run()
 
   assert [r["round"] for r in records] == [1]
   glob = _bucket(config, tmp_path, federation.GLOBAL)
   assert exchange.read_latest(glob) == 1
   assert exchange.committed_rounds(glob, "global") == [0, 1]
   manifest, arrays = _read_round(config, tmp_path, 1)
-  assert manifest["base_round"] == 0 and manifest["author"] == federation.GLOBAL
+  assert manifest["base_round"] == 0 and manifest["author"] == federation.COORDINATOR
   inputs = manifest["extra"]["inputs"]
   assert [i["site"] for i in inputs] == list(SITES)
   assert [i["tokens"] for i in inputs] == [tokens[n] for n in SITES]
@@ -144,7 +182,7 @@ def test_all_sites_commit_and_round_1_is_the_outer_step(tmp_path):
 
 def test_quorum_closes_after_the_deadline_and_late_updates_are_ignored(tmp_path, caplog):
   config = _config(quorum=2, deadline_s=0.3)
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
   coord.publish_initial()
   r1 = {n: _delta(10 + i) for i, n in enumerate(SITES)}
   _publish(config, tmp_path, "cyrillic", 1, r1["cyrillic"])
@@ -184,7 +222,7 @@ def test_a_round_with_its_quorum_is_not_abandoned_at_round_timeout(tmp_path):
   # round_timeout_s bounds the wait for the QUORUM; once it is there, the round closes
   # after the deadline even when that is later than round_timeout_s.
   config = _config(quorum=2, deadline_s=0.6, round_timeout_s=0.2)
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
   coord.publish_initial()
   _publish(config, tmp_path, "cyrillic", 1, _delta(1))
   _publish(config, tmp_path, "latin", 1, _delta(2))
@@ -195,7 +233,7 @@ def test_a_round_with_its_quorum_is_not_abandoned_at_round_timeout(tmp_path):
 def test_no_quorum_by_round_timeout_raises_and_commits_nothing(tmp_path):
   config = _config(quorum=2, deadline_s=0.0, round_timeout_s=0.3)
   _publish(config, tmp_path, "latin", 1, _delta(1))
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
 
   with pytest.raises(coord_lib.QuorumError,
                      match=r"round 1 reached 1 of quorum 2 .*missing sites: \['cyrillic', "
@@ -206,12 +244,12 @@ def test_no_quorum_by_round_timeout_raises_and_commits_nothing(tmp_path):
   assert exchange.read_latest(glob) == 0
   assert exchange.committed_rounds(glob, "global") == [0]
   assert glob.list(exchange.global_prefix(1)) == []  # Not a byte of round 1.
-  assert coord_lib.Coordinator(config, str(tmp_path)).latest() == 0
+  assert _coordinator(config, tmp_path).latest() == 0
 
 
 # (round, what greek does wrong, the reason logged, a regex). Rounds >= 2 so that a stale base exists.
 BAD_UPDATES = [
-    (1, dict(author="latin"), r"author 'latin' is not the bucket's owner 'greek'"),
+    (1, dict(author="latin"), r"manifest authored by 'latin', expected 'greek'"),
     (2, dict(base_round=0), r"trained from global round 0, expected 1 \(stale\)"),
     (3, dict(federation="someone-else"),
      r"not an update of this federation \('update' of federation 'someone-else', expected an "
@@ -221,12 +259,22 @@ BAD_UPDATES = [
     (6, dict(drop="final_norm"), r"schema mismatch.*missing arrays \['final_norm'\]"),
     (7, dict(shape="embed"), r"schema mismatch.*'embed': shape \(384, 64\) != expected \(384, 128\)"),
     (8, dict(dtype="embed"), r"schema mismatch.*'embed': dtype bfloat16 != expected float32"),
+    (9, dict(signer=None), r"bad signature: manifest of 'greek' is not signed"),
+    # Signed with another party's key, or with a key nobody in the trust root has.
+    (10, dict(signer="latin"), r"bad signature: manifest of 'greek' is signed by unknown key "
+                               r"'[0-9a-f]{16}', not 'greek''s key"),
+    (11, dict(signer=trust.generate_private_key()),
+     r"bad signature: manifest of 'greek' is signed by unknown key"),
+    # A forged signature value under greek's key id, and a manifest altered after signing.
+    (12, dict(forge=True), r"bad signature: manifest of 'greek': the signature does not verify"),
+    (13, dict(alter_tokens=7), r"bad signature: manifest of 'greek': the signature does not "
+                               r"verify \(forged, or the manifest was changed after it was signed\)"),
 ]
 
 
 def test_bad_updates_are_rejected_with_a_reason_and_not_merged(tmp_path, caplog):
   config = _config(rounds=len(BAD_UPDATES), quorum=2)
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
   coord.publish_initial()
   rounds = []
   for round_, bad, reason in BAD_UPDATES:
@@ -271,7 +319,7 @@ def test_an_inflated_token_count_merges_like_the_honest_one(tmp_path):
     workdir = tmp_path / label
     for n in SITES:
       _publish(config, workdir, n, 1, deltas[n], tokens=greek_tokens if n == "greek" else cap)
-    coord_lib.Coordinator(config, str(workdir)).run()
+    _coordinator(config, workdir).run()
     results[label] = _read_round(config, workdir, 1)
 
   (honest, h_arrays), (inflated, i_arrays) = results["honest"], results["inflated"]
@@ -300,7 +348,7 @@ def test_a_non_finite_update_is_rejected_and_the_others_are_merged(tmp_path, cap
   greek, name = _poisoned(r1["greek"], value)
   for n in SITES:
     _publish(config, tmp_path, n, 1, greek if n == "greek" else r1[n])
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
   coord.publish_initial()
 
   rec = coord.run_round(1)
@@ -308,8 +356,9 @@ def test_a_non_finite_update_is_rejected_and_the_others_are_merged(tmp_path, cap
   assert rec["sites"] == ["cyrillic", "latin"]
   np.testing.assert_array_equal(rec["weights"], [0.5, 0.5])
   rejected = [m for m in _warnings(caplog) if "rejected update of site greek" in m]
-  assert rejected == [f"coordinator: rejected update of site greek for round 1: "
-                      f"non-finite values in array {name}"], _warnings(caplog)
+  assert len(rejected) == 1 and re.fullmatch(
+      rf"coordinator: round 1: rejected update of site greek \(manifest sha256 [0-9a-f]{{16}}\): "
+      rf"non-finite values in array {name}", rejected[0]), _warnings(caplog)
   assert exchange.read_latest(_bucket(config, tmp_path, federation.GLOBAL)) == 1
   manifest, arrays = _read_round(config, tmp_path, 1)
   assert [i["site"] for i in manifest["extra"]["inputs"]] == ["cyrillic", "latin"]
@@ -332,7 +381,7 @@ def test_a_non_finite_update_below_quorum_raises_and_commits_nothing(tmp_path, c
   greek, name = _poisoned(deltas["greek"], np.nan)
   for n in SITES:
     _publish(config, tmp_path, n, 1, greek if n == "greek" else deltas[n])
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
 
   with pytest.raises(coord_lib.QuorumError,
                      match=rf"round 1: rejected update of site greek: non-finite values in "
@@ -340,12 +389,12 @@ def test_a_non_finite_update_below_quorum_raises_and_commits_nothing(tmp_path, c
                            rf"round stays 0"):
     coord.run()
 
-  assert any("rejected update of site greek for round 1" in m for m in _warnings(caplog))
+  assert any("round 1: rejected update of site greek" in m for m in _warnings(caplog))
   glob = _bucket(config, tmp_path, federation.GLOBAL)
   assert exchange.read_latest(glob) == 0
   assert exchange.committed_rounds(glob, "global") == [0]
   assert exchange.read_manifest(glob, exchange.global_prefix(1)) is None
-  assert coord_lib.Coordinator(config, str(tmp_path)).latest() == 0
+  assert _coordinator(config, tmp_path).latest() == 0
 
 
 # ------------------------------------------------------------------ restart
@@ -360,7 +409,7 @@ def _publish_two_rounds(config, workdir):
 def test_restart_redoes_an_uncommitted_round_bit_identically(tmp_path, monkeypatch):
   config = _config(rounds=2)
   _publish_two_rounds(config, tmp_path / "straight")
-  coord_lib.Coordinator(config, str(tmp_path / "straight")).run()
+  _coordinator(config, tmp_path / "straight").run()
   want_manifest, want = _read_round(config, tmp_path / "straight", 2)
 
   # The crash: round 1 is published, then the process dies half-way through round 2's
@@ -370,7 +419,7 @@ def test_restart_redoes_an_uncommitted_round_bit_identically(tmp_path, monkeypat
   finish, calls = merge_lib.BlockWriter.finish, []
 
   def crash_in_round_2(self):
-    if self.prefix == exchange.global_prefix(2):
+    if self.prefix.startswith(exchange.global_prefix(2) + "/"):
       if len(calls) == 5:
         raise KeyboardInterrupt("killed")
       calls.append(self.name)
@@ -378,21 +427,29 @@ def test_restart_redoes_an_uncommitted_round_bit_identically(tmp_path, monkeypat
 
   monkeypatch.setattr(merge_lib.BlockWriter, "finish", crash_in_round_2)
   with pytest.raises(KeyboardInterrupt):
-    coord_lib.Coordinator(config, str(workdir)).run()
+    _coordinator(config, workdir).run()
   monkeypatch.undo()
   glob = _bucket(config, workdir, federation.GLOBAL)
   prefix = exchange.global_prefix(2)
-  assert len(calls) == 5 and glob.list(f"{prefix}/arrays/")
+  [crashed] = exchange.uncommitted_attempts(glob, prefix)
+  assert len(calls) == 5 and glob.list(f"{prefix}/{crashed}/arrays/")
   # ... and a torn manifest without its COMMIT, as if it died between the two writes.
-  glob.write(f"{prefix}/{exchange.MANIFEST}", b'{"torn": ')
+  glob.write(f"{prefix}/{crashed}/{exchange.MANIFEST}", b'{"torn": ')
   assert exchange.read_latest(glob) == 1 and exchange.read_manifest(glob, prefix) is None
 
-  records = coord_lib.Coordinator(config, str(workdir)).run()
+  records = _coordinator(config, workdir).run()
 
   assert [r["round"] for r in records] == [2]
   assert exchange.read_latest(glob) == 2
   manifest, got = _read_round(config, workdir, 2)
-  assert manifest == want_manifest
+  # The redo is a new attempt (its own directory, its own signature); the crashed
+  # attempt is garbage that no COMMIT names. Everything else is bit-identical.
+  assert exchange.uncommitted_attempts(glob, prefix) == [crashed] != [manifest["attempt"]]
+  def unsigned(m):  # Without what names this run's attempts and inputs' manifests.
+    extra = dict(m["extra"], base_manifest_sha256=None,
+                 inputs=[dict(i, manifest_sha256=None) for i in m["extra"]["inputs"]])
+    return {k: v for k, v in dict(m, extra=extra).items() if k not in ("attempt", "signature")}
+  assert unsigned(manifest) == unsigned(want_manifest)
   assert got.keys() == want.keys()
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -401,16 +458,16 @@ def test_restart_redoes_an_uncommitted_round_bit_identically(tmp_path, monkeypat
 def test_restart_repairs_a_latest_pointer_left_behind_without_recomputing(tmp_path, caplog):
   config = _config(rounds=2)
   _publish_two_rounds(config, tmp_path)
-  coord_lib.Coordinator(config, str(tmp_path)).run()
+  _coordinator(config, tmp_path).run()
   glob = _bucket(config, tmp_path, federation.GLOBAL)
   prefix = exchange.global_prefix(2)
   before = {k: (glob.read(k), os.stat(tmp_path / "buckets" / "global" / k).st_mtime_ns)
             for k in glob.list(prefix + "/")}
   # The crash: round 2's COMMIT is written, LATEST still says 1.
-  exchange.write_latest(glob, 1)
+  glob.write(exchange.LATEST, json.dumps({"kind": "global", "round": 1}).encode())
   assert exchange.read_latest(glob) == 1
 
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
   assert coord.latest() == 2
   assert exchange.read_latest(glob) == 2
   assert any("LATEST pointer said 1; round 2 is committed" in r.getMessage()
@@ -433,11 +490,12 @@ def _shardings(config):
 
 def test_read_global_refuses_a_round_that_is_not_the_one_asked_for(tmp_path):
   config = _config()
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
   coord.publish_initial()
   glob = coord.glob
   shardings = _shardings(config)
-  params, manifest = site_lib.read_global(glob, config, 0, shardings)
+  root = trust.TrustRoot.from_config(config)
+  params, manifest = site_lib.read_global(glob, config, 0, shardings, root=root)
   assert manifest["round"] == 0
   initial, _ = coord_lib.initial_round(config)
   for name, p in trees.flatten(params).items():
@@ -450,13 +508,13 @@ def test_read_global_refuses_a_round_that_is_not_the_one_asked_for(tmp_path):
   with pytest.raises(exchange.ExchangeError,
                      match=r"manifest is not global round 0 of federation 'someone-else'"):
     site_lib.read_global(glob, other, 0, shardings)
-  # Round 0's manifest copied under round 1's prefix: the manifest says round 0.
-  glob.write(f"{exchange.global_prefix(1)}/{exchange.MANIFEST}",
-             glob.read(f"{exchange.global_prefix(0)}/{exchange.MANIFEST}"))
-  glob.write(f"{exchange.global_prefix(1)}/{exchange.COMMIT}",
-             glob.read(f"{exchange.global_prefix(0)}/{exchange.COMMIT}"))
+  # Round 0's (validly signed) manifest replayed under round 1's prefix: it says round 0.
+  p0, p1 = exchange.global_prefix(0), exchange.global_prefix(1)
+  data0 = exchange.data_prefix(p0, manifest)[len(p0):]
+  glob.write(f"{p1}{data0}/{exchange.MANIFEST}", glob.read(f"{p0}{data0}/{exchange.MANIFEST}"))
+  glob.write(f"{p1}/{exchange.COMMIT}", glob.read(f"{p0}/{exchange.COMMIT}"))
   with pytest.raises(exchange.ExchangeError, match=r"manifest is not global round 1 of federation"):
-    site_lib.read_global(glob, config, 1, shardings)
+    site_lib.read_global(glob, config, 1, shardings, root=root)
   # A site configured with another model: refused before a byte of array data is read.
   wider = _config()
   wider.model.d_model = 64
@@ -464,52 +522,69 @@ def test_read_global_refuses_a_round_that_is_not_the_one_asked_for(tmp_path):
   with pytest.raises(exchange.ExchangeError,
                      match=r"schema mismatch.*'params/embed': shape \(384, 128\) != expected "
                            r"\(384, 64\)"):
-    site_lib.read_global(glob, wider, 0, _shardings(wider))
+    site_lib.read_global(glob, wider, 0, _shardings(wider), root=root)
   assert glob.bytes_read - read0 < 100_000  # The manifest and COMMIT only.
 
 
 def test_publish_update_keeps_an_already_committed_round(tmp_path, caplog):
   config = _config()
   bucket = _bucket(config, tmp_path, "latin")
-  first = site_lib.publish_update(bucket, config, "latin", 1, 0, _delta(1), 100, {"train_loss": 1.0})
-  again = site_lib.publish_update(bucket, config, "latin", 1, 0, _delta(2), 200, {"train_loss": 2.0})
+  first = site_lib.publish_update(bucket, config, "latin", 1, 0, _delta(1), 100,
+                                  {"train_loss": 1.0}, signer=_signer("latin"))
+  again = site_lib.publish_update(bucket, config, "latin", 1, 0, _delta(2), 200,
+                                  {"train_loss": 2.0}, signer=_signer("latin"))
   assert again == first == exchange.read_manifest(bucket, exchange.update_prefix(1))
   assert any("round 1 already committed" in r.getMessage() for r in caplog.records)
   rec = first["arrays"]["embed"]
   np.testing.assert_array_equal(
-      exchange.read_block(bucket, exchange.update_prefix(1), "embed", rec,
-                          tuple(slice(0, s) for s in rec["shape"])), _delta(1)["embed"])
+      exchange.read_block(bucket, exchange.data_prefix(exchange.update_prefix(1), first),
+                          "embed", rec, tuple(slice(0, s) for s in rec["shape"])),
+      _delta(1)["embed"])
+  trust.TrustRoot.from_config(config).verify(first, "latin")
 
 
 # ------------------------------------------------------------------ bad input, command line
 
 
 CLI_CONFIG = "--config=experiments/configs/federation.py:tiny/latin,cyrillic"
+KEY = trust.public_key_text(trust.generate_private_key())
 
 
 def test_bad_input_at_the_command_line_is_one_line_and_exit_status_2(tmp_path):
   regular = tmp_path / "a-file"
   regular.write_text("not a directory")
+  unsigned = "--config.federation.trust.require_signatures=false"
   cases = {
       "unknown site": (["launch.site", "--site=klingon"], r"unknown site 'klingon'"),
+      "no trust root": (["launch.site", "--site=latin"],
+                        r"federation.trust.public_keys has no key for \['cyrillic', 'latin', "
+                        r"'coordinator'\]; every party needs one.*launch.keygen"),
+      "private key missing": (
+          ["launch.coordinator", *[f"--config.federation.trust.public_keys.{p}={KEY}"
+                                   for p in ("latin", "cyrillic", "coordinator")],
+           f"--private_key={tmp_path}/nowhere.key"],
+          r"party 'coordinator': private key .*/nowhere.key does not exist; create one with "
+          r"`python -m launch.keygen"),
       "global bucket under a file": (
-          ["launch.coordinator", f"--config.federation.global_bucket=file://{regular}/global"],
+          [unsigned, "launch.coordinator", f"--config.federation.global_bucket=file://{regular}/global"],
           r"bucket file://.*/a-file/global is not writable.*a parent of the path is a file"),
       "global bucket in /proc": (
-          ["launch.coordinator", "--config.federation.global_bucket=file:///proc/forbidden"],
+          [unsigned, "launch.coordinator", "--config.federation.global_bucket=file:///proc/forbidden"],
           r"bucket file:///proc/forbidden is not writable"),
       "site bucket under a file": (
-          ["launch.site", "--site=latin", f"--config.sites.latin.bucket=file://{regular}/latin"],
+          [unsigned, "launch.site", "--site=latin", f"--config.sites.latin.bucket=file://{regular}/latin"],
           r"bucket file://.*/a-file/latin is not writable.*a parent of the path is a file"),
       "malformed bucket URL": (
-          ["launch.coordinator", "--config.federation.global_bucket=ftp://host/x"],
+          [unsigned, "launch.coordinator", "--config.federation.global_bucket=ftp://host/x"],
           r"bucket URL 'ftp://host/x' is not usable \(unknown scheme 'ftp'\)"),
   }
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   procs = {}
   for label, (args, _) in cases.items():  # All at once: most of each is the imports.
+    args = [a for a in args if a != unsigned]
     module, *rest = args
+    rest += [unsigned] if unsigned in cases[label][0] else []
     procs[label] = subprocess.Popen(
         [sys.executable, "-m", module, CLI_CONFIG, f"--workdir={tmp_path / 'w'}", *rest],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -528,20 +603,23 @@ def test_a_manifest_with_path_tricks_is_rejected_before_any_read(tmp_path, caplo
   """A hand-crafted (but committed) manifest that names an array outside the site's
   prefix is refused by the schema check; no read leaves the owner's prefix."""
   config = _config(quorum=2)
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
   coord.publish_initial()
   for i, n in enumerate(["cyrillic", "latin"]):
     _publish(config, tmp_path, n, 1, _delta(i))
   bucket = _bucket(config, tmp_path, "greek")
   prefix = exchange.update_prefix(1)
-  records = exchange.write_arrays(bucket, prefix, _delta(9))
+  attempt = exchange.new_attempt()
+  records = exchange.write_arrays(bucket, exchange.data_prefix(prefix, attempt), _delta(9))
   records[trick] = records.pop("embed")
-  manifest = exchange.make_manifest(
+  manifest = _signer("greek").sign(exchange.make_manifest(  # Signed by greek itself.
       federation=config.federation.id, kind="update", round=1, author="greek", base_round=0,
-      tokens=federation.weight_cap(config), arrays=records)
+      attempt=attempt, tokens=federation.weight_cap(config), arrays=records))
   data = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-  bucket.write(f"{prefix}/manifest.json", data)  # Forged by hand: write_manifest would
-  bucket.write(f"{prefix}/COMMIT", exchange.manifest_digest(manifest).encode())  # refuse it.
+  # Forged by hand: write_manifest would refuse it.
+  bucket.write(f"{exchange.data_prefix(prefix, attempt)}/manifest.json", data)
+  bucket.write(f"{prefix}/COMMIT", json.dumps(
+      {"attempt": attempt, "manifest_sha256": exchange.manifest_digest(manifest)}).encode())
   read_before = coord.sites["greek"].bytes_read
   rec = coord.run_round(1)
   assert rec["sites"] == ["cyrillic", "latin"]
@@ -550,7 +628,7 @@ def test_a_manifest_with_path_tricks_is_rejected_before_any_read(tmp_path, caplo
   # Only greek's manifest and COMMIT were read (a few kB), none of its ~3.5 MB of arrays.
   assert coord.sites["greek"].bytes_read - read_before < 64 << 10
   with pytest.raises(buckets.BucketError, match="keys must stay inside the bucket"):
-    exchange.read_block(bucket, prefix, trick, records[trick],
+    exchange.read_block(bucket, exchange.data_prefix(prefix, attempt), trick, records[trick],
                         tuple(slice(0, s) for s in records[trick]["shape"]))
 
 
@@ -564,8 +642,8 @@ def test_a_corrupt_committed_update_is_rejected_and_the_others_are_merged(tmp_pa
   r1 = {n: _delta(80 + i) for i, n in enumerate(SITES)}
   for n in SITES:
     _publish(config, tmp_path, n, 1, r1[n])
-  chunk = next((tmp_path / "buckets" / "greek" / exchange.update_prefix(1) / "arrays" /
-                "embed" / "c").rglob("*"))
+  chunk = next((tmp_path / "buckets" / "greek" / exchange.update_prefix(1)).glob(
+      "a-*/arrays/embed/c/*"))
   while chunk.is_dir():
     chunk = next(chunk.iterdir())
   if damage == "flip":
@@ -574,7 +652,7 @@ def test_a_corrupt_committed_update_is_rejected_and_the_others_are_merged(tmp_pa
     chunk.write_bytes(bytes(data))
   else:
     chunk.unlink()
-  coord = coord_lib.Coordinator(config, str(tmp_path))
+  coord = _coordinator(config, tmp_path)
   coord.publish_initial()
 
   rec = coord.run_round(1)

@@ -14,6 +14,8 @@ from tapestry_jax import model, sharding, trees
 from tapestry_jax.buckets import Bucket, BucketError
 
 PREFIX = ex.update_prefix(1)
+ATTEMPT = ex.new_attempt("test")
+DATA = ex.data_prefix(PREFIX, ATTEMPT)  # Where round PREFIX's arrays are written.
 
 
 def _cfg():
@@ -32,10 +34,10 @@ def written(tmp_path_factory):
   flat = trees.flatten(params)
   root = tmp_path_factory.mktemp("exchange") / "site-fr"
   bucket = Bucket(f"file://{root}")
-  records = ex.write_arrays(bucket, PREFIX, flat)
+  records = ex.write_arrays(bucket, DATA, flat)
   written_bytes = bucket.bytes_written
   manifest = ex.make_manifest(federation="test", kind="update", round=1, author="fr",
-                              arrays=records, base_round=0, tokens=4096, extra={"lr": 0.7})
+                              attempt=ATTEMPT, arrays=records, base_round=0, tokens=4096, extra={"lr": 0.7})
   ex.write_manifest(bucket, PREFIX, manifest)
   return dict(cfg=cfg, flat=flat, root=root, url=f"file://{root}", records=records,
               written_bytes=written_bytes)
@@ -102,13 +104,15 @@ def test_mixed_dtypes_scalars_and_split_chunks():
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   for compress in (False, True):
     prefix = ex.global_prefix(int(compress))
-    records = ex.write_arrays(bucket, prefix, arrays, max_chunk_bytes=64, compress=compress)
+    records = ex.write_arrays(bucket, ex.data_prefix(prefix, ATTEMPT), arrays, max_chunk_bytes=64,
+                              compress=compress)
     # 64-byte chunks: 5*3 bf16 = 30 bytes per leading row -> 2 rows, 37 rows -> 19 chunks.
     assert records["w_bf16"]["chunk_shape"] == [2, 5, 3]
     assert len(records["w_bf16"]["chunk_digests"]) == 19
     assert records["w_bf16"]["dtype"] == "bfloat16" and records["count"]["chunk_shape"] == []
     ex.write_manifest(bucket, prefix, ex.make_manifest(
-        federation="test", kind="global", round=int(compress), author="coord", arrays=records))
+        federation="test", kind="global", round=int(compress), author="coord", attempt=ATTEMPT,
+        arrays=records))
     manifest = ex.read_manifest(bucket, prefix)
     ex.check_schema(manifest, arrays)
     out = ex.read_arrays(bucket, prefix, manifest, {n: repl for n in arrays})
@@ -120,44 +124,91 @@ def test_mixed_dtypes_scalars_and_split_chunks():
 
 def test_uncommitted_round_is_invisible(tmp_path):
   bucket = Bucket(str(tmp_path / "b"))
-  records = ex.write_arrays(bucket, ex.global_prefix(5), {"w": np.ones((4, 4), np.float32)})
+  p5 = ex.global_prefix(5)
+  records = ex.write_arrays(bucket, ex.data_prefix(p5, ATTEMPT), {"w": np.ones((4, 4), np.float32)})
   assert records["w"]["digest"]
-  assert ex.read_manifest(bucket, ex.global_prefix(5)) is None
+  assert ex.read_manifest(bucket, p5) is None
   assert ex.committed_rounds(bucket, "global") == []
   assert ex.read_latest(bucket) is None
   with pytest.raises(ex.ExchangeError, match="not committed"):
     ex.write_latest(bucket, 5)
   # The manifest alone (crash before COMMIT) is still not a round.
-  manifest = ex.make_manifest(federation="t", kind="global", round=5, author="c", arrays=records)
-  bucket.write(f"{ex.global_prefix(5)}/manifest.json", json.dumps(manifest).encode())
-  assert ex.read_manifest(bucket, ex.global_prefix(5)) is None
-  bucket.delete(f"{ex.global_prefix(5)}/manifest.json")
-  ex.write_manifest(bucket, ex.global_prefix(5), manifest)
+  manifest = ex.make_manifest(federation="t", kind="global", round=5, author="c",
+                              attempt=ATTEMPT, arrays=records)
+  bucket.write(f"{ex.data_prefix(p5, ATTEMPT)}/manifest.json", json.dumps(manifest).encode())
+  assert ex.read_manifest(bucket, p5) is None
+  assert ex.uncommitted_attempts(bucket, p5) == [ATTEMPT]
+  ex.write_manifest(bucket, p5, manifest)
+  assert ex.uncommitted_attempts(bucket, p5) == []
   ex.write_latest(bucket, 5)
   assert ex.read_latest(bucket) == 5
   assert json.loads(bucket.read("LATEST")) == {"kind": "global", "prefix": "rounds/round_000005",
                                                "round": 5}
+  assert json.loads(bucket.read(f"{p5}/COMMIT")) == {
+      "attempt": ATTEMPT, "manifest_sha256": ex.manifest_digest(manifest)}
   with pytest.raises(ex.ExchangeError, match="not committed"):
     ex.write_latest(bucket, 5, kind="update")  # no update round 5 in this bucket
-  # Committed rounds are immutable.
-  with pytest.raises(ex.ExchangeError, match="already committed"):
-    ex.write_arrays(bucket, ex.global_prefix(5), {"w": np.zeros((4, 4), np.float32)})
-  with pytest.raises(ex.ExchangeError, match="already committed"):
-    ex.write_manifest(bucket, ex.global_prefix(5), manifest)
+  # Committed rounds are immutable: the committed attempt cannot be rewritten, and the
+  # round cannot be committed again (by anyone, with any attempt).
+  with pytest.raises(ex.ExchangeError, match="this attempt is committed"):
+    ex.write_arrays(bucket, ex.data_prefix(p5, ATTEMPT), {"w": np.zeros((4, 4), np.float32)})
+  with pytest.raises(ex.CommitConflict, match="already committed"):
+    ex.write_manifest(bucket, p5, manifest)
+  other = ex.new_attempt()
+  ex.write_arrays(bucket, ex.data_prefix(p5, other), {"w": np.zeros((4, 4), np.float32)})
+  with pytest.raises(ex.CommitConflict):
+    ex.write_manifest(bucket, p5, dict(manifest, attempt=other))
+  assert ex.read_manifest(bucket, p5) == manifest
+  assert ex.uncommitted_attempts(bucket, p5) == [other]
+  # LATEST never moves backwards.
+  ex.write_latest(bucket, 5)
+  records = ex.write_arrays(bucket, ex.data_prefix(ex.global_prefix(3), ATTEMPT),
+                            {"w": np.ones((4, 4), np.float32)})
+  ex.write_manifest(bucket, ex.global_prefix(3), dict(manifest, round=3, arrays=records))
+  ex.write_latest(bucket, 3)
+  assert ex.read_latest(bucket) == 5
+
+
+def test_create_only_commit_lets_exactly_one_of_racing_writers_commit(tmp_path):
+  """Many writers racing to commit one round through create-only writes: one wins."""
+  import concurrent.futures
+  bucket = Bucket(str(tmp_path / "race"))
+  prefix = ex.global_prefix(1)
+  manifests = []
+  for i in range(8):
+    attempt = ex.new_attempt()
+    records = ex.write_arrays(bucket, ex.data_prefix(prefix, attempt),
+                              {"w": np.full((4,), i, np.float32)})
+    manifests.append(ex.make_manifest(federation="t", kind="global", round=1, author="c",
+                                      attempt=attempt, arrays=records))
+
+  def commit(m):
+    try:
+      ex.write_manifest(bucket, prefix, m)
+      return m["attempt"]
+    except ex.CommitConflict:
+      return None
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    won = [a for a in pool.map(commit, manifests) if a is not None]
+  assert len(won) == 1
+  assert ex.read_manifest(bucket, prefix)["attempt"] == won[0]
+  assert len(ex.uncommitted_attempts(bucket, prefix)) == 7
 
 
 def test_tampered_manifest_is_rejected(tmp_path):
   bucket = Bucket(str(tmp_path / "b"))
-  records = ex.write_arrays(bucket, PREFIX, {"w": np.ones((4, 4), np.float32)})
+  records = ex.write_arrays(bucket, DATA, {"w": np.ones((4, 4), np.float32)})
   ex.write_manifest(bucket, PREFIX, ex.make_manifest(
-      federation="t", kind="update", round=1, author="fr", arrays=records, tokens=10))
-  path = tmp_path / "b" / PREFIX / "manifest.json"
+      federation="t", kind="update", round=1, author="fr", attempt=ATTEMPT, arrays=records,
+      tokens=10))
+  path = tmp_path / "b" / DATA / "manifest.json"
   path.write_bytes(path.read_bytes().replace(b'"tokens":10', b'"tokens":99'))
   with pytest.raises(ex.ExchangeError, match=r"round updates/round_000001: manifest.json does "
                                              r"not match COMMIT"):
     ex.read_manifest(bucket, PREFIX)
   path.unlink()
-  with pytest.raises(ex.ExchangeError, match="COMMIT exists but manifest.json is missing"):
+  with pytest.raises(ex.ExchangeError, match=r"COMMIT names .*manifest.json, which is missing"):
     ex.read_manifest(bucket, PREFIX)
 
 
@@ -165,7 +216,7 @@ def test_flipped_byte_in_a_chunk_is_caught(written, tmp_path):
   import shutil
   root = tmp_path / "copy"
   shutil.copytree(written["root"], root)
-  chunk_file = root / PREFIX / "arrays" / "layers" / "wq" / "c" / "0" / "3" / "0" / "0"
+  chunk_file = root / DATA / "arrays" / "layers" / "wq" / "c" / "0" / "3" / "0" / "0"
   data = bytearray(chunk_file.read_bytes())
   data[-5] ^= 0x01  # uncompressed chunks: the element bytes end the file
   chunk_file.write_bytes(bytes(data))
@@ -178,7 +229,7 @@ def test_flipped_byte_in_a_chunk_is_caught(written, tmp_path):
     ex.read_arrays(bucket, PREFIX, manifest, shardings)
   rec = manifest["arrays"]["layers/wq"]
   with pytest.raises(ex.ExchangeError, match="'layers/wq'.*corrupt"):
-    ex.read_block(bucket, PREFIX, "layers/wq", rec, (slice(0, 4), slice(48, 64), slice(0, 4),
+    ex.read_block(bucket, DATA, "layers/wq", rec, (slice(0, 4), slice(48, 64), slice(0, 4),
                                                      slice(0, 32)))
   # Without verification the damage goes through unnoticed: that is what verify is for.
   out = ex.read_arrays(bucket, PREFIX, manifest, {"layers/wq": shardings["layers/wq"]},
@@ -246,7 +297,7 @@ def test_iter_blocks_cover_the_array_once_and_reassemble(tmp_path):
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=2), devices=jax.devices()[:2])
   spec = jax.sharding.PartitionSpec(None, "tensor")
   x = jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
-  records = ex.write_arrays(bucket, PREFIX, {"a": a, "x": x}, max_chunk_bytes=200)
+  records = ex.write_arrays(bucket, DATA, {"a": a, "x": x}, max_chunk_bytes=200)
   assert records["a"]["chunk_shape"] == [2, 6, 4]  # 96 bytes per row
   assert records["x"]["chunk_shape"] == [1, 3, 4]  # 37 rows have no divisor <= 4 but 1
   for name in ("a", "x"):
@@ -258,12 +309,12 @@ def test_iter_blocks_cover_the_array_once_and_reassemble(tmp_path):
       out = np.zeros_like(a)
       for index in blocks:
         seen[index] += 1
-        out[index] = ex.read_block(bucket, PREFIX, name, rec, index)
+        out[index] = ex.read_block(bucket, DATA, name, rec, index)
       assert (seen == 1).all(), (name, budget)
       np.testing.assert_array_equal(out, a)
   assert len(list(ex.iter_blocks(records["a"], 1 << 20))) == 1
   with pytest.raises(ex.ExchangeError, match="not aligned"):
-    ex.read_block(bucket, PREFIX, "a", records["a"], (slice(1, 3), slice(0, 6), slice(0, 4)))
+    ex.read_block(bucket, DATA, "a", records["a"], (slice(1, 3), slice(0, 6), slice(0, 4)))
   assert list(ex.iter_blocks({"shape": [], "dtype": "int32", "chunk_shape": [],
                               "chunk_digests": ["0" * 64],
                               "digest": ex._combined_digest(["0" * 64])}, 10)) == [()]
@@ -279,12 +330,16 @@ def test_bad_names_and_manifests(tmp_path):
   with pytest.raises(ex.ExchangeError, match="prefix"):
     ex.write_arrays(bucket, "/abs", {"w": one})
   with pytest.raises(ex.ExchangeError, match="kind"):
-    ex.make_manifest(federation="t", kind="delta", round=1, author="a", arrays={})
+    ex.make_manifest(federation="t", kind="delta", round=1, author="a", attempt=ATTEMPT,
+                     arrays={})
+  with pytest.raises(ex.ExchangeError, match="attempt"):
+    ex.make_manifest(federation="t", kind="update", round=1, author="a", attempt="../x",
+                     arrays={})
   with pytest.raises(ex.ExchangeError, match="round must be"):
     ex.update_prefix(-1)
   assert ex.update_prefix(12) == "updates/round_000012"
   assert ex.global_prefix(12) == "rounds/round_000012"
-  bad = ex.make_manifest(federation="t", kind="update", round=1, author="a",
+  bad = ex.make_manifest(federation="t", kind="update", round=1, author="a", attempt=ATTEMPT,
                          arrays={"w": {"shape": [3]}})
   with pytest.raises(ex.ExchangeError, match="refusing to publish"):
     ex.write_manifest(bucket, PREFIX, bad)
@@ -297,7 +352,7 @@ def test_bad_names_and_manifests(tmp_path):
 
 def test_merge_records_from_processes(tmp_path):
   bucket = Bucket(str(tmp_path / "b"))
-  rec = ex.write_arrays(bucket, PREFIX, {"w": np.arange(8, dtype=np.float32)},
+  rec = ex.write_arrays(bucket, DATA, {"w": np.arange(8, dtype=np.float32)},
                         max_chunk_bytes=8)["w"]
   half = len(rec["chunk_digests"]) // 2
   p0 = dict(rec, chunk_digests=rec["chunk_digests"][:half] + [None] * half, digest=None)

@@ -19,6 +19,7 @@ from tapestry_jax import federation
 from tapestry_jax import orchestrate
 from tapestry_jax import report
 from tapestry_jax import simulate
+from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,8 +94,18 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path):
   assert exchange.read_latest(glob) == 2
   manifest = exchange.read_manifest(glob, exchange.global_prefix(2))
   assert [i["site"] for i in manifest["extra"]["inputs"]] == ["cyrillic", "latin"]
+  # Signed by the coordinator's key from the trust root launch.federate's orchestration
+  # made (WORKDIR/keys), and every input it names was signed by its site.
+  root = trust.TrustRoot.from_config(config)
+  root.verify(manifest, federation.COORDINATOR)
+  for i in manifest["extra"]["inputs"]:
+    site_bucket = buckets.Bucket("file://" + str(workdir / "buckets" / i["site"]))
+    update = exchange.read_manifest(site_bucket, exchange.update_prefix(2))
+    root.verify(update, i["site"])
+    assert exchange.manifest_digest(update) == i["manifest_sha256"]
   for name, want in sim["params"].items():
-    got = exchange.read_block(glob, exchange.global_prefix(2), f"params/{name}",
+    got = exchange.read_block(glob, exchange.data_prefix(exchange.global_prefix(2), manifest),
+                              f"params/{name}",
                               manifest["arrays"][f"params/{name}"],
                               tuple(slice(0, n) for n in want.shape))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)

@@ -24,17 +24,22 @@ def _round(tmp_path, tx, rng):
       v = np.asarray(v)
       arrays[f"outer/{n}/{leaf}"] = (np.abs(rng.standard_normal(v.shape)).astype(v.dtype)
                                      if v.ndim else v)
-  records = ex.write_arrays(glob, ex.global_prefix(0), arrays, max_chunk_bytes=256)
+  attempt = ex.new_attempt()
+  records = ex.write_arrays(glob, ex.data_prefix(ex.global_prefix(0), attempt), arrays,
+                            max_chunk_bytes=256)
   ex.write_manifest(glob, ex.global_prefix(0), ex.make_manifest(
-      federation="t", kind="global", round=0, author="global", arrays=records))
+      federation="t", kind="global", round=0, author="global", attempt=attempt,
+      arrays=records))
   inputs, deltas = [], []
   for k, chunk_bytes in enumerate((128, 512, 300)):
     bucket = Bucket(str(tmp_path / f"site{k}"))
     delta = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
-    records = ex.write_arrays(bucket, ex.update_prefix(1), delta, max_chunk_bytes=chunk_bytes)
+    attempt = ex.new_attempt()
+    records = ex.write_arrays(bucket, ex.data_prefix(ex.update_prefix(1), attempt), delta,
+                              max_chunk_bytes=chunk_bytes)
     ex.write_manifest(bucket, ex.update_prefix(1), ex.make_manifest(
-        federation="t", kind="update", round=1, author=f"s{k}", arrays=records, base_round=0,
-        tokens=1))
+        federation="t", kind="update", round=1, author=f"s{k}", attempt=attempt,
+        arrays=records, base_round=0, tokens=1))
     inputs.append((bucket, ex.update_prefix(1), ex.read_manifest(bucket, ex.update_prefix(1))))
     deltas.append(delta)
   state = {n: outer.state_from_leaves(tx, p, {l: arrays[f"outer/{n}/{l}"]
@@ -55,7 +60,7 @@ def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
   want_params, want_state = outer.outer_step(tx, params, state, deltas, weights)
   base = ex.read_manifest(glob, ex.global_prefix(0))
   for r, (read_ahead, max_block_bytes) in enumerate([(0, 64), (1, 1000), (2, 1 << 20)]):
-    prefix = ex.global_prefix(1 + r)
+    prefix = ex.data_prefix(ex.global_prefix(1 + r), ex.new_attempt())
     records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
                                 prefix, max_block_bytes=max_block_bytes, read_ahead=read_ahead)
     assert sorted(records) == sorted(base["arrays"])

@@ -164,7 +164,7 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
     records = merge_lib.merge_round(tx, glob, base_prefix, base, inputs, weights, scratch,
                                     exchange.global_prefix(R + attempt))
     exchange.write_manifest(scratch, exchange.global_prefix(R + attempt), exchange.make_manifest(
-        federation=f.id, kind="global", round=R + attempt, author=federation.GLOBAL,
+        federation=f.id, kind="global", round=R + attempt, author=federation.COORDINATOR,
         base_round=R - 1, tokens=1, arrays=records))
     out["merge_s"] = time.perf_counter() - t0
   out["bytes_per_update"] = sum(int(np.prod(r["shape"])) * np.dtype(r["dtype"]).itemsize

@@ -94,6 +94,22 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   f.compare_alone = True
   # Seconds of compile-and-start slack a site allows when it waits for the global model.
   f.site_wait_s = 1800.0
+  # --- trust: who may author what ---------------------------------------------------------
+  f.trust = ml_collections.ConfigDict()
+  # Every manifest (site update, global round) is signed by its author and verified by its
+  # readers. Off = nothing signed or verified: for experiments on one trusted machine only.
+  f.trust.require_signatures = True
+  # The trust root: each party's Ed25519 public key, "ed25519:<base64>", made by
+  # `python -m launch.keygen --party=NAME --out=DIR` (the coordinator's party is
+  # "coordinator").
+  # Each party keeps its private key itself (launch.site/launch.coordinator --private_key,
+  # default WORKDIR/keys/PARTY.key). launch.federate, which runs every party on this
+  # machine, makes any missing key pairs in WORKDIR/keys and fills these in.
+  f.trust.public_keys = ml_collections.ConfigDict({n: "" for n in [*names, "coordinator"]})
+  # --- robust merge -----------------------------------------------------------------------
+  # Norm clipping of each site's pseudo-gradient and the aggregator (mean, trimmed_mean,
+  # median); see outer.default_robust_config for each field.
+  f.robust = outer.default_robust_config()
 
   # --- the sites ------------------------------------------------------------------------
   c.sites = ml_collections.ConfigDict()
