@@ -1,0 +1,187 @@
+"""Audit: recompute a committed global round from the signed inputs it names.
+
+A global round's manifest, signed by the coordinator, names everything the merge used:
+the previous global round (by manifest digest), every site update (site, round,
+manifest digest, tokens, weight), the outer optimizer and the merge settings (weight
+cap, clipping, aggregator). `audit_round` checks each of those claims and redoes the
+merge:
+
+  1. the round's and its base round's signatures (trust root), and the base's digest;
+  2. each input update: committed in its site's bucket, the digest the round names, the
+     site's signature, freshness (this round, trained from the base round);
+  3. the weights: recomputed from the signed token counts and the recorded cap;
+  4. the merge: `merge.merge_round` on exactly those inputs into a scratch bucket (every
+     chunk it reads is checked against its writer's signed digests), and the result's
+     chunk digests compared with the round's: equal digests mean bit-identical arrays;
+  5. the stored arrays of the round itself, read back and checked against its digests.
+
+Round 0 (no inputs) is recomputed from the config: the initial params and outer state.
+The merge is deterministic (fixed site order, float32, fixed accumulation order), which
+is what makes 4 an equality, not a tolerance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from tapestry_jax import buckets
+from tapestry_jax import exchange
+from tapestry_jax import federation
+from tapestry_jax import merge as merge_lib
+from tapestry_jax import outer as outer_lib
+from tapestry_jax import trust
+
+
+class AuditError(exchange.ExchangeError):
+  """A claim of the round cannot be checked at all (missing round, bad signature...)."""
+
+
+def arrays_digest(manifest: dict) -> str:
+  """One sha256 over a manifest's per-array digests (name order): its content id."""
+  h = hashlib.sha256()
+  for name in sorted(manifest["arrays"]):
+    h.update(f"{name}:{manifest['arrays'][name]['digest']}\n".encode())
+  return h.hexdigest()
+
+
+def _verify(root, manifest: dict, author: str, what: str) -> str:
+  if root is None:
+    return "unsigned (trust.require_signatures is off)"
+  try:
+    root.verify(manifest, author)
+  except trust.TrustError as e:
+    raise AuditError(f"{what}: {e}") from None
+  return f"ok ({author}, key {manifest['signature']['key_id']})"
+
+
+def _read(bucket: buckets.Bucket, prefix: str, what: str) -> dict:
+  manifest = exchange.read_manifest(bucket, prefix)
+  if manifest is None:
+    raise AuditError(f"{what} ({bucket.url}/{prefix}) is not committed")
+  return manifest
+
+
+def _check_stored(bucket: buckets.Bucket, prefix: str, manifest: dict) -> int:
+  """Reads every chunk of a committed round, checking its digest; returns bytes read."""
+  data = exchange.data_prefix(prefix, manifest)
+  nbytes = 0
+  for name, rec in sorted(manifest["arrays"].items()):
+    store = exchange.open_array(bucket, data, name, rec)
+    for index in exchange.iter_blocks(rec, merge_lib.DEFAULT_MAX_BLOCK_BYTES):
+      nbytes += exchange.read_block(bucket, data, name, rec, index, store=store).nbytes
+  return nbytes
+
+
+def audit_round(config, workdir: str, round_: int, *, credentials: str | None = None,
+                scratch_dir: str | None = None) -> dict[str, Any]:
+  """Checks committed global round `round_` (see the module docstring).
+
+  Returns a report: provenance (base round, inputs with their digests and signatures),
+  `identical` (whether the recomputation matched bit for bit) and `mismatches` (array
+  names that differ). Raises AuditError when a claim cannot be checked at all."""
+  f = config.federation
+  urls = federation.bucket_urls(config, workdir)
+  retries = int(f.storage_retries)
+  glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries, credentials=credentials)
+  root = trust.TrustRoot.from_config(config) if f.trust.require_signatures else None
+  prefix = exchange.global_prefix(round_)
+  manifest = _read(glob, prefix, f"global round {round_}")
+  report: dict[str, Any] = {
+      "round": round_, "federation": manifest["federation"],
+      "manifest_sha256": exchange.manifest_digest(manifest),
+      "arrays_sha256": arrays_digest(manifest),
+      "signature": _verify(root, manifest, federation.COORDINATOR, f"global round {round_}"),
+      "inputs": [], "mismatches": []}
+  if manifest["kind"] != "global" or manifest["round"] != round_ or \
+      manifest["federation"] != f.id:
+    raise AuditError(f"{glob.url}/{prefix} is not global round {round_} of federation {f.id!r}")
+
+  scratch_root = tempfile.mkdtemp(prefix="tapestry-audit-", dir=scratch_dir)
+  try:
+    scratch = buckets.Bucket("file://" + scratch_root)
+    out = exchange.data_prefix(prefix, exchange.new_attempt())
+    if round_ == 0:
+      from tapestry_jax import coordinator  # The coordinator's own round 0.
+      params, state = coordinator.initial_round(config)
+      arrays = {f"params/{n}": a for n, a in params.items()}
+      for n, s in state.items():
+        arrays.update({f"outer/{n}/{k}": np.asarray(v)
+                       for k, v in outer_lib.state_leaves(s).items()})
+      records = exchange.write_arrays(scratch, out, arrays)
+    else:
+      records = _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
+                           credentials)
+    want = manifest["arrays"]
+    report["mismatches"] = sorted(
+        n for n in set(want) | set(records)
+        if n not in want or n not in records or want[n]["digest"] != records[n]["digest"]
+        or want[n]["chunk_shape"] != records[n]["chunk_shape"])
+    report["stored_bytes_verified"] = _check_stored(glob, prefix, manifest)
+  finally:
+    shutil.rmtree(scratch_root, ignore_errors=True)
+  report["arrays"] = len(manifest["arrays"])
+  report["identical"] = not report["mismatches"]
+  return report
+
+
+def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out, credentials):
+  """Checks round `round_`'s base and inputs, then merges them into `scratch` at `out`."""
+  f = config.federation
+  base_prefix = exchange.global_prefix(round_ - 1)
+  base = _read(glob, base_prefix, f"base global round {round_ - 1}")
+  _verify(root, base, federation.COORDINATOR, f"base global round {round_ - 1}")
+  base_digest = exchange.manifest_digest(base)
+  named = manifest["extra"].get("base_manifest_sha256")
+  if named != base_digest:
+    raise AuditError(f"global round {round_} names base manifest {str(named)[:16]}..., the "
+                     f"committed round {round_ - 1} is {base_digest[:16]}...")
+  report["base"] = {"round": round_ - 1, "manifest_sha256": base_digest}
+  inputs = []
+  for rec in manifest["extra"]["inputs"]:
+    site = rec["site"]
+    if site not in urls or site == federation.GLOBAL:
+      raise AuditError(f"global round {round_} names unknown site {site!r}")
+    inputs.append((site, buckets.Bucket(urls[site], max_retries=int(f.storage_retries),
+                                        credentials=credentials), rec))
+  return _merge_inputs(config, round_, manifest, base, base_prefix, inputs, root, report,
+                       glob, scratch, out, federation.param_schema(config))
+
+
+def _merge_inputs(config, round_, manifest, base, base_prefix, inputs, root, report, glob,
+                  scratch, out, schema):
+  from tapestry_jax import coordinator  # validate_update: the coordinator's own checks.
+  extra = manifest["extra"]
+  merge_inputs, tokens, recorded = [], [], []
+  for site, bucket, rec in inputs:
+    update = _read(bucket, exchange.update_prefix(round_), f"update of site {site}")
+    digest = exchange.manifest_digest(update)
+    if digest != rec["manifest_sha256"]:
+      raise AuditError(f"global round {round_} names update {rec['manifest_sha256'][:16]}... "
+                       f"of site {site}; its committed update is {digest[:16]}...")
+    why = coordinator.validate_update(update, config, site, round_, round_ - 1, schema, root)
+    if why is not None:
+      raise AuditError(f"update of site {site} for round {round_} would be refused: {why}")
+    report["inputs"].append({
+        "site": site, "bucket": bucket.url.split("?", 1)[0], "manifest_sha256": digest,
+        "arrays_sha256": arrays_digest(update), "tokens": update["tokens"],
+        "weight": rec["weight"],
+        "signature": f"ok (key {update['signature']['key_id']})" if root else "unsigned"})
+    merge_inputs.append((bucket, exchange.update_prefix(round_), update))
+    tokens.append(update["tokens"])
+    recorded.append(rec["weight"])
+  settings = extra.get("merge") or {}
+  cap = settings.get("weight_cap_tokens") or federation.weight_cap(config)
+  weights = outer_lib.cap_weights(tokens, cap)
+  if [float(w) for w in weights] != [float(w) for w in recorded]:
+    raise AuditError(f"global round {round_} records weights {recorded}; the signed token "
+                     f"counts {tokens} with cap {cap} give {[float(w) for w in weights]}")
+  tx = outer_lib.make_outer_optimizer(extra["outer"])
+  report["outer"] = extra["outer"]
+  report["merge"] = settings
+  return merge_lib.merge_round(tx, glob, base_prefix, base, merge_inputs, weights, scratch, out,
+                               **outer_lib.robust_kwargs(settings.get("robust")))
