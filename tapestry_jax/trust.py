@@ -8,7 +8,8 @@ the trust root); each party keeps its private key in a file of its own
 A manifest (a site's update or a global round, see exchange.py) is signed over its
 canonical JSON without the `signature` field: sorted keys, no whitespace, ASCII, no NaN.
 The manifest binds the federation id, the round, the author, the global round it was
-trained from, the token count and the sha256 of every chunk of every array as stored, so
+trained from, the token count and the BLAKE3 digest of every chunk of every array as
+stored, so
 a valid signature vouches for every byte a reader will read (readers check the chunks
 against those digests as they read them). The signature is stored in the manifest:
 

@@ -1,9 +1,9 @@
 """Exchange: committed rounds of named arrays, read onto any mesh, verified chunk by chunk."""
 
 import dataclasses
-import hashlib
 import json
 
+import blake3
 import jax
 import ml_dtypes
 import numpy as np
@@ -56,9 +56,9 @@ def test_records_follow_the_writers_shards(written):
     assert tuple(rec["chunk_shape"]) == x.sharding.shard_shape(x.shape), name
     distinct_shards = {str(s.index) for s in x.addressable_shards}
     assert len(rec["chunk_digests"]) == len(distinct_shards), name
-  # Chunk digests are sha256 of each chunk's C-order little-endian bytes.
+  # Chunk digests are BLAKE3-256 of each chunk's C-order little-endian bytes.
   embed = np.asarray(flat["embed"])  # (384, 128), 8 chunks of (384, 16)
-  assert records["embed"]["chunk_digests"][3] == hashlib.sha256(
+  assert records["embed"]["chunk_digests"][3] == blake3.blake3(
       np.ascontiguousarray(embed[:, 48:64]).astype("<f4").tobytes()).hexdigest()
   # Every distinct shard written once: replicated norms are not written 8 times.
   assert written["written_bytes"] == sum(x.nbytes for x in flat.values())
