@@ -126,7 +126,13 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
   from tapestry_jax import merge as merge_lib  # pylint: disable=import-outside-toplevel
   from tapestry_jax import outer as outer_lib  # pylint: disable=import-outside-toplevel
   from tapestry_jax import site as site_lib  # pylint: disable=import-outside-toplevel
+  from tapestry_jax import trust  # pylint: disable=import-outside-toplevel
   f = config.federation
+  # The trust root and keys run_processes made (WORKDIR/keys): the baselines sign and
+  # verify exactly as the deployed parties do.
+  root = trust.TrustRoot.from_config(config)
+  signers = {p: trust.Signer.from_file(p, federation.default_key_file(workdir, p))
+             for p in federation.party_names(config)}
   H, R = int(f.inner_steps), int(f.rounds)
   urls = federation.bucket_urls(config, workdir)
   glob = buckets.Bucket(urls[federation.GLOBAL])
@@ -138,13 +144,14 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
     # round 1 of the deployment did.
     for timed, round_ in ((False, R - 1), (True, R)):
       t0 = time.perf_counter()
-      params, _ = site_lib.read_global(glob, config, round_, worker.trainer.param_shardings)
+      params, _ = site_lib.read_global(glob, config, round_, worker.trainer.param_shardings,
+                                       root=root)
       worker.adopt(params)
       read_s = time.perf_counter() - t0
       compute_s = worker.train(H if timed else 2)["compute_s"]
       t0 = time.perf_counter()
       site_lib.publish_update(scratch, config, name, round_ + 1, round_, worker.delta(), 1,
-                              extra={})
+                              extra={}, signer=signers[name])
       publish_s = time.perf_counter() - t0
     out["sites"][name] = {"compute_s": compute_s, "read_s": read_s, "publish_s": publish_s}
     worker.close()
@@ -155,17 +162,22 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
   for name in sorted(names):  # The coordinator's fixed merge order.
     b = buckets.Bucket(urls[name])
     prefix = exchange.update_prefix(R)
-    inputs.append((b, prefix, exchange.read_manifest(b, prefix)))
+    manifest = exchange.read_manifest(b, prefix)
+    root.verify(manifest, name)
+    inputs.append((b, prefix, manifest))
   weights = outer_lib.cap_weights([m["tokens"] for _, _, m in inputs],
                                   federation.weight_cap(config))
   scratch = buckets.Bucket("file://" + os.path.join(workdir, "alone", "buckets", "global"))
   for attempt in range(2):  # The first call compiles merge_block for these shapes.
     t0 = time.perf_counter()
+    data = exchange.new_attempt()
     records = merge_lib.merge_round(tx, glob, base_prefix, base, inputs, weights, scratch,
-                                    exchange.global_prefix(R + attempt))
-    exchange.write_manifest(scratch, exchange.global_prefix(R + attempt), exchange.make_manifest(
+                                    exchange.data_prefix(exchange.global_prefix(R + attempt),
+                                                         data))
+    exchange.write_manifest(scratch, exchange.global_prefix(R + attempt),
+                            signers[federation.COORDINATOR].sign(exchange.make_manifest(
         federation=f.id, kind="global", round=R + attempt, author=federation.COORDINATOR,
-        base_round=R - 1, tokens=1, arrays=records))
+        attempt=data, base_round=R - 1, tokens=1, arrays=records)))
     out["merge_s"] = time.perf_counter() - t0
   out["bytes_per_update"] = sum(int(np.prod(r["shape"])) * np.dtype(r["dtype"]).itemsize
                                 for r in inputs[0][2]["arrays"].values())

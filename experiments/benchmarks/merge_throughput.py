@@ -12,9 +12,10 @@ Two page-cache states are measured (--cache=warm|cold|both, default both), each 
 own raw-read baselines, merges and ratio, because they answer different questions:
   warm  every input byte is in the page cache (read once, untimed, before each repeat's
         timed runs). Raw reads are then memory copies (~3-4 GB/s on 2 cores), so the
-        merge is CPU-bound, and what dominates it is the sha256 of every chunk read
-        (and written) that verification needs (~1.3 GB/s per core; the digests are what
-        signatures bind, so they cannot be skipped). This isolates the merge's own CPU
+        merge is CPU-bound, and what dominates it is the digest of every chunk read
+        (and written) that verification needs (BLAKE3, ~3-5 GB/s per core; it was sha256
+        at ~1.3 GB/s until the trust work; the digests are what signatures bind, so
+        they cannot be skipped). This isolates the merge's own CPU
         cost: the ratio is the verification + merge overhead over a bare memory copy.
   cold  before EACH timed measurement (every raw-read variant, the verified read, every
         merge) dirty pages are flushed (os.sync) and the page cache is dropped (write 3
@@ -43,7 +44,7 @@ What runs, in order, under --workdir (a fresh temp dir, removed at the end unles
                      storage (cold) rewards;
        raw, arrays   whole zarr3 arrays with `ts.open(...).read()`, --read_window at a
                      time, no checks;
-       verified      exchange.read_block over the same blocks (sha256 of every chunk
+       verified      exchange.read_block over the same blocks (digest of every chunk
                      checked against the writer's digest, as the merge does), on
                      os.cpu_count() threads.
      The target ratio is taken against the FASTER raw read (of that cache state).
@@ -223,12 +224,14 @@ def run_child(spec_path: str) -> None:
   reset = _reset_peak_rss()
   prepare_cache(spec["cache"])
   cpu0, t0 = _cpu_s(), time.perf_counter()
+  attempt = exchange.new_attempt()
   records = merge_lib.merge_round(tx, glob, spec["base_prefix"], base, inputs, weights, glob,
-                                  spec["out_prefix"], max_block_bytes=spec["max_block_bytes"],
+                                  exchange.data_prefix(spec["out_prefix"], attempt),
+                                  max_block_bytes=spec["max_block_bytes"],
                                   read_ahead=spec["read_ahead"])
   exchange.write_manifest(glob, spec["out_prefix"], exchange.make_manifest(
       federation=FEDERATION, kind="global", round=spec["out_round"], author="global",
-      base_round=0, tokens=0, arrays=records))
+      attempt=attempt, base_round=0, tokens=0, arrays=records))
   merge_s, cpu_s = time.perf_counter() - t0, _cpu_s() - cpu0
   print(json.dumps({
       "cache": spec["cache"], "merge_s": merge_s, "cpu_s": cpu_s, "warmup_s": warmup_s,
@@ -251,9 +254,12 @@ def _names(n: int) -> list[str]:
 def _write_round(bucket: Bucket, prefix: str, arrays_fn, names: list[str], **manifest_kw) -> dict:
   """Writes the arrays one at a time (`arrays_fn(name)` -> {key: array}) and commits."""
   records = {}
+  attempt = exchange.new_attempt()
   for name in names:
-    records.update(exchange.write_arrays(bucket, prefix, arrays_fn(name)))
-  manifest = exchange.make_manifest(federation=FEDERATION, arrays=records, **manifest_kw)
+    records.update(exchange.write_arrays(bucket, exchange.data_prefix(prefix, attempt),
+                                         arrays_fn(name)))
+  manifest = exchange.make_manifest(federation=FEDERATION, arrays=records, attempt=attempt,
+                                    **manifest_kw)
   exchange.write_manifest(bucket, prefix, manifest)
   return manifest
 
@@ -293,8 +299,9 @@ def input_arrays(glob: Bucket, sites: list[Bucket]) -> list[tuple[Bucket, str, s
   out = []
   for bucket, prefix in [(glob, exchange.global_prefix(0))] + [
       (b, exchange.update_prefix(1)) for b in sites]:
-    for name, rec in sorted(exchange.read_manifest(bucket, prefix)["arrays"].items()):
-      out.append((bucket, prefix, name, rec))
+    manifest = exchange.read_manifest(bucket, prefix)
+    for name, rec in sorted(manifest["arrays"].items()):
+      out.append((bucket, exchange.data_prefix(prefix, manifest), name, rec))
   return out
 
 
@@ -325,7 +332,7 @@ def raw_read(arrays, max_block_bytes: int | None, window: int) -> tuple[float, f
 
 
 def verified_read(arrays, max_block_bytes: int) -> tuple[float, float, int]:
-  """Like `raw_read` by blocks, through exchange.read_block (every chunk's sha256
+  """Like `raw_read` by blocks, through exchange.read_block (every chunk's digest
   checked), on os.cpu_count() threads."""
   import concurrent.futures  # pylint: disable=import-outside-toplevel
   cpu0, t0 = _cpu_s(), time.perf_counter()
@@ -343,13 +350,12 @@ def verified_read(arrays, max_block_bytes: int) -> tuple[float, float, int]:
   return time.perf_counter() - t0, _cpu_s() - cpu0, nbytes
 
 
-def sha256_mb_s() -> float:
-  """SHA-256 throughput of one core (MB per CPU second) on 16 MiB buffers."""
-  import hashlib  # pylint: disable=import-outside-toplevel
+def hash_mb_s() -> float:
+  """Chunk-digest (BLAKE3) throughput of one core (MB per CPU second), 16 MiB buffers."""
   data = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8)
   cpu0, n = _cpu_s(), 0
   while _cpu_s() - cpu0 < 1.0:
-    hashlib.sha256(data).digest()
+    exchange._digest(data)  # pylint: disable=protected-access
     n += data.nbytes
   return n / (_cpu_s() - cpu0) / MB
 
@@ -374,6 +380,8 @@ def check_blocks(tx, glob: Bucket, sites: list[Bucket], weights, out_prefix: str
   base = exchange.read_manifest(glob, exchange.global_prefix(0))
   out = exchange.read_manifest(glob, out_prefix)
   updates = [exchange.read_manifest(b, exchange.update_prefix(1)) for b in sites]
+  base_data = exchange.data_prefix(exchange.global_prefix(0), base)
+  out_data = exchange.data_prefix(out_prefix, out)
   arrays = base["arrays"]
   names = sorted(k[len("params/"):] for k in arrays if k.startswith("params/"))
   picks = []
@@ -387,26 +395,27 @@ def check_blocks(tx, glob: Bucket, sites: list[Bucket], weights, out_prefix: str
            if arrays[f"outer/{name}/{l}"]["shape"] == prec["shape"])], max_block_bytes)
     picks.append((name, leaves, blocks[(i * (len(blocks) - 1)) // max(1, n_blocks - 1)]))
   for name, leaves, idx in picks:
-    g = exchange.read_block(glob, exchange.global_prefix(0), f"params/{name}",
+    g = exchange.read_block(glob, base_data, f"params/{name}",
                             arrays[f"params/{name}"], idx)
     blockable = outer_lib.blockable_leaves(tx, g)
     state_leaves = {}
     for leaf in leaves:
       key = f"outer/{name}/{leaf}"
       index = idx if blockable[leaf] else tuple(slice(0, s) for s in arrays[key]["shape"])
-      state_leaves[leaf] = exchange.read_block(glob, exchange.global_prefix(0), key,
+      state_leaves[leaf] = exchange.read_block(glob, base_data, key,
                                                arrays[key], index)
-    deltas = [exchange.read_block(b, exchange.update_prefix(1), name, u["arrays"][name], idx)
+    deltas = [exchange.read_block(b, exchange.data_prefix(exchange.update_prefix(1), u), name,
+                                  u["arrays"][name], idx)
               for b, u in zip(sites, updates)]
     want_g, want_state = outer_lib.merge_block(
         tx, g, outer_lib.state_from_leaves(tx, g, state_leaves), deltas, weights)
-    got = exchange.read_block(glob, out_prefix, f"params/{name}", out["arrays"][f"params/{name}"],
+    got = exchange.read_block(glob, out_data, f"params/{name}", out["arrays"][f"params/{name}"],
                               idx)
     assert np.array_equal(got, np.asarray(want_g)), f"params/{name}{idx} differs from merge_block"
     for leaf, want in outer_lib.state_leaves(want_state).items():
       key = f"outer/{name}/{leaf}"
       index = idx if blockable[leaf] else tuple(slice(0, s) for s in out["arrays"][key]["shape"])
-      got = exchange.read_block(glob, out_prefix, key, out["arrays"][key], index)
+      got = exchange.read_block(glob, out_data, key, out["arrays"][key], index)
       assert np.array_equal(got, np.asarray(want)), f"{key}{idx} differs from merge_block"
   return len(picks)
 
@@ -438,7 +447,7 @@ def summarize(runs: dict, merges: list[dict], input_bytes: int) -> dict:
 
 
 CACHE_TITLES = {
-    "warm": "WARM page cache (inputs cached; CPU-bound: sha256 of every chunk dominates)",
+    "warm": "WARM page cache (inputs cached; CPU-bound: the digest of every chunk dominates)",
     "cold": "COLD page cache (os.sync + drop_caches before each run; storage throughput, "
             "what a coordinator reading fresh updates sees)",
 }
@@ -540,7 +549,7 @@ def main(argv):
     if not _KEEP.value:
       shutil.rmtree(workdir, ignore_errors=True)
   load1 = os.getloadavg()
-  sha_mb_s = sha256_mb_s()
+  sha_mb_s = hash_mb_s()
 
   per_cache = {c: summarize(runs[c], merges[c], input_bytes) for c in caches}
   peak = max(r["peak_rss_merge_mib"] for r in per_cache.values())
@@ -560,7 +569,7 @@ def main(argv):
       "target_ratio": 0.5,
       "peak_rss_merge_mib": peak, "target_peak_rss_mib": 1024,
       "peak_rss_process_mib": max(r["peak_rss_process_mib"] for r in per_cache.values()),
-      "sha256_mb_per_cpu_s": sha_mb_s,
+      "hash_mb_per_cpu_s": sha_mb_s,
       "blocks_checked_bit_identical": checked, "merged_rounds_identical": len(out_records),
       "load_average_1m_before_after": [load0[0], load1[0]], "cpus": os.cpu_count(),
   }
@@ -580,7 +589,7 @@ def main(argv):
         f"{'met' if peak < 1024 else 'NOT met'}); the child held "
         f"{first['rss_before_merge_mib']:.0f} MiB before merging (Python, JAX, TensorStore, "
         f"compiled merge), {result['peak_rss_process_mib']:.0f} MiB at most over its life")
-  print(f"sha256: {sha_mb_s:.0f} MB per CPU second on one core")
+  print(f"chunk digest (BLAKE3): {sha_mb_s:.0f} MB per CPU second on one core")
   print(f"{checked} merged blocks bit-identical to outer.merge_block; all {len(out_records)} "
         f"merged rounds have identical records; load average {load0[0]:.1f} -> "
         f"{load1[0]:.1f} on {os.cpu_count()} CPUs")
