@@ -9,7 +9,7 @@ those inputs, and whether the result is bit-identical to what was published (chu
 digests equal). Exit status 0 if every audited round is identical, 1 if any differs,
 2 for bad input (missing round, bad signature, unreadable bucket).
 The trust root is the config's federation.trust.public_keys: pass the same overrides
-the parties use (launch.federate keeps the keys it made in WORKDIR/keys).
+the parties use, or --public_keys_dir=WORKDIR/keys after a launch.federate run.
 """
 
 import json
@@ -28,6 +28,9 @@ _ROUND = flags.DEFINE_integer("round", -1, "Global round to audit; -1 = every co
 _CREDENTIALS = flags.DEFINE_string(
     "credentials", None, "The auditor's S3 credentials: 'env', a credentials file, or unset.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the reports as JSON here.")
+_PUBLIC_KEYS_DIR = flags.DEFINE_string(
+    "public_keys_dir", None, "Fill parties' public keys missing from the config from "
+    "DIR/PARTY.pub (e.g. WORKDIR/keys of a launch.federate run).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -51,12 +54,14 @@ def _print(report: dict) -> None:
 
 def main(argv):
   del argv
-  from tapestry_jax import audit, exchange, federation, buckets
+  from tapestry_jax import audit, buckets, exchange, federation, trust
 
   quiet_library_logs()
   config, workdir = _CONFIG.value, _WORKDIR.value
   reports = []
   with exit_on_bad_input():
+    if _PUBLIC_KEYS_DIR.value:
+      trust.fill_public_keys(config, _PUBLIC_KEYS_DIR.value, federation.party_names(config))
     if _ROUND.value >= 0:
       rounds = [_ROUND.value]
     else:

@@ -243,3 +243,21 @@ def ensure_local_keys(config, directory: str, parties) -> dict[str, str]:
     paths[party] = path
   return paths
 
+
+
+def fill_public_keys(config, directory: str, parties) -> None:
+  """Sets each party's missing `federation.trust.public_keys` entry from
+  `directory/PARTY.pub` (as written by `keygen`); TrustError if a file is missing."""
+  keys = config.federation.trust.public_keys
+  for party in parties:
+    if keys.get(party, ""):
+      continue
+    path = os.path.join(directory, f"{party}.pub")
+    try:
+      with open(path) as f:
+        text = f.read().strip()
+    except OSError:
+      raise TrustError(f"no public key for party {party!r}: {path} cannot be read") from None
+    parse_public_key(text, what=f"public key in {path}")
+    with keys.unlocked():
+      keys[party] = text

@@ -137,8 +137,9 @@ def test_launch_audit_prints_provenance_and_exits_0(tmp_path):
     _publish(config, tmp_path, n, 1, i)
   coord_lib.Coordinator(config, str(tmp_path),
                         private_key=os.path.join(_KEYS, "coordinator.key")).run()
-  keys = [f"--config.federation.trust.public_keys.{p}={k}"
-          for p, k in config.federation.trust.public_keys.items()]
+  # The trust root: one party's key as a config override, the others from their .pub files.
+  keys = [f"--config.federation.trust.public_keys.latin="
+          f"{config.federation.trust.public_keys.latin}", f"--public_keys_dir={_KEYS}"]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   out = subprocess.run(
