@@ -31,6 +31,7 @@ from tapestry_jax import outer
 from tapestry_jax import site as site_lib
 from tapestry_jax import trees
 from tapestry_jax import trust
+from tapestry_jax.validate import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITES = ("cyrillic", "greek", "latin")  # Sorted: the merge's fixed order.
@@ -308,6 +309,51 @@ def test_bad_updates_are_rejected_with_a_reason_and_not_merged(tmp_path, caplog)
   assert [i["site"] for i in manifest["extra"]["inputs"]] == ["cyrillic", "latin"]
   params, state = _reference(config, rounds)
   _assert_round_equals(arrays, params, state)
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "median", "trimmed_mean"])
+def test_a_norm_boosted_update_is_bounded_by_clipping_and_robust_merges(tmp_path, aggregator):
+  """greek publishes its honest update x100 (validly signed, finite, honest token
+  count): with clip_norm the step it can cause is bounded; the median / trimmed mean
+  of 3 sites ignores it per coordinate. What must not be lost: the honest sites' say."""
+  clip = 0.5
+  config = _config(rounds=1)
+  config.federation.robust.clip_norm = clip
+  config.federation.robust.aggregator = aggregator
+  config.federation.robust.trim = 1
+  honest = {n: _delta(90 + i) for i, n in enumerate(SITES)}
+  boosted = {k: 100 * v for k, v in honest["greek"].items()}
+  for n in SITES:
+    _publish(config, tmp_path, n, 1, boosted if n == "greek" else honest[n])
+  _coordinator(config, tmp_path).run()
+  manifest, arrays = _read_round(config, tmp_path, 1)
+  assert manifest["extra"]["merge"]["robust"]["aggregator"] == aggregator
+  initial, _ = coord_lib.initial_round(config)
+  step = np.sqrt(sum(np.sum(np.square(arrays[f"params/{n}"].astype(np.float64) - initial[n]))
+                     for n in initial))
+  norms = {n: outer.update_norm(d) for n, d in {**honest, "greek": boosted}.items()}
+  assert norms["greek"] > 50 * clip  # The attack is large ...
+  if aggregator == "mean":  # ... clipped to clip x its weight (1/3), + the others (clipped).
+    assert step <= clip + 1e-5
+  else:  # ... and the coordinate-wise median of 3 never takes the extreme value.
+    assert step <= max(norms["cyrillic"], norms["latin"]) + 1e-5
+  # Without clipping, the plain mean is dragged by the boosted update.
+  plain = _config(rounds=1)
+  for n in SITES:
+    _publish(plain, tmp_path / "plain", n, 1, boosted if n == "greek" else honest[n])
+  _coordinator(plain, tmp_path / "plain").run()
+  _, plain_arrays = _read_round(plain, tmp_path / "plain", 1)
+  plain_step = np.sqrt(sum(np.sum(np.square(plain_arrays[f"params/{n}"].astype(np.float64)
+                                            - initial[n])) for n in initial))
+  assert plain_step > 10 * step
+
+
+def test_robust_settings_the_quorum_cannot_support_are_refused(tmp_path):
+  config = _config(quorum=2)
+  config.federation.robust.aggregator = "median"
+  with pytest.raises(ConfigError, match=r"federation.robust: robust.aggregator median needs a "
+                                        r"quorum of at least 3"):
+    _coordinator(config, tmp_path)
 
 
 def test_an_inflated_token_count_merges_like_the_honest_one(tmp_path):
