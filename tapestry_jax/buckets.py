@@ -230,6 +230,11 @@ class Bucket:
                credentials: str | None = None):
     self.url = url
     self._spec = kvstore_spec(url)
+    if self._spec["driver"] == "s3":
+      # TensorStore sends conditional writes (If-None-Match / If-Match) only to AWS's own
+      # endpoints; elsewhere it checks with a HEAD, then PUTs: racy, so two writers could
+      # both "create" a COMMIT. S3-compatible stores (SeaweedFS, MinIO) honour the headers.
+      self._spec["use_conditional_write"] = True
     self.context = _context(max_retries, credentials)
     self.bytes_written = 0
     self.bytes_read = 0

@@ -175,7 +175,11 @@ class Coordinator:
   def _log_late(self) -> None:
     """Logs, once each, updates that were committed after their round had closed."""
     for n, r in sorted(self._missing):
-      if exchange.read_manifest(self.sites[n], exchange.update_prefix(r)) is not None:
+      try:
+        late = exchange.read_manifest(self.sites[n], exchange.update_prefix(r))
+      except buckets.BucketError:
+        continue  # Unreachable now; gather() reports it.
+      if late is not None:
         logging.warning("coordinator: late update of site %s for closed round %d ignored", n, r)
         self._missing.discard((n, r))
 
@@ -186,6 +190,7 @@ class Coordinator:
     rejected = self._rejected = set()  # Committed but refused: not missing, never late.
     t0 = last_log = time.monotonic()
     first = None
+    unreachable: set[str] = set()  # Sites whose bucket failed a read (logged once).
     while True:
       self._log_late()
       for n in self.names:
@@ -193,6 +198,14 @@ class Coordinator:
           continue
         try:
           m = exchange.read_manifest(self.sites[n], exchange.update_prefix(round_))
+        except buckets.BucketError as e:
+          # The site's store is unreachable even after the bucket's retries: treat it as
+          # not committed yet (polled again), so the round still closes on quorum or
+          # times out, instead of the coordinator dying with one site's storage.
+          if n not in unreachable:
+            logging.warning("coordinator: round %d: site %s's bucket: %s", round_, n, e)
+            unreachable.add(n)
+          continue
         except exchange.ExchangeError as e:  # A torn or tampered manifest: refuse, go on.
           m, why = {}, str(e)
         else:
