@@ -7,8 +7,10 @@ position), train H inner steps, and produce the pseudo-gradient `global - local`
 bucket straight into this site's mesh, after verifying the coordinator's signature and
 refusing a round that goes backwards (rollback); publishes each update, signed with the
 site's key, to the site's OWN bucket (arrays, manifest, commit marker last); and
-checkpoints after every publish so that a killed site resumes without skipping or
-repeating data.
+checkpoints after every publish. A killed site resumes from its last checkpoint without
+skipping or repeating data: if it was killed after committing an update but before that
+round's checkpoint landed, it trains that round again from the same global round and data
+position (deterministic, so the committed update stays valid) before it moves on.
 """
 
 from __future__ import annotations
@@ -230,6 +232,23 @@ def _newer_global(glob: buckets.Bucket, last_base: int) -> int | None:
   return r if r is not None and r > last_base else None
 
 
+def _unsaved_base(own: buckets.Bucket, glob: buckets.Bucket, last_base: int) -> int | None:
+  """The global round that this site's oldest committed update newer than its checkpoint
+  was trained from; None if there is none.
+
+  A site killed after publishing an update and before that round's checkpoint landed
+  must train that round again, from the same global round and the restored data
+  position (the publish keeps the committed update): moving on to the newest global
+  instead would train it on data already used and lose the round from the site's state.
+  Updates are only ever published for rounds up to LATEST + 1, so few are looked at."""
+  latest = exchange.read_latest(glob)
+  for r in range(last_base + 2, (latest if latest is not None else -1) + 2):
+    manifest = exchange.read_manifest(own, exchange.update_prefix(r))
+    if manifest is not None:
+      return int(manifest["base_round"])
+  return None
+
+
 def run_site(config, name: str, workdir: str, *, devices=None, private_key: str | None = None,
              credentials: str | None = None) -> list[dict]:
   """The deployed site: loops over global rounds until the last one, then evaluates it.
@@ -259,11 +278,18 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
   schema = federation.param_schema(config)  # Once, not per round.
   records = []
   out = open(os.path.join(site_dir, "rounds.jsonl"), "a")
+  replaying = True  # Until no update published before a lost checkpoint is left.
   try:
     while True:
       t_wait = time.perf_counter()
-      g = _wait(f"a global round newer than {last_base} in {glob.url}",
-                lambda: _newer_global(glob, last_base), float(f.site_wait_s), float(f.poll_s))
+      g = _unsaved_base(own, glob, last_base) if replaying else None
+      replaying = g is not None
+      if replaying:
+        logging.info("site %s: its update trained from global round %d is committed but "
+                     "its checkpoint was lost; training that round again", name, g)
+      else:
+        g = _wait(f"a global round newer than {last_base} in {glob.url}",
+                  lambda: _newer_global(glob, last_base), float(f.site_wait_s), float(f.poll_s))
       wait_s = time.perf_counter() - t_wait
       read0, t_read = glob.bytes_read, time.perf_counter()
       params, _ = read_global(glob, config, g, worker.trainer.param_shardings, schema,

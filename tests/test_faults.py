@@ -1,0 +1,518 @@
+"""Faults the federation must survive, each with what it must not lose.
+
+A site process SIGKILLed while it trains and while its checkpoint lands (a real
+`launch.site` process against an in-process coordinator, compared with an uninterrupted
+run computed here), two coordinators racing on one round, an update replayed into a
+later round, a rolled-back or foreign-signed global round on the site's side, and an
+upload that stopped half-way. Everything runs on file:// buckets.
+"""
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import federation as fed_config
+from tapestry_jax import buckets
+from tapestry_jax import coordinator as coord_lib
+from tapestry_jax import exchange
+from tapestry_jax import federation
+from tapestry_jax import model as model_lib
+from tapestry_jax import outer
+from tapestry_jax import site as site_lib
+from tapestry_jax import trees
+from tapestry_jax import trust
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SITES = ("cyrillic", "greek", "latin")  # Sorted: the merge's fixed order.
+
+_KEYS = tempfile.mkdtemp(prefix="tapestry-test-keys-")  # One key pair per party, per process.
+
+
+# ------------------------------------------------------------------ helpers (as in test_coordinator)
+
+
+def _config(**fed):
+  """Three tiny sites, fake updates; short polls so that every wait is sub-second."""
+  c = fed_config.get_config("tiny/latin,cyrillic,greek")
+  f = c.federation
+  f.rounds, f.poll_s, f.deadline_s, f.round_timeout_s = 2, 0.01, 0.0, 20.0
+  for k, v in fed.items():
+    f[k] = v
+  trust.ensure_local_keys(c, _KEYS, federation.party_names(c))
+  return c
+
+
+def _coordinator(config, workdir) -> coord_lib.Coordinator:
+  return coord_lib.Coordinator(config, str(workdir),
+                               private_key=os.path.join(_KEYS, "coordinator.key"))
+
+
+def _delta(seed: int) -> dict[str, np.ndarray]:
+  """A fake pseudo-gradient: small random float32 arrays of the model's schema."""
+  rng = np.random.default_rng(seed)
+  return {n: (1e-2 * rng.standard_normal(shape)).astype(dtype)
+          for n, (shape, dtype) in federation.param_schema(_config()).items()}
+
+
+def _bucket(config, workdir, party: str) -> buckets.Bucket:
+  return buckets.Bucket(federation.bucket_urls(config, str(workdir))[party])
+
+
+def _publish(config, workdir, site: str, round_: int, delta) -> dict:
+  """Commits `delta` as `site`'s honest update for `round_` (signed with its own key)."""
+  return site_lib.publish_update(
+      _bucket(config, workdir, site), config, site, round_, round_ - 1, delta,
+      federation.weight_cap(config), {},
+      signer=trust.Signer.from_file(site, os.path.join(_KEYS, f"{site}.key")))
+
+
+def _read_arrays(bucket, prefix, manifest) -> dict[str, np.ndarray]:
+  data = exchange.data_prefix(prefix, manifest)
+  return {n: exchange.read_block(bucket, data, n, rec, tuple(slice(0, s) for s in rec["shape"]))
+          for n, rec in manifest["arrays"].items()}
+
+
+def _read_round(config, workdir, round_: int) -> tuple[dict, dict[str, np.ndarray]]:
+  """(manifest, every array) of committed global round `round_`."""
+  glob = _bucket(config, workdir, federation.GLOBAL)
+  manifest = exchange.read_manifest(glob, exchange.global_prefix(round_))
+  assert manifest is not None, f"global round {round_} is not committed"
+  return manifest, _read_arrays(glob, exchange.global_prefix(round_), manifest)
+
+
+def _reference(config, rounds) -> dict:
+  """Global params after whole-tree `outer.outer_step`s; `rounds`: [(deltas, weights)]."""
+  tx = outer.make_outer_optimizer(config.federation.outer)
+  params, state = coord_lib.initial_round(config)
+  for deltas, weights in rounds:
+    params, state = outer.outer_step(tx, params, state, deltas, weights)
+  return jax.device_get(params)
+
+
+def _assert_params_equal(arrays, params):
+  for name, want in params.items():
+    np.testing.assert_array_equal(arrays[f"params/{name}"], want, err_msg=name)
+
+
+def _warnings(caplog) -> list[str]:
+  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.fixture(autouse=True)
+def _capture_logs(caplog):
+  caplog.set_level(logging.INFO)
+
+
+# ------------------------------------------------------------------ 1. a site killed and restarted
+
+# One site (quorum 1, so the coordinator moves on as soon as the site publishes), four
+# rounds of 24 inner steps (~1.5 s of training per round on a CPU: long enough to kill
+# the site inside one).
+SITE_OVERRIDES = {
+    "federation.rounds": 4, "federation.inner_steps": 24, "federation.poll_s": 0.02,
+    "federation.deadline_s": 0.0, "federation.round_timeout_s": 300.0,
+    "federation.eval_every": 100, "federation.compare_alone": False,
+    "train.global_batch_size": 8, "train.warmup_steps": 2, "train.eval_batches": 1,
+    "data.seq_len": 64, "data.synthetic.num_documents": 200,
+}
+
+
+def _site_config():
+  c = fed_config.get_config("tiny/latin")
+  for k, v in SITE_OVERRIDES.items():
+    *path, last = k.split(".")
+    node = c
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+class _SiteProcess:
+  """`python -m launch.site` for site latin, in a process group of its own (so SIGKILL
+  reaches nothing else); the log is WORKDIR/logs/latin.N.log."""
+
+  def __init__(self, config, workdir, run: int):
+    args = [f"--config={ROOT}/experiments/configs/federation.py:tiny/latin",
+            *[f"--config.{k}={v}" for k, v in SITE_OVERRIDES.items()],
+            *[f"--config.federation.trust.public_keys.{p}={k}"
+              for p, k in config.federation.trust.public_keys.items()],
+            f"--workdir={workdir}", "--site=latin"]
+    # The test process's compilation cache: a restart (and this test's reference run)
+    # skips XLA compilation. Cached executables compute what fresh ones do.
+    cache = jax.config.jax_compilation_cache_dir
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               **({"JAX_COMPILATION_CACHE_DIR": cache,
+                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"} if cache else {}))
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    self.log = os.path.join(workdir, "logs", f"latin.{run}.log")
+    with open(self.log, "w") as log:
+      self.proc = subprocess.Popen([sys.executable, "-m", "launch.site", *args], cwd=ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+
+  def tail(self) -> str:
+    with open(self.log, errors="replace") as f:
+      return "".join(f.readlines()[-25:])
+
+  def until(self, what: str, cond, timeout_s: float = 240.0) -> None:
+    """Polls `cond` every millisecond while the site runs."""
+    t0 = time.monotonic()
+    while not cond():
+      assert self.proc.poll() is None, f"site exited ({self.proc.returncode}) before {what}:\n" \
+                                       f"{self.tail()}"
+      if time.monotonic() - t0 > timeout_s:
+        self.kill()
+        raise AssertionError(f"timed out waiting for {what}:\n{self.tail()}")
+      time.sleep(0.001)
+
+  def kill(self) -> None:
+    os.killpg(self.proc.pid, signal.SIGKILL)
+    self.proc.wait()
+
+  def finish(self, timeout_s: float = 240.0) -> None:
+    try:
+      rc = self.proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      raise AssertionError(f"site did not finish in {timeout_s} s:\n{self.tail()}") from None
+    assert rc == 0, f"site exited with {rc}:\n{self.tail()}"
+
+
+def _checkpoints(site_dir) -> list[int]:
+  """Finalised checkpoint steps (Orbax renames a step's tmp directory to its number last)."""
+  path = os.path.join(site_dir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path):
+  """Must not be lost: the site's data position (no batch skipped or trained twice from
+  another position), its train state, and the federation's result. A site SIGKILLed
+  (a) while training a round and (b) right after its update's COMMIT appears, while its
+  checkpoint is being written (the coordinator has meanwhile moved on to the next
+  round), restarted on the same workdir each time, trains every round exactly once from
+  the right data position: each committed update, the final global model, the final
+  train state and the next batch of its data equal an uninterrupted run's bit for bit;
+  every update is accepted (named in the global round's inputs); tokens add up to
+  rounds x H x batch x seq_len."""
+  config = _site_config()
+  f = config.federation
+  rounds, h = int(f.rounds), int(f.inner_steps)
+  tokens_per_round = h * int(config.train.global_batch_size) * int(config.data.seq_len)
+  workdir = str(tmp_path / "fed")
+  trust.ensure_local_keys(config, os.path.join(workdir, "keys"), federation.party_names(config))
+  coord = coord_lib.Coordinator(config, workdir)
+  coord_out = {}
+
+  def run_coordinator():
+    try:
+      coord_out["records"] = coord.run()
+    except BaseException as e:  # noqa: BLE001  (reported by the main thread)
+      coord_out["error"] = e
+
+  coordinator = threading.Thread(target=run_coordinator, daemon=True)
+  coordinator.start()
+  glob, own = coord.glob, coord.sites["latin"]
+  site_dir = os.path.join(workdir, "sites", "latin")
+  committed = lambda r: own.exists(f"{exchange.update_prefix(r)}/{exchange.COMMIT}")
+
+  # (a) Killed while training from global round 1, as soon as its round-1 checkpoint has
+  # landed but at most 0.8 s after global round 1 appeared (the site polls every 0.02 s,
+  # reads a global in ~0.2 s, then trains for ~2 s; a checkpoint takes 0.2-2 s).
+  site = _SiteProcess(config, workdir, 0)
+  site.until("global round 1", lambda: exchange.read_latest(glob) == 1)
+  t0 = time.monotonic()
+  while _checkpoints(site_dir) != [h] and time.monotonic() - t0 < 0.8:
+    time.sleep(0.001)
+  site.kill()
+  assert not own.list(exchange.update_prefix(2)), \
+      "the site wrote round 2's update before it could be killed mid-round"
+
+  # (b) Killed as soon as the round-3 update is committed: its checkpoint has not landed.
+  site = _SiteProcess(config, workdir, 1)
+  site.until("the round-3 update's COMMIT", lambda: committed(3))
+  site.kill()
+  assert 3 * h not in _checkpoints(site_dir), \
+      "the round-3 checkpoint landed before the kill; this run did not test a lost checkpoint"
+  # The coordinator does not wait for the site's checkpoint: global round 3 is committed
+  # while the site is down, so the restarted site must not simply train from LATEST.
+  deadline = time.monotonic() + 60
+  while exchange.read_latest(glob) != 3 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert exchange.read_latest(glob) == 3
+
+  site = _SiteProcess(config, workdir, 2)
+  site.finish()
+  coordinator.join(60)
+  assert not coordinator.is_alive(), "the coordinator did not finish"
+  assert "error" not in coord_out, coord_out.get("error")
+  assert exchange.read_latest(glob) == rounds
+
+  # Every update was accepted: the global round names it by its manifest digest.
+  root = trust.TrustRoot.from_config(config)
+  updates = {}
+  for r in range(1, rounds + 1):
+    g = exchange.read_manifest(glob, exchange.global_prefix(r))
+    root.verify(g, federation.COORDINATOR)
+    updates[r] = exchange.read_manifest(own, exchange.update_prefix(r))
+    assert [(i["site"], i["manifest_sha256"]) for i in g["extra"]["inputs"]] == [
+        ("latin", exchange.manifest_digest(updates[r]))], r
+    assert updates[r]["base_round"] == r - 1 and updates[r]["extra"]["step"] == r * h, r
+  assert sum(exchange.read_manifest(glob, exchange.global_prefix(r))["tokens"]
+             for r in range(1, rounds + 1)) == rounds * tokens_per_round
+
+  # The site's own records: every round trained once from its own position (a round in
+  # the records twice, trained again after a kill, ends at the same step).
+  with open(os.path.join(site_dir, "rounds.jsonl")) as fh:
+    records = [json.loads(line) for line in fh]
+  trained = [r for r in records if "step" in r]
+  assert {r["global_round"] for r in trained} == set(range(rounds))
+  for r in trained:
+    assert r["step"] == (r["global_round"] + 1) * h and r["tokens"] == tokens_per_round, r
+  assert [r["global_round"] for r in records if "eval_loss" in r][-1] == rounds
+
+  # The uninterrupted run: the same site, here, never killed, under the same outer steps.
+  tx = outer.make_outer_optimizer(f.outer)
+  params, state = coord_lib.initial_round(config)
+  ref = site_lib.SiteWorker(config, "latin", str(tmp_path / "ref"))
+  weights = outer.cap_weights([tokens_per_round], federation.weight_cap(config))
+  for g in range(rounds):
+    ref.adopt(trees.unflatten(params, ref.trainer.param_shardings))
+    ref.train(h)
+    delta = trees.flatten(jax.device_get(ref.delta()))
+    got = _read_arrays(own, exchange.update_prefix(g + 1), updates[g + 1])
+    for name, want in delta.items():
+      np.testing.assert_array_equal(got[name], want, err_msg=f"update of round {g + 1}: {name}")
+    params, state = jax.device_get(outer.outer_step(tx, params, state, [delta], weights))
+  _assert_params_equal(_read_round(config, workdir, rounds)[1], params)
+
+  # The last checkpoint holds the uninterrupted run's train state and data position.
+  resumed = site_lib.SiteWorker(config, "latin", site_dir, trainer=ref.trainer)
+  assert resumed.restore() == {"base_round": rounds - 1, "published_round": rounds}
+  assert int(resumed.state.step) == int(ref.state.step) == rounds * h
+  for name, want in trees.flatten(jax.device_get(ref.state.params)).items():
+    np.testing.assert_array_equal(np.asarray(trees.flatten(resumed.state.params)[name]), want,
+                                  err_msg=name)
+  want_batch, got_batch = next(ref.train_iter), next(resumed.train_iter)
+  for k in want_batch:
+    np.testing.assert_array_equal(got_batch[k], want_batch[k], err_msg=k)
+  resumed.close()
+  ref.close()
+
+
+# ------------------------------------------------------------------ 2. two coordinators race
+
+
+def test_two_coordinators_racing_on_a_round_commit_it_exactly_once(tmp_path, caplog):
+  """Must not be lost: a single, verifiable round 1. Two coordinators (same config, key
+  and buckets) run round 1 at once and both reach the create-only COMMIT write together:
+  exactly one commits, the other logs that another coordinator committed first and
+  returns the committed round's sites and weights with `committed_by_us` False; LATEST is
+  1; the round verifies and equals the outer step; the loser's attempt is garbage that
+  `uncommitted_attempts` lists."""
+  config = _config(rounds=1)
+  deltas = {n: _delta(200 + i) for i, n in enumerate(SITES)}
+  for n in SITES:
+    _publish(config, tmp_path, n, 1, deltas[n])
+  coords = [_coordinator(config, tmp_path) for _ in range(2)]
+  coords[0].publish_initial()
+  # Both wait at the COMMIT write until the other has got there too (past the cheap
+  # `exists` early-out, manifests written): the create-only write alone decides.
+  barrier = threading.Barrier(2, timeout=60)
+  for c in coords:
+    create = c.glob.create
+
+    def racing_create(key, data, create=create):
+      if key.endswith(exchange.COMMIT):
+        barrier.wait()
+      return create(key, data)
+
+    c.glob.create = racing_create
+  results = [None, None]
+
+  def run(i):
+    try:
+      results[i] = coords[i].run_round(1)
+    except BaseException as e:  # noqa: BLE001
+      results[i] = e
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(120)
+  assert all(isinstance(r, dict) for r in results), results
+  assert sorted(r["committed_by_us"] for r in results) == [False, True]
+  loser = next(r for r in results if not r["committed_by_us"])
+  assert loser["sites"] == list(SITES) and loser["weights"] == pytest.approx([1 / 3] * 3)
+  conflicts = [m for m in _warnings(caplog) if "committed by another coordinator" in m]
+  assert len(conflicts) == 1, _warnings(caplog)
+  theirs, ours = re.search(r"\(attempt (a-[0-9a-f]+)\) before ours \(attempt (a-[0-9a-f]+)\)",
+                           conflicts[0]).groups()
+
+  glob = _bucket(config, tmp_path, federation.GLOBAL)
+  prefix = exchange.global_prefix(1)
+  assert exchange.read_latest(glob) == 1
+  manifest, arrays = _read_round(config, tmp_path, 1)
+  trust.TrustRoot.from_config(config).verify(manifest, federation.COORDINATOR)
+  assert manifest["attempt"] == theirs
+  assert exchange.uncommitted_attempts(glob, prefix) == [ours]
+  _assert_params_equal(arrays, _reference(config, [([deltas[n] for n in SITES],
+                                                    np.full(3, 1 / 3, np.float32))]))
+  assert _coordinator(config, tmp_path).latest() == 1
+
+
+# ------------------------------------------------------------------ 3. a replayed update
+
+
+def test_an_update_replayed_into_a_later_round_is_rejected(tmp_path, caplog):
+  """Must not be lost: freshness. greek's valid, signed round-1 update copied byte for
+  byte (its COMMIT and attempt directory) into its round-2 prefix verifies and is
+  committed, but round 2 refuses it, logging site, round and manifest digest, and closes
+  on the quorum of the two fresh updates."""
+  config = _config(rounds=2, quorum=2)
+  coord = _coordinator(config, tmp_path)
+  coord.publish_initial()
+  r1 = {n: _delta(300 + i) for i, n in enumerate(SITES)}
+  old = {n: _publish(config, tmp_path, n, 1, r1[n]) for n in SITES}
+  assert coord.run_round(1)["sites"] == list(SITES)
+
+  greek = _bucket(config, tmp_path, "greek")
+  p1, p2 = exchange.update_prefix(1), exchange.update_prefix(2)
+  for key in greek.list(p1 + "/"):
+    greek.write(p2 + key[len(p1):], greek.read(key))
+  replayed = exchange.read_manifest(greek, p2)
+  assert replayed == old["greek"]
+  trust.TrustRoot.from_config(config).verify(replayed, "greek")  # Authentic, only stale.
+  r2 = {n: _delta(310 + i) for i, n in enumerate(SITES)}
+  for n in ("cyrillic", "latin"):
+    _publish(config, tmp_path, n, 2, r2[n])
+  caplog.clear()
+
+  rec = coord.run_round(2)
+
+  assert rec["sites"] == ["cyrillic", "latin"]
+  digest = exchange.manifest_digest(old["greek"])[:16]
+  rejected = [m for m in _warnings(caplog) if "rejected update" in m]
+  assert rejected == [f"coordinator: round 2: rejected update of site greek (manifest sha256 "
+                      f"{digest}): manifest round 1 != 2 (replayed from another round?)"]
+  manifest, arrays = _read_round(config, tmp_path, 2)
+  assert [i["site"] for i in manifest["extra"]["inputs"]] == ["cyrillic", "latin"]
+  _assert_params_equal(arrays, _reference(config, [
+      ([r1[n] for n in SITES], np.full(3, 1 / 3, np.float32)),
+      ([r2["cyrillic"], r2["latin"]], [0.5, 0.5])]))
+
+
+# ------------------------------------------------------------------ 4. the site's side
+
+
+def _shardings(config):
+  mcfg = model_lib.ModelConfig.from_config(config.model)
+  abstract = jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.key(0)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda _: device, abstract)
+
+
+def test_a_site_refuses_a_rollback_and_a_global_round_signed_by_an_unknown_key(tmp_path,
+                                                                                caplog):
+  """Must not be lost: the site's trust in what it trains from. With global rounds 0..3
+  committed, a site that trained from round 3 refuses round 2 (RollbackError), its loop
+  does not adopt a LATEST rewound to 1 (logged once: 'refusing rollback'), and a round
+  re-signed by a key outside the trust root (manifest and COMMIT rewritten to match) is
+  refused with a message that names the unknown key."""
+  config = _config(rounds=3, quorum=1)
+  coord = _coordinator(config, tmp_path)
+  coord.publish_initial()
+  for r in (1, 2, 3):
+    _publish(config, tmp_path, "latin", r, _delta(400 + r))
+    coord.run_round(r)
+  glob = _bucket(config, tmp_path, federation.GLOBAL)
+  shardings = _shardings(config)
+  root = trust.TrustRoot.from_config(config)
+  site_lib.read_global(glob, config, 3, shardings, root=root, last_round=2)  # Forward: fine.
+
+  read0 = glob.bytes_read
+  with pytest.raises(site_lib.RollbackError,
+                     match=r"global round 2 is older than round 3, which this site already "
+                           r"trained from; refusing to roll back"):
+    site_lib.read_global(glob, config, 2, shardings, root=root, last_round=3)
+  assert glob.bytes_read == read0  # Refused before reading anything.
+
+  # LATEST rewound by a faulty or hostile writer of the global bucket.
+  glob.write(exchange.LATEST, json.dumps({"kind": "global", "round": 1}).encode())
+  caplog.clear()
+  assert site_lib._newer_global(glob, 3) is None
+  assert site_lib._newer_global(glob, 3) is None
+  refusals = [m for m in _warnings(caplog) if "refusing rollback" in m]
+  assert len(refusals) == 1 and "LATEST names global round 1, older than round 3" in \
+      refusals[0], _warnings(caplog)
+  assert site_lib._newer_global(glob, 0) == 1  # A newer round is still adopted.
+
+  # Round 3 re-signed by a key nobody put in the trust root, COMMIT rewritten to match.
+  prefix = exchange.global_prefix(3)
+  manifest = exchange.read_manifest(glob, prefix)
+  stranger = trust.generate_private_key()
+  forged = trust.Signer(federation.COORDINATOR, stranger).sign(manifest)
+  data = json.dumps(forged, sort_keys=True, separators=(",", ":")).encode()
+  glob.write(f"{exchange.data_prefix(prefix, manifest)}/{exchange.MANIFEST}", data)
+  glob.write(f"{prefix}/{exchange.COMMIT}", json.dumps(
+      {"attempt": manifest["attempt"], "manifest_sha256": exchange.manifest_digest(forged)},
+      sort_keys=True, separators=(",", ":")).encode())
+  assert exchange.read_manifest(glob, prefix) == forged  # Well-formed and committed.
+  with pytest.raises(exchange.ExchangeError,
+                     match=r"rounds/round_000003: refusing the global model: manifest of "
+                           r"'coordinator' is signed by unknown key '[0-9a-f]{16}', not "
+                           r"'coordinator''s key"):
+    site_lib.read_global(glob, config, 3, shardings, root=root, last_round=2)
+
+
+# ------------------------------------------------------------------ 5. an upload cut short
+
+
+def test_an_upload_cut_short_is_ignored_and_the_round_closes_on_quorum(tmp_path, caplog):
+  """Must not be lost: the rule that only a commit marker makes an update exist. greek's
+  upload stopped after some of its arrays (no manifest, no COMMIT): the coordinator reads
+  not a byte of it, closes round 1 on the quorum of the two committed updates, and the
+  global round's inputs name only those (by their committed manifests' digests)."""
+  config = _config(rounds=1, quorum=2, deadline_s=0.2)
+  coord = _coordinator(config, tmp_path)
+  coord.publish_initial()
+  deltas = {n: _delta(500 + i) for i, n in enumerate(SITES)}
+  committed = {n: _publish(config, tmp_path, n, 1, deltas[n]) for n in ("cyrillic", "latin")}
+  greek = _bucket(config, tmp_path, "greek")
+  prefix = exchange.update_prefix(1)
+  attempt = exchange.new_attempt("greek/1/0")
+  names = sorted(deltas["greek"])
+  exchange.write_arrays(greek, exchange.data_prefix(prefix, attempt),
+                        {n: deltas["greek"][n] for n in names[:len(names) // 2]})
+  assert greek.list(f"{prefix}/{attempt}/") and exchange.read_manifest(greek, prefix) is None
+
+  rec = coord.run_round(1)
+
+  assert rec["sites"] == ["cyrillic", "latin"]
+  assert any("round 1 closes on quorum 2/3; missing: ['greek']" in m
+             for m in _warnings(caplog)), _warnings(caplog)
+  assert not [m for m in _warnings(caplog) if "rejected" in m], _warnings(caplog)
+  assert coord.sites["greek"].bytes_read == 0  # Not a byte of the partial upload.
+  manifest, arrays = _read_round(config, tmp_path, 1)
+  assert [(i["site"], i["manifest_sha256"]) for i in manifest["extra"]["inputs"]] == [
+      (n, exchange.manifest_digest(committed[n])) for n in ("cyrillic", "latin")]
+  _assert_params_equal(arrays, _reference(config, [
+      ([deltas["cyrillic"], deltas["latin"]], [0.5, 0.5])]))
+  # The partial attempt stays garbage: uncommitted, and named by no global round.
+  assert exchange.uncommitted_attempts(greek, prefix) == [attempt]
+  glob = _bucket(config, tmp_path, federation.GLOBAL)
+  for r in exchange.committed_rounds(glob, "global"):
+    m = exchange.read_manifest(glob, exchange.global_prefix(r))
+    assert all(i["site"] != "greek" for i in m["extra"]["inputs"]), r
