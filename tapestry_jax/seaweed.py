@@ -79,11 +79,14 @@ class SeaweedS3:
   """
 
   def __init__(self, root: str, parties: Mapping[str, Mapping[str, Sequence[str]]], *,
-               start_timeout_s: float = 60.0):
+               start_timeout_s: float = 60.0, max_volumes: int = 16):
     self.root = os.path.abspath(root)
     self.parties = {p: {"write": list(v.get("write", ())), "read": list(v.get("read", ()))}
                     for p, v in parties.items()}
     self.start_timeout_s = start_timeout_s
+    # 64 MiB volumes: the store holds max_volumes x 64 MiB (deleted objects keep their
+    # space until SeaweedFS vacuums).
+    self.max_volumes = int(max_volumes)
     self.keys = {p: (f"{p[:8]}{secrets.token_hex(8)}", secrets.token_hex(20))
                  for p in [*self.parties, "admin"]}
     self.proc: subprocess.Popen | None = None
@@ -137,7 +140,7 @@ class SeaweedS3:
            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.config={config}",
            f"-metricsPort={metrics}", f"-debug.port={debug}",
            "-s3.port.iceberg=0", "-s3.port.lance=0",  # Fixed default ports: off.
-           "-master.volumeSizeLimitMB=64", "-volume.max=16", "-master.telemetry=false"]
+           "-master.volumeSizeLimitMB=64", f"-volume.max={self.max_volumes}", "-master.telemetry=false"]
     self._log = open(os.path.join(self.root, "weed.log"), "wb")
     # Its own process group, so stop() can kill the server and everything it started.
     self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,

@@ -122,7 +122,8 @@ def _measure(store: str, tmp: str, config, arrays) -> dict:
   else:
     from tapestry_jax import seaweed
     server = seaweed.SeaweedS3(os.path.join(tmp, "s3"), {
-        site: {"write": ["site-a"]}, "coordinator": {"read": ["site-a"]}}).start()
+        site: {"write": ["site-a"]}, "coordinator": {"read": ["site-a"]}},
+        max_volumes=8 + 4 * _REPEATS.value).start()  # Deletes are not reclaimed at once.
     writer = buckets.Bucket(server.url("site-a", "bench"), max_retries=3,
                             credentials=server.credentials_file(site, os.path.join(tmp, site)))
     reader = buckets.Bucket(server.url("site-a", "bench"), max_retries=3,
