@@ -194,30 +194,168 @@ def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
   return (same_BxLxL & causal_LxL)[:, None, :, :]  # B x 1 x L x L (broadcast over heads)
 
 
+def _matmul(x_BxLxI: jax.Array, w: jax.Array) -> jax.Array:
+  """x_BxLxI @ w, with w's leading dims contracted against I and its trailing dims
+  (one or more) kept: (B, L, *w.shape[n_in:]). Done as one 2-D matmul over flattened
+  tokens ((B*L) x I @ I x O): with B and L as two separate dims, the weight gradient
+  contracts over two dims and XLA:CPU inserts strided transposes of the (large)
+  activation gradients before its matmuls; the 2-D form needs none."""
+  B, L = x_BxLxI.shape[:2]
+  n_in = x_BxLxI.ndim - 2
+  i_size = math.prod(x_BxLxI.shape[2:])
+  out_dims = w.shape[n_in:]
+  y_TxO = jnp.dot(x_BxLxI.reshape(B * L, i_size), w.reshape(i_size, math.prod(out_dims)))
+  return y_TxO.reshape(B, L, *out_dims)
+
+
+def _act_constrain(a_TxF: jax.Array, B: int, L: int) -> jax.Array:
+  F = a_TxF.shape[-1]
+  return sharding.constrain(a_TxF.reshape(B, L, F), ("batch", "length", "act_mlp")).reshape(B * L, F)
+
+
+def _swiglu_fwd(h_BxLxD, w_gate_DxF, w_up_DxF, w_down_FxD):
+  B, L, D = h_BxLxD.shape
+  h_TxD = h_BxLxD.reshape(B * L, D)
+  gate_TxF = _act_constrain(jnp.dot(h_TxD, w_gate_DxF), B, L)
+  up_TxF = _act_constrain(jnp.dot(h_TxD, w_up_DxF), B, L)
+  act_TxF = _act_constrain(jax.nn.silu(gate_TxF) * up_TxF, B, L)
+  y_BxLxD = jnp.dot(act_TxF, w_down_FxD).reshape(B, L, D)
+  return y_BxLxD, (h_BxLxD, gate_TxF, up_TxF, w_gate_DxF, w_up_DxF, w_down_FxD)
+
+
+@jax.custom_vjp
+def swiglu_mlp(h_BxLxD: jax.Array, w_gate_DxF: jax.Array, w_up_DxF: jax.Array,
+               w_down_FxD: jax.Array) -> jax.Array:
+  """down(silu(h @ W_gate) * (h @ W_up)) over flattened tokens, with a hand-written
+  backward that keeps only the two matmul outputs (gate, up) as residuals and
+  recomputes silu / the gating derivative elementwise; autodiff would keep five
+  (B*L) x d_ff tensors per layer (sigmoid, silu, product, ...)."""
+  return _swiglu_fwd(h_BxLxD, w_gate_DxF, w_up_DxF, w_down_FxD)[0]
+
+
+def _swiglu_bwd(res, dy_BxLxD):
+  h_BxLxD, gate_TxF, up_TxF, w_gate_DxF, w_up_DxF, w_down_FxD = res
+  B, L, D = h_BxLxD.shape
+  h_TxD = h_BxLxD.reshape(B * L, D)
+  dy_TxD = dy_BxLxD.reshape(B * L, D)
+  sig_TxF = jax.nn.sigmoid(gate_TxF)
+  silu_TxF = gate_TxF * sig_TxF
+  act_TxF = silu_TxF * up_TxF
+  dw_down_FxD = jnp.dot(act_TxF.T, dy_TxD)
+  dact_TxF = _act_constrain(jnp.dot(dy_TxD, w_down_FxD.T), B, L)
+  dup_TxF = dact_TxF * silu_TxF
+  dgate_TxF = dact_TxF * up_TxF * sig_TxF * (1 + gate_TxF * (1 - sig_TxF))
+  dw_gate_DxF = jnp.dot(h_TxD.T, dgate_TxF)
+  dw_up_DxF = jnp.dot(h_TxD.T, dup_TxF)
+  dh_TxD = jnp.dot(dgate_TxF, w_gate_DxF.T) + jnp.dot(dup_TxF, w_up_DxF.T)
+  return (dh_TxD.reshape(B, L, D).astype(h_BxLxD.dtype), dw_gate_DxF.astype(w_gate_DxF.dtype),
+          dw_up_DxF.astype(w_up_DxF.dtype), dw_down_FxD.astype(w_down_FxD.dtype))
+
+
+swiglu_mlp.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def _to_head_major(x_BxLxNxDh: jax.Array, K: int) -> jax.Array:
+  """[B, L, K*G, Dh] -> [B, K, G*L, Dh] (kv-head major; the G query heads of a group
+  stacked along the row dim, so one matmul per (b, kv head) serves the whole group)."""
+  B, L, N, Dh = x_BxLxNxDh.shape
+  return x_BxLxNxDh.reshape(B, L, K, N // K, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, Dh)
+
+
+def _from_head_major(x_BxKxGLxDh: jax.Array, L: int) -> jax.Array:
+  B, K, GL, Dh = x_BxKxGLxDh.shape
+  G = GL // L
+  return x_BxKxGLxDh.reshape(B, K, G, L, Dh).transpose(0, 3, 1, 2, 4).reshape(B, L, K * G, Dh)
+
+
+def _batched_dot(a, b, contract_a: int, contract_b: int):
+  """dot_general over 4-D operands batched on their leading (B, K) dims."""
+  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0, 1), (0, 1))),
+                             preferred_element_type=jnp.float32)
+
+
+def _attention_scores(q_BxKxGLxDh, k_BxKxLxDh, bias_Bx1xLxL):
+  B, K, GL, Dh = q_BxKxGLxDh.shape
+  L = k_BxKxLxDh.shape[2]
+  s_BxKxGLxL = _batched_dot(q_BxKxGLxDh, k_BxKxLxDh, 3, 3) * (1.0 / math.sqrt(Dh))
+  s_BxKxGxLxL = s_BxKxGLxL.reshape(B, K, GL // L, L, L) + bias_Bx1xLxL[:, :, None]
+  return s_BxKxGxLxL.reshape(B, K, GL, L)
+
+
+def _attention_fwd(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias_Bx1xLxL):
+  B, L, H, Dh = q_BxLxHxDh.shape
+  K = k_BxLxKxDh.shape[2]
+  q_ = _to_head_major(q_BxLxHxDh, K)
+  k_ = _to_head_major(k_BxLxKxDh, K)
+  v_ = _to_head_major(v_BxLxKxDh, K)
+  s_BxKxGLxL = _attention_scores(q_, k_, bias_Bx1xLxL)
+  lse_BxKxGL = jax.nn.logsumexp(s_BxKxGLxL, axis=-1)
+  p_BxKxGLxL = jnp.exp(s_BxKxGLxL - lse_BxKxGL[..., None]).astype(q_.dtype)
+  o_ = _batched_dot(p_BxKxGLxL, v_, 3, 2).astype(q_.dtype)
+  return _from_head_major(o_, L), (q_, k_, v_, o_, lse_BxKxGL, bias_Bx1xLxL)
+
+
+@jax.custom_vjp
+def grouped_attention(q_BxLxHxDh: jax.Array, k_BxLxKxDh: jax.Array, v_BxLxKxDh: jax.Array,
+                      bias_Bx1xLxL: jax.Array) -> jax.Array:
+  """Grouped-query softmax attention with an additive fp32 mask bias (0 = visible, very
+  negative = hidden); what jax.nn.dot_product_attention computes, laid out for XLA:CPU.
+
+  q/k/v are transposed once to kv-head-major [B, K, (G x) L, Dh], so every matmul of the
+  forward and backward is batched over the leading (B, K) dims and no B x H x L x L
+  tensor is transposed. The backward keeps only q, k, v, the output and the row
+  logsumexp (flash-attention style) and recomputes the probabilities, instead of storing
+  two B x H x L x L tensors per layer."""
+  return _attention_fwd(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias_Bx1xLxL)[0]
+
+
+def _attention_bwd(res, do_BxLxHxDh):
+  q_, k_, v_, o_, lse_BxKxGL, bias_Bx1xLxL = res
+  L = k_.shape[2]
+  Dh = q_.shape[-1]
+  K = k_.shape[1]
+  do_ = _to_head_major(do_BxLxHxDh, K)
+  p_BxKxGLxL = jnp.exp(_attention_scores(q_, k_, bias_Bx1xLxL) - lse_BxKxGL[..., None])
+  dv_ = _batched_dot(p_BxKxGLxL.astype(q_.dtype), do_, 2, 2)
+  dp_BxKxGLxL = _batched_dot(do_, v_, 3, 3)
+  delta_BxKxGL = jnp.sum(do_.astype(jnp.float32) * o_.astype(jnp.float32), axis=-1)
+  ds_BxKxGLxL = (p_BxKxGLxL * (dp_BxKxGLxL - delta_BxKxGL[..., None]) *
+                 (1.0 / math.sqrt(Dh))).astype(q_.dtype)
+  dq_ = _batched_dot(ds_BxKxGLxL, k_, 3, 2)
+  dk_ = _batched_dot(ds_BxKxGLxL, q_, 2, 2)
+  dt = q_.dtype
+  return (_from_head_major(dq_.astype(dt), L), _from_head_major(dk_.astype(dt), L),
+          _from_head_major(dv_.astype(dt), L), jnp.zeros_like(bias_Bx1xLxL))
+
+
+grouped_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def _layer(cfg: ModelConfig, x_BxLxD, layer: Params, positions_BxL, mask_Bx1xLxL):
   cdt = _DTYPES[cfg.compute_dtype]
   w = jax.tree.map(lambda p: p.astype(cdt), layer)
 
   h_BxLxD = rms_norm(x_BxLxD, layer["attn_norm"], cfg.norm_eps)
-  q_BxLxHxDh = jnp.einsum("bld,dhk->blhk", h_BxLxD, w["wq"])
-  k_BxLxKxDh = jnp.einsum("bld,dhk->blhk", h_BxLxD, w["wk"])
-  v_BxLxKxDh = jnp.einsum("bld,dhk->blhk", h_BxLxD, w["wv"])
+  q_BxLxHxDh = _matmul(h_BxLxD, w["wq"])
+  k_BxLxKxDh = _matmul(h_BxLxD, w["wk"])
+  v_BxLxKxDh = _matmul(h_BxLxD, w["wv"])
   q_BxLxHxDh = sharding.constrain(rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta),
                                   ("batch", "length", "act_heads", None))
   k_BxLxKxDh = sharding.constrain(rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta),
                                   ("batch", "length", "act_kv", None))
   v_BxLxKxDh = sharding.constrain(v_BxLxKxDh, ("batch", "length", "act_kv", None))
-  impl = None if cfg.attention == "auto" else cfg.attention
-  o_BxLxHxDh = jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
-                                            mask=mask_Bx1xLxL, implementation=impl)
-  attn_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxDh, w["wo"])
+  if cfg.attention == "auto" and jax.default_backend() == "cpu":
+    bias_Bx1xLxL = jnp.where(mask_Bx1xLxL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    o_BxLxHxDh = grouped_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias_Bx1xLxL)
+  else:
+    impl = None if cfg.attention == "auto" else cfg.attention
+    o_BxLxHxDh = jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
+                                              mask=mask_Bx1xLxL, implementation=impl)
+  attn_BxLxD = _matmul(o_BxLxHxDh, w["wo"])
   x_BxLxD = sharding.constrain(x_BxLxD + attn_BxLxD, ("batch", "length", "act_embed"))
 
   h_BxLxD = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.norm_eps)
-  gate_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w["w_gate"])
-  up_BxLxF = jnp.einsum("bld,df->blf", h_BxLxD, w["w_up"])
-  act_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "act_mlp"))
-  mlp_BxLxD = jnp.einsum("blf,fd->bld", act_BxLxF, w["w_down"])
+  mlp_BxLxD = swiglu_mlp(h_BxLxD, w["w_gate"], w["w_up"], w["w_down"])
   return sharding.constrain(x_BxLxD + mlp_BxLxD, ("batch", "length", "act_embed"))
 
 
