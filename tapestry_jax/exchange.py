@@ -524,32 +524,43 @@ def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
   opens = {name: _open_for_read(bucket, prefix, name, records[name]) for name in names}
 
   out: dict[str, jax.Array] = {}
+  layouts = {}
+  for name in names:
+    rec = records[name]
+    shape, chunk = tuple(rec["shape"]), tuple(rec["chunk_shape"])
+    sharding = shardings[name]
+    try:
+      indices = sharding.addressable_devices_indices_map(shape)
+    except (ValueError, IndexError) as e:  # a mesh axis that does not divide a dim, or
+      # a spec longer than the rank
+      what = getattr(sharding, "spec", sharding)
+      raise ExchangeError(f"{_where(bucket, prefix, name)}: requested sharding {what} "
+                          f"does not fit shape {shape} ({str(e).splitlines()[0]})") from None
+    regions = {_normalize(idx, shape) for idx in indices.values()}
+    layouts[name] = (rec, shape, chunk, _np_dtype(rec["dtype"]), sharding, regions)
+
+  # The common verified case (every piece this process needs is whole chunks): all reads
+  # are issued at once, straight into the output buffers (no extra memory: they are the
+  # result), and each chunk is hashed in place as soon as its piece has arrived, while
+  # the rest is still being read. Every check is settled before anything is returned.
+  direct = {name: {} for name, (_, shape, chunk, _, _, regions) in layouts.items()
+            if verify and all(_chunk_aligned(r, chunk, shape) for r in regions)}
+  for name, pieces in direct.items():
+    _, _, _, dtype, _, regions = layouts[name]
+    store = _await_store(bucket, prefix, name, opens[name])
+    for r in regions:
+      dest = np.empty(tuple(b - a for a, b in r), dtype)
+      pieces[r] = (dest, ts.array(dest, copy=False, write=True).write(store[_slices(r)]))
+
   unsettled: list = []  # (name, record, chunk coord, data, digest future) to check
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
     for name in names:
-      rec = records[name]
-      shape, chunk = tuple(rec["shape"]), tuple(rec["chunk_shape"])
-      dtype = _np_dtype(rec["dtype"])
-      sharding = shardings[name]
-      try:
-        indices = sharding.addressable_devices_indices_map(shape)
-      except (ValueError, IndexError) as e:  # a mesh axis that does not divide a dim, or
-        # a spec longer than the rank
-        what = getattr(sharding, "spec", sharding)
-        raise ExchangeError(f"{_where(bucket, prefix, name)}: requested sharding {what} "
-                            f"does not fit shape {shape} ({str(e).splitlines()[0]})") from None
-      regions = {_normalize(idx, shape) for idx in indices.values()}
-      store = _await_store(bucket, prefix, name, opens[name])
+      rec, shape, chunk, dtype, sharding, regions = layouts[name]
       nbytes = 0
-      if verify and all(_chunk_aligned(r, chunk, shape) for r in regions):
-        # The common case (each piece this process needs is whole chunks): read straight
-        # into the output and hash each chunk in place, while the next arrays are read;
-        # every check is settled before this function returns.
+      if name in direct:
         pieces = {}
-        for r in regions:
-          dest = np.empty(tuple(b - a for a, b in r), dtype)
-          _read(bucket, prefix, name,
-                ts.array(dest, copy=False, write=True).write(store[_slices(r)]))
+        for r, (dest, fut) in direct.pop(name).items():
+          _read(bucket, prefix, name, fut)
           for c in _overlapping(r, chunk):
             local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in
                           zip(_chunk_region(c, chunk, shape), r))
@@ -558,6 +569,7 @@ def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
           pieces[r] = dest
           nbytes += dest.nbytes
       elif verify:
+        store = _await_store(bucket, prefix, name, opens[name])
         coords = sorted({c for r in regions for c in _overlapping(r, chunk)})
         reads = {c: store[_slices(_chunk_region(c, chunk, shape))].read() for c in coords}
         chunks, checks = {}, []
@@ -570,6 +582,7 @@ def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
         pieces = {r: _assemble(r, chunks, chunk, shape, dtype) for r in regions}
         del chunks
       else:
+        store = _await_store(bucket, prefix, name, opens[name])
         reads = {r: store[_slices(r)].read() for r in regions}
         pieces = {r: _read(bucket, prefix, name, f) for r, f in reads.items()}
         nbytes = sum(p.nbytes for p in pieces.values())
