@@ -130,34 +130,27 @@ def audit_round(config, workdir: str, round_: int, *, credentials: str | None = 
 
 
 def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out, credentials):
-  """Checks round `round_`'s base and inputs, then merges them into `scratch` at `out`."""
-  f = config.federation
+  """Checks round `round_`'s base round and every input it names, then merges exactly
+  those inputs into `scratch` at `out`; returns the merged arrays' records."""
+  from tapestry_jax import coordinator  # validate_update: the coordinator's own checks.
+  f, extra = config.federation, manifest["extra"]
   base_prefix = exchange.global_prefix(round_ - 1)
   base = _read(glob, base_prefix, f"base global round {round_ - 1}")
   _verify(root, base, federation.COORDINATOR, f"base global round {round_ - 1}")
   base_digest = exchange.manifest_digest(base)
-  named = manifest["extra"].get("base_manifest_sha256")
+  named = extra.get("base_manifest_sha256")
   if named != base_digest:
     raise AuditError(f"global round {round_} names base manifest {str(named)[:16]}..., the "
                      f"committed round {round_ - 1} is {base_digest[:16]}...")
   report["base"] = {"round": round_ - 1, "manifest_sha256": base_digest}
-  inputs = []
-  for rec in manifest["extra"]["inputs"]:
+  schema = federation.param_schema(config)
+  inputs, tokens, recorded = [], [], []
+  for rec in extra["inputs"]:
     site = rec["site"]
     if site not in urls or site == federation.GLOBAL:
       raise AuditError(f"global round {round_} names unknown site {site!r}")
-    inputs.append((site, buckets.Bucket(urls[site], max_retries=int(f.storage_retries),
-                                        credentials=credentials), rec))
-  return _merge_inputs(config, round_, manifest, base, base_prefix, inputs, root, report,
-                       glob, scratch, out, federation.param_schema(config))
-
-
-def _merge_inputs(config, round_, manifest, base, base_prefix, inputs, root, report, glob,
-                  scratch, out, schema):
-  from tapestry_jax import coordinator  # validate_update: the coordinator's own checks.
-  extra = manifest["extra"]
-  merge_inputs, tokens, recorded = [], [], []
-  for site, bucket, rec in inputs:
+    bucket = buckets.Bucket(urls[site], max_retries=int(f.storage_retries),
+                            credentials=credentials)
     update = _read(bucket, exchange.update_prefix(round_), f"update of site {site}")
     digest = exchange.manifest_digest(update)
     if digest != rec["manifest_sha256"]:
@@ -171,17 +164,16 @@ def _merge_inputs(config, round_, manifest, base, base_prefix, inputs, root, rep
         "arrays_sha256": arrays_digest(update), "tokens": update["tokens"],
         "weight": rec["weight"],
         "signature": f"ok (key {update['signature']['key_id']})" if root else "unsigned"})
-    merge_inputs.append((bucket, exchange.update_prefix(round_), update))
+    inputs.append((bucket, exchange.update_prefix(round_), update))
     tokens.append(update["tokens"])
-    recorded.append(rec["weight"])
+    recorded.append(float(rec["weight"]))
   settings = extra.get("merge") or {}
   cap = settings.get("weight_cap_tokens") or federation.weight_cap(config)
   weights = outer_lib.cap_weights(tokens, cap)
-  if [float(w) for w in weights] != [float(w) for w in recorded]:
+  if [float(w) for w in weights] != recorded:
     raise AuditError(f"global round {round_} records weights {recorded}; the signed token "
                      f"counts {tokens} with cap {cap} give {[float(w) for w in weights]}")
-  tx = outer_lib.make_outer_optimizer(extra["outer"])
-  report["outer"] = extra["outer"]
-  report["merge"] = settings
-  return merge_lib.merge_round(tx, glob, base_prefix, base, merge_inputs, weights, scratch, out,
+  report["outer"], report["merge"] = extra["outer"], settings
+  return merge_lib.merge_round(outer_lib.make_outer_optimizer(extra["outer"]), glob, base_prefix,
+                               base, inputs, weights, scratch, out,
                                **outer_lib.robust_kwargs(settings.get("robust")))
