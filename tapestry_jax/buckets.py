@@ -24,7 +24,16 @@ import urllib.parse
 import uuid
 from typing import Any
 
-import tensorstore as ts
+# A gs:// or s3:// request that moves less than 1 byte per second for 30 s (a stalled
+# connection or a server that stopped answering) is aborted, then retried like any
+# transient error, up to the bucket's max_retries: curl's low-speed limit, which
+# TensorStore reads from these variables when it creates its HTTP transport. Without it a
+# hung request would wait forever and no round deadline could be honoured. Set the
+# variables yourself to change the bounds.
+os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", "30")
+os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
+
+import tensorstore as ts  # noqa: E402  (after the defaults above)
 
 ACCEPTED_FORMS = ("file:///abs/dir (or a plain path), memory://name, gs://bucket/prefix, "
                   "s3://bucket/prefix?endpoint=http://host:port&region=us-east-1")

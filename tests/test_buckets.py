@@ -132,3 +132,58 @@ def test_unreachable_endpoint_is_named(monkeypatch):
     b.write("k", b"x")
   assert f"bucket {url}: cannot write 'k'" in str(e.value)
   assert "cannot reach endpoint" in str(e.value)
+
+
+def test_a_stalled_endpoint_is_given_up_within_bounded_time(tmp_path):
+  """A server that accepts connections and never answers (slow responses at their
+  worst): curl's low-speed limit aborts each request, TensorStore retries it a bounded
+  number of times with backoff, and the caller gets a clear BucketError instead of a
+  hang. Run in a fresh process: the limit is read when the HTTP transport is created."""
+  import socket
+  import subprocess
+  import sys
+  import threading
+
+  server = socket.socket()
+  server.bind(("127.0.0.1", 0))
+  server.listen(16)
+  held = []
+
+  def accept_and_hold():
+    while True:
+      try:
+        conn, _ = server.accept()
+      except OSError:
+        return
+      held.append(conn)  # Never read from, never answered.
+
+  threading.Thread(target=accept_and_hold, daemon=True).start()
+  port = server.getsockname()[1]
+  code = (
+      "import time\n"
+      "from tapestry_jax import buckets\n"
+      f"b = buckets.Bucket('s3://stalled/x?endpoint=http://127.0.0.1:{port}&region=us-east-1',"
+      " max_retries=1)\n"
+      "t0 = time.monotonic()\n"
+      "try:\n"
+      "  b.write('k', b'v')\n"
+      "  print('WROTE')\n"
+      "except buckets.BucketError as e:\n"
+      "  print(f'GAVE UP after {time.monotonic() - t0:.1f} s: {e}')\n")
+  env = dict(os.environ, TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS="2",
+             TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES="1", AWS_ACCESS_KEY_ID="stall",
+             AWS_SECRET_ACCESS_KEY="stall", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+  finally:
+    server.close()
+    for conn in held:
+      conn.close()
+  line = [l for l in out.stdout.splitlines() if l.startswith(("GAVE UP", "WROTE"))]
+  assert line and line[0].startswith("GAVE UP"), (out.stdout, out.stderr[-2000:])
+  seconds = float(line[0].split()[3])
+  assert seconds < 60, line[0]
+  assert "cannot write 'k'" in line[0], line[0]
+  assert len(held) >= 2  # The request was retried (a new connection per attempt).
