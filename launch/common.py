@@ -35,6 +35,18 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
   return BAD_INPUT_ERRORS + (ExchangeError, QuorumError, TrustError, BucketError)
 
 
+def define_party_flags():
+  """The --private_key and --credentials flags of a party's process (site, coordinator)."""
+  private_key = flags.DEFINE_string(
+      "private_key", None, "This party's Ed25519 private key file (python -m launch.keygen); "
+      "default WORKDIR/keys/PARTY.key.")
+  credentials = flags.DEFINE_string(
+      "credentials", None, "Where this party's own S3 credentials come from: 'env' "
+      "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY of this process), a credentials file "
+      "(optionally PATH#PROFILE), or unset for TensorStore's default chain.")
+  return private_key, credentials
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad flag or a
   `--config.a.b=value` override naming no field ends in one line, not a traceback."""

@@ -10,20 +10,15 @@ coordinator's. Rerunning with the same --workdir resumes from the site's last ch
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch.common import exit_on_bad_input, parse_flags, quiet_library_logs
+from launch.common import (define_party_flags, exit_on_bad_input, parse_flags,
+                           quiet_library_logs)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Federation config, e.g. experiments/configs/federation.py:tiny.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Federation directory (default buckets live here).")
 _SITE = flags.DEFINE_string("site", None, "This site's name (a key of config.sites).")
-_PRIVATE_KEY = flags.DEFINE_string(
-    "private_key", None, "This party's Ed25519 private key file (python -m launch.keygen); "
-    "default WORKDIR/keys/PARTY.key.")
-_CREDENTIALS = flags.DEFINE_string(
-    "credentials", None, "Where this party's own S3 credentials come from: 'env' "
-    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY of this process), a credentials file "
-    "(optionally PATH#PROFILE), or unset for TensorStore's default chain.")
+_PRIVATE_KEY, _CREDENTIALS = define_party_flags()
 flags.mark_flags_as_required(["config", "workdir", "site"])
 
 
