@@ -28,8 +28,8 @@ _MODE = flags.DEFINE_enum("mode", "processes", ["processes", "simulate"],
                           "Separate processes sharing buckets, or one in-process simulation.")
 _CREDENTIALS_DIR = flags.DEFINE_string(
     "credentials_dir", None, "For buckets on S3: a directory with one credentials file "
-    "per party, PARTY.aws-credentials (the coordinator's party is 'coordinator'); each process is "
-    "given only its own. Unset: every process uses TensorStore's default chain.")
+    "per party, PARTY.aws-credentials (the coordinator's party is 'coordinator'); each "
+    "process is given only its own. Unset: every process uses TensorStore's default chain.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -135,15 +135,13 @@ class Coordinator:
         attempt=attempt, base_round=None, tokens=0, arrays=records, extra={"inputs": []}))
     exchange.write_latest(self.glob, 0)
 
-  def _sign(self, manifest: dict) -> dict:
-    return self.signer.sign(manifest) if self.signer is not None else manifest
-
   def _commit(self, prefix: str, manifest: dict) -> tuple[dict, bool]:
     """Signs and commits `manifest`; (the committed manifest, whether it is ours).
 
     If another coordinator committed the round first, its (verified) manifest is
     returned and ours is dropped: exactly one commit per round."""
-    manifest = self._sign(manifest)
+    if self.signer is not None:
+      manifest = self.signer.sign(manifest)
     try:
       exchange.write_manifest(self.glob, prefix, manifest)
       return manifest, True
@@ -156,15 +154,7 @@ class Coordinator:
 
   def read_global(self, prefix: str) -> dict:
     """A committed global round's manifest, signature verified."""
-    manifest = exchange.read_manifest(self.glob, prefix)
-    if manifest is None:
-      raise exchange.ExchangeError(f"{self.glob.url}/{prefix} is not committed")
-    if self.root is not None:
-      try:
-        self.root.verify(manifest, federation.COORDINATOR)
-      except trust.TrustError as e:
-        raise exchange.ExchangeError(f"{self.glob.url}/{prefix}: {e}") from None
-    return manifest
+    return federation.read_global_manifest(self.glob, prefix, self.root)
 
   def merge_settings(self) -> dict:
     """What besides the inputs decides the merge (recorded in each round for audits)."""

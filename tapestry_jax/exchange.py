@@ -487,11 +487,8 @@ def _chunk_aligned(region: Region, chunk, shape) -> bool:
 
 
 def _assemble(region: Region, chunks: Mapping[tuple, np.ndarray], chunk, shape, dtype):
-  coords = _overlapping(region, chunk)
-  if len(coords) == 1 and _chunk_region(coords[0], chunk, shape) == region:
-    return chunks[coords[0]]  # the common case: a reader's shard is one whole chunk
   out = np.empty(tuple(b - a for a, b in region), dtype)
-  for coord in coords:
+  for coord in _overlapping(region, chunk):
     creg = _chunk_region(coord, chunk, shape)
     inter = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, creg))
     dst = tuple(slice(a - r, b - r) for (a, b), (r, _) in zip(inter, region))
@@ -654,7 +651,7 @@ def read_block(bucket: Bucket, prefix: str, name: str, record: Mapping,
     raise ExchangeError(f"{_where(bucket, prefix, name)}: block index {index} has rank "
                         f"{len(tuple(index))}, array has rank {len(shape)}")
   region = _normalize(index, shape)
-  if any(a % c or (b % c and b != s) for (a, b), c, s in zip(region, chunk, shape)):
+  if not _chunk_aligned(region, chunk, shape):
     raise ExchangeError(f"{_where(bucket, prefix, name)}: block {region} is not aligned to "
                         f"chunks {chunk}")
   if store is None:

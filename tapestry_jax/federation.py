@@ -17,6 +17,7 @@ from absl import logging
 
 from data_pipelines.errors import DataError
 
+from tapestry_jax import exchange
 from tapestry_jax import model as model_lib
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import trees
@@ -106,6 +107,22 @@ def party_trust(config, party: str, workdir: str, private_key: str | None = None
   except trust.TrustError as e:
     raise ConfigError(f"party {party!r}: {e}") from None
   return root, signer
+
+
+def read_global_manifest(bucket, prefix: str, root: trust.TrustRoot | None) -> dict:
+  """The manifest of committed global round `prefix`, its coordinator's signature
+  verified with `root` (None: unsigned federation). ExchangeError if it is not committed
+  or the signature does not verify."""
+  manifest = exchange.read_manifest(bucket, prefix)
+  if manifest is None:
+    raise exchange.ExchangeError(f"{bucket.url}/{prefix} is not committed")
+  if root is not None:
+    try:
+      root.verify(manifest, COORDINATOR)
+    except trust.TrustError as e:
+      raise exchange.ExchangeError(f"{bucket.url}/{prefix}: refusing the global model: "
+                                   f"{e}") from None
+  return manifest
 
 
 def quorum(config) -> int:

@@ -268,8 +268,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
                 aggregator: str = "mean", trim: int = 0,
                 declared_norms: Sequence[float] | None = None) -> dict[str, dict]:
   """Merges `inputs` ((site bucket, round prefix, manifest), in the fixed merge order)
-  into the global round's attempt directory `out_prefix` (`exchange.data_prefix`); returns the new round's array records
-  (`params/<name>` and `outer/<name>/<leaf>`). Manifests must already be schema-checked.
+  into the global round's attempt directory `out_prefix` (`exchange.data_prefix`);
+  returns the new round's array records (`params/<name>` and `outer/<name>/<leaf>`). Manifests must already be schema-checked.
   `read_ahead` block sets are read while one merges (see the module docstring).
 
   `clip_norm`, `aggregator` and `trim` are the robust settings (`outer.robust_kwargs`;

@@ -40,7 +40,8 @@ def run_processes(config, workdir: str, config_args: list[str], *, env: dict | N
   """Starts the coordinator and one process per site; returns when all have finished.
 
   `party_args` / `party_env` add arguments / environment variables to one party's
-  process only (its own key and credentials), by party name (the coordinator's is 'coordinator')."""
+  process only (its own key and credentials), by party name (the coordinator's is
+  'coordinator')."""
   party_args, party_env = party_args or {}, party_env or {}
   config_args = list(config_args)
   if config.federation.trust.require_signatures:
@@ -55,10 +56,9 @@ def run_processes(config, workdir: str, config_args: list[str], *, env: dict | N
   os.makedirs(logs, exist_ok=True)
   env = dict(os.environ if env is None else env)
   common = [*config_args, f"--workdir={workdir}"]
-  g = federation.COORDINATOR
-  parties = {"coordinator": [sys.executable, "-m", "launch.coordinator", *common,
-                             *party_args.get(g, [])]}
-  envs = {"coordinator": dict(env, **party_env.get(g, {}))}
+  c = federation.COORDINATOR
+  parties = {c: [sys.executable, "-m", "launch.coordinator", *common, *party_args.get(c, [])]}
+  envs = {c: dict(env, **party_env.get(c, {}))}
   for name in federation.site_names(config):
     parties[name] = [sys.executable, "-m", "launch.site", *common, f"--site={name}",
                      *party_args.get(name, [])]

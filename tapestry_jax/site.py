@@ -158,15 +158,7 @@ def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
                         f"{last_round}, which this site already trained from; refusing "
                         f"to roll back")
   prefix = exchange.global_prefix(round_)
-  manifest = exchange.read_manifest(bucket, prefix)
-  if manifest is None:
-    raise exchange.ExchangeError(f"{bucket.url}/{prefix} is not committed")
-  if root is not None:
-    try:
-      root.verify(manifest, federation.COORDINATOR)
-    except trust.TrustError as e:
-      raise exchange.ExchangeError(f"{bucket.url}/{prefix}: refusing the global model: "
-                                   f"{e}") from None
+  manifest = federation.read_global_manifest(bucket, prefix, root)
   fid = config.federation.id
   if manifest.get("kind") != "global" or manifest.get("round") != round_ or \
       manifest.get("federation") != fid:
@@ -195,7 +187,6 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
   if existing is not None:
     logging.info("site %s: round %d already committed in %s; keeping it", name, round_, bucket.url)
     return existing
-  # Deterministic, so every process of a multi-process site writes the same attempt.
   # Declared so that the coordinator can clip in its one streaming pass (it checks the
   # claim against what it reads); the simulation's function, so both clip alike.
   norm = outer_lib.update_norm(delta)
@@ -203,6 +194,7 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
     raise exchange.ExchangeError(
         f"site {name}: the update for round {round_} has non-finite values (NaN or Inf): "
         f"training diverged; not publishing it (the coordinator would refuse it)")
+  # Deterministic, so every process of a multi-process site writes the same attempt.
   attempt = exchange.new_attempt(f"{name}/{round_}/{base_round}")
   records = exchange.write_arrays(bucket, exchange.data_prefix(prefix, attempt),
                                   trees.flatten(delta))

@@ -6,21 +6,20 @@ quorum and deadline, late and rejected updates, the weight cap, restart after a 
 the site-side checks on a global round, and bad input at the command line.
 """
 import base64
-import functools
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
-from experiments.configs import federation as fed_config
+import fed_fakes
+
 from tapestry_jax import buckets
 from tapestry_jax import coordinator as coord_lib
 from tapestry_jax import exchange
@@ -34,47 +33,11 @@ from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SITES = ("cyrillic", "greek", "latin")  # Sorted: the merge's fixed order.
+SITES = fed_fakes.SITES
 
 
-_KEYS = tempfile.mkdtemp(prefix="tapestry-test-keys-")  # One key pair per party, per process.
-
-
-def _config(**fed):
-  """Three tiny sites; short polls so that every wait in these tests is sub-second; the
-  trust root holds the keys in _KEYS."""
-  c = fed_config.get_config("tiny/latin,cyrillic,greek")
-  f = c.federation
-  f.rounds, f.poll_s, f.deadline_s, f.round_timeout_s = 2, 0.01, 0.0, 20.0
-  for k, v in fed.items():
-    f[k] = v
-  trust.ensure_local_keys(c, _KEYS, federation.party_names(c))
-  return c
-
-
-def _signer(party: str) -> trust.Signer:
-  return trust.Signer.from_file(party, os.path.join(_KEYS, f"{party}.key"))
-
-
-def _coordinator(config, workdir) -> coord_lib.Coordinator:
-  return coord_lib.Coordinator(config, str(workdir),
-                               private_key=os.path.join(_KEYS, "coordinator.key"))
-
-
-@functools.lru_cache(maxsize=None)
-def _schema():
-  return federation.param_schema(_config())
-
-
-def _delta(seed: int) -> dict[str, np.ndarray]:
-  """A fake pseudo-gradient: small random float32 arrays of the model's schema."""
-  rng = np.random.default_rng(seed)
-  return {n: (1e-2 * rng.standard_normal(shape)).astype(dtype)
-          for n, (shape, dtype) in _schema().items()}
-
-
-def _bucket(config, workdir, party: str) -> buckets.Bucket:
-  return buckets.Bucket(federation.bucket_urls(config, str(workdir))[party])
+_config, _signer, _coordinator = fed_fakes.config, fed_fakes.signer, fed_fakes.coordinator
+_delta, _bucket, _read_round = fed_fakes.delta, fed_fakes.bucket, fed_fakes.read_round
 
 
 def _declared_norm(delta) -> dict:
@@ -116,18 +79,6 @@ def _publish(config, workdir, site: str, round_: int, delta, *, tokens=None, sig
     manifest["tokens"] = fields["alter_tokens"]
   exchange.write_manifest(bucket, prefix, manifest)
   return manifest
-
-
-def _read_round(config, workdir, round_: int) -> tuple[dict, dict[str, np.ndarray]]:
-  """(manifest, every array) of committed global round `round_`."""
-  glob = _bucket(config, workdir, federation.GLOBAL)
-  prefix = exchange.global_prefix(round_)
-  manifest = exchange.read_manifest(glob, prefix)
-  assert manifest is not None, f"global round {round_} is not committed"
-  data = exchange.data_prefix(prefix, manifest)
-  arrays = {n: exchange.read_block(glob, data, n, rec, tuple(slice(0, s) for s in rec["shape"]))
-            for n, rec in manifest["arrays"].items()}
-  return manifest, arrays
 
 
 def _reference(config, rounds) -> tuple[dict, dict]:

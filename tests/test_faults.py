@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -21,8 +20,9 @@ import jax
 import numpy as np
 import pytest
 
+import fed_fakes
+
 from experiments.configs import federation as fed_config
-from tapestry_jax import buckets
 from tapestry_jax import coordinator as coord_lib
 from tapestry_jax import exchange
 from tapestry_jax import federation
@@ -33,39 +33,10 @@ from tapestry_jax import trees
 from tapestry_jax import trust
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SITES = ("cyrillic", "greek", "latin")  # Sorted: the merge's fixed order.
+SITES = fed_fakes.SITES
 
-_KEYS = tempfile.mkdtemp(prefix="tapestry-test-keys-")  # One key pair per party, per process.
-
-
-# ------------------------------------------------------------------ helpers (as in test_coordinator)
-
-
-def _config(**fed):
-  """Three tiny sites, fake updates; short polls so that every wait is sub-second."""
-  c = fed_config.get_config("tiny/latin,cyrillic,greek")
-  f = c.federation
-  f.rounds, f.poll_s, f.deadline_s, f.round_timeout_s = 2, 0.01, 0.0, 20.0
-  for k, v in fed.items():
-    f[k] = v
-  trust.ensure_local_keys(c, _KEYS, federation.party_names(c))
-  return c
-
-
-def _coordinator(config, workdir) -> coord_lib.Coordinator:
-  return coord_lib.Coordinator(config, str(workdir),
-                               private_key=os.path.join(_KEYS, "coordinator.key"))
-
-
-def _delta(seed: int) -> dict[str, np.ndarray]:
-  """A fake pseudo-gradient: small random float32 arrays of the model's schema."""
-  rng = np.random.default_rng(seed)
-  return {n: (1e-2 * rng.standard_normal(shape)).astype(dtype)
-          for n, (shape, dtype) in federation.param_schema(_config()).items()}
-
-
-def _bucket(config, workdir, party: str) -> buckets.Bucket:
-  return buckets.Bucket(federation.bucket_urls(config, str(workdir))[party])
+_config, _coordinator, _delta = fed_fakes.config, fed_fakes.coordinator, fed_fakes.delta
+_bucket, _read_arrays, _read_round = fed_fakes.bucket, fed_fakes.read_arrays, fed_fakes.read_round
 
 
 def _publish(config, workdir, site: str, round_: int, delta) -> dict:
@@ -73,21 +44,7 @@ def _publish(config, workdir, site: str, round_: int, delta) -> dict:
   return site_lib.publish_update(
       _bucket(config, workdir, site), config, site, round_, round_ - 1, delta,
       federation.weight_cap(config), {},
-      signer=trust.Signer.from_file(site, os.path.join(_KEYS, f"{site}.key")))
-
-
-def _read_arrays(bucket, prefix, manifest) -> dict[str, np.ndarray]:
-  data = exchange.data_prefix(prefix, manifest)
-  return {n: exchange.read_block(bucket, data, n, rec, tuple(slice(0, s) for s in rec["shape"]))
-          for n, rec in manifest["arrays"].items()}
-
-
-def _read_round(config, workdir, round_: int) -> tuple[dict, dict[str, np.ndarray]]:
-  """(manifest, every array) of committed global round `round_`."""
-  glob = _bucket(config, workdir, federation.GLOBAL)
-  manifest = exchange.read_manifest(glob, exchange.global_prefix(round_))
-  assert manifest is not None, f"global round {round_} is not committed"
-  return manifest, _read_arrays(glob, exchange.global_prefix(round_), manifest)
+      signer=fed_fakes.signer(site))
 
 
 def _reference(config, rounds) -> dict:

@@ -1,0 +1,70 @@
+"""Shared by the coordinator, fault and audit tests: a tiny three-site federation whose
+parties' keys live in one per-process directory, fake site updates, and readers of
+committed global rounds. (Not a test module: pytest collects only test_*.py.)"""
+
+import functools
+import os
+import tempfile
+
+import numpy as np
+
+from experiments.configs import federation as fed_config
+from tapestry_jax import buckets
+from tapestry_jax import coordinator as coord_lib
+from tapestry_jax import exchange
+from tapestry_jax import federation
+from tapestry_jax import trust
+
+SITES = ("cyrillic", "greek", "latin")  # Sorted: the merge's fixed order.
+KEYS = tempfile.mkdtemp(prefix="tapestry-test-keys-")  # One key pair per party, per process.
+
+
+def config(**fed):
+  """Three tiny sites; short polls so that every wait is sub-second; the trust root holds
+  the keys in KEYS. `fed` overrides config.federation fields."""
+  c = fed_config.get_config("tiny/latin,cyrillic,greek")
+  f = c.federation
+  f.rounds, f.poll_s, f.deadline_s, f.round_timeout_s = 2, 0.01, 0.0, 20.0
+  for k, v in fed.items():
+    f[k] = v
+  trust.ensure_local_keys(c, KEYS, federation.party_names(c))
+  return c
+
+
+def signer(party: str) -> trust.Signer:
+  return trust.Signer.from_file(party, os.path.join(KEYS, f"{party}.key"))
+
+
+def coordinator(cfg, workdir) -> coord_lib.Coordinator:
+  return coord_lib.Coordinator(cfg, str(workdir), private_key=os.path.join(KEYS, "coordinator.key"))
+
+
+@functools.lru_cache(maxsize=None)
+def _schema():
+  return federation.param_schema(config())
+
+
+def delta(seed: int) -> dict[str, np.ndarray]:
+  """A fake pseudo-gradient: small random float32 arrays of the model's schema."""
+  rng = np.random.default_rng(seed)
+  return {n: (1e-2 * rng.standard_normal(shape)).astype(dtype)
+          for n, (shape, dtype) in _schema().items()}
+
+
+def bucket(cfg, workdir, party: str) -> buckets.Bucket:
+  return buckets.Bucket(federation.bucket_urls(cfg, str(workdir))[party])
+
+
+def read_arrays(b: buckets.Bucket, prefix: str, manifest) -> dict[str, np.ndarray]:
+  """Every array of committed round `prefix` (its manifest given), whole, verified."""
+  data = exchange.data_prefix(prefix, manifest)
+  return {n: exchange.read_block(b, data, n, rec, tuple(slice(0, s) for s in rec["shape"]))
+          for n, rec in manifest["arrays"].items()}
+
+
+def read_round(cfg, workdir, round_: int) -> tuple[dict, dict[str, np.ndarray]]:
+  """(manifest, every array) of committed global round `round_`."""
+  glob = bucket(cfg, workdir, federation.GLOBAL)
+  manifest = exchange.read_manifest(glob, exchange.global_prefix(round_))
+  assert manifest is not None, f"global round {round_} is not committed"
+  return manifest, read_arrays(glob, exchange.global_prefix(round_), manifest)
