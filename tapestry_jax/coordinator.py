@@ -44,7 +44,7 @@ def initial_round(config) -> tuple[dict, dict]:
   train.seed) and the outer optimizer's initial state, as flat name -> numpy dicts."""
   mcfg = model_lib.ModelConfig.from_config(config.model)
   params = trees.flatten(jax.device_get(train_lib.initial_params(mcfg, int(config.train.seed))))
-  tx = outer_lib.make_outer_optimizer(config.federation.outer)
+  tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
   state = jax.device_get(outer_lib.init_outer_state(tx, params))
   return params, state
 
@@ -100,7 +100,7 @@ class Coordinator:
                                credentials=credentials)
     self.sites = {n: buckets.Bucket(urls[n], max_retries=retries, credentials=credentials)
                   for n in self.names}
-    self.tx = outer_lib.make_outer_optimizer(self.f.outer)
+    self.tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
     self.schema = federation.param_schema(config)
     self.cap = federation.weight_cap(config)
     self.quorum = federation.quorum(config)
@@ -276,7 +276,7 @@ class Coordinator:
         federation=self.f.id, kind="global", round=round_, author=federation.COORDINATOR,
         attempt=attempt, base_round=round_ - 1, tokens=int(sum(tokens)), arrays=records,
         extra={"inputs": inputs, "base_manifest_sha256": exchange.manifest_digest(base_manifest),
-               "outer": self.f.outer.to_dict(), "merge": self.merge_settings()}))
+               "outer": federation.outer_config(self.config), "merge": self.merge_settings()}))
     exchange.write_latest(self.glob, round_)
     if not ours:
       names = [i["site"] for i in committed["extra"]["inputs"]]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import hashlib
 import itertools
 import json
@@ -407,7 +408,7 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
                             f"{describe_error(e)}") from None
       inflight -= nbytes
 
-  # hashlib releases the GIL on large buffers, so chunks hash in parallel while
+  # blake3 releases the GIL on large buffers, so chunks hash in parallel while
   # TensorStore writes them.
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
     hashes: dict[str, list] = {}
@@ -435,11 +436,15 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
                         zip(_chunk_region(coord, chunk, shape), region))
           hashes[name].append((_flat(coord, grid), pool.submit(_digest, data[local])))
         settle(MAX_INFLIGHT_BYTES)
-      digests: list[str | None] = [None] * math.prod(grid)
+      if complete and len(hashes[name]) != math.prod(grid):
+        raise ExchangeError(f"{_where(bucket, prefix, name)}: shards do not cover the array")
+    # Digests are collected only once every write is issued: waiting for one array's
+    # hashes before writing the next would put the hashing back on the critical path.
+    for name in names:
+      shape, dtype, chunk = layouts[name]
+      digests: list[str | None] = [None] * math.prod(_grid(shape, chunk))
       for i, fut in hashes[name]:
         digests[i] = fut.result()
-      if complete and any(d is None for d in digests):
-        raise ExchangeError(f"{_where(bucket, prefix, name)}: shards do not cover the array")
       records[name] = _finish({"shape": list(shape), "dtype": dtype.name,
                                "chunk_shape": list(chunk), "codec": codec,
                                "chunk_digests": digests})
@@ -478,6 +483,25 @@ def _verify_chunk(bucket, prefix, name, rec, coord, data: np.ndarray, actual: st
   if actual != expected:
     raise ExchangeError(f"{_where(bucket, prefix, name)}: chunk {tuple(coord)} is corrupt "
                         f"(blake3 {actual[:12]}... != recorded {expected[:12]}...)")
+
+
+def _queue_digests(pool, queued: concurrent.futures.Future, dest: np.ndarray, region: Region,
+                   chunk, shape, read_future) -> None:
+  """TensorStore done-callback of a verified piece's read: submits each of its chunks'
+  digests to `pool` and resolves `queued` with [(coord, view, digest future)] (nothing
+  if the read failed: the reader reports that error)."""
+  try:
+    if read_future.cancelled() or read_future.exception() is not None:
+      queued.set_result([])
+      return
+    jobs = []
+    for c in _overlapping(region, chunk):
+      view = dest[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in
+                        zip(_chunk_region(c, chunk, shape), region))]
+      jobs.append((c, view, pool.submit(_digest, view)))
+    queued.set_result(jobs)
+  except BaseException as e:  # noqa: BLE001  (a callback must not raise into TensorStore)
+    queued.set_exception(e)
 
 
 def _chunk_aligned(region: Region, chunk, shape) -> bool:
@@ -536,33 +560,34 @@ def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
     regions = {_normalize(idx, shape) for idx in indices.values()}
     layouts[name] = (rec, shape, chunk, _np_dtype(rec["dtype"]), sharding, regions)
 
-  # The common verified case (every piece this process needs is whole chunks): all reads
-  # are issued at once, straight into the output buffers (no extra memory: they are the
-  # result), and each chunk is hashed in place as soon as its piece has arrived, while
-  # the rest is still being read. Every check is settled before anything is returned.
-  direct = {name: {} for name, (_, shape, chunk, _, _, regions) in layouts.items()
-            if verify and all(_chunk_aligned(r, chunk, shape) for r in regions)}
-  for name, pieces in direct.items():
-    _, _, _, dtype, _, regions = layouts[name]
-    store = _await_store(bucket, prefix, name, opens[name])
-    for r in regions:
-      dest = np.empty(tuple(b - a for a, b in r), dtype)
-      pieces[r] = (dest, ts.array(dest, copy=False, write=True).write(store[_slices(r)]))
-
   unsettled: list = []  # (name, record, chunk coord, data, digest future) to check
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    # The common verified case (every piece this process needs is whole chunks): all
+    # reads are issued at once, straight into the output buffers (no extra memory: they
+    # are the result), and a piece's chunks are queued for hashing (in place) the moment
+    # TensorStore finishes it, in whatever order pieces land, while the rest is still
+    # being read. Every check is settled before anything is returned.
+    direct = {name: {} for name, (_, shape, chunk, _, _, regions) in layouts.items()
+              if verify and all(_chunk_aligned(r, chunk, shape) for r in regions)}
+    for name, pieces in direct.items():
+      _, shape, chunk, dtype, _, regions = layouts[name]
+      store = _await_store(bucket, prefix, name, opens[name])
+      for r in regions:
+        dest = np.empty(tuple(b - a for a, b in r), dtype)
+        fut = ts.array(dest, copy=False, write=True).write(store[_slices(r)])
+        queued: concurrent.futures.Future = concurrent.futures.Future()
+        fut.add_done_callback(functools.partial(_queue_digests, pool, queued, dest, r, chunk,
+                                                shape))
+        pieces[r] = (dest, fut, queued)
+
     for name in names:
       rec, shape, chunk, dtype, sharding, regions = layouts[name]
       nbytes = 0
       if name in direct:
         pieces = {}
-        for r, (dest, fut) in direct.pop(name).items():
+        for r, (dest, fut, queued) in direct.pop(name).items():
           _read(bucket, prefix, name, fut)
-          for c in _overlapping(r, chunk):
-            local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in
-                          zip(_chunk_region(c, chunk, shape), r))
-            view = dest[local]
-            unsettled.append((name, rec, c, view, pool.submit(_digest, view)))
+          unsettled.extend((name, rec, c, view, digest) for c, view, digest in queued.result())
           pieces[r] = dest
           nbytes += dest.nbytes
       elif verify:

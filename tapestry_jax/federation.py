@@ -143,6 +143,18 @@ def evaluate_round(config, round_: int) -> bool:
   return round_ == int(f.rounds) or round_ % max(1, int(f.eval_every)) == 0
 
 
+def outer_config(config) -> dict:
+  """`federation.outer` as a plain dict with `decay_rounds` 0 resolved to
+  `federation.rounds`: what the coordinator builds its optimizer from and records in
+  every global manifest (so an audit rebuilds the same schedule)."""
+  f = config.federation
+  out = outer_lib.default_outer_config().to_dict()
+  out.update(f.outer.to_dict())
+  if not out.get("decay_rounds"):
+    out["decay_rounds"] = int(f.rounds)
+  return out
+
+
 def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
   """Leaf name -> (shape, dtype) of the model every update and global round must match."""
   mcfg = model_lib.ModelConfig.from_config(config.model)
@@ -175,7 +187,7 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
   if int(f.weight_cap_tokens) < 0:
     raise ConfigError(f"federation.weight_cap_tokens={f.weight_cap_tokens} must be >= 0")
   try:
-    outer_lib.make_outer_optimizer(f.outer)
+    outer_lib.make_outer_optimizer(outer_config(config))
   except ValueError as e:
     raise ConfigError(f"federation.outer: {e}") from None
   try:

@@ -56,8 +56,22 @@ def default_outer_config() -> ml_collections.ConfigDict:
       b1=0.9,
       # Adam second-moment decay, in [0, 1).
       b2=0.999,
-      # Adam epsilon, > 0. The paper finds outer Adam unstable unless eps is about 0.1.
+      # Adam epsilon, > 0. The paper finds outer Adam unstable unless eps is about 0.1
+      # (with inner AdamW); with inner SGD (FedAdam) a small eps such as 1e-8 works.
       eps=0.1,
+      # adam only: decoupled weight decay (AdamW) applied by the outer step, to every
+      # parameter (the outer step sees one parameter at a time, not its name); 0 = none.
+      weight_decay=0.0,
+      # Schedule of the outer lr over outer steps (rounds): constant (after warmup) or
+      # cosine (after warmup, down to min_lr_ratio x lr at decay_rounds).
+      schedule="constant",
+      # Rounds of linear warmup of the outer lr from 0; 0 = none.
+      warmup_rounds=0,
+      # cosine only: the outer step at which the lr reaches min_lr_ratio x lr; in a
+      # federation config 0 = federation.rounds (see federation.outer_config).
+      decay_rounds=0,
+      # cosine only: the final outer lr as a fraction of lr.
+      min_lr_ratio=0.1,
   ))
 
 
@@ -84,14 +98,41 @@ def _number(key: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool)
   return x
 
 
+def _count(cfg, key: str, lo: int) -> int:
+  value = _get(cfg, key)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+    raise ValueError(f"outer.{key} must be an integer >= {lo}; got {value!r}.")
+  return int(value)
+
+
+def _outer_schedule(cfg, lr: float):
+  """`lr` itself (constant, no warmup), or an optax schedule of the outer step count."""
+  schedule = _get(cfg, "schedule")
+  if schedule not in ("constant", "cosine"):
+    raise ValueError(f"outer.schedule must be constant or cosine; got {schedule!r}.")
+  warmup = _count(cfg, "warmup_rounds", 0)
+  if schedule == "cosine":
+    decay = _count(cfg, "decay_rounds", 1)
+    if decay <= warmup:
+      raise ValueError(f"outer.decay_rounds={decay} must be greater than outer.warmup_rounds="
+                       f"{warmup} for the cosine schedule.")
+    end = lr * _number("min_lr_ratio", _get(cfg, "min_lr_ratio"), 0.0, 1.0, lo_open=False,
+                       hi_open=False)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay, end)
+  if warmup == 0:
+    return lr
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                               optax.constant_schedule(lr)], [warmup])
+
+
 def make_outer_optimizer(cfg) -> optax.GradientTransformation:
   """The outer optimizer named by `cfg.name`, fed with the weighted pseudo-gradient as gradient.
 
-  `cfg` is a ConfigDict or Mapping with fields name, lr, momentum, b1, b2, eps (missing
-  fields take `default_outer_config()` values). Only elementwise transformations are built,
-  which is what lets the coordinator merge a parameter block by block exactly. `lr` may
-  also be an optax schedule (a callable of the outer step); its count is a scalar state
-  leaf, so block-wise merging stays exact.
+  `cfg` is a ConfigDict or Mapping with the fields of `default_outer_config()` (missing
+  fields take its values). Only elementwise transformations are built, which is what lets
+  the coordinator merge a parameter block by block exactly. The lr follows `schedule`
+  over outer steps (or `lr` may itself be an optax schedule, a callable of the outer
+  step); a schedule's count is a scalar state leaf, so block-wise merging stays exact.
 
   Raises ValueError with one sentence naming the bad field and the valid choices.
   """
@@ -103,7 +144,7 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
     return optax.scale(-1.0)
   lr = _get(cfg, "lr")
   if not callable(lr):
-    lr = _number("lr", lr, 0.0, math.inf, lo_open=True, hi_open=True)
+    lr = _outer_schedule(cfg, _number("lr", lr, 0.0, math.inf, lo_open=True, hi_open=True))
   if name in ("nesterov", "sgd"):
     momentum = _get(cfg, "momentum")
     momentum = 0.0 if momentum is None else momentum  # None reads as "no momentum"
@@ -114,6 +155,10 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
   b1 = _number("b1", _get(cfg, "b1"), 0.0, 1.0, lo_open=False, hi_open=True)
   b2 = _number("b2", _get(cfg, "b2"), 0.0, 1.0, lo_open=False, hi_open=True)
   eps = _number("eps", _get(cfg, "eps"), 0.0, math.inf, lo_open=True, hi_open=True)
+  wd = _number("weight_decay", _get(cfg, "weight_decay"), 0.0, math.inf, lo_open=False,
+               hi_open=True)
+  if wd:
+    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)
   return optax.adam(lr, b1=b1, b2=b2, eps=eps)
 
 

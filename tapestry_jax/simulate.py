@@ -56,7 +56,7 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   federation.check_federation_config(config, devices)
   f = config.federation
   workers = _workers(config, workdir, devices)
-  tx = outer_lib.make_outer_optimizer(f.outer)
+  tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
   # Clipping and aggregator; the defaults (no section) are the plain weighted mean.
   robust = outer_lib.robust_kwargs(f.get("robust"))
   cap = federation.weight_cap(config)

@@ -72,10 +72,22 @@ def initial_params(model_cfg: model_lib.ModelConfig, seed: int):
       jnp.asarray(seed, jnp.uint32))
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(tcfg) -> optax.GradientTransformation:
-  """Global-norm clipping followed by AdamW on `make_schedule`."""
+  """Global-norm clipping followed by `tcfg.optimizer` on `make_schedule`: AdamW (the
+  default), or plain SGD (the inner optimizer of FedAdam-style federations, whose
+  adaptivity lives in the outer optimizer)."""
+  name = tcfg.get("optimizer", "adamw")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
+  clip = (optax.clip_by_global_norm(float(tcfg.grad_clip)) if tcfg.grad_clip > 0
+          else optax.identity())
+  if name == "sgd":
+    return optax.chain(clip, optax.sgd(make_schedule(tcfg)))
   return optax.chain(
-      optax.clip_by_global_norm(float(tcfg.grad_clip)) if tcfg.grad_clip > 0 else optax.identity(),
+      clip,
       optax.adamw(make_schedule(tcfg), b1=float(tcfg.b1), b2=float(tcfg.b2), eps=float(tcfg.eps),
                   weight_decay=float(tcfg.weight_decay), mask=_decay_mask),
   )

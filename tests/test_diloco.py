@@ -58,6 +58,29 @@ def test_h1_sgd_fedavg_equals_data_parallel_step_on_combined_batch():
   assert np.abs(np.asarray(want["w_D"])).max() > 0.05  # a real step, not zeros == zeros
 
 
+def test_h1_sgd_fedadam_equals_adam_data_parallel_on_combined_batches():
+  # FedAdam (Reddi et al. 2021): inner SGD lr 1, Adam as the outer optimizer. At H=1 the
+  # pseudo-gradient is the sites' mean gradient, so T rounds are T steps of Adam (same
+  # schedule) on the combined batches: the adaptivity lives at the coordinator.
+  rounds = 6
+  site_data = [_batches(0, rounds), _batches(1, rounds, shift=1.0)]
+  cfg = {"name": "adam", "lr": 0.05, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
+         "schedule": "cosine", "warmup_rounds": 2, "decay_rounds": rounds}
+  res = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(1.0),
+                          outer.make_outer_optimizer(cfg), rounds=rounds, inner_steps=1)
+  adam = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 0.05, 2, rounds, 0.005),
+                    b1=0.9, b2=0.95, eps=1e-8)
+  params, state = _init(), None
+  state = adam.init(params)
+  for r in range(rounds):
+    combined = {k: np.concatenate([site_data[0][r][k], site_data[1][r][k]])
+                for k in ("x_BxD", "y_B")}
+    upd, state = adam.update(jax.grad(loss_fn)(params, combined), state, params)
+    params = optax.apply_updates(params, upd)
+  _close(res.params, params, tol=1e-5)
+  assert np.abs(np.asarray(params["w_D"])).max() > 0.05  # it moved
+
+
 def test_fedavg_global_is_weighted_mean_of_sites_with_token_weights():
   # Unequal batch sizes, weighted by examples: site 1 has 3x the data.
   site_data = [_batches(0, 4, B=4), _batches(1, 4, B=12, shift=0.5)]

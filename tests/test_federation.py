@@ -66,9 +66,25 @@ def test_config_errors_are_one_clear_line():
   with pytest.raises(ConfigError, match="federation.outer.*lamb"):
     federation.check_federation_config(c)
   c = _config()
+  c.federation.outer.schedule = "cosine"
+  c.federation.outer.warmup_rounds = c.federation.rounds
+  with pytest.raises(ConfigError, match="federation.outer.*decay_rounds=.*warmup_rounds"):
+    federation.check_federation_config(c)
+  c = _config()
+  c.train.optimizer = "lion"
+  with pytest.raises(ConfigError, match="train.optimizer must be adamw|sgd"):
+    federation.check_federation_config(c)
+  c = _config()
   c.sites.cyrillic.mesh.tensor = 3
   with pytest.raises(ConfigError, match="site 'cyrillic'"):
     federation.check_federation_config(c)
+
+
+def test_outer_config_resolves_the_cosine_length_to_the_rounds():
+  c = _config()
+  assert federation.outer_config(c)["decay_rounds"] == c.federation.rounds
+  c.federation.outer.decay_rounds = 7
+  assert federation.outer_config(c)["decay_rounds"] == 7
 
 
 def test_site_config_applies_the_site_overrides():

@@ -21,6 +21,9 @@ OPTIMIZER_CFGS = {
     "nesterov": _cfg(name="nesterov", lr=0.7, momentum=0.9),
     "sgd": _cfg(name="sgd", lr=0.5, momentum=0.8),
     "adam": _cfg(name="adam", lr=0.3, b1=0.9, b2=0.99, eps=0.1),
+    # FedAdam's outer step: Adam on a warmup + cosine schedule over rounds.
+    "adam_cosine": _cfg(name="adam", lr=0.3, b1=0.9, b2=0.95, eps=1e-8, schedule="cosine",
+                        warmup_rounds=0, decay_rounds=4),
     "none": _cfg(name="none"),
 }
 
@@ -205,7 +208,34 @@ def test_make_outer_optimizer_builds_the_named_transformation():
   assert outer.state_leaves(plain.init(p)) == {}
 
 
+def test_outer_lr_schedules_over_rounds():
+  p = jnp.zeros((1,), jnp.float32)
+
+  def lrs(rounds, **kw):  # SGD on a unit gradient moves by exactly lr(round)
+    tx = outer.make_outer_optimizer(_cfg(name="sgd", lr=2.0, momentum=0.0, **kw))
+    state, out = tx.init(p), []
+    for _ in range(rounds):
+      upd, state = tx.update(jnp.ones((1,)), state, p)
+      out.append(-float(upd[0]))
+    return out
+
+  assert lrs(3) == [2.0, 2.0, 2.0]  # the default: constant, no warmup, no state
+  np.testing.assert_allclose(lrs(4, warmup_rounds=2), [0.0, 1.0, 2.0, 2.0], rtol=1e-6)
+  want = optax.warmup_cosine_decay_schedule(0.0, 2.0, 2, 10, 0.2)
+  np.testing.assert_allclose(lrs(12, schedule="cosine", warmup_rounds=2, decay_rounds=10),
+                             [float(want(i)) for i in range(12)], rtol=1e-6)
+  assert lrs(12, schedule="cosine", warmup_rounds=2, decay_rounds=10)[-1] == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize("cfg,match", [
+    (dict(name="sgd", schedule="linear"), r"outer\.schedule must be constant or cosine"),
+    (dict(name="sgd", warmup_rounds=-1), r"outer\.warmup_rounds must be an integer >= 0"),
+    (dict(name="adam", schedule="cosine", decay_rounds=0),
+     r"outer\.decay_rounds must be an integer >= 1"),
+    (dict(name="adam", schedule="cosine", warmup_rounds=5, decay_rounds=5),
+     r"decay_rounds=5 must be greater than outer\.warmup_rounds=5"),
+    (dict(name="adam", schedule="cosine", decay_rounds=9, min_lr_ratio=2.0),
+     r"outer\.min_lr_ratio must be a number in \[0\.0, 1\.0\]"),
     (dict(name="lamb"), r"outer\.name must be one of nesterov, sgd, adam, none; got 'lamb'"),
     (dict(name="nesterov", lr=-0.1), r"outer\.lr must be a number in \(0\.0, inf\)"),
     (dict(name="sgd", lr=float("nan")), r"outer\.lr must be"),

@@ -71,6 +71,17 @@ def test_schedules():
     train_lib.make_schedule(_tcfg(schedule="linear"))
 
 
+def test_sgd_inner_optimizer_is_plain_sgd_on_the_schedule():
+  tx = train_lib.make_optimizer(_tcfg(optimizer="sgd", lr=0.5, schedule="constant",
+                                      warmup_steps=0, grad_clip=0.0))
+  p = {"w": np.ones((3,), np.float32)}
+  g = {"w": np.array([1.0, -2.0, 4.0], np.float32)}
+  upd, _ = tx.update(g, tx.init(p), p)
+  np.testing.assert_allclose(np.asarray(upd["w"]), -0.5 * g["w"])  # no decay, no moments
+  with pytest.raises(ValueError, match="train.optimizer must be one of adamw, sgd"):
+    train_lib.make_optimizer(_tcfg(optimizer="lion"))
+
+
 def test_weight_decay_skips_norm_scales():
   params = model_lib.init_params(TINY, jax.random.key(0))
   mask = train_lib._decay_mask(params)

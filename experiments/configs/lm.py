@@ -54,6 +54,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.steps = 200  # Optimizer steps in the whole run (the schedule's length).
   t.global_batch_size = 16  # Sequences per step, across all devices and processes.
   t.microbatches = 1  # Gradient accumulation: the global batch is split into this many.
+  t.optimizer = "adamw"  # adamw | sgd (no momentum, no weight decay; b1/b2/eps unused).
   t.lr = 3e-3  # Peak learning rate.
   t.schedule = "cosine"  # cosine | wsd (warmup-stable-decay) | constant (after warmup).
   t.warmup_steps = 20  # Linear warmup from 0 to `lr`.
