@@ -36,11 +36,15 @@ def site_names(config) -> list[str]:
   return list(config.sites.keys())
 
 
-def site_config(config, name: str) -> ml_collections.ConfigDict:
+def site_config(config, name: str, *, reference: bool = False) -> ml_collections.ConfigDict:
   """The single-site LM config that site `name` trains with.
 
   The schedule spans the whole federation (rounds x inner_steps), and the site's data
-  overrides (source, paths, languages, seed) are applied to the shared data section."""
+  overrides (source, paths, languages, seed) are applied to the shared data section.
+  A federated site also applies `federation.inner` (train fields its inner optimizer
+  changes, e.g. FedAdam's plain SGD); `reference=True` leaves them out: the training
+  recipe of `train` itself, which the references (each site alone, data parallelism)
+  use."""
   if name not in config.sites:
     raise ConfigError(f"unknown site {name!r}; this federation's sites are {site_names(config)}")
   s = config.sites[name]
@@ -56,6 +60,14 @@ def site_config(config, name: str) -> ml_collections.ConfigDict:
   for axis, size in s.mesh.items():
     if size:
       c.mesh[axis] = int(size)
+  inner = config.federation.get("inner")
+  if inner and not reference:
+    for key, value in inner.items():
+      if value is None:  # unset: the site keeps train's value
+        continue
+      if key not in c.train:
+        raise ConfigError(f"federation.inner.{key} is not a train field")
+      c.train[key] = value
   c.train.steps = int(config.federation.rounds) * int(config.federation.inner_steps)
   c.train.checkpoint_every = int(config.federation.inner_steps)
   return c

@@ -33,18 +33,21 @@ from tapestry_jax import trees
 from tapestry_jax.coordinator import initial_round
 
 
-def _workers(config, workdir: str, devices=None) -> dict[str, site_lib.SiteWorker]:
+def _workers(config, workdir: str, devices=None, *,
+             reference: bool = False) -> dict[str, site_lib.SiteWorker]:
   """One worker per site (sorted names); sites with the same model/train/mesh share one
-  compiled trainer, so a simulation compiles once, not once per site."""
+  compiled trainer, so a simulation compiles once, not once per site. `reference`: the
+  sites train with the `train` recipe, without `federation.inner` (the references)."""
   trainers: dict[str, Any] = {}
   workers = {}
   for name in sorted(federation.site_names(config)):
-    scfg = federation.site_config(config, name)
+    scfg = federation.site_config(config, name, reference=reference)
     key = json.dumps({k: scfg[k].to_dict() for k in ("model", "train", "mesh")}, sort_keys=True)
     if key not in trainers:
       trainers[key] = loop.site_setup(scfg, devices)[1]
     workers[name] = site_lib.SiteWorker(config, name, os.path.join(workdir, "sites", name),
-                                        devices=devices, trainer=trainers[key])
+                                        devices=devices, trainer=trainers[key],
+                                        reference=reference)
   return workers
 
 
@@ -104,12 +107,14 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
 
 
 def train_alone(config, workdir: str, *, devices=None) -> dict[str, dict]:
-  """Each site alone: the same init, data, inner optimizer and steps, no exchange.
-  Returns site -> held-out metrics of its own final model on its own data."""
+  """Each site alone: the same init, data, steps and `train` recipe (without the
+  federated sites' `federation.inner` changes), no exchange. Returns site -> held-out
+  metrics of its own final model on its own data."""
   f = config.federation
   steps = int(f.rounds) * int(f.inner_steps)
   results = {}
-  for name, w in _workers(config, os.path.join(workdir, "alone"), devices).items():
+  for name, w in _workers(config, os.path.join(workdir, "alone"), devices,
+                          reference=True).items():
     stats = w.train(steps)
     results[name] = {**w.evaluate(), "tokens": stats["tokens"], "compute_s": stats["compute_s"]}
   return results
@@ -120,8 +125,8 @@ def train_data_parallel(config, workdir: str, *, devices=None) -> dict[str, dict
   sites x per-site batch, the same number of steps, so the same total tokens.
   Returns site -> held-out metrics of the one model on that site's data."""
   names = sorted(federation.site_names(config))
-  dp = federation.site_config(config, names[0])
-  scfgs = [federation.site_config(config, n) for n in names]
+  dp = federation.site_config(config, names[0], reference=True)
+  scfgs = [federation.site_config(config, n, reference=True) for n in names]
   if len({c.data.source for c in scfgs}) != 1:
     raise ValueError("the data-parallel reference needs every site on the same data source")
   dp.data.paths = ",".join(c.data.paths for c in scfgs if c.data.paths)
@@ -135,5 +140,5 @@ def train_data_parallel(config, workdir: str, *, devices=None) -> dict[str, dict
   with jax.set_mesh(trainer.mesh):
     for _ in range(int(dp.train.steps)):
       state, _ = trainer.train_step(state, trainer.shard_batch(next(it)))
-  workers = _workers(config, os.path.join(workdir, "dp"), devices)
+  workers = _workers(config, os.path.join(workdir, "dp"), devices, reference=True)
   return {n: w.evaluate(state.params) for n, w in workers.items()}

@@ -41,9 +41,10 @@ class SiteWorker:
   """One site's compiled trainer, data iterator, train state and round bookkeeping."""
 
   def __init__(self, config, name: str, workdir: str, *, devices=None,
-               trainer: train_lib.Trainer | None = None):
+               trainer: train_lib.Trainer | None = None, reference: bool = False):
     self.name = name
-    self.config = federation.site_config(config, name)
+    # reference: the plain `train` recipe (the site alone), not the federated inner one.
+    self.config = federation.site_config(config, name, reference=reference)
     self.workdir = workdir
     if trainer is None:
       _, trainer = loop.site_setup(self.config, devices)

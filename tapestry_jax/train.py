@@ -46,6 +46,8 @@ def make_schedule(tcfg) -> optax.Schedule:
          optax.linear_schedule(peak, end, decay)],
         boundaries=[warmup, warmup + stable])
   if tcfg.schedule == "constant":
+    if warmup == 0:  # (optax warns about a zero-length warmup, which is just the constant)
+      return optax.constant_schedule(peak)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
   raise ValueError(f"train.schedule must be cosine|wsd|constant, got {tcfg.schedule!r}")

@@ -34,10 +34,21 @@ OVERRIDES = {
 }
 
 
-def _config(tmp_path=None):
+# FedAdam (inner SGD, outer Adam on a warmup + cosine schedule): outer state with a
+# step count and moments, and a site optimizer without state.
+FEDADAM = {
+    "federation.inner.optimizer": "sgd", "federation.inner.lr": 0.5,
+    "federation.inner.schedule": "constant",
+    "federation.outer.name": "adam", "federation.outer.lr": 1e-3, "federation.outer.b2": 0.95,
+    "federation.outer.eps": 1e-8, "federation.outer.schedule": "cosine",
+    "federation.outer.warmup_rounds": 1,
+}
+
+
+def _config(tmp_path=None, extra=None):
   c = fed_config.get_config("tiny/latin,cyrillic")
   c.sites.cyrillic.mesh.data, c.sites.cyrillic.mesh.fsdp, c.sites.cyrillic.mesh.tensor = 2, 2, 2
-  for k, v in OVERRIDES.items():
+  for k, v in {**OVERRIDES, **(extra or {})}.items():
     *path, last = k.split(".")
     node = c
     for p in path:
@@ -46,9 +57,9 @@ def _config(tmp_path=None):
   return c
 
 
-def _override_args():
+def _override_args(extra=None):
   args = [f"--config={ROOT}/experiments/configs/federation.py:tiny/latin,cyrillic"]
-  args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  args += [f"--config.{k}={v}" for k, v in {**OVERRIDES, **(extra or {})}.items()]
   args += ["--config.sites.cyrillic.mesh.data=2", "--config.sites.cyrillic.mesh.fsdp=2",
            "--config.sites.cyrillic.mesh.tensor=2"]
   return args
@@ -80,6 +91,21 @@ def test_config_errors_are_one_clear_line():
     federation.check_federation_config(c)
 
 
+def test_inner_overrides_apply_to_federated_sites_only():
+  c = _config(extra=FEDADAM)
+  site = federation.site_config(c, "latin")
+  assert (site.train.optimizer, site.train.lr, site.train.schedule) == ("sgd", 0.5, "constant")
+  ref = federation.site_config(c, "latin", reference=True)  # alone / data-parallel recipe
+  assert (ref.train.optimizer, ref.train.lr) == ("adamw", c.train.lr)
+  assert federation.site_config(_config(), "latin").train.optimizer == "adamw"  # unset
+  fa = fed_config.get_config("debref+fedadam/en,ja")
+  assert list(fa.sites.keys()) == ["en", "ja"]
+  assert (fa.federation.inner_steps, fa.federation.rounds) == (1, 400)
+  assert fa.federation.outer.lr == fa.train.lr and fa.federation.inner.optimizer == "sgd"
+  with pytest.raises(ValueError, match="modifier"):
+    fed_config.get_config("debref+fedprox")
+
+
 def test_outer_config_resolves_the_cosine_length_to_the_rounds():
   c = _config()
   assert federation.outer_config(c)["decay_rounds"] == c.federation.rounds
@@ -97,15 +123,16 @@ def test_site_config_applies_the_site_overrides():
   assert c.data.synthetic.languages == "all"  # The shared section is not modified.
 
 
-def test_simulation_and_deployment_give_the_same_global_model(tmp_path):
-  config = _config()
+@pytest.mark.parametrize("extra", [None, FEDADAM], ids=["fedavg", "fedadam"])
+def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
+  config = _config(extra=extra)
   sim = simulate.simulate(config, str(tmp_path / "sim"))
 
   workdir = tmp_path / "deploy"
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  orchestrate.run_processes(config, str(workdir), _override_args(), env=env, progress=False,
-                            timeout_s=600)
+  orchestrate.run_processes(config, str(workdir), _override_args(extra), env=env,
+                            progress=False, timeout_s=600)
   glob = buckets.Bucket("file://" + str(workdir / "buckets" / "global"))
   assert exchange.read_latest(glob) == 2
   manifest = exchange.read_manifest(glob, exchange.global_prefix(2))

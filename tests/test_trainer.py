@@ -67,6 +67,11 @@ def test_schedules():
   assert float(wsd(5)) == pytest.approx(0.5)
   assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(80)) == pytest.approx(1.0)
   assert float(wsd(90)) == pytest.approx(0.55) and float(wsd(100)) == pytest.approx(0.1)
+  const = train_lib.make_schedule(_tcfg(lr=0.5, warmup_steps=0, schedule="constant"))
+  assert float(const(0)) == 0.5 and float(const(1000)) == 0.5
+  warm = train_lib.make_schedule(_tcfg(lr=0.5, warmup_steps=10, schedule="constant"))
+  assert float(warm(0)) == 0.0 and float(warm(5)) == pytest.approx(0.25)
+  assert float(warm(10)) == 0.5
   with pytest.raises(ValueError, match="cosine|wsd|constant"):
     train_lib.make_schedule(_tcfg(schedule="linear"))
 
