@@ -146,6 +146,9 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
   if not callable(lr):
     lr = _outer_schedule(cfg, _number("lr", lr, 0.0, math.inf, lo_open=True, hi_open=True))
   if name in ("nesterov", "sgd"):
+    if _get(cfg, "weight_decay"):
+      raise ValueError(f"outer.weight_decay is an Adam (AdamW) setting; set it to 0 for "
+                       f"{name}, or use adam.")
     momentum = _get(cfg, "momentum")
     momentum = 0.0 if momentum is None else momentum  # None reads as "no momentum"
     momentum = _number("momentum", momentum, 0.0, 1.0, lo_open=False, hi_open=True)

@@ -236,6 +236,8 @@ def test_outer_lr_schedules_over_rounds():
      r"decay_rounds=5 must be greater than outer\.warmup_rounds=5"),
     (dict(name="adam", schedule="cosine", decay_rounds=9, min_lr_ratio=2.0),
      r"outer\.min_lr_ratio must be a number in \[0\.0, 1\.0\]"),
+    (dict(name="nesterov", weight_decay=0.1), r"outer\.weight_decay is an Adam"),
+    (dict(name="adam", weight_decay=-1.0), r"outer\.weight_decay must be a number"),
     (dict(name="lamb"), r"outer\.name must be one of nesterov, sgd, adam, none; got 'lamb'"),
     (dict(name="nesterov", lr=-0.1), r"outer\.lr must be a number in \(0\.0, inf\)"),
     (dict(name="sgd", lr=float("nan")), r"outer\.lr must be"),

@@ -118,7 +118,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Rounds between evaluations of the global model on every site's held-out data (the
   # last round is always evaluated).
   f.eval_every = 5
-  f.outer = outer.default_outer_config()  # Outer optimizer (name, lr, momentum, b1, b2, eps).
+  # Outer optimizer: name, lr, momentum, Adam b1/b2/eps/weight_decay, lr schedule over
+  # rounds; every field is commented in outer.default_outer_config.
+  f.outer = outer.default_outer_config()
   # What the federated sites' inner optimizer changes in `train` (unset = train's value;
   # e.g. `+fedadam`: plain SGD, lr 1, constant). `train` itself stays the recipe that the
   # references (each site alone, data parallelism) train with.
