@@ -5,10 +5,7 @@ meshes) that share nothing but file:// buckets, and checks that the global model
 2 rounds equals the in-process simulation's.
 """
 import os
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
 
