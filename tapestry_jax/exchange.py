@@ -412,6 +412,7 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
   # TensorStore writes them.
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
     hashes: dict[str, list] = {}
+    covers: dict[str, bool] = {}  # whether this process writes all of the array
     for name in names:
       shape, dtype, chunk = layouts[name]
       try:
@@ -436,8 +437,7 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
                         zip(_chunk_region(coord, chunk, shape), region))
           hashes[name].append((_flat(coord, grid), pool.submit(_digest, data[local])))
         settle(MAX_INFLIGHT_BYTES)
-      if complete and len(hashes[name]) != math.prod(grid):
-        raise ExchangeError(f"{_where(bucket, prefix, name)}: shards do not cover the array")
+      covers[name] = complete
     # Digests are collected only once every write is issued: waiting for one array's
     # hashes before writing the next would put the hashing back on the critical path.
     for name in names:
@@ -445,6 +445,9 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
       digests: list[str | None] = [None] * math.prod(_grid(shape, chunk))
       for i, fut in hashes[name]:
         digests[i] = fut.result()
+      if covers[name] and any(d is None for d in digests):
+        settle(-1)
+        raise ExchangeError(f"{_where(bucket, prefix, name)}: shards do not cover the array")
       records[name] = _finish({"shape": list(shape), "dtype": dtype.name,
                                "chunk_shape": list(chunk), "codec": codec,
                                "chunk_digests": digests})

@@ -10,6 +10,7 @@ import jax
 
 from tapestry_jax import model as model_lib
 from tapestry_jax import sharding
+from tapestry_jax import train as train_lib
 
 
 class ConfigError(ValueError):
@@ -58,8 +59,9 @@ def check_site_config(config, devices: list[jax.Device] | None = None) -> tuple[
                       f"{jax.process_count()} processes")
   if t.schedule not in ("cosine", "wsd", "constant"):
     raise ConfigError(f"train.schedule must be cosine|wsd|constant, got {t.schedule!r}")
-  if t.get("optimizer", "adamw") not in ("adamw", "sgd"):
-    raise ConfigError(f"train.optimizer must be adamw|sgd, got {t.optimizer!r}")
+  if t.get("optimizer", "adamw") not in train_lib.OPTIMIZERS:
+    raise ConfigError(f"train.optimizer must be {'|'.join(train_lib.OPTIMIZERS)}, "
+                      f"got {t.optimizer!r}")
   if t.warmup_steps < 0 or t.lr <= 0:
     raise ConfigError(f"train.lr={t.lr} must be > 0 and train.warmup_steps={t.warmup_steps} >= 0")
   for name in ("log_every", "checkpoint_every"):
