@@ -143,7 +143,7 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
     raise AuditError(f"global round {round_} names base manifest {str(named)[:16]}..., the "
                      f"committed round {round_ - 1} is {base_digest[:16]}...")
   report["base"] = {"round": round_ - 1, "manifest_sha256": base_digest}
-  schema = federation.param_schema(config)
+  schema = federation.update_schema(config)
   inputs, tokens, recorded = [], [], []
   for rec in extra["inputs"]:
     site = rec["site"]

@@ -101,7 +101,7 @@ class Coordinator:
     self.sites = {n: buckets.Bucket(urls[n], max_retries=retries, credentials=credentials)
                   for n in self.names}
     self.tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
-    self.schema = federation.param_schema(config)
+    self.schema = federation.update_schema(config)  # What a site update must be.
     self.cap = federation.weight_cap(config)
     self.quorum = federation.quorum(config)
     self.dir = os.path.join(workdir, "coordinator")

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from data_pipelines.errors import DataError
@@ -174,6 +176,26 @@ def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
   return {n: (tuple(a.shape), str(a.dtype)) for n, a in trees.flatten(abstract).items()}
 
 
+UPDATE_DTYPES = ("float32", "bfloat16")
+
+
+def update_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Leaf name -> (shape, dtype) every site update must match: the model's shapes, with
+  floating leaves in `federation.update_dtype` (what sites send; the coordinator merges
+  in float32 whatever they sent)."""
+  dtype = config.federation.get("update_dtype", "float32")
+  return {n: (shape, dtype if np.issubdtype(np.dtype(d), np.floating) else d)
+          for n, (shape, d) in param_schema(config).items()}
+
+
+def cast_update(delta, config):
+  """A site's pseudo-gradient in `federation.update_dtype` (round to nearest even, by
+  XLA), on the site's devices: what the site publishes and the simulation merges."""
+  dtype = jnp.dtype(config.federation.get("update_dtype", "float32"))
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else x, delta)
+
+
 def check_federation_config(config, devices: list[jax.Device] | None = None,
                             site: str | None = None) -> None:
   """Validates the outer loop, the party list and (one or every) site's config."""
@@ -196,6 +218,9 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
     raise ConfigError("federation.deadline_s must be >= 0, round_timeout_s and poll_s > 0")
   if int(f.storage_retries) < 0:
     raise ConfigError(f"federation.storage_retries={f.storage_retries} must be >= 0")
+  if f.get("update_dtype", "float32") not in UPDATE_DTYPES:
+    raise ConfigError(f"federation.update_dtype must be one of {', '.join(UPDATE_DTYPES)}; "
+                      f"got {f.update_dtype!r}")
   if int(f.weight_cap_tokens) < 0:
     raise ConfigError(f"federation.weight_cap_tokens={f.weight_cap_tokens} must be >= 0")
   try:

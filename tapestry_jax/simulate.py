@@ -81,7 +81,9 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
         if drop is not None and drop(g + 1, name):
           rec["dropped"] = True
         else:
-          deltas.append(trees.flatten(jax.device_get(w.delta())))
+          # What a deployed site sends (federation.update_dtype, cast the same way).
+          deltas.append(trees.flatten(jax.device_get(federation.cast_update(w.delta(),
+                                                                            config))))
           rec["bytes_up"] = sum(a.nbytes for a in deltas[-1].values())
           tokens.append(rec["tokens"])
           names.append(name)

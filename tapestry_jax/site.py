@@ -188,6 +188,8 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
   if existing is not None:
     logging.info("site %s: round %d already committed in %s; keeping it", name, round_, bucket.url)
     return existing
+  # Sent in federation.update_dtype; the norm is of what is sent.
+  delta = federation.cast_update(delta, config)
   # Declared so that the coordinator can clip in its one streaming pass (it checks the
   # claim against what it reads); the simulation's function, so both clip alike.
   norm = outer_lib.update_norm(delta)

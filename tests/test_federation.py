@@ -32,8 +32,9 @@ OVERRIDES = {
 
 
 # FedAdam (inner SGD, outer Adam on a warmup + cosine schedule): outer state with a
-# step count and moments, and a site optimizer without state.
+# step count and moments, and a site optimizer without state; updates sent in bfloat16.
 FEDADAM = {
+    "federation.update_dtype": "bfloat16",
     "federation.inner.optimizer": "sgd", "federation.inner.lr": 0.5,
     "federation.inner.schedule": "constant",
     "federation.outer.name": "adam", "federation.outer.lr": 1e-3, "federation.outer.b2": 0.95,
@@ -79,6 +80,10 @@ def test_config_errors_are_one_clear_line():
   with pytest.raises(ConfigError, match="federation.outer.*decay_rounds=.*warmup_rounds"):
     federation.check_federation_config(c)
   c = _config()
+  c.federation.update_dtype = "float16"
+  with pytest.raises(ConfigError, match="update_dtype must be one of float32, bfloat16"):
+    federation.check_federation_config(c)
+  c = _config()
   c.train.optimizer = "lion"
   with pytest.raises(ConfigError, match="train.optimizer must be adamw|sgd"):
     federation.check_federation_config(c)
@@ -101,6 +106,20 @@ def test_inner_overrides_apply_to_federated_sites_only():
   assert fa.federation.outer.lr == fa.train.lr and fa.federation.inner.optimizer == "sgd"
   with pytest.raises(ValueError, match="modifier"):
     fed_config.get_config("debref+fedprox")
+
+
+def test_bfloat16_updates_schema_and_cast():
+  c = _config(extra=FEDADAM)
+  params = federation.param_schema(c)
+  sent = federation.update_schema(c)
+  assert sent.keys() == params.keys()
+  assert all(sent[n] == (shape, "bfloat16") for n, (shape, _) in params.items())
+  assert federation.update_schema(_config()) == params  # float32 by default
+  x = np.array([1.0, 1.0 + 2 ** -9, 3.4e38], np.float32)  # a tie rounds to even; overflow
+  got = np.asarray(federation.cast_update({"w": x}, c)["w"])
+  assert str(got.dtype) == "bfloat16"
+  np.testing.assert_array_equal(got.astype(np.float32)[:2], [1.0, 1.0])
+  assert np.isinf(got.astype(np.float32)[2])  # too large for bfloat16: the site refuses it
 
 
 def test_outer_config_resolves_the_cosine_length_to_the_rounds():

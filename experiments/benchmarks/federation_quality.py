@@ -21,6 +21,9 @@ import json
 import os
 import time
 
+import ml_dtypes
+import numpy as np
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -58,12 +61,14 @@ def main(argv):
   summary["seconds"] = {"federated": t_fed, "data_parallel": t_dp, "alone": t_alone}
 
   mcfg = model_lib.ModelConfig.from_config(config.model)
-  param_bytes = 4 * model_lib.count_params(mcfg)
+  n_params = model_lib.count_params(mcfg)
   steps = int(f.rounds) * int(f.inner_steps)
-  # Bytes one site sends: federated = one float32 update per round; data-parallel = one
-  # float32 gradient per step into the all-reduce (a ring sends ~2x that; we count 1x).
-  fed_sent = int(f.rounds) * param_bytes
-  dp_sent = steps * param_bytes
+  # Bytes one site sends: federated = one update (federation.update_dtype) per round;
+  # data-parallel = one float32 gradient per step into the all-reduce (a ring sends ~2x
+  # that; we count 1x).
+  fed_sent = int(f.rounds) * n_params * np.dtype(
+      ml_dtypes.bfloat16 if f.update_dtype == "bfloat16" else np.float32).itemsize
+  dp_sent = steps * 4 * n_params
   print(report.table(summary))
   print()
   rows = []
