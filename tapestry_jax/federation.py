@@ -14,7 +14,6 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from data_pipelines.errors import DataError
@@ -184,7 +183,8 @@ def update_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
   floating leaves in `federation.update_dtype` (what sites send; the coordinator merges
   in float32 whatever they sent)."""
   dtype = config.federation.get("update_dtype", "float32")
-  return {n: (shape, dtype if np.issubdtype(np.dtype(d), np.floating) else d)
+  # jnp.issubdtype: numpy's does not count bfloat16 (an ml_dtypes type) as floating.
+  return {n: (shape, dtype if jnp.issubdtype(exchange._np_dtype(d), jnp.floating) else d)
           for n, (shape, d) in param_schema(config).items()}
 
 

@@ -115,6 +115,9 @@ def test_bfloat16_updates_schema_and_cast():
   assert sent.keys() == params.keys()
   assert all(sent[n] == (shape, "bfloat16") for n, (shape, _) in params.items())
   assert federation.update_schema(_config()) == params  # float32 by default
+  bf16_params = _config()
+  bf16_params.model.param_dtype = "bfloat16"  # bfloat16 is floating too (ml_dtypes)
+  assert {d for _, d in federation.update_schema(bf16_params).values()} == {"float32"}
   x = np.array([1.0, 1.0 + 2 ** -9, 3.4e38], np.float32)  # a tie rounds to even; overflow
   got = np.asarray(federation.cast_update({"w": x}, c)["w"])
   assert str(got.dtype) == "bfloat16"
