@@ -21,9 +21,6 @@ import json
 import os
 import time
 
-import ml_dtypes
-import numpy as np
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -39,7 +36,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  from tapestry_jax import federation, report, simulate
+  from tapestry_jax import exchange, federation, report, simulate
   from tapestry_jax import model as model_lib
 
   quiet_library_logs()
@@ -66,8 +63,7 @@ def main(argv):
   # Bytes one site sends: federated = one update (federation.update_dtype) per round;
   # data-parallel = one float32 gradient per step into the all-reduce (a ring sends ~2x
   # that; we count 1x).
-  fed_sent = int(f.rounds) * n_params * np.dtype(
-      ml_dtypes.bfloat16 if f.update_dtype == "bfloat16" else np.float32).itemsize
+  fed_sent = int(f.rounds) * n_params * exchange._np_dtype(f.update_dtype).itemsize
   dp_sent = steps * 4 * n_params
   print(report.table(summary))
   print()

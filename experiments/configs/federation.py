@@ -171,7 +171,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # so it saves no communication over data parallelism, and is still 3.6% above it.
   # FedAdam (`+fedadam`: inner SGD lr 1 with the clip, the data-parallel Adam at the
   # coordinator) at H=1: 2.784, better than alone on every site, within 2% of data
-  # parallelism on en, id, ja (fr +2.2%); at H=2 and H=5 (outer lr x H) 3.08 and 3.28
+  # parallelism on en, id, ja (fr +2.26%); at H=2 and H=5 (outer lr x H) 3.08 and 3.28
   # (experiments/sweeps/fedadam.py). No H > 1 measured here reaches the 2% target.
   # Sending the updates in bfloat16 (federation.update_dtype) gives the same 2.784 with
   # half the bytes.
