@@ -49,6 +49,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from tapestry_jax import quantize
 from tapestry_jax.buckets import Bucket, BucketError, check_key, describe_error
 
 FORMAT_VERSION = 2
@@ -265,6 +266,12 @@ def _record_problems(name: str, rec: Any) -> list[str]:
     return [f"{name!r}: chunk digests are incomplete or not 64 hex digits"]
   if rec["digest"] != _combined_digest(digests):
     return [f"{name!r}: record digest does not match its chunk digests"]
+  if "quant" in rec:  # An int8-quantized update leaf (`tapestry_jax.quantize`).
+    problem = quantize.check_params(rec["quant"])
+    if problem is None and _np_dtype(rec["dtype"]) != np.dtype(quantize.DTYPE):
+      problem = f"quantized array has dtype {rec['dtype']}, not {quantize.DTYPE}"
+    if problem:
+      return [f"{name!r}: {problem}"]
   return []
 
 
@@ -876,19 +883,22 @@ def uncommitted_attempts(bucket: Bucket, prefix: str) -> list[str]:
   return sorted(a for a in found if _ATTEMPT.match(a) and a != committed)
 
 
-def _expected_shape_dtype(spec) -> tuple[tuple[int, ...], np.dtype]:
+def _expected_shape_dtype(spec) -> tuple[tuple[int, ...], np.dtype, bool]:
   if hasattr(spec, "shape") and hasattr(spec, "dtype"):
-    return tuple(spec.shape), np.dtype(spec.dtype)
-  shape, dtype = spec
-  return tuple(shape), np.dtype(dtype)
+    return tuple(spec.shape), np.dtype(spec.dtype), False
+  shape, dtype, *quantized = spec
+  dtype = _np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+  return tuple(shape), dtype, bool(quantized and quantized[0])
 
 
 def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
   """Checks, before anything is allocated or read, that the manifest declares exactly
   the expected arrays with the expected shapes and dtypes.
 
-  `expected` maps name -> (shape, dtype) or anything with .shape/.dtype (arrays,
-  jax.ShapeDtypeStruct). Raises ExchangeError listing every problem.
+  `expected` maps name -> (shape, dtype), (shape, dtype, quantized) or anything with
+  .shape/.dtype (arrays, jax.ShapeDtypeStruct). A quantized array's record must carry its
+  dequantization parameters ("quant", `tapestry_jax.quantize`); any other must not.
+  Raises ExchangeError listing every problem.
   """
   records = manifest.get("arrays") if isinstance(manifest, Mapping) else None
   where = (f"round {manifest.get('round')!r} by {manifest.get('author')!r}"
@@ -904,7 +914,7 @@ def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
     problems.append(f"unexpected arrays {unexpected}")
   for name in sorted(set(expected) & set(records)):
     rec = records[name]
-    shape, dtype = _expected_shape_dtype(expected[name])
+    shape, dtype, quantized = _expected_shape_dtype(expected[name])
     structural = _record_problems(name, rec)
     if structural:
       problems += structural
@@ -915,6 +925,11 @@ def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
       problems.append(f"{name!r}: shape {tuple(rec['shape'])} != expected {shape}{size}")
     if _np_dtype(rec["dtype"]) != dtype:
       problems.append(f"{name!r}: dtype {rec['dtype']} != expected {dtype.name}")
+    if quantized and "quant" not in rec:
+      problems.append(f"{name!r}: quantized ({dtype.name}) but its record has no "
+                      f"quantization parameters ('quant')")
+    elif not quantized and "quant" in rec:
+      problems.append(f"{name!r}: not a quantized array, but its record has 'quant'")
   if problems:
     shown = "; ".join(problems[:10])
     more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""

@@ -10,6 +10,7 @@ that the coordinator and the sites exchange through.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from data_pipelines.errors import DataError
 from tapestry_jax import exchange
 from tapestry_jax import model as model_lib
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import quantize
 from tapestry_jax import trees
 from tapestry_jax import trust
 from tapestry_jax import validate
@@ -175,25 +177,44 @@ def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
   return {n: (tuple(a.shape), str(a.dtype)) for n, a in trees.flatten(abstract).items()}
 
 
-UPDATE_DTYPES = ("float32", "bfloat16")
+# What sites send: float32, bfloat16 (half the bytes, rounded by XLA) or int8 (a quarter:
+# per-tensor affine codes, `tapestry_jax.quantize`). The coordinator merges in float32.
+UPDATE_DTYPES = ("float32", "bfloat16", quantize.DTYPE)
 
 
-def update_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
+def update_schema(config) -> dict[str, tuple]:
   """Leaf name -> (shape, dtype) every site update must match: the model's shapes, with
   floating leaves in `federation.update_dtype` (what sites send; the coordinator merges
-  in float32 whatever they sent)."""
+  in float32 whatever they sent). int8 leaves are (shape, "int8", True): quantized, so
+  their records must carry the dequantization parameters (`exchange.check_schema`)."""
   dtype = config.federation.get("update_dtype", "float32")
-  # jnp.issubdtype: numpy's does not count bfloat16 (an ml_dtypes type) as floating.
-  return {n: (shape, dtype if jnp.issubdtype(exchange._np_dtype(d), jnp.floating) else d)
-          for n, (shape, d) in param_schema(config).items()}
+  out = {}
+  for n, (shape, d) in param_schema(config).items():
+    # jnp.issubdtype: numpy's does not count bfloat16 (an ml_dtypes type) as floating.
+    if not jnp.issubdtype(exchange._np_dtype(d), jnp.floating):
+      out[n] = (shape, d)
+    elif dtype == quantize.DTYPE:
+      out[n] = (shape, dtype, True)
+    else:
+      out[n] = (shape, dtype)
+  return out
 
 
-def cast_update(delta, config):
-  """A site's pseudo-gradient in `federation.update_dtype` (round to nearest even, by
-  XLA), on the site's devices: what the site publishes and the simulation merges."""
-  dtype = jnp.dtype(config.federation.get("update_dtype", "float32"))
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                      else x, delta)
+def encode_update(delta, config) -> dict[str, Any]:
+  """A site's pseudo-gradient as it is sent, on the site's devices: a flat {name: leaf}
+  dict with floating leaves in `federation.update_dtype`: cast by XLA (round to nearest
+  even) or, for int8, `quantize.Quantized` codes. What the site publishes and the
+  simulation merges. ValueError for an int8 update with NaN or Inf values."""
+  dtype = config.federation.get("update_dtype", "float32")
+  out = {}
+  for name, x in trees.flatten(delta).items():
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      out[name] = x
+    elif dtype == quantize.DTYPE:
+      out[name] = quantize.quantize(x)
+    else:
+      out[name] = x.astype(jnp.dtype(dtype))
+  return out
 
 
 def check_federation_config(config, devices: list[jax.Device] | None = None,

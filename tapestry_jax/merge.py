@@ -21,6 +21,10 @@ are read, the actual sum of squares of each update is accumulated (float64); aft
 last block, an update whose actual norm is not the declared one is refused (BadUpdate)
 before anything is committed. The trimmed-mean and median aggregators are coordinate-wise,
 so they stream block by block like the mean.
+
+int8 updates (`tapestry_jax.quantize`) are read as their codes and dequantized inside
+`outer.merge_block` with the offset and scale of their signed records; their norms are
+summed from the codes' histograms.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import tensorstore as ts
 
 from tapestry_jax import exchange
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import quantize
 from tapestry_jax.buckets import Bucket, describe_error
 from tapestry_jax.exchange import ExchangeError
 
@@ -360,7 +365,7 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         raw, view = buffers.take(shape, exchange._np_dtype(r["dtype"]))
         raws.append(raw)
         futs.append(pool.submit(_read_checked, b, pre, n, r, idx, store, view,
-                                check_finite=j >= first))
+                                check_finite=j >= first and "quant" not in r))
       return raws, futs
 
     def settle(keep_blocks: int, block: int) -> None:
@@ -407,7 +412,10 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         # Squares are summed on the pool while this block merges; the buffers stay
         # untouched until the sums are in.
         first = 1 + len(p.leaves)
-        squares = ([pool.submit(outer_lib.sum_squares, h) for h in host[first:]]
+        quants = [r.get("quant") for _, _, _, r in p.sources[first:]]  # int8 updates
+        squares = ([pool.submit(outer_lib.sum_squares, h) if q is None else
+                    pool.submit(quantize.sum_squares, h, q["offset"], q["scale"])
+                    for h, q in zip(host[first:], quants)]
                    if sum_squares is not None else [])
         # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
         # inside state_from_leaves, would copy).
@@ -416,6 +424,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         fill(read_ahead)  # Read the next blocks while this one merges.
         n_leaves = len(p.leaves)
         g, leaf_blocks, deltas = blocks[0], blocks[1:1 + n_leaves], blocks[1 + n_leaves:]
+        deltas = [d if q is None else quantize.Quantized(d, q["offset"], q["scale"])
+                  for d, q in zip(deltas, quants)]
         state = outer_lib.state_from_leaves(tx, g,
                                             {**p.whole, **dict(zip(p.leaves, leaf_blocks))})
         new_g, new_state = outer_lib.merge_block(tx, g, state, deltas, weights, scales=scales,

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from tapestry_jax import quantize
 from tapestry_jax import trees
 
 OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam", "none")
@@ -378,7 +379,13 @@ def update_norm(delta) -> float:
   manifest (`extra["update_norm"]`); the coordinator clips with it and checks it against the
   norm of the values it reads."""
   flat = trees.flatten(delta)
-  return math.sqrt(sum(sum_squares(jax.device_get(flat[n])) for n in sorted(flat)))
+  return math.sqrt(sum(_leaf_sum_squares(flat[n]) for n in sorted(flat)))
+
+
+def _leaf_sum_squares(x) -> float:
+  if isinstance(x, quantize.Quantized):  # The norm of what the merge dequantizes.
+    return quantize.sum_squares(jax.device_get(x.codes), x.offset, x.scale)
+  return sum_squares(jax.device_get(x))
 
 
 def clip_scales(norms: Sequence[float], clip_norm: float) -> np.ndarray:
@@ -399,19 +406,26 @@ def clip_scales(norms: Sequence[float], clip_norm: float) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _merge_block_jit(tx, aggregator, trim, global_block, state_block, deltas, coef_K):
+def _merge_block_jit(tx, aggregator, trim, global_block, state_block, deltas, coef_K,
+                     dequant_Kx2):
+  def value(k):  # Site k's delta in float32 (int8 codes: offset + scale * code).
+    d = deltas[k]
+    if jnp.issubdtype(d.dtype, jnp.integer):
+      return quantize.dequantize(d, dequant_Kx2[k, 0], dequant_Kx2[k, 1])
+    return d.astype(jnp.float32)
+
   # mean: delta = sum_k coef_k * delta_k, coef = weight * clip scale. Fixed accumulation
   # order (site 0, 1, ...) in float32: float addition is not associative, so a different
   # order on another block or another run would change the bits.
   if aggregator == "mean":
-    delta = coef_K[0] * deltas[0].astype(jnp.float32)
+    delta = coef_K[0] * value(0)
     for k in range(1, len(deltas)):
-      delta = delta + coef_K[k] * deltas[k].astype(jnp.float32)
+      delta = delta + coef_K[k] * value(k)
   else:
     # Robust: coordinate-wise over the clipped deltas (coef = clip scale). Sorting along the
     # site axis is exact and per coordinate, so row-blocks agree with the whole array.
-    sorted_KxN = jnp.sort(jnp.stack([coef_K[k] * d.astype(jnp.float32)
-                                     for k, d in enumerate(deltas)]), axis=0)
+    sorted_KxN = jnp.sort(jnp.stack([coef_K[k] * value(k) for k in range(len(deltas))]),
+                          axis=0)
     K = len(deltas)
     if aggregator == "median":
       mid = K // 2
@@ -438,13 +452,16 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
     median:        per coordinate, the median of scales[k] * deltas[k] (even count: the
                    mean of the two middle values).
   The robust aggregators ignore `weights` (token counts do not apply to them). `scales`
-  are the per-site clip scales (`clip_scales`; default all 1: no clipping). Then
+  are the per-site clip scales (`clip_scales`; default all 1: no clipping). A delta may be
+  a `quantize.Quantized` block (int8 codes, dequantized here in float32). Then
   `tx.update(delta, state_block, global_block)` and `optax.apply_updates`. Jitted once per
   `tx` object (a static argument), aggregator, trim and block shape. For an elementwise
   `tx` (all of `make_outer_optimizer`'s), merging row-blocks and concatenating them is
   bit-identical to merging the whole array; scalar state leaves come out equal from every
   block."""
-  deltas = tuple(deltas)
+  dequant_Kx2 = np.array([(d.offset, d.scale) if isinstance(d, quantize.Quantized) else (0, 1)
+                          for d in deltas], np.float32).reshape(-1, 2)
+  deltas = tuple(d.codes if isinstance(d, quantize.Quantized) else d for d in deltas)
   weights_K = np.asarray(weights, np.float32).reshape(-1)
   if not deltas:
     raise ValueError("merge_block needs at least one site delta")
@@ -463,7 +480,7 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
   # float32 products on the host: a scale of 1 leaves each weight's bits as they were.
   coef_K = weights_K * scales_K if aggregator == "mean" else scales_K
   return _merge_block_jit(tx, aggregator, int(trim) if aggregator == "trimmed_mean" else 0,
-                          global_block, state_block, deltas, coef_K)
+                          global_block, state_block, deltas, coef_K, dequant_Kx2)
 
 
 def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Mapping[str, Any],

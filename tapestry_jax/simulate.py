@@ -14,6 +14,7 @@ Records have the same fields as the deployed site's `rounds.jsonl`, so one repor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,6 +29,7 @@ import data_pipelines
 from tapestry_jax import federation
 from tapestry_jax import loop
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import quantize
 from tapestry_jax import site as site_lib
 from tapestry_jax import trees
 from tapestry_jax.coordinator import initial_round
@@ -81,10 +83,11 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
         if drop is not None and drop(g + 1, name):
           rec["dropped"] = True
         else:
-          # What a deployed site sends (federation.update_dtype, cast the same way).
-          deltas.append(trees.flatten(jax.device_get(federation.cast_update(w.delta(),
-                                                                            config))))
-          rec["bytes_up"] = sum(a.nbytes for a in deltas[-1].values())
+          # What a deployed site sends (federation.update_dtype, encoded the same way).
+          deltas.append({n: (dataclasses.replace(v, codes=jax.device_get(v.codes))
+                             if isinstance(v, quantize.Quantized) else jax.device_get(v))
+                         for n, v in federation.encode_update(w.delta(), config).items()})
+          rec["bytes_up"] = sum(getattr(a, "codes", a).nbytes for a in deltas[-1].values())
           tokens.append(rec["tokens"])
           names.append(name)
       records.append(rec)

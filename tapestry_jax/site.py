@@ -32,6 +32,7 @@ from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import loop
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import quantize
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
 from tapestry_jax import trust
@@ -188,19 +189,27 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
   if existing is not None:
     logging.info("site %s: round %d already committed in %s; keeping it", name, round_, bucket.url)
     return existing
+  diverged = exchange.ExchangeError(
+      f"site {name}: the update for round {round_} has non-finite values (NaN or Inf): "
+      f"training diverged; not publishing it (the coordinator would refuse it)")
   # Sent in federation.update_dtype; the norm is of what is sent.
-  delta = federation.cast_update(delta, config)
+  try:
+    sent = federation.encode_update(delta, config)
+  except ValueError:  # int8: a NaN or Inf leaves nothing to quantize.
+    raise diverged from None
   # Declared so that the coordinator can clip in its one streaming pass (it checks the
   # claim against what it reads); the simulation's function, so both clip alike.
-  norm = outer_lib.update_norm(delta)
+  norm = outer_lib.update_norm(sent)
   if not np.isfinite(norm):
-    raise exchange.ExchangeError(
-        f"site {name}: the update for round {round_} has non-finite values (NaN or Inf): "
-        f"training diverged; not publishing it (the coordinator would refuse it)")
+    raise diverged
   # Deterministic, so every process of a multi-process site writes the same attempt.
   attempt = exchange.new_attempt(f"{name}/{round_}/{base_round}")
-  records = exchange.write_arrays(bucket, exchange.data_prefix(prefix, attempt),
-                                  trees.flatten(delta))
+  records = exchange.write_arrays(
+      bucket, exchange.data_prefix(prefix, attempt),
+      {n: v.codes if isinstance(v, quantize.Quantized) else v for n, v in sent.items()})
+  for n, v in sent.items():  # int8: the dequantization parameters, signed with the rest.
+    if isinstance(v, quantize.Quantized):
+      records[n] = dict(records[n], quant=v.params())
   manifest = exchange.make_manifest(
       federation=config.federation.id, kind="update", round=round_, author=name,
       attempt=attempt, base_round=base_round, tokens=int(tokens), arrays=records,

@@ -15,6 +15,7 @@ from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import orchestrate
 from tapestry_jax import report
+from tapestry_jax import quantize
 from tapestry_jax import simulate
 from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
@@ -40,6 +41,14 @@ FEDADAM = {
     "federation.outer.name": "adam", "federation.outer.lr": 1e-3, "federation.outer.b2": 0.95,
     "federation.outer.eps": 1e-8, "federation.outer.schedule": "cosine",
     "federation.outer.warmup_rounds": 1,
+}
+
+# DiLoCo's Nesterov outer step on int8 updates (per-tensor codes, `tapestry_jax.quantize`),
+# every site clipped by the norm it declares (a bound small enough to bite).
+INT8 = {
+    "federation.update_dtype": "int8", "federation.outer.name": "nesterov",
+    "federation.outer.lr": 0.7, "federation.outer.momentum": 0.9,
+    "federation.robust.clip_norm": 1e-3,
 }
 
 
@@ -119,10 +128,23 @@ def test_bfloat16_updates_schema_and_cast():
   bf16_params.model.param_dtype = "bfloat16"  # bfloat16 is floating too (ml_dtypes)
   assert {d for _, d in federation.update_schema(bf16_params).values()} == {"float32"}
   x = np.array([1.0, 1.0 + 2 ** -9, 3.4e38], np.float32)  # a tie rounds to even; overflow
-  got = np.asarray(federation.cast_update({"w": x}, c)["w"])
+  got = np.asarray(federation.encode_update({"w": x}, c)["w"])
   assert str(got.dtype) == "bfloat16"
   np.testing.assert_array_equal(got.astype(np.float32)[:2], [1.0, 1.0])
   assert np.isinf(got.astype(np.float32)[2])  # too large for bfloat16: the site refuses it
+
+
+def test_int8_updates_schema_and_encoding():
+  c = _config(extra=INT8)
+  params = federation.param_schema(c)
+  sent = federation.update_schema(c)
+  assert all(sent[n] == (shape, "int8", True) for n, (shape, _) in params.items())
+  x = np.linspace(-1, 1, 101, dtype=np.float32)
+  got = federation.encode_update({"w": x, "step": np.int32(3)}, c)
+  assert isinstance(got["w"], quantize.Quantized) and str(got["w"].codes.dtype) == "int8"
+  assert got["step"] == 3  # non-floating leaves are sent as they are
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    federation.encode_update({"w": np.array([1.0, np.nan], np.float32)}, c)
 
 
 def test_outer_config_resolves_the_cosine_length_to_the_rounds():
@@ -142,7 +164,7 @@ def test_site_config_applies_the_site_overrides():
   assert c.data.synthetic.languages == "all"  # The shared section is not modified.
 
 
-@pytest.mark.parametrize("extra", [None, FEDADAM], ids=["fedavg", "fedadam"])
+@pytest.mark.parametrize("extra", [None, FEDADAM, INT8], ids=["fedavg", "fedadam", "int8"])
 def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
   config = _config(extra=extra)
   sim = simulate.simulate(config, str(tmp_path / "sim"))
@@ -165,6 +187,10 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
     update = exchange.read_manifest(site_bucket, exchange.update_prefix(2))
     root.verify(update, i["site"])
     assert exchange.manifest_digest(update) == i["manifest_sha256"]
+    if extra is INT8:  # Codes, their signed dequantization, and a norm the clip bounds.
+      assert {r["dtype"] for r in update["arrays"].values()} == {"int8"}
+      assert all(r["quant"]["scale"] > 0 for r in update["arrays"].values())
+      assert update["extra"]["update_norm"] > INT8["federation.robust.clip_norm"]
   for name, want in sim["params"].items():
     got = exchange.read_block(glob, exchange.data_prefix(exchange.global_prefix(2), manifest),
                               f"params/{name}",

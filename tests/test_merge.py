@@ -7,15 +7,17 @@ import pytest
 from tapestry_jax import exchange as ex
 from tapestry_jax import merge
 from tapestry_jax import outer
+from tapestry_jax import quantize
 from tapestry_jax.buckets import Bucket
 
 # A scalar, an empty array, a vector, rows that no chunk size divides, and a 3-D array.
 SHAPES = {"a": (), "b": (0, 5), "c": (7,), "d": (37, 6), "e": (5, 3, 4)}
 
 
-def _round(tmp_path, tx, rng):
+def _round(tmp_path, tx, rng, quantized=False):
   """A committed global round 0 (params + outer state) and three site updates, each
-  written with different chunk sizes so that merge blocks span several chunks."""
+  written with different chunk sizes so that merge blocks span several chunks
+  (`quantized`: as int8 codes, their records carrying the dequantization)."""
   glob = Bucket(str(tmp_path / "global"))
   params = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
   arrays = {f"params/{n}": p for n, p in params.items()}
@@ -34,9 +36,16 @@ def _round(tmp_path, tx, rng):
   for k, chunk_bytes in enumerate((128, 512, 300)):
     bucket = Bucket(str(tmp_path / f"site{k}"))
     delta = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+    if quantized:
+      delta = {n: quantize.quantize(d) for n, d in delta.items()}
+      delta = {n: quantize.Quantized(np.asarray(q.codes), q.offset, q.scale)
+               for n, q in delta.items()}
     attempt = ex.new_attempt()
-    records = ex.write_arrays(bucket, ex.data_prefix(ex.update_prefix(1), attempt), delta,
+    records = ex.write_arrays(bucket, ex.data_prefix(ex.update_prefix(1), attempt),
+                              {n: getattr(d, "codes", d) for n, d in delta.items()},
                               max_chunk_bytes=chunk_bytes)
+    if quantized:
+      records = {n: dict(r, quant=delta[n].params()) for n, r in records.items()}
     ex.write_manifest(bucket, ex.update_prefix(1), ex.make_manifest(
         federation="t", kind="update", round=1, author=f"s{k}", attempt=attempt,
         arrays=records, base_round=0, tokens=1))
@@ -70,6 +79,39 @@ def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
       for leaf, v in outer.state_leaves(want_state[n]).items():
         key = f"outer/{n}/{leaf}"
         np.testing.assert_array_equal(_whole(glob, prefix, key, records[key]), v)
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "median"])
+def test_int8_updates_merge_bit_identically_and_clip_by_their_dequantized_norm(
+    tmp_path, aggregator):
+  tx = outer.make_outer_optimizer({"name": "nesterov"})
+  glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(1),
+                                               quantized=True)
+  assert {r["dtype"] for _, _, m in inputs for r in m["arrays"].values()} == {"int8"}
+  norms = [outer.update_norm(d) for d in deltas]  # what each site declares
+  clip = sorted(norms)[1]  # clips one site
+  weights = outer.cap_weights([1, 2, 3], None)
+  want_params, want_state = outer.outer_step(tx, params, state, deltas, weights,
+                                             clip_norm=clip, aggregator=aggregator)
+  base = ex.read_manifest(glob, ex.global_prefix(0))
+  prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
+  records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
+                              prefix, max_block_bytes=64, clip_norm=clip,
+                              aggregator=aggregator, declared_norms=norms)
+  for n in SHAPES:
+    np.testing.assert_array_equal(
+        _whole(glob, prefix, f"params/{n}", records[f"params/{n}"]), want_params[n])
+    for leaf, v in outer.state_leaves(want_state[n]).items():
+      key = f"outer/{n}/{leaf}"
+      np.testing.assert_array_equal(_whole(glob, prefix, key, records[key]), v)
+  # A norm declared from the float update, not from what was sent (the codes), is caught.
+  lie = list(norms)
+  lie[2] *= 1.01
+  with pytest.raises(merge.BadUpdate, match="declared norm") as e:
+    merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
+                      ex.data_prefix(ex.global_prefix(2), ex.new_attempt()), clip_norm=clip,
+                      declared_norms=lie)
+  assert e.value.index == 2
 
 
 def test_read_block_into_a_buffer_through_an_open_store(tmp_path):

@@ -112,8 +112,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   f.storage_retries = 6
   # URL of the coordinator's global bucket; "" = file://WORKDIR/buckets/global.
   f.global_bucket = ""
-  # dtype of the pseudo-gradients sites send: float32, or bfloat16 (half the bytes; the
-  # coordinator merges in float32; Streaming DiLoCo sends even 4-bit ones).
+  # dtype of the pseudo-gradients sites send: float32; bfloat16 (half the bytes); or int8
+  # (a quarter: INTELLECT-1's per-tensor codes, mean +- 6 std in 255 levels, with the
+  # offset and scale in the signed manifest; tapestry_jax/quantize.py). The coordinator
+  # merges in float32 whatever was sent. Streaming DiLoCo sends even 4-bit ones.
   f.update_dtype = "float32"
   # Cap on the tokens one site may claim per round, in tokens; 0 = the configured
   # inner_steps x global_batch_size x seq_len (a site cannot inflate its weight).
