@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -83,3 +84,57 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+class InitError(ValueError):
+  """`train.init_from` names no usable checkpoint (missing, empty, or another model)."""
+
+
+def checkpoint_dir(path: str) -> str:
+  """The Orbax directory behind `path`: a `launch.train` workdir (its checkpoints/) or
+  the checkpoints directory itself."""
+  path = os.path.abspath(os.path.expanduser(path))
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def restore_params(path: str, abstract_params):
+  """The params of the latest checkpoint step under `path` (`checkpoint_dir`), restored
+  onto the shardings of `abstract_params` (ShapeDtypeStructs, any mesh); the optimizer
+  state, step and data position of that run are not read. InitError, one line, if there
+  is no checkpoint or it does not hold these params."""
+  directory = checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    raise InitError(f"train.init_from={path!r}: no such directory")
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                                      save_interval_steps=0),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True),
+                     "data": grain.checkpoint.CheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise InitError(f"train.init_from={path!r}: no checkpoint in {directory} (a "
+                      f"launch.train workdir or its checkpoints/ directory)")
+    target = {"params": abstract_params}
+    try:  # Orbax would read a slice of a bigger array: compare the stored shapes first.
+      stored = manager.item_metadata(step)["state"]["params"]
+      stored = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), dict(stored))
+    except Exception as e:  # noqa: BLE001
+      raise InitError(f"train.init_from={path!r}: step {step} has no params: "
+                      f"{str(e).splitlines()[0][:300]}") from None
+    want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), abstract_params)
+    if stored != want:
+      raise InitError(f"train.init_from={path!r}: step {step} holds params of another "
+                      f"model (names, shapes or dtypes differ from model.*)")
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
+    except Exception as e:  # noqa: BLE001  (Orbax raises many types for a mismatch)
+      raise InitError(f"train.init_from={path!r}: step {step} does not hold this model's "
+                      f"params: {str(e).splitlines()[0][:300]}") from None
+    return restored["state"]["params"]
+  finally:
+    manager.close()

@@ -43,7 +43,8 @@ def initial_round(config) -> tuple[dict, dict]:
   """Round 0 on the host: the initial params (the init every site's trainer makes from
   train.seed) and the outer optimizer's initial state, as flat name -> numpy dicts."""
   mcfg = model_lib.ModelConfig.from_config(config.model)
-  params = trees.flatten(jax.device_get(train_lib.initial_params(mcfg, int(config.train.seed))))
+  params = trees.flatten(jax.device_get(train_lib.initial_params(
+      mcfg, int(config.train.seed), str(config.train.get("init_from", "") or ""))))
   tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
   state = jax.device_get(outer_lib.init_outer_state(tx, params))
   return params, state

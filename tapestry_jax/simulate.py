@@ -147,3 +147,22 @@ def train_data_parallel(config, workdir: str, *, devices=None) -> dict[str, dict
       state, _ = trainer.train_step(state, trainer.shard_batch(next(it)))
   workers = _workers(config, os.path.join(workdir, "dp"), devices, reference=True)
   return {n: w.evaluate(state.params) for n, w in workers.items()}
+
+
+def train_base(config, workdir: str, paths: str, steps: int, *, devices=None) -> str:
+  """A base model for every arm to start from (`train.init_from`): a stand-in for an
+  open model pretrained on public text, i.e. NOT on the sites' data. `steps` steps of
+  the `train` recipe on the text files `paths` (comma-separated), global batch = sites x
+  per-site batch. Returns its workdir (WORKDIR/base; an existing one is resumed, so a
+  rerun reuses it)."""
+  names = sorted(federation.site_names(config))
+  c = federation.site_config(config, names[0], reference=True)
+  c.data.source, c.data.paths = "text_files", paths
+  c.train.global_batch_size = len(names) * int(config.train.global_batch_size)
+  c.train.steps = c.train.checkpoint_every = int(steps)
+  c.train.eval_every, c.train.init_from, c.train.progress_bar = 0, "", False
+  out = os.path.join(workdir, "base")
+  result = loop.train_and_evaluate(c, out, devices=devices)
+  logging.info("base model: %d steps on %s, held-out bits/byte %.3f", int(steps), paths,
+               result.get("eval", {}).get("eval_bits_per_byte", float("nan")))
+  return out

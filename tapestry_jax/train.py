@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tapestry_jax import checkpoint as checkpoint_lib
 from tapestry_jax import model as model_lib
 from tapestry_jax import sharding
 
@@ -66,10 +67,17 @@ def _init_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
   return init_key, rng
 
 
-def initial_params(model_cfg: model_lib.ModelConfig, seed: int):
+def initial_params(model_cfg: model_lib.ModelConfig, seed: int, init_from: str = ""):
   """The params `Trainer.init_state(seed)` starts from, built without a mesh (the
   federation's coordinator publishes them as global round 0). Threefry draws do not
-  depend on sharding, so these equal the sharded init bit for bit."""
+  depend on sharding, so these equal the sharded init bit for bit. With `init_from`
+  (`train.init_from`), that checkpoint's params, on one device."""
+  if init_from:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            jax.eval_shape(lambda: model_lib.init_params(
+                                model_cfg, jax.random.key(0))))
+    return checkpoint_lib.restore_params(init_from, abstract)
   return jax.jit(lambda s: model_lib.init_params(model_cfg, _init_keys(s)[0]))(
       jnp.asarray(seed, jnp.uint32))
 
@@ -121,6 +129,12 @@ class Trainer:
     self.replicated = replicated
 
     self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+    self.init_from = str(tcfg.get("init_from", "") or "")  # A checkpoint to start from.
+    self._init_with = jax.jit(
+        lambda params, seed: TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                        opt_state=self.optimizer.init(params),
+                                        rng=_init_keys(seed)[1]),
+        out_shardings=self.state_shardings)
     self.train_step = jax.jit(
         self._train_step_fn,
         in_shardings=(self.state_shardings, self.batch_sharding),
@@ -140,9 +154,14 @@ class Trainer:
                       opt_state=self.optimizer.init(params), rng=rng)
 
   def init_state(self, seed: int) -> TrainState:
-    """A fresh state, created directly sharded (no full copy on any one device)."""
+    """A fresh state, created directly sharded (no full copy on any one device). With
+    `train.init_from`, the params are that checkpoint's (restored onto this mesh) and
+    the optimizer state, step and PRNG key are fresh."""
     with jax.set_mesh(self.mesh):
-      return self._init(jnp.asarray(seed, jnp.uint32))
+      if not self.init_from:
+        return self._init(jnp.asarray(seed, jnp.uint32))
+      params = checkpoint_lib.restore_params(self.init_from, self.abstract_state().params)
+      return self._init_with(params, jnp.asarray(seed, jnp.uint32))
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs carrying this mesh's shardings: the restore target."""

@@ -11,6 +11,7 @@ import pytest
 from experiments.configs import lm
 from tapestry_jax import checkpoint as checkpoint_lib
 from tapestry_jax import loop
+from tapestry_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +89,47 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   c.train.steps = 6
   more = loop.train_and_evaluate(c, str(tmp_path))  # resumes at 4 on the new mesh
   assert more["step"] == 6 and np.isfinite(more["train"]["loss"])
+
+
+def test_init_from_starts_from_another_runs_params_on_any_mesh(tmp_path):
+  """A base run's params (8-way fsdp) start a new run on data=2 x tensor=4 with a fresh
+  optimizer, step and data position; the coordinator's host copy is the same."""
+  b = _config(steps=4)
+  b.model.n_kv_heads = 4  # tensor=4 must divide the kv heads
+  b.mesh.update(data=1, fsdp=8, tensor=1)
+  base = loop.train_and_evaluate(b, str(tmp_path / "base"))
+  c = _config(steps=2, init_from=str(tmp_path / "base"))
+  c.model.n_kv_heads = 4
+  c.mesh.update(data=2, fsdp=1, tensor=4)
+  _, trainer = loop.site_setup(c)
+  state = trainer.init_state(7)
+  assert int(state.step) == 0
+  assert state.params["layers"]["wq"].sharding.mesh.shape["tensor"] == 4
+  same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  jax.tree.map(same, state.params, base["state"].params)
+  jax.tree.map(lambda m: np.testing.assert_array_equal(np.asarray(m), 0),
+               state.opt_state[1][0].mu)  # fresh Adam moments
+  host = train_lib.initial_params(trainer.model_cfg, 0, str(tmp_path / "base" / "checkpoints"))
+  jax.tree.map(same, host, base["state"].params)
+  more = loop.train_and_evaluate(c, str(tmp_path / "derived"))
+  c.train.init_from = ""
+  cold = loop.train_and_evaluate(c, str(tmp_path / "cold"))
+  assert more["step"] == cold["step"] == 2
+  assert more["eval"]["eval_loss"] < cold["eval"]["eval_loss"] - 0.1  # 6 steps beat 2
+
+
+def test_init_from_a_missing_or_foreign_checkpoint_is_one_clear_error(tmp_path):
+  loop.train_and_evaluate(_config(steps=1), str(tmp_path / "base"))
+  cases = [(tmp_path / "nothing", "no such directory"),
+           (tmp_path, "no checkpoint in"),
+           (tmp_path / "base", "params of another model")]
+  for path, message in cases:
+    c = _config(init_from=str(path))
+    if message == "params of another model":
+      c.model.d_ff = 2 * c.model.d_ff
+    _, trainer = loop.site_setup(c)
+    with pytest.raises(checkpoint_lib.InitError, match=message):
+      trainer.init_state(0)
 
 
 @pytest.mark.parametrize("override,message", [

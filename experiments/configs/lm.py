@@ -66,6 +66,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.eps = 1e-8  # AdamW epsilon.
   t.grad_clip = 1.0  # Global-norm clipping threshold; 0 = off.
   t.seed = 0  # Parameter-init and training PRNG seed.
+  # Start from the params of an existing checkpoint instead of a random init: a
+  # launch.train workdir (or its checkpoints/ directory), latest step; the optimizer
+  # state, step and data position start fresh. In a federation: the base model every
+  # party starts from (global round 0, and the alone / data-parallel references).
+  t.init_from = ""
   t.log_every = 10  # Steps between metric lines (metrics.jsonl, TensorBoard).
   t.eval_every = 100  # Steps between evaluations; 0 = only at the end.
   t.eval_batches = 8  # Batches of held-out data per evaluation; 0 = the whole eval split.
