@@ -44,7 +44,7 @@ def initial_round(config) -> tuple[dict, dict]:
   train.seed) and the outer optimizer's initial state, as flat name -> numpy dicts."""
   mcfg = model_lib.ModelConfig.from_config(config.model)
   params = trees.flatten(jax.device_get(train_lib.initial_params(
-      mcfg, int(config.train.seed), str(config.train.get("init_from", "") or ""))))
+      mcfg, int(config.train.seed), config.train)))
   tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
   state = jax.device_get(outer_lib.init_outer_state(tx, params))
   return params, state

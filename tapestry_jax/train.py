@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tapestry_jax import checkpoint as checkpoint_lib
+from tapestry_jax import init_from as init_from_lib
 from tapestry_jax import model as model_lib
 from tapestry_jax import sharding
 
@@ -67,17 +67,17 @@ def _init_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
   return init_key, rng
 
 
-def initial_params(model_cfg: model_lib.ModelConfig, seed: int, init_from: str = ""):
+def initial_params(model_cfg: model_lib.ModelConfig, seed: int, tcfg=None):
   """The params `Trainer.init_state(seed)` starts from, built without a mesh (the
   federation's coordinator publishes them as global round 0). Threefry draws do not
-  depend on sharding, so these equal the sharded init bit for bit. With `init_from`
-  (`train.init_from`), that checkpoint's params, on one device."""
-  if init_from:
+  depend on sharding, so these equal the sharded init bit for bit. With
+  `tcfg.init_from` (a train config), those params (`init_from.load`), on one device."""
+  if tcfg is not None and tcfg.get("init_from", ""):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             jax.eval_shape(lambda: model_lib.init_params(
                                 model_cfg, jax.random.key(0))))
-    return checkpoint_lib.restore_params(init_from, abstract)
+    return init_from_lib.load(tcfg, abstract)
   return jax.jit(lambda s: model_lib.init_params(model_cfg, _init_keys(s)[0]))(
       jnp.asarray(seed, jnp.uint32))
 
@@ -129,7 +129,8 @@ class Trainer:
     self.replicated = replicated
 
     self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
-    self.init_from = str(tcfg.get("init_from", "") or "")  # A checkpoint to start from.
+    # Params to start from instead of a random init (`tapestry_jax/init_from.py`).
+    self.tcfg, self.init_from = tcfg, str(tcfg.get("init_from", "") or "")
     self._init_with = jax.jit(
         lambda params, seed: TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                         opt_state=self.optimizer.init(params),
@@ -160,7 +161,7 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       if not self.init_from:
         return self._init(jnp.asarray(seed, jnp.uint32))
-      params = checkpoint_lib.restore_params(self.init_from, self.abstract_state().params)
+      params = init_from_lib.load(self.tcfg, self.abstract_state().params)
       return self._init_with(params, jnp.asarray(seed, jnp.uint32))
 
   def abstract_state(self) -> TrainState:

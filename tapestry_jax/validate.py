@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 
+from tapestry_jax import init_from
 from tapestry_jax import model as model_lib
 from tapestry_jax import sharding
 from tapestry_jax import train as train_lib
@@ -67,6 +68,11 @@ def check_site_config(config, devices: list[jax.Device] | None = None) -> tuple[
   for name in ("log_every", "checkpoint_every"):
     if t[name] <= 0:
       raise ConfigError(f"train.{name}={t[name]} must be positive")
+
+  try:
+    init_from.check(t)
+  except init_from.InitError as e:
+    raise ConfigError(str(e)) from None
 
   data_pipelines.validate(config.data)
   tokenizer_vocab = data_pipelines.make_tokenizer(config.data).vocab_size

@@ -10,8 +10,14 @@ import pytest
 
 from experiments.configs import lm
 from tapestry_jax import checkpoint as checkpoint_lib
+from tapestry_jax import coordinator as coord_lib
+from tapestry_jax import federation
 from tapestry_jax import loop
 from tapestry_jax import train as train_lib
+from tapestry_jax import trees
+from tapestry_jax.validate import ConfigError
+
+import fed_fakes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +115,8 @@ def test_init_from_starts_from_another_runs_params_on_any_mesh(tmp_path):
   jax.tree.map(same, state.params, base["state"].params)
   jax.tree.map(lambda m: np.testing.assert_array_equal(np.asarray(m), 0),
                state.opt_state[1][0].mu)  # fresh Adam moments
-  host = train_lib.initial_params(trainer.model_cfg, 0, str(tmp_path / "base" / "checkpoints"))
+  host = train_lib.initial_params(trainer.model_cfg, 0, _config(
+      init_from=str(tmp_path / "base" / "checkpoints")).train)
   jax.tree.map(same, host, base["state"].params)
   more = loop.train_and_evaluate(c, str(tmp_path / "derived"))
   c.train.init_from = ""
@@ -120,8 +127,9 @@ def test_init_from_starts_from_another_runs_params_on_any_mesh(tmp_path):
 
 def test_init_from_a_missing_or_foreign_checkpoint_is_one_clear_error(tmp_path):
   loop.train_and_evaluate(_config(steps=1), str(tmp_path / "base"))
-  cases = [(tmp_path / "nothing", "no such directory"),
-           (tmp_path, "no checkpoint in"),
+  with pytest.raises(ConfigError, match="no such directory"):  # before anything compiles
+    loop.site_setup(_config(init_from=str(tmp_path / "nothing")))
+  cases = [(tmp_path, "no checkpoint in"),
            (tmp_path / "base", "params of another model")]
   for path, message in cases:
     c = _config(init_from=str(path))
@@ -132,11 +140,43 @@ def test_init_from_a_missing_or_foreign_checkpoint_is_one_clear_error(tmp_path):
       trainer.init_state(0)
 
 
+def test_init_from_a_federations_global_bucket_verifies_the_round(tmp_path):
+  """A derivative model on the shared base: a global round read from the global bucket
+  into this run's mesh, its coordinator's signature checked with the given key."""
+  cfg = fed_fakes.config()
+  coord = fed_fakes.coordinator(cfg, tmp_path / "fed")
+  coord.publish_initial()
+  want, _ = coord_lib.initial_round(cfg)
+  url = federation.bucket_urls(cfg, str(tmp_path / "fed"))[federation.GLOBAL]
+  c = federation.site_config(cfg, "latin")
+  c.train.update(init_from=url, init_public_key=cfg.federation.trust.public_keys.coordinator)
+  c.mesh.update(data=2, fsdp=4, tensor=1)
+  _, trainer = loop.site_setup(c)
+  got = trees.flatten(trainer.init_state(0).params)
+  assert got.keys() == want.keys()
+  for n, a in got.items():
+    np.testing.assert_array_equal(np.asarray(a), want[n], err_msg=n)
+  # Another party's key, a round that does not exist, a bucket with no rounds.
+  c.train.init_public_key = cfg.federation.trust.public_keys.latin
+  with pytest.raises(checkpoint_lib.InitError, match="global round 0"):
+    loop.site_setup(c)[1].init_state(0)
+  c.train.update(init_public_key="", init_round=3)
+  with pytest.raises(checkpoint_lib.InitError, match="global round 3 is not committed"):
+    loop.site_setup(c)[1].init_state(0)
+  c.train.update(init_from="file://" + str(tmp_path / "empty"), init_round=-1)
+  with pytest.raises(checkpoint_lib.InitError, match="no committed global round"):
+    loop.site_setup(c)[1].init_state(0)
+  c.train.update(init_from=str(tmp_path), init_public_key=cfg.federation.trust.public_keys.latin)
+  with pytest.raises(ConfigError, match="needs train.init_from to be a global bucket"):
+    loop.site_setup(c)
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.mesh.data=3", "mesh:"),
     ("--config.train.global_batch_size=12", "not divisible by the data axes"),
     ("--config.data.source=nope", "nope"),
     ("--config.train.stepz=3", "stepz"),
+    ("--config.train.init_from=/nonexistent/run", "train.init_from='/nonexistent/run': no such"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, override, message):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")

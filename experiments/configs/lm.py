@@ -66,11 +66,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.eps = 1e-8  # AdamW epsilon.
   t.grad_clip = 1.0  # Global-norm clipping threshold; 0 = off.
   t.seed = 0  # Parameter-init and training PRNG seed.
-  # Start from the params of an existing checkpoint instead of a random init: a
-  # launch.train workdir (or its checkpoints/ directory), latest step; the optimizer
-  # state, step and data position start fresh. In a federation: the base model every
-  # party starts from (global round 0, and the alone / data-parallel references).
+  # Start from existing params instead of a random init (tapestry_jax/init_from.py): a
+  # launch.train workdir (or its checkpoints/), latest step; or a federation's global
+  # bucket URL (file://, gs://, s3://), round init_round (-1 = LATEST), its coordinator's
+  # signature verified with init_public_key ("ed25519:..."; empty = not verified, with a
+  # warning). The optimizer state, step and data position start fresh. In a federation:
+  # the base model every party starts from (global round 0, and the references).
   t.init_from = ""
+  t.init_round = -1
+  t.init_public_key = ""
   t.log_every = 10  # Steps between metric lines (metrics.jsonl, TensorBoard).
   t.eval_every = 100  # Steps between evaluations; 0 = only at the end.
   t.eval_batches = 8  # Batches of held-out data per evaluation; 0 = the whole eval split.

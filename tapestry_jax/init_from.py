@@ -1,0 +1,101 @@
+"""Where a run's params come from when it does not start from a random init
+(`train.init_from`): another run's checkpoint, or a federation's global model.
+
+  /path/to/workdir           a `launch.train` workdir (or its checkpoints/): the params of
+                             its latest checkpoint (`checkpoint.restore_params`);
+  file:// gs:// s3:// URL    a federation's global bucket: the committed global round
+                             `train.init_round` (-1 = the one LATEST names), verified like a
+                             site verifies it: the coordinator's signature with
+                             `train.init_public_key` ("ed25519:...", the trust root's
+                             `coordinator` key), the schema before anything is allocated,
+                             and every chunk's digest as it is read.
+
+The second is how a site builds its own derivative model on the shared base after (or
+during) a federation: `launch.train --config.train.init_from=s3://global/...`.
+Either way the params land directly in the run's shardings (any mesh); the optimizer
+state, step and data position start fresh.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+
+from tapestry_jax import buckets
+from tapestry_jax import checkpoint
+from tapestry_jax import exchange
+from tapestry_jax import trees
+from tapestry_jax import trust
+from tapestry_jax.checkpoint import InitError
+
+COORDINATOR = "coordinator"  # The author of global rounds (`federation.COORDINATOR`).
+
+
+def is_bucket(init_from: str) -> bool:
+  return "://" in init_from
+
+
+def load(tcfg, abstract_params) -> Any:
+  """The params `tcfg.init_from` names, in the shardings of `abstract_params`
+  (ShapeDtypeStructs). InitError (one line) for anything that cannot be used."""
+  source = str(tcfg.get("init_from", "") or "")
+  if not is_bucket(source):
+    return checkpoint.restore_params(source, abstract_params)
+  return _from_global_bucket(source, int(tcfg.get("init_round", -1)),
+                             str(tcfg.get("init_public_key", "") or ""), abstract_params)
+
+
+def _from_global_bucket(url: str, round_: int, public_key: str, abstract_params) -> Any:
+  where = f"train.init_from={url!r}"
+  try:
+    bucket = buckets.Bucket(url)
+    if round_ < 0:
+      round_ = exchange.read_latest(bucket)
+      if round_ is None:
+        raise InitError(f"{where}: no committed global round (no LATEST pointer)")
+    prefix = exchange.global_prefix(round_)
+    manifest = exchange.read_manifest(bucket, prefix)
+    if manifest is None:
+      raise InitError(f"{where}: global round {round_} is not committed")
+    if manifest.get("kind") != "global" or manifest.get("round") != round_:
+      raise InitError(f"{where}: {prefix} is not a global round's manifest")
+    if public_key:
+      try:
+        trust.TrustRoot({COORDINATOR: public_key}).verify(manifest, COORDINATOR)
+      except trust.TrustError as e:
+        raise InitError(f"{where}: global round {round_}: {e}") from None
+    else:
+      logging.warning("%s: train.init_public_key is not set, so who wrote global round %d "
+                      "is not verified (its chunks are still checked against its manifest)",
+                      where, round_)
+    flat = trees.flatten(abstract_params)
+    schema = {f"params/{n}": (tuple(a.shape), str(a.dtype)) for n, a in flat.items()}
+    params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
+                                             if k.startswith("params/")})
+    exchange.check_schema(params_manifest, schema)
+    got = exchange.read_arrays(bucket, prefix, params_manifest,
+                               {f"params/{n}": a.sharding for n, a in flat.items()})
+  except (exchange.ExchangeError, buckets.BucketError) as e:
+    raise InitError(f"{where}: {e}") from None
+  logging.info("starting from global round %d of %s (federation %r)", round_, url,
+               manifest.get("federation"))
+  return trees.unflatten({n[len("params/"):]: a for n, a in got.items()}, abstract_params)
+
+
+def check(tcfg) -> None:
+  """Up-front checks of the init fields (before anything compiles)."""
+  source = str(tcfg.get("init_from", "") or "")
+  key = str(tcfg.get("init_public_key", "") or "")
+  if source and not is_bucket(source) and not os.path.isdir(checkpoint.checkpoint_dir(source)):
+    raise InitError(f"train.init_from={source!r}: no such directory (a launch.train "
+                    f"workdir, its checkpoints/, or a global bucket URL)")
+  if key and not is_bucket(source):
+    raise InitError("train.init_public_key verifies a global round: it needs "
+                    "train.init_from to be a global bucket URL")
+  if key:
+    try:
+      trust.parse_public_key(key, what="train.init_public_key")
+    except trust.TrustError as e:
+      raise InitError(str(e)) from None
