@@ -208,13 +208,27 @@ def encode_update(delta, config) -> dict[str, Any]:
   dtype = config.federation.get("update_dtype", "float32")
   out = {}
   for name, x in trees.flatten(delta).items():
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      out[name] = x
+    if isinstance(x, quantize.Quantized) or not jnp.issubdtype(x.dtype, jnp.floating):
+      out[name] = x  # Already encoded (e.g. by `site.SiteWorker.encoded_update`), or not float.
     elif dtype == quantize.DTYPE:
       out[name] = quantize.quantize(x)
     else:
       out[name] = x.astype(jnp.dtype(dtype))
   return out
+
+
+def decode_update(sent: dict[str, Any]) -> dict[str, Any]:
+  """float32 values of an encoded update (`encode_update`'s output), on its devices."""
+  return {n: (quantize.dequantize(v.codes, v.offset, v.scale) if isinstance(v, quantize.Quantized)
+              else v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v)
+          for n, v in sent.items()}
+
+
+def error_feedback(config) -> bool:
+  """Whether sites carry what encoding lost into their next update (`federation.
+  error_feedback`; nothing is lost, so nothing is carried, in float32)."""
+  f = config.federation
+  return bool(f.get("error_feedback", False)) and f.get("update_dtype", "float32") != "float32"
 
 
 def check_federation_config(config, devices: list[jax.Device] | None = None,

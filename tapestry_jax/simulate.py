@@ -86,7 +86,7 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
           # What a deployed site sends (federation.update_dtype, encoded the same way).
           deltas.append({n: (dataclasses.replace(v, codes=jax.device_get(v.codes))
                              if isinstance(v, quantize.Quantized) else jax.device_get(v))
-                         for n, v in federation.encode_update(w.delta(), config).items()})
+                         for n, v in w.encoded_update().items()})
           rec["bytes_up"] = sum(getattr(a, "codes", a).nbytes for a in deltas[-1].values())
           tokens.append(rec["tokens"])
           names.append(name)

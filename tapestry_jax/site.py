@@ -46,6 +46,7 @@ class SiteWorker:
     self.name = name
     # reference: the plain `train` recipe (the site alone), not the federated inner one.
     self.config = federation.site_config(config, name, reference=reference)
+    self.config_full = config  # The federation config (what and how this site sends).
     self.workdir = workdir
     if trainer is None:
       _, trainer = loop.site_setup(self.config, devices)
@@ -60,6 +61,17 @@ class SiteWorker:
     self.base = None  # The global params the current inner phase started from.
     self._ckpt = None
     self._delta = jax.jit(outer_lib.pseudo_gradient, out_shardings=trainer.param_shardings)
+    # Error feedback (federation.error_feedback, for bfloat16 / int8 updates): what
+    # encoding lost from this site's updates so far, added to its next one. Part of the
+    # site's checkpoint, so a restarted site sends the same updates.
+    self.error_feedback = federation.error_feedback(config) and not reference
+    self.residual = (jax.tree.map(lambda p, s: jnp.zeros(p.shape, jnp.float32, device=s),
+                                  self.state.params, trainer.param_shardings)
+                     if self.error_feedback else None)
+    self._carry = jax.jit(lambda d, r: jax.tree.map(jnp.add, d, r),
+                          out_shardings=trainer.param_shardings)
+    self._lost = jax.jit(lambda x, sent: jax.tree.map(jnp.subtract, x, sent),
+                         out_shardings=trainer.param_shardings)
 
   # ---------------------------------------------------------------- checkpoints
 
@@ -77,11 +89,21 @@ class SiteWorker:
     step = self.checkpointer.latest_step()
     if step is None:
       return None
-    self.state = self.checkpointer.restore(step, self.trainer.abstract_state(), self.train_iter)
+    abstract = self.trainer.abstract_state()
+    if self.residual is None:
+      self.state = self.checkpointer.restore(step, abstract, self.train_iter)
+    else:
+      target = {"train": abstract, "residual": jax.tree.map(
+          lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding),
+          abstract.params)}
+      restored = self.checkpointer.restore(step, target, self.train_iter)
+      self.state, self.residual = restored["train"], restored["residual"]
     return self.checkpointer.restore_meta(step)
 
   def save(self, meta: dict) -> None:
-    self.checkpointer.save(int(self.state.step), self.state, self.train_iter, force=True, meta=meta)
+    state = (self.state if self.residual is None
+             else {"train": self.state, "residual": self.residual})
+    self.checkpointer.save(int(self.state.step), state, self.train_iter, force=True, meta=meta)
 
   def close(self) -> None:
     if self._ckpt is not None:
@@ -117,6 +139,21 @@ class SiteWorker:
       raise RuntimeError("delta() before adopt(): the site has no global base")
     with jax.set_mesh(self.mesh):
       return self._delta(self.base, self.state.params)
+
+  def encoded_update(self) -> dict[str, Any]:
+    """This round's update as it is sent (`federation.encode_update` of `delta()`, a flat
+    dict). With error feedback, the residual is added first, and what the encoding loses
+    of that sum becomes the next residual: over rounds, the site sends all of its
+    updates. Call once per round."""
+    delta = self.delta()
+    if self.residual is None:
+      return federation.encode_update(delta, self.config_full)
+    with jax.set_mesh(self.mesh):
+      x = self._carry(delta, self.residual)
+      sent = federation.encode_update(x, self.config_full)
+      decoded = trees.unflatten(federation.decode_update(sent), x)
+      self.residual = self._lost(x, decoded)
+    return sent
 
   def evaluate(self, params=None) -> dict[str, float]:
     """Held-out metrics of `params` (default: the current params) on this site's data."""
@@ -311,7 +348,7 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
         break
       rec.update(worker.train(int(f.inner_steps)))
       write0, t_pub = own.bytes_written, time.perf_counter()
-      publish_update(own, config, name, g + 1, g, worker.delta(), rec["tokens"],
+      publish_update(own, config, name, g + 1, g, worker.encoded_update(), rec["tokens"],
                      extra={"train_loss": rec["train_loss"], "step": rec["step"]},
                      signer=signer)
       rec.update(publish_s=time.perf_counter() - t_pub, bytes_up=own.bytes_written - write0)

@@ -6,6 +6,7 @@ meshes) that share nothing but file:// buckets, and checks that the global model
 """
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -17,6 +18,8 @@ from tapestry_jax import orchestrate
 from tapestry_jax import report
 from tapestry_jax import quantize
 from tapestry_jax import simulate
+from tapestry_jax import site as site_lib
+from tapestry_jax import trees
 from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
 
@@ -145,6 +148,37 @@ def test_int8_updates_schema_and_encoding():
   assert got["step"] == 3  # non-floating leaves are sent as they are
   with pytest.raises(ValueError, match="NaN or Inf"):
     federation.encode_update({"w": np.array([1.0, np.nan], np.float32)}, c)
+
+
+def test_error_feedback_sends_every_update_over_the_rounds_and_is_checkpointed(tmp_path):
+  c = _config(extra=INT8)
+  assert federation.error_feedback(c)  # on by default for int8 and bfloat16 updates
+  w = site_lib.SiteWorker(c, "latin", str(tmp_path / "w"))
+  total, sent_total = {}, {}
+  for _ in range(3):
+    w.adopt(w.state.params)
+    w.train(2)
+    delta = trees.flatten(jax.device_get(w.delta()))
+    sent = jax.device_get(federation.decode_update(w.encoded_update()))
+    for n in delta:
+      total[n] = total.get(n, 0) + delta[n].astype(np.float64)
+      sent_total[n] = sent_total.get(n, 0) + np.asarray(sent[n], np.float64)
+  residual = trees.flatten(jax.device_get(w.residual))
+  lost = 0.0
+  for n in total:  # sum of updates == sum of what was sent + what is still carried
+    np.testing.assert_allclose(sent_total[n] + residual[n], total[n], rtol=0, atol=1e-6,
+                               err_msg=n)
+    lost = max(lost, float(np.abs(residual[n]).max()))
+  assert lost > 0  # int8 did lose something, which is carried
+  w.save({"base_round": 2, "published_round": 3})
+  w.close()
+  again = site_lib.SiteWorker(c, "latin", str(tmp_path / "w"))
+  assert again.restore()["published_round"] == 3
+  for n, v in trees.flatten(jax.device_get(again.residual)).items():
+    np.testing.assert_array_equal(v, residual[n], err_msg=n)
+  again.close()
+  off = _config(extra={**INT8, "federation.error_feedback": False})
+  assert not federation.error_feedback(off) and not federation.error_feedback(_config())
 
 
 def test_outer_config_resolves_the_cosine_length_to_the_rounds():

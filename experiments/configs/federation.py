@@ -117,6 +117,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # offset and scale in the signed manifest; tapestry_jax/quantize.py). The coordinator
   # merges in float32 whatever was sent. Streaming DiLoCo sends even 4-bit ones.
   f.update_dtype = "float32"
+  # Error feedback for bfloat16 / int8 updates: each site adds what encoding lost from its
+  # earlier updates to the next one (a residual kept in its checkpoint), so over rounds
+  # nothing is lost, only delayed (as in EF-SGD and 1-bit Adam).
+  f.error_feedback = True
   # Cap on the tokens one site may claim per round, in tokens; 0 = the configured
   # inner_steps x global_batch_size x seq_len (a site cannot inflate its weight).
   f.weight_cap_tokens = 0
