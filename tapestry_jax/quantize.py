@@ -91,7 +91,8 @@ def check_params(quant: Any) -> str | None:
       return f"quantization {key} {v!r} does not fit float32"
   if not quant["scale"] > 0:
     return f"quantization scale {quant['scale']!r} must be > 0"
-  if abs(quant["offset"]) + LEVELS * quant["scale"] > float(np.finfo(np.float32).max):
+  # 128: a (hostile) code of -128 is still a valid int8 and must dequantize finitely too.
+  if abs(quant["offset"]) + 128 * quant["scale"] > float(np.finfo(np.float32).max):
     return "quantization parameters dequantize beyond float32's range"
   return None
 

@@ -70,6 +70,7 @@ def test_sum_squares_from_the_histogram_matches_the_dequantized_values():
     ({"offset": 0.0, "scale": "1"}, "not a finite number"),
     ({"offset": 0.0, "scale": True}, "not a finite number"),
     ({"offset": 0.0, "scale": 1e37}, "beyond float32"),
+    ({"offset": 0.0, "scale": float(np.finfo(np.float32).max) / 127.5}, "beyond float32"),
     ({"offset": 1e39, "scale": 1.0}, "does not fit float32"),
 ])
 def test_bad_quantization_parameters(quant, match):

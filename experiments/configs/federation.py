@@ -180,7 +180,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # parallelism on en, id, ja (fr +2.26%); at H=2 and H=5 (outer lr x H) 3.08 and 3.28
   # (experiments/sweeps/fedadam.py). No H > 1 measured here reaches the 2% target.
   # Sending the updates in bfloat16 (federation.update_dtype) gives the same 2.784 with
-  # half the bytes.
+  # half the bytes; int8 without error feedback 2.795 (fr +2.57%, id +2.42%).
+  # A warm start does not rescue FedAvg on these non-IID languages: from a base model
+  # trained 400 steps on de, es and zh-cn (federation_quality --base_paths), FedAvg H=5
+  # reaches 2.607 against data parallelism 2.455 and alone 2.509 (worse than alone on
+  # every site); a site alone gains the most from a base.
   # DiLoCo's paper setting: --config.federation.outer.name=nesterov
   # --config.federation.outer.lr=0.7 --config.federation.outer.momentum=0.9.
   f.outer.name, f.outer.lr, f.outer.momentum = "sgd", 1.0, 0.0
