@@ -213,11 +213,18 @@ def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
   return params, manifest
 
 
+def _diverged(name: str, round_: int) -> exchange.ExchangeError:
+  return exchange.ExchangeError(
+      f"site {name}: the update for round {round_} has non-finite values (NaN or Inf): "
+      f"training diverged; not publishing it (the coordinator would refuse it)")
+
+
 def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_round: int,
                    delta, tokens: int, extra: dict,
                    signer: trust.Signer | None = None) -> dict:
   """Writes this site's update for `round_` (arrays, then the manifest signed by
-  `signer`, then the commit marker, created last).
+  `signer`, then the commit marker, created last). `delta` is the pseudo-gradient, or
+  the flat dict `SiteWorker.encoded_update` made of it (encoded once, not again).
 
   A round this site already committed (a restart after publishing) is kept as it is:
   committed data is never rewritten."""
@@ -226,9 +233,7 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
   if existing is not None:
     logging.info("site %s: round %d already committed in %s; keeping it", name, round_, bucket.url)
     return existing
-  diverged = exchange.ExchangeError(
-      f"site {name}: the update for round {round_} has non-finite values (NaN or Inf): "
-      f"training diverged; not publishing it (the coordinator would refuse it)")
+  diverged = _diverged(name, round_)
   # Sent in federation.update_dtype; the norm is of what is sent.
   try:
     sent = federation.encode_update(delta, config)
@@ -348,7 +353,11 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
         break
       rec.update(worker.train(int(f.inner_steps)))
       write0, t_pub = own.bytes_written, time.perf_counter()
-      publish_update(own, config, name, g + 1, g, worker.encoded_update(), rec["tokens"],
+      try:
+        sent = worker.encoded_update()
+      except ValueError:  # int8: a NaN or Inf leaves nothing to quantize.
+        raise _diverged(name, g + 1) from None
+      publish_update(own, config, name, g + 1, g, sent, rec["tokens"],
                      extra={"train_loss": rec["train_loss"], "step": rec["step"]},
                      signer=signer)
       rec.update(publish_s=time.perf_counter() - t_pub, bytes_up=own.bytes_written - write0)

@@ -129,13 +129,9 @@ class Trainer:
     self.replicated = replicated
 
     self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
-    # Params to start from instead of a random init (`tapestry_jax/init_from.py`).
-    self.tcfg, self.init_from = tcfg, str(tcfg.get("init_from", "") or "")
-    self._init_with = jax.jit(
-        lambda params, seed: TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                        opt_state=self.optimizer.init(params),
-                                        rng=_init_keys(seed)[1]),
-        out_shardings=self.state_shardings)
+    # train.init_from: params to start from instead of a random init (`init_from.load`).
+    self.tcfg = tcfg
+    self._init_at = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
     self.train_step = jax.jit(
         self._train_step_fn,
         in_shardings=(self.state_shardings, self.batch_sharding),
@@ -149,20 +145,22 @@ class Trainer:
   # ------------------------------------------------------------------ state
 
   def _init_fn(self, seed: jax.Array) -> TrainState:
-    init_key, rng = _init_keys(seed)
-    params = model_lib.init_params(self.model_cfg, init_key)
+    return self._fresh_state(model_lib.init_params(self.model_cfg, _init_keys(seed)[0]), seed)
+
+  def _fresh_state(self, params, seed: jax.Array) -> TrainState:
+    """Step 0 at `params`: a fresh optimizer state and the training PRNG key of `seed`."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params), rng=rng)
+                      opt_state=self.optimizer.init(params), rng=_init_keys(seed)[1])
 
   def init_state(self, seed: int) -> TrainState:
     """A fresh state, created directly sharded (no full copy on any one device). With
     `train.init_from`, the params are that checkpoint's (restored onto this mesh) and
     the optimizer state, step and PRNG key are fresh."""
     with jax.set_mesh(self.mesh):
-      if not self.init_from:
+      if not self.tcfg.get("init_from", ""):
         return self._init(jnp.asarray(seed, jnp.uint32))
       params = init_from_lib.load(self.tcfg, self.abstract_state().params)
-      return self._init_with(params, jnp.asarray(seed, jnp.uint32))
+      return self._init_at(params, jnp.asarray(seed, jnp.uint32))
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs carrying this mesh's shardings: the restore target."""
