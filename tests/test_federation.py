@@ -5,6 +5,8 @@ meshes) that share nothing but file:// buckets, and checks that the global model
 2 rounds equals the in-process simulation's.
 """
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -227,6 +229,13 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
       assert {r["dtype"] for r in update["arrays"].values()} == {"int8"}
       assert all(r["quant"]["scale"] > 0 for r in update["arrays"].values())
       assert update["extra"]["update_norm"] > INT8["federation.robust.clip_norm"]
+  if extra is INT8:  # The audit recomputes every round from the signed int8 inputs.
+    audit = subprocess.run(
+        [sys.executable, "-m", "launch.audit", *_override_args(extra), f"--workdir={workdir}",
+         "--round=-1", f"--public_keys_dir={workdir / 'keys'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0, audit.stderr[-2000:]
+    assert "audited 3 rounds: all bit-identical" in audit.stdout
   for name, want in sim["params"].items():
     got = exchange.read_block(glob, exchange.data_prefix(exchange.global_prefix(2), manifest),
                               f"params/{name}",
