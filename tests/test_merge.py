@@ -61,6 +61,16 @@ def _whole(bucket, prefix, name, rec):
   return ex.read_block(bucket, prefix, name, rec, tuple(slice(0, s) for s in rec["shape"]))
 
 
+def _assert_stored(glob, prefix, records, want_params, want_state):
+  """The merged round's stored params and outer state equal `outer_step`'s, bit for bit."""
+  for n in SHAPES:
+    np.testing.assert_array_equal(
+        _whole(glob, prefix, f"params/{n}", records[f"params/{n}"]), want_params[n])
+    for leaf, v in outer.state_leaves(want_state[n]).items():
+      key = f"outer/{n}/{leaf}"
+      np.testing.assert_array_equal(_whole(glob, prefix, key, records[key]), v)
+
+
 @pytest.mark.parametrize("name", outer.OUTER_OPTIMIZERS)
 def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
   tx = outer.make_outer_optimizer({"name": name})
@@ -73,12 +83,7 @@ def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
     records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
                                 prefix, max_block_bytes=max_block_bytes, read_ahead=read_ahead)
     assert sorted(records) == sorted(base["arrays"])
-    for n in SHAPES:
-      np.testing.assert_array_equal(
-          _whole(glob, prefix, f"params/{n}", records[f"params/{n}"]), want_params[n])
-      for leaf, v in outer.state_leaves(want_state[n]).items():
-        key = f"outer/{n}/{leaf}"
-        np.testing.assert_array_equal(_whole(glob, prefix, key, records[key]), v)
+    _assert_stored(glob, prefix, records, want_params, want_state)
 
 
 @pytest.mark.parametrize("aggregator", ["mean", "median"])
@@ -98,12 +103,7 @@ def test_int8_updates_merge_bit_identically_and_clip_by_their_dequantized_norm(
   records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
                               prefix, max_block_bytes=64, clip_norm=clip,
                               aggregator=aggregator, declared_norms=norms)
-  for n in SHAPES:
-    np.testing.assert_array_equal(
-        _whole(glob, prefix, f"params/{n}", records[f"params/{n}"]), want_params[n])
-    for leaf, v in outer.state_leaves(want_state[n]).items():
-      key = f"outer/{n}/{leaf}"
-      np.testing.assert_array_equal(_whole(glob, prefix, key, records[key]), v)
+  _assert_stored(glob, prefix, records, want_params, want_state)
   # A norm declared from the float update, not from what was sent (the codes), is caught.
   lie = list(norms)
   lie[2] *= 1.01
