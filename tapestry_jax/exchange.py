@@ -266,10 +266,8 @@ def _record_problems(name: str, rec: Any) -> list[str]:
     return [f"{name!r}: chunk digests are incomplete or not 64 hex digits"]
   if rec["digest"] != _combined_digest(digests):
     return [f"{name!r}: record digest does not match its chunk digests"]
-  if "quant" in rec:  # An int8-quantized update leaf (`tapestry_jax.quantize`).
-    problem = quantize.check_params(rec["quant"])
-    if problem is None and _np_dtype(rec["dtype"]) != np.dtype(quantize.DTYPE):
-      problem = f"quantized array has dtype {rec['dtype']}, not {quantize.DTYPE}"
+  if "quant" in rec:  # A quantized (int8 / float8) update leaf (`tapestry_jax.quantize`).
+    problem = quantize.check_params(rec["quant"], str(rec["dtype"]))
     if problem:
       return [f"{name!r}: {problem}"]
   return []

@@ -177,15 +177,16 @@ def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
   return {n: (tuple(a.shape), str(a.dtype)) for n, a in trees.flatten(abstract).items()}
 
 
-# What sites send: float32, bfloat16 (half the bytes, rounded by XLA) or int8 (a quarter:
-# per-tensor affine codes, `tapestry_jax.quantize`). The coordinator merges in float32.
-UPDATE_DTYPES = ("float32", "bfloat16", quantize.DTYPE)
+# What sites send: float32, bfloat16 (half the bytes, rounded by XLA), int8 or
+# float8_e4m3fn (a quarter: per-tensor scaled codes, `tapestry_jax.quantize`). The
+# coordinator merges in float32.
+UPDATE_DTYPES = ("float32", "bfloat16", *quantize.DTYPES)
 
 
 def update_schema(config) -> dict[str, tuple]:
   """Leaf name -> (shape, dtype) every site update must match: the model's shapes, with
   floating leaves in `federation.update_dtype` (what sites send; the coordinator merges
-  in float32 whatever they sent). int8 leaves are (shape, "int8", True): quantized, so
+  in float32 whatever they sent). int8 / float8 leaves are (shape, dtype, True): quantized, so
   their records must carry the dequantization parameters (`exchange.check_schema`)."""
   dtype = config.federation.get("update_dtype", "float32")
   out = {}
@@ -193,7 +194,7 @@ def update_schema(config) -> dict[str, tuple]:
     # jnp.issubdtype: numpy's does not count bfloat16 (an ml_dtypes type) as floating.
     if not jnp.issubdtype(exchange._np_dtype(d), jnp.floating):
       out[n] = (shape, d)
-    elif dtype == quantize.DTYPE:
+    elif dtype in quantize.DTYPES:
       out[n] = (shape, dtype, True)
     else:
       out[n] = (shape, dtype)
@@ -203,15 +204,15 @@ def update_schema(config) -> dict[str, tuple]:
 def encode_update(delta, config) -> dict[str, Any]:
   """A site's pseudo-gradient as it is sent, on the site's devices: a flat {name: leaf}
   dict with floating leaves in `federation.update_dtype`: cast by XLA (round to nearest
-  even) or, for int8, `quantize.Quantized` codes. What the site publishes and the
-  simulation merges. ValueError for an int8 update with NaN or Inf values."""
+  even) or, for int8 and float8, `quantize.Quantized` codes. What the site publishes and
+  the simulation merges. ValueError for a quantized update with NaN or Inf values."""
   dtype = config.federation.get("update_dtype", "float32")
   out = {}
   for name, x in trees.flatten(delta).items():
     if isinstance(x, quantize.Quantized) or not jnp.issubdtype(x.dtype, jnp.floating):
       out[name] = x  # Already encoded (e.g. by `site.SiteWorker.encoded_update`), or not float.
-    elif dtype == quantize.DTYPE:
-      out[name] = quantize.quantize(x)
+    elif dtype in quantize.DTYPES:
+      out[name] = quantize.quantize(x, dtype)
     else:
       out[name] = x.astype(jnp.dtype(dtype))
   return out

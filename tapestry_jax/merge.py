@@ -22,7 +22,8 @@ last block, an update whose actual norm is not the declared one is refused (BadU
 before anything is committed. The trimmed-mean and median aggregators are coordinate-wise,
 so they stream block by block like the mean.
 
-int8 updates (`tapestry_jax.quantize`) are read as their codes and dequantized inside
+int8 and float8 updates (`tapestry_jax.quantize`) are read as their codes (float8's
+checked for NaN codes like any float) and dequantized inside
 `outer.merge_block` with the offset and scale of their signed records; their norms are
 summed from the codes' histograms.
 """
@@ -365,7 +366,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         raw, view = buffers.take(shape, exchange._np_dtype(r["dtype"]))
         raws.append(raw)
         futs.append(pool.submit(_read_checked, b, pre, n, r, idx, store, view,
-                                check_finite=j >= first and "quant" not in r))
+                                check_finite=j >= first and not np.issubdtype(
+                                    exchange._np_dtype(r["dtype"]), np.integer)))
       return raws, futs
 
     def settle(keep_blocks: int, block: int) -> None:

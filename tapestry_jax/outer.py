@@ -405,12 +405,12 @@ def clip_scales(norms: Sequence[float], clip_norm: float) -> np.ndarray:
 # ---------------------------------------------------------------------- the merge
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _merge_block_jit(tx, aggregator, trim, global_block, state_block, deltas, coef_K,
-                     dequant_Kx2):
-  def value(k):  # Site k's delta in float32 (int8 codes: offset + scale * code).
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _merge_block_jit(tx, aggregator, trim, quantized, global_block, state_block, deltas,
+                     coef_K, dequant_Kx2):
+  def value(k):  # Site k's delta in float32 (codes: offset + scale * code).
     d = deltas[k]
-    if jnp.issubdtype(d.dtype, jnp.integer):
+    if quantized[k]:
       return quantize.dequantize(d, dequant_Kx2[k, 0], dequant_Kx2[k, 1])
     return d.astype(jnp.float32)
 
@@ -453,14 +453,15 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
                    mean of the two middle values).
   The robust aggregators ignore `weights` (token counts do not apply to them). `scales`
   are the per-site clip scales (`clip_scales`; default all 1: no clipping). A delta may be
-  a `quantize.Quantized` block (int8 codes, dequantized here in float32). Then
+  a `quantize.Quantized` block (int8 / float8 codes, dequantized here in float32). Then
   `tx.update(delta, state_block, global_block)` and `optax.apply_updates`. Jitted once per
   `tx` object (a static argument), aggregator, trim and block shape. For an elementwise
   `tx` (all of `make_outer_optimizer`'s), merging row-blocks and concatenating them is
   bit-identical to merging the whole array; scalar state leaves come out equal from every
   block."""
-  dequant_Kx2 = np.array([(d.offset, d.scale) if isinstance(d, quantize.Quantized) else (0, 1)
-                          for d in deltas], np.float32).reshape(-1, 2)
+  quantized = tuple(isinstance(d, quantize.Quantized) for d in deltas)
+  dequant_Kx2 = np.array([(d.offset, d.scale) if q else (0, 1)
+                          for d, q in zip(deltas, quantized)], np.float32).reshape(-1, 2)
   deltas = tuple(d.codes if isinstance(d, quantize.Quantized) else d for d in deltas)
   weights_K = np.asarray(weights, np.float32).reshape(-1)
   if not deltas:
@@ -480,7 +481,7 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
   # float32 products on the host: a scale of 1 leaves each weight's bits as they were.
   coef_K = weights_K * scales_K if aggregator == "mean" else scales_K
   return _merge_block_jit(tx, aggregator, int(trim) if aggregator == "trimmed_mean" else 0,
-                          global_block, state_block, deltas, coef_K, dequant_Kx2)
+                          quantized, global_block, state_block, deltas, coef_K, dequant_Kx2)
 
 
 def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Mapping[str, Any],

@@ -1,12 +1,15 @@
-"""int8 pseudo-gradients: what a site sends with `federation.update_dtype = "int8"`.
+"""One-byte pseudo-gradients: what a site sends with `federation.update_dtype` "int8" or
+"float8_e4m3fn"; either is 4x smaller than float32.
 
-INTELLECT-1's scheme (arXiv 2412.01152; `../shared/ALGORITHMS.md`): per tensor, values
-are clipped to mean +- 6 standard deviations and rounded to one of 255 evenly spaced
-levels, an int8 code in [-127, 127]:
-
-  value = offset + scale * code,   offset = mean(x),   scale = 6 * std(x) / 127
-
-so an update is 4x smaller than in float32. The codes are the stored array; `offset`
+  int8           INTELLECT-1's scheme (arXiv 2412.01152; `../shared/ALGORITHMS.md`): per
+                 tensor, values are clipped to mean +- 6 standard deviations and rounded
+                 to one of 255 evenly spaced levels, an int8 code in [-127, 127]:
+                   value = offset + scale * code, offset = mean(x), scale = 6 std(x) / 127
+  float8_e4m3fn  per tensor, scaled so that the largest magnitude is float8's largest
+                 (448) and rounded to float8 (XLA, to nearest even): levels spaced
+                 logarithmically, like Streaming DiLoCo's 4-bit floats, so the many small
+                 coordinates of a heavy-tailed update keep ~2 significant bits instead of
+                 rounding to 0:  value = scale * code, offset = 0, scale = max|x| / 448 The codes are the stored array; `offset`
 and `scale` (float32 values) go into the array's record in the site's signed manifest
 (`exchange` validates them, `check_schema` requires them exactly for quantized leaves).
 The coordinator dequantizes inside the merge (`outer.merge_block`, in float32), so the
@@ -28,8 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 DTYPE = "int8"
-LEVELS = 127  # Codes are in [-LEVELS, LEVELS]: 255 levels, symmetric around the mean.
+FP8 = "float8_e4m3fn"
+DTYPES = (DTYPE, FP8)  # The encoded update dtypes (`federation.update_dtype`).
+LEVELS = 127  # int8 codes are in [-LEVELS, LEVELS]: 255 levels, symmetric around the mean.
 SIGMAS = 6.0  # Values beyond mean +- SIGMAS * std are clipped to the outermost level.
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value.
+# The largest |code| a record's parameters must keep finite (a hostile int8 code of -128
+# is still a valid int8).
+_MAX_CODE = {DTYPE: 128.0, FP8: FP8_MAX}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +67,28 @@ def _quantize(x):
   return codes, mean, scale
 
 
-def quantize(x) -> Quantized:
-  """`x` (a floating array, any sharding) as int8 codes on the same devices.
+@jax.jit
+def _quantize_fp8(x):
+  x = x.astype(jnp.float32)
+  peak = jnp.max(jnp.abs(x))
+  # (peak == 0, not peak > 0: a NaN peak must give a NaN scale, which `quantize` refuses.)
+  scale = jnp.where(peak == 0, jnp.float32(1), peak / jnp.float32(FP8_MAX))
+  # |x / scale| <= 448 up to rounding; the clip keeps a rounded-up 448.00003 off NaN.
+  codes = jnp.clip(x / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+  return codes, jnp.float32(0), scale
 
-  Raises ValueError if `x` has a NaN or an infinity (its mean and std are then not
+
+def quantize(x, dtype: str = DTYPE) -> Quantized:
+  """`x` (a floating array, any sharding) as `dtype` codes (int8 or float8_e4m3fn) on
+  the same devices.
+
+  Raises ValueError if `x` has a NaN or an infinity (its statistics are then not
   finite: there is nothing meaningful to send)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"unknown encoded update dtype {dtype!r}; known: {DTYPES}")
   if math.prod(np.shape(x)) == 0:
-    return Quantized(jnp.zeros(np.shape(x), jnp.int8), 0.0, 1.0)
-  codes, mean, scale = _quantize(x)
+    return Quantized(jnp.zeros(np.shape(x), jnp.dtype(dtype)), 0.0, 1.0)
+  codes, mean, scale = (_quantize if dtype == DTYPE else _quantize_fp8)(x)
   offset, scale = (float(v) for v in jax.device_get((mean, scale)))
   if not (math.isfinite(offset) and math.isfinite(scale)):
     raise ValueError("cannot quantize an array with NaN or Inf values")
@@ -73,14 +96,15 @@ def quantize(x) -> Quantized:
 
 
 def dequantize(codes, offset, scale):
-  """float32 values of int8 `codes` (jnp; traced inside the merge's jit)."""
+  """float32 values of `codes` (jnp; traced inside the merge's jit)."""
   return jnp.float32(offset) + codes.astype(jnp.float32) * jnp.float32(scale)
 
 
-def check_params(quant: Any) -> str | None:
-  """What is wrong with a record's "quant" field (None if nothing): it must be
-  {"offset": finite number, "scale": finite number > 0}, with every code's value
-  within float32's range (so the dequantized update is finite)."""
+def check_params(quant: Any, dtype: str = DTYPE) -> str | None:
+  """What is wrong with a record's "quant" field for codes of `dtype` (None if
+  nothing): it must be {"offset": finite number, "scale": finite number > 0}, with every
+  code's value within float32's range (so the dequantized update is finite; float8's
+  NaN codes are caught by the merge's finiteness check)."""
   if not isinstance(quant, dict) or set(quant) != {"offset", "scale"}:
     return f"quantization parameters {quant!r} are not {{'offset': ..., 'scale': ...}}"
   for key in ("offset", "scale"):
@@ -91,20 +115,29 @@ def check_params(quant: Any) -> str | None:
       return f"quantization {key} {v!r} does not fit float32"
   if not quant["scale"] > 0:
     return f"quantization scale {quant['scale']!r} must be > 0"
-  # 128: a (hostile) code of -128 is still a valid int8 and must dequantize finitely too.
-  if abs(quant["offset"]) + 128 * quant["scale"] > float(np.finfo(np.float32).max):
+  if dtype not in DTYPES:
+    return f"quantized array has dtype {dtype}, not one of {', '.join(DTYPES)}"
+  if abs(quant["offset"]) + _MAX_CODE[dtype] * quant["scale"] > float(np.finfo(np.float32).max):
     return "quantization parameters dequantize beyond float32's range"
   return None
 
 
-_SIGNED = np.arange(256, dtype=np.int64)
-_SIGNED = np.where(_SIGNED < 128, _SIGNED, _SIGNED - 256).astype(np.float64)  # uint8 -> int8
+# The value of each of the 256 one-byte codes, by its bit pattern (float8's 2 NaN codes
+# are NaN here too: an update holding one has a NaN norm).
+_CODE_VALUES = {
+    np.dtype(DTYPE): np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float64),
+    np.dtype(jnp.float8_e4m3fn): np.arange(256, dtype=np.uint8).view(
+        jnp.float8_e4m3fn).astype(np.float64),
+}
 
 
 def sum_squares(codes, offset: float, scale: float) -> float:
   """sum(dequantized ** 2) in float64, from a histogram of the codes (one cheap pass; no
   float copy of the array)."""
-  flat = np.ascontiguousarray(np.asarray(codes)).reshape(-1).view(np.uint8)
-  counts = np.bincount(flat, minlength=256).astype(np.float64)
-  values = np.float64(np.float32(offset)) + np.float64(np.float32(scale)) * _SIGNED
+  codes = np.ascontiguousarray(np.asarray(codes))
+  counts = np.bincount(codes.reshape(-1).view(np.uint8), minlength=256).astype(np.float64)
+  values = (np.float64(np.float32(offset))
+            + np.float64(np.float32(scale)) * _CODE_VALUES[codes.dtype])
+  used = counts > 0  # 0 * NaN would be NaN: only codes that occur count.
+  counts, values = counts[used], values[used]
   return float(np.dot(counts, values * values))

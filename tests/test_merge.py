@@ -14,10 +14,10 @@ from tapestry_jax.buckets import Bucket
 SHAPES = {"a": (), "b": (0, 5), "c": (7,), "d": (37, 6), "e": (5, 3, 4)}
 
 
-def _round(tmp_path, tx, rng, quantized=False):
+def _round(tmp_path, tx, rng, quantized=None):
   """A committed global round 0 (params + outer state) and three site updates, each
   written with different chunk sizes so that merge blocks span several chunks
-  (`quantized`: as int8 codes, their records carrying the dequantization)."""
+  (`quantized`: as int8 or float8 codes, their records carrying the dequantization)."""
   glob = Bucket(str(tmp_path / "global"))
   params = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
   arrays = {f"params/{n}": p for n, p in params.items()}
@@ -37,7 +37,7 @@ def _round(tmp_path, tx, rng, quantized=False):
     bucket = Bucket(str(tmp_path / f"site{k}"))
     delta = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
     if quantized:
-      delta = {n: quantize.quantize(d) for n, d in delta.items()}
+      delta = {n: quantize.quantize(d, quantized) for n, d in delta.items()}
       delta = {n: quantize.Quantized(np.asarray(q.codes), q.offset, q.scale)
                for n, q in delta.items()}
     attempt = ex.new_attempt()
@@ -87,12 +87,13 @@ def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
 
 
 @pytest.mark.parametrize("aggregator", ["mean", "median"])
-def test_int8_updates_merge_bit_identically_and_clip_by_their_dequantized_norm(
-    tmp_path, aggregator):
+@pytest.mark.parametrize("dtype", quantize.DTYPES)
+def test_quantized_updates_merge_bit_identically_and_clip_by_their_dequantized_norm(
+    tmp_path, aggregator, dtype):
   tx = outer.make_outer_optimizer({"name": "nesterov"})
   glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(1),
-                                               quantized=True)
-  assert {r["dtype"] for _, _, m in inputs for r in m["arrays"].values()} == {"int8"}
+                                               quantized=dtype)
+  assert {r["dtype"] for _, _, m in inputs for r in m["arrays"].values()} == {dtype}
   norms = [outer.update_norm(d) for d in deltas]  # what each site declares
   clip = sorted(norms)[1]  # clips one site
   weights = outer.cap_weights([1, 2, 3], None)
@@ -112,6 +113,25 @@ def test_int8_updates_merge_bit_identically_and_clip_by_their_dequantized_norm(
                       ex.data_prefix(ex.global_prefix(2), ex.new_attempt()), clip_norm=clip,
                       declared_norms=lie)
   assert e.value.index == 2
+
+
+def test_a_float8_nan_code_is_a_non_finite_update(tmp_path):
+  """float8 has NaN codes: a hostile site's NaN is caught like a float update's."""
+  tx = outer.make_outer_optimizer({"name": "sgd"})
+  glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(3), quantized=quantize.FP8)
+  bucket, prefix, manifest = inputs[1]
+  codes = {n: _whole(bucket, ex.data_prefix(prefix, manifest), n, r)
+           for n, r in manifest["arrays"].items()}
+  codes["d"][5, 2] = np.nan
+  attempt = ex.new_attempt()
+  records = ex.write_arrays(bucket, ex.data_prefix(prefix, attempt), codes)
+  bad = dict(manifest, attempt=attempt, arrays={
+      n: dict(r, quant=manifest["arrays"][n]["quant"]) for n, r in records.items()})
+  with pytest.raises(merge.NonFiniteUpdate, match="non-finite") as e:
+    merge.merge_round(tx, glob, ex.global_prefix(0), ex.read_manifest(glob, ex.global_prefix(0)),
+                      [inputs[0], (bucket, prefix, bad), inputs[2]], [0.3, 0.3, 0.4], glob,
+                      ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
+  assert e.value.index == 1
 
 
 def test_read_block_into_a_buffer_through_an_open_store(tmp_path):

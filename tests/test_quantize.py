@@ -32,6 +32,22 @@ def test_codes_are_within_half_a_step_inside_six_sigma_and_clipped_outside():
   assert np.float32(q.offset) == q.offset and np.float32(q.scale) == q.scale
 
 
+def test_float8_codes_keep_relative_precision_across_magnitudes():
+  rng = np.random.default_rng(2)
+  # Heavy-tailed, like a gradient: most coordinates tiny next to a few large ones.
+  x = (rng.standard_normal(20_000) * np.exp(3 * rng.standard_normal(20_000))).astype(np.float32)
+  q8, i8 = quantize.quantize(x, quantize.FP8), quantize.quantize(x)
+  assert str(np.asarray(q8.codes).dtype) == "float8_e4m3fn" and q8.offset == 0.0
+  assert q8.scale == pytest.approx(np.abs(x).max() / 448, rel=1e-6)
+  got = _dequantized(q8)
+  assert got[np.argmax(np.abs(x))] == pytest.approx(x[np.argmax(np.abs(x))], rel=1e-6)
+  big = np.abs(x) > 1e-3 * np.abs(x).max()  # 3 mantissa bits: within 1/16 relative
+  assert np.all(np.abs(got - x)[big] <= np.abs(x)[big] / 16 * (1 + 1e-6))
+  # int8's even levels round the small coordinates away; float8 keeps far more of them.
+  small = np.abs(x) < 1e-2 * np.abs(x).max()
+  assert (_dequantized(i8)[small] == i8.offset).mean() > (got[small] == 0).mean() + 0.2
+
+
 def test_quantize_keeps_the_sharding():
   mesh = jax.make_mesh((len(jax.devices()),), ("x",))
   x = jax.device_put(jnp.arange(8 * 16, dtype=jnp.float32).reshape(8 * 2, 8),
@@ -46,17 +62,21 @@ def test_degenerate_leaves_are_exact(x):
   q = quantize.quantize(x)
   assert q.scale == 1.0 and np.asarray(q.codes).shape == np.shape(x)
   np.testing.assert_array_equal(_dequantized(q), x)
+  # float8: the largest magnitude is 448 codes of max / 448 (a float32 quotient).
+  np.testing.assert_allclose(_dequantized(quantize.quantize(x, quantize.FP8)), x, rtol=1e-6)
 
 
-def test_non_finite_values_cannot_be_quantized():
+@pytest.mark.parametrize("dtype", quantize.DTYPES)
+def test_non_finite_values_cannot_be_quantized(dtype):
   for bad in (np.nan, np.inf):
     with pytest.raises(ValueError, match="NaN or Inf"):
-      quantize.quantize(np.array([0.0, 1.0, bad], np.float32))
+      quantize.quantize(np.array([0.0, 1.0, bad], np.float32), dtype)
 
 
-def test_sum_squares_from_the_histogram_matches_the_dequantized_values():
+@pytest.mark.parametrize("dtype", quantize.DTYPES)
+def test_sum_squares_from_the_histogram_matches_the_dequantized_values(dtype):
   x = np.random.default_rng(1).standard_normal(10_001).astype(np.float32)
-  q = quantize.quantize(x)
+  q = quantize.quantize(x, dtype)
   want = float(np.sum(_dequantized(q) ** 2))
   assert quantize.sum_squares(q.codes, q.offset, q.scale) == pytest.approx(want, rel=1e-12)
 
@@ -90,6 +110,10 @@ def test_schema_requires_quantization_parameters_exactly_for_int8_leaves(tmp_pat
   bad = {"arrays": {"w": dict(rec, quant={"offset": 0.0, "scale": float("inf")})}}
   with pytest.raises(ex.ExchangeError, match="scale inf is not a finite"):
     ex.check_schema(bad, {"w": ((64,), "int8", True)})
+  with pytest.raises(ex.ExchangeError, match="beyond float32"):  # float8 codes reach 448
+    ex.check_schema({"arrays": {"w": dict(ex.write_arrays(
+        bucket, "q", {"w": np.zeros(64, "float8_e4m3fn")})["w"], quant={
+            "offset": 0.0, "scale": 1e36})}}, {"w": ((64,), "float8_e4m3fn", True)})
   f32 = ex.write_arrays(bucket, "f", {"w": np.zeros(64, np.float32)})["w"]
   with pytest.raises(ex.ExchangeError, match="quantized array has dtype float32"):
     ex.check_schema({"arrays": {"w": dict(f32, quant=q.params())}},
