@@ -112,10 +112,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   f.storage_retries = 6
   # URL of the coordinator's global bucket; "" = file://WORKDIR/buckets/global.
   f.global_bucket = ""
-  # dtype of the pseudo-gradients sites send: float32; bfloat16 (half the bytes); or int8
+  # dtype of the pseudo-gradients sites send: float32; bfloat16 (half the bytes); int8
   # (a quarter: INTELLECT-1's per-tensor codes, mean +- 6 std in 255 levels, with the
-  # offset and scale in the signed manifest; tapestry_jax/quantize.py). The coordinator
-  # merges in float32 whatever was sent. Streaming DiLoCo sends even 4-bit ones.
+  # offset and scale in the signed manifest; tapestry_jax/quantize.py); or float8_e4m3fn
+  # (a quarter: per-tensor scaled float8, logarithmic levels). The coordinator merges in
+  # float32 whatever was sent. Streaming DiLoCo sends even 4-bit floats.
   f.update_dtype = "float32"
   # Error feedback for bfloat16 / int8 updates: each site adds what encoding lost from its
   # earlier updates to the next one (a residual kept in its checkpoint), so over rounds
