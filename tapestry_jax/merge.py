@@ -414,7 +414,7 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         # Squares are summed on the pool while this block merges; the buffers stay
         # untouched until the sums are in.
         first = 1 + len(p.leaves)
-        quants = [r.get("quant") for _, _, _, r in p.sources[first:]]  # int8 updates
+        quants = [r.get("quant") for _, _, _, r in p.sources[first:]]  # None: not quantized
         squares = ([pool.submit(outer_lib.sum_squares, h) if q is None else
                     pool.submit(quantize.sum_squares, h, q["offset"], q["scale"])
                     for h, q in zip(host[first:], quants)]

@@ -462,7 +462,7 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
   quantized = tuple(isinstance(d, quantize.Quantized) for d in deltas)
   dequant_Kx2 = np.array([(d.offset, d.scale) if q else (0, 1)
                           for d, q in zip(deltas, quantized)], np.float32).reshape(-1, 2)
-  deltas = tuple(d.codes if isinstance(d, quantize.Quantized) else d for d in deltas)
+  deltas = tuple(d.codes if q else d for d, q in zip(deltas, quantized))
   weights_K = np.asarray(weights, np.float32).reshape(-1)
   if not deltas:
     raise ValueError("merge_block needs at least one site delta")

@@ -9,8 +9,10 @@
                  (448) and rounded to float8 (XLA, to nearest even): levels spaced
                  logarithmically, like Streaming DiLoCo's 4-bit floats, so the many small
                  coordinates of a heavy-tailed update keep ~2 significant bits instead of
-                 rounding to 0:  value = scale * code, offset = 0, scale = max|x| / 448 The codes are the stored array; `offset`
-and `scale` (float32 values) go into the array's record in the site's signed manifest
+                 rounding to 0:  value = scale * code, offset = 0, scale = max|x| / 448
+
+The codes are the stored array; `offset` and `scale` (float32 values) go into the
+array's record in the site's signed manifest
 (`exchange` validates them, `check_schema` requires them exactly for quantized leaves).
 The coordinator dequantizes inside the merge (`outer.merge_block`, in float32), so the
 simulation and the streaming merge compute the same bits; the site declares the norm of
@@ -43,11 +45,11 @@ _MAX_CODE = {DTYPE: 128.0, FP8: FP8_MAX}
 
 @dataclasses.dataclass(frozen=True)
 class Quantized:
-  """One quantized leaf: int8 `codes` and the affine map back to float32 values.
+  """One quantized leaf: int8 or float8 `codes` and the affine map back to float32.
 
   Not a pytree node on purpose: a flat `{name: Quantized}` dict keeps one entry per
   parameter, like a float update."""
-  codes: Any  # int8 array (jax or numpy)
+  codes: Any  # int8 / float8_e4m3fn array (jax or numpy)
   offset: float  # float32 values, as Python floats (exact in JSON)
   scale: float
 
