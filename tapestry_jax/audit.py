@@ -176,4 +176,5 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
   report["outer"], report["merge"] = extra["outer"], settings
   return merge_lib.merge_round(outer_lib.make_outer_optimizer(extra["outer"]), glob, base_prefix,
                                base, inputs, weights, scratch, out,
+                               outer_clip_norm=outer_lib.outer_clip(extra["outer"]),
                                **outer_lib.robust_kwargs(settings.get("robust")))

@@ -255,6 +255,7 @@ class Coordinator:
             self.tx, self.glob, base_prefix, base_manifest,
             [(self.sites[n], exchange.update_prefix(round_), updates[n]) for n in names],
             weights, self.glob, exchange.data_prefix(prefix, attempt),
+            outer_clip_norm=outer_lib.outer_clip(federation.outer_config(self.config)),
             **outer_lib.robust_kwargs(self.f.get("robust")))
         break
       except merge_lib.BadUpdate as e:

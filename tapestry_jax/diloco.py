@@ -77,6 +77,7 @@ def run_diloco(
     participating: Callable[[int, int], bool] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     robust: Any = None,
+    outer_clip_norm: float = 0.0,
 ) -> DilocoResult:
   """Runs `rounds` DiLoCo rounds of `inner_steps` (H) inner steps on each site, in-process.
 
@@ -105,6 +106,9 @@ def run_diloco(
       mean). With clipping, each site's delta is scaled by min(1, clip_norm / its global
       norm); trimmed_mean and median ignore the weights. A round whose live sites are too
       few for the aggregator (trimmed_mean: 2 * trim + 1) raises ValueError.
+    outer_clip_norm: > 0 clips the merged pseudo-gradient's global norm to it before the
+      outer optimizer (the outer counterpart of gradient clipping; with H=1, inner SGD
+      lr 1 and outer Adam, exactly data parallelism's clipped Adam). 0 = off.
 
   Returns:
     DilocoResult. Each history record has: "round", "loss" (mean inner loss per site over
@@ -117,6 +121,7 @@ def run_diloco(
   if int(rounds) < 1 or int(inner_steps) < 1:
     raise ValueError(f"rounds={rounds} and inner_steps={inner_steps} must be >= 1")
   robust_kw = outer.robust_kwargs(robust)  # Field errors before any training.
+  robust_kw["outer_clip_norm"] = outer.outer_clip({"clip_norm": outer_clip_norm})
   if isinstance(inner_optimizers, optax.GradientTransformation):
     txs = [inner_optimizers] * n_sites
   else:

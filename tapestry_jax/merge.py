@@ -282,13 +282,71 @@ def _clip_scales(inputs: Sequence[tuple[Bucket, str, Mapping]], clip_norm: float
   return outer_lib.clip_scales(norms, clip_norm), norms
 
 
+def _open_sources(p: _Param) -> None:
+  """Opens every input array of `p` (once); a site's missing or damaged array refuses
+  that update (BadUpdate), the global round's fails the merge."""
+  if p.stores is not None:
+    return
+  stores = []
+  first = 1 + len(p.leaves)
+  for j, (b, pre, n, r) in enumerate(p.sources):
+    try:
+      stores.append(exchange.open_array(b, pre, n, r))
+    except ExchangeError as e:
+      if j < first:
+        raise
+      raise BadUpdate(str(e), index=j - first, name=n,
+                      reason=f"unreadable or corrupt: {e}") from None
+  p.stores = stores
+
+
+def _site_block(p: _Param, j: int, fut) -> np.ndarray:
+  """The block read by `fut` (`_read_checked` of source j >= first), or the BadUpdate
+  that refuses that site's update (corrupt, unreadable or non-finite)."""
+  first = 1 + len(p.leaves)
+  try:
+    block, ok = fut.result()
+  except ExchangeError as e:
+    raise BadUpdate(str(e), index=j - first, name=p.sources[j][2],
+                    reason=f"unreadable or corrupt: {e}") from None
+  if not ok:
+    b, pre, n, _ = p.sources[j]
+    raise NonFiniteUpdate(f"update {pre} in bucket {b.url}: array {n!r} has non-finite values "
+                          f"(NaN or Inf)", index=j - first, name=n)
+  return block
+
+
+def _merged_norm(params: Sequence[_Param], pool, weights, scales, aggregator: str,
+                 trim: int) -> float:
+  """The global L2 norm of the merged pseudo-gradient (before the outer clip), in
+  float64, from one pass over the updates' blocks (parameters in name order, blocks in
+  order, each site's block read in parallel and checked like the merge's)."""
+  squares = 0.0
+  for p in params:
+    _open_sources(p)
+    first = 1 + len(p.leaves)
+    quants = [r.get("quant") for _, _, _, r in p.sources[first:]]
+    for idx in p.blocks:
+      futs = [pool.submit(_read_checked, b, pre, n, r, idx, store, None,
+                          check_finite=not np.issubdtype(exchange._np_dtype(r["dtype"]),
+                                                         np.integer))
+              for (b, pre, n, r), store in zip(p.sources[first:], p.stores[first:])]
+      deltas = [_site_block(p, first + k, fut) for k, fut in enumerate(futs)]
+      deltas = [d if q is None else quantize.Quantized(d, q["offset"], q["scale"])
+                for d, q in zip(deltas, quants)]
+      squares += outer_lib.sum_squares(outer_lib.aggregate_block(
+          deltas, weights, scales=scales, aggregator=aggregator, trim=trim))
+  return math.sqrt(squares)
+
+
 def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str,
                 base_manifest: Mapping, inputs: Sequence[tuple[Bucket, str, Mapping]],
                 weights: Sequence[float], out: Bucket, out_prefix: str, *,
                 max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
                 read_ahead: int = DEFAULT_READ_AHEAD, clip_norm: float = 0.0,
                 aggregator: str = "mean", trim: int = 0,
-                declared_norms: Sequence[float] | None = None) -> dict[str, dict]:
+                declared_norms: Sequence[float] | None = None,
+                outer_clip_norm: float = 0.0) -> dict[str, dict]:
   """Merges `inputs` ((site bucket, round prefix, manifest), in the fixed merge order)
   into the global round's attempt directory `out_prefix` (`exchange.data_prefix`);
   returns the new round's array records (`params/<name>` and `outer/<name>/<leaf>`). Manifests must already be schema-checked.
@@ -297,7 +355,13 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
   `clip_norm`, `aggregator` and `trim` are the robust settings (`outer.robust_kwargs`;
   the defaults merge exactly as without them). With `clip_norm` > 0 the clip scales come
   from `declared_norms` (default: each manifest's `extra["update_norm"]`), and the result
-  is bit-identical to `outer.outer_step(..., norms=declared_norms)`. Raises BadUpdate
+  is bit-identical to `outer.outer_step(..., norms=declared_norms)`.
+
+  `outer_clip_norm` > 0 (`outer.outer_clip`) clips the merged pseudo-gradient's global
+  norm: a first pass reads every update's blocks (verified and checked for finiteness
+  like the merge's) and sums the squares of the merged blocks (`_merged_norm`); the
+  merge then runs with every site's coefficient scaled by `outer.merged_clip_scale`. The
+  updates are read twice; memory stays one block set. Raises BadUpdate
   (index = the update's position in `inputs`) for an update that is unreadable, corrupt or
   non-finite, whose declared norm is unusable (before anything is read) or differs from
   the norm of its values (after the last block; nothing is committed either way), and
@@ -335,17 +399,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
 
     def start(p: _Param, i: int):
       """Starts reading block i of p into free buffers: (raw buffers, read futures)."""
-      if p.stores is None:
-        p.stores = []
-        first = 1 + len(p.leaves)
-        for j, (b, pre, n, r) in enumerate(p.sources):
-          try:
-            p.stores.append(exchange.open_array(b, pre, n, r))
-          except ExchangeError as e:  # A site's missing or damaged array: refuse its update.
-            if j < first:
-              raise
-            raise BadUpdate(str(e), index=j - first, name=n,
-                            reason=f"unreadable or corrupt: {e}") from None
+      if p.writers is None:
+        _open_sources(p)
         p.whole = {l: exchange.read_block(glob, base_prefix, f"outer/{p.name}/{l}", r,
                                           tuple(slice(0, s) for s in r["shape"]))
                    for l, r in p.whole_records.items()}
@@ -384,36 +439,16 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         reading.append(start(*work[started]))
         started += 1
 
-    def check_finite(p: _Param, finite: Sequence[bool]) -> None:
-      """Raises NonFiniteUpdate for the first site-update block with a NaN or Inf."""
-      first = 1 + len(p.leaves)
-      for j, ok in enumerate(finite[first:]):
-        if not ok:
-          b, pre, n, _ = p.sources[first + j]
-          raise NonFiniteUpdate(
-              f"update {pre} in bucket {b.url}: array {n!r} has non-finite values "
-              f"(NaN or Inf)", index=j, name=n)
-
     def merge_all() -> None:
       for k, (p, i) in enumerate(work):
         fill(1)
         raws, futs = reading.popleft()
-        host, finite = [], []
-        for j, fut in enumerate(futs):
-          try:
-            block, ok = fut.result()
-          except ExchangeError as e:  # A corrupt or unreadable chunk of a site's update
-            first = 1 + len(p.leaves)  # refuses that update, not the whole round.
-            if j < first:
-              raise
-            raise BadUpdate(str(e), index=j - first, name=p.sources[j][2],
-                            reason=f"unreadable or corrupt: {e}") from None
-          host.append(block)
-          finite.append(ok)
-        check_finite(p, finite)  # Before a value of it is merged.
+        first = 1 + len(p.leaves)
+        # Every site's block is verified and finite before a value of it is merged.
+        host = [fut.result()[0] if j < first else _site_block(p, j, fut)
+                for j, fut in enumerate(futs)]
         # Squares are summed on the pool while this block merges; the buffers stay
         # untouched until the sums are in.
-        first = 1 + len(p.leaves)
         quants = [r.get("quant") for _, _, _, r in p.sources[first:]]  # None: not quantized
         squares = ([pool.submit(outer_lib.sum_squares, h) if q is None else
                     pool.submit(quantize.sum_squares, h, q["offset"], q["scale"])
@@ -430,7 +465,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
                   for d, q in zip(deltas, quants)]
         state = outer_lib.state_from_leaves(tx, g,
                                             {**p.whole, **dict(zip(p.leaves, leaf_blocks))})
-        new_g, new_state = outer_lib.merge_block(tx, g, state, deltas, weights, scales=scales,
+        new_g, new_state = outer_lib.merge_block(outer_lib.leaf_optimizer(tx, p.name), g, state,
+                                                 deltas, weights, scales=scales,
                                                  aggregator=aggregator, trim=trim)
         # Materialized on the host: the merge has consumed its inputs (which JAX may alias
         # without copying), so their buffers can be reused; an output that JAX forwarded
@@ -464,6 +500,9 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
                           reason=f"declared norm {declared!r} != actual norm {actual!r}")
 
     try:
+      if outer_clip_norm:
+        norm = _merged_norm(params, pool, weights, scales, aggregator, trim)
+        scales = scales * outer_lib.merged_clip_scale(norm, outer_clip_norm)
       merge_all()
     except Exception:
       # Nothing of this attempt is committed; let its writes land before the caller

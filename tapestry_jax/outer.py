@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,9 +60,11 @@ def default_outer_config() -> ml_collections.ConfigDict:
       # Adam epsilon, > 0. The paper finds outer Adam unstable unless eps is about 0.1
       # (with inner AdamW); with inner SGD (FedAdam) a small eps such as 1e-8 works.
       eps=0.1,
-      # adam only: decoupled weight decay (AdamW) applied by the outer step, to every
-      # parameter (the outer step sees one parameter at a time, not its name); 0 = none.
+      # adam only: decoupled weight decay (AdamW) applied by the outer step; 0 = none.
       weight_decay=0.0,
+      # Comma-separated substrings of leaf names ("layers/attn_norm") that weight decay
+      # skips; the default spares norm scales, like train's AdamW. "" decays every leaf.
+      weight_decay_exclude="norm",
       # Schedule of the outer lr over outer steps (rounds): constant (after warmup) or
       # cosine (after warmup, down to min_lr_ratio x lr at decay_rounds).
       schedule="constant",
@@ -73,6 +75,13 @@ def default_outer_config() -> ml_collections.ConfigDict:
       decay_rounds=0,
       # cosine only: the final outer lr as a fraction of lr.
       min_lr_ratio=0.1,
+      # Clip of the merged pseudo-gradient's global L2 norm (all leaves) before the outer
+      # optimizer, > 0 to clip, 0 = off: the outer counterpart of train.grad_clip. With
+      # H=1, inner SGD lr 1 and no site clip, the merged pseudo-gradient is the mean
+      # gradient, so this is data parallelism's clip exactly (`+fedadam` uses it). It
+      # needs the norm of the merge before any of it is applied: the coordinator reads
+      # the updates twice (`merge.merge_round`).
+      clip_norm=0.0,
   ))
 
 
@@ -137,6 +146,7 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
 
   Raises ValueError with one sentence naming the bad field and the valid choices.
   """
+  outer_clip(cfg)  # A bad clip_norm is a config error here, where the rest are.
   name = _get(cfg, "name")
   if name not in OUTER_OPTIMIZERS:
     raise ValueError(f"outer.name must be one of {', '.join(OUTER_OPTIMIZERS)}; got {name!r}.")
@@ -162,8 +172,45 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
   wd = _number("weight_decay", _get(cfg, "weight_decay"), 0.0, math.inf, lo_open=False,
                hi_open=True)
   if wd:
-    return optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)
+    exclude = _get(cfg, "weight_decay_exclude")
+    if not isinstance(exclude, str):
+      raise ValueError(f"outer.weight_decay_exclude must be a string of comma-separated "
+                       f"leaf-name parts; got {exclude!r}.")
+    exclude = tuple(p.strip() for p in exclude.split(",") if p.strip())
+    decay = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd)
+    if not exclude:
+      return decay
+    # weight_decay 0 keeps AdamW's state structure, so every leaf stores the same state.
+    return MaskedDecay(decay.init, decay.update,
+                       optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=0.0), exclude)
   return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+
+
+class MaskedDecay(NamedTuple):
+  """The outer AdamW when weight decay skips some leaves: an optax transformation (its
+  `init` and `update` decay) plus `no_decay`, the same AdamW without decay (the same
+  state), which `leaf_optimizer` picks for leaves whose name contains a part of
+  `exclude`. The outer step runs one leaf at a time, so the choice is by name."""
+  init: Callable
+  update: Callable
+  no_decay: optax.GradientTransformation
+  exclude: tuple[str, ...]
+
+
+def leaf_optimizer(tx, name: str):
+  """The transformation that updates leaf `name` (its flat name, e.g. "layers/wq")."""
+  if isinstance(tx, MaskedDecay) and any(part in name for part in tx.exclude):
+    return tx.no_decay
+  return tx
+
+
+def outer_clip(cfg) -> float:
+  """`cfg.clip_norm` (0 when absent, e.g. in a manifest written before the field
+  existed), checked: a finite number >= 0. The merge functions take it as
+  `outer_clip_norm`."""
+  value = _get(cfg, "clip_norm") if cfg is not None else 0.0
+  return _number("clip_norm", 0.0 if value is None else value, 0.0, math.inf, lo_open=False,
+                 hi_open=True)
 
 
 # ---------------------------------------------------------------------- robust merge config
@@ -405,9 +452,8 @@ def clip_scales(norms: Sequence[float], clip_norm: float) -> np.ndarray:
 # ---------------------------------------------------------------------- the merge
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _merge_block_jit(tx, aggregator, trim, quantized, global_block, state_block, deltas,
-                     coef_K, dequant_Kx2):
+def _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2):
+  """The merged pseudo-gradient of one block, in float32 (traced inside the jits below)."""
   def value(k):  # Site k's delta in float32 (codes: offset + scale * code).
     d = deltas[k]
     if quantized[k]:
@@ -421,22 +467,87 @@ def _merge_block_jit(tx, aggregator, trim, quantized, global_block, state_block,
     delta = coef_K[0] * value(0)
     for k in range(1, len(deltas)):
       delta = delta + coef_K[k] * value(k)
-  else:
-    # Robust: coordinate-wise over the clipped deltas (coef = clip scale). Sorting along the
-    # site axis is exact and per coordinate, so row-blocks agree with the whole array.
-    sorted_KxN = jnp.sort(jnp.stack([coef_K[k] * value(k) for k in range(len(deltas))]),
-                          axis=0)
-    K = len(deltas)
-    if aggregator == "median":
-      mid = K // 2
-      delta = sorted_KxN[mid] if K % 2 else 0.5 * (sorted_KxN[mid - 1] + sorted_KxN[mid])
-    else:  # trimmed_mean, summed in sorted order like the mean.
-      delta = sorted_KxN[trim]
-      for k in range(trim + 1, K - trim):
-        delta = delta + sorted_KxN[k]
-      delta = delta / jnp.float32(K - 2 * trim)
+    return delta
+  # Robust: coordinate-wise over the clipped deltas (coef = clip scale). Sorting along the
+  # site axis is exact and per coordinate, so row-blocks agree with the whole array.
+  sorted_KxN = jnp.sort(jnp.stack([coef_K[k] * value(k) for k in range(len(deltas))]),
+                        axis=0)
+  K = len(deltas)
+  if aggregator == "median":
+    mid = K // 2
+    return sorted_KxN[mid] if K % 2 else 0.5 * (sorted_KxN[mid - 1] + sorted_KxN[mid])
+  delta = sorted_KxN[trim]  # trimmed_mean, summed in sorted order like the mean.
+  for k in range(trim + 1, K - trim):
+    delta = delta + sorted_KxN[k]
+  return delta / jnp.float32(K - 2 * trim)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _merge_block_jit(tx, aggregator, trim, quantized, global_block, state_block, deltas,
+                     coef_K, dequant_Kx2):
+  delta = _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2)
   updates, new_state = tx.update(delta, state_block, global_block)
   return optax.apply_updates(global_block, updates), new_state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _aggregate_jit(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2):
+  return _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2)
+
+
+def _block_args(deltas: Sequence[Any], weights, scales, aggregator: str, trim: int, shape):
+  """(quantized flags, codes or arrays, float32 coefficients, dequantization table) of
+  one block's site deltas, checked."""
+  quantized = tuple(isinstance(d, quantize.Quantized) for d in deltas)
+  dequant_Kx2 = np.array([(d.offset, d.scale) if q else (0, 1)
+                          for d, q in zip(deltas, quantized)], np.float32).reshape(-1, 2)
+  deltas = tuple(d.codes if q else d for d, q in zip(deltas, quantized))
+  weights_K = np.asarray(weights, np.float32).reshape(-1)
+  if not deltas:
+    raise ValueError("merge_block needs at least one site delta")
+  if len(deltas) != weights_K.size:
+    raise ValueError(f"got {len(deltas)} deltas but {weights_K.size} weights")
+  scales_K = (np.ones_like(weights_K) if scales is None
+              else np.asarray(scales, np.float32).reshape(-1))
+  if scales_K.size != weights_K.size:
+    raise ValueError(f"got {len(deltas)} deltas but {scales_K.size} clip scales")
+  _check_robust(0.0, aggregator, trim)
+  check_update_count(aggregator, trim, len(deltas))
+  for k, d in enumerate(deltas):
+    if tuple(np.shape(d)) != shape:
+      raise ValueError(f"delta {k} has shape {tuple(np.shape(d))}, the block has {shape}")
+  # float32 products on the host: a scale of 1 leaves each weight's bits as they were.
+  coef_K = weights_K * scales_K if aggregator == "mean" else scales_K
+  return quantized, deltas, coef_K, dequant_Kx2
+
+
+def aggregate_block(deltas: Sequence[Any], weights, *, scales=None, aggregator: str = "mean",
+                    trim: int = 0) -> jax.Array:
+  """The merged pseudo-gradient of one block (float32), what `merge_block` feeds the
+  outer optimizer: the outer clip (`outer_clip`) needs its norm first."""
+  if not deltas:
+    raise ValueError("aggregate_block needs at least one site delta")
+  shape = tuple(np.shape(getattr(deltas[0], "codes", deltas[0])))
+  quantized, deltas, coef_K, dequant_Kx2 = _block_args(deltas, weights, scales, aggregator,
+                                                       trim, shape)
+  return _aggregate_jit(aggregator, int(trim) if aggregator == "trimmed_mean" else 0,
+                        quantized, deltas, coef_K, dequant_Kx2)
+
+
+def merged_clip_scale(norm: float, clip_norm: float) -> np.float32:
+  """min(1, clip_norm / norm) in float32: the outer clip's factor for a merged
+  pseudo-gradient of global norm `norm` (1 when clip_norm is 0). It multiplies every
+  site's coefficient (the mean is linear, and a positive factor commutes with sorting).
+
+  The simulation and the streaming coordinator sum the same float64 squares in different
+  orders (whole leaves against blocks); the factor is rounded to float32, so both get the
+  same bits unless the two sums straddle a float32 rounding boundary (their relative
+  difference is ~1e-16, float32's spacing ~6e-8)."""
+  if not clip_norm:
+    return np.float32(1.0)
+  if not (math.isfinite(norm) and norm >= 0):
+    raise ValueError(f"the merged pseudo-gradient's norm is {norm!r}; cannot clip it")
+  return np.float32(clip_norm / max(norm, clip_norm))
 
 
 def merge_block(tx: optax.GradientTransformation, global_block, state_block,
@@ -459,27 +570,8 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
   `tx` (all of `make_outer_optimizer`'s), merging row-blocks and concatenating them is
   bit-identical to merging the whole array; scalar state leaves come out equal from every
   block."""
-  quantized = tuple(isinstance(d, quantize.Quantized) for d in deltas)
-  dequant_Kx2 = np.array([(d.offset, d.scale) if q else (0, 1)
-                          for d, q in zip(deltas, quantized)], np.float32).reshape(-1, 2)
-  deltas = tuple(d.codes if q else d for d, q in zip(deltas, quantized))
-  weights_K = np.asarray(weights, np.float32).reshape(-1)
-  if not deltas:
-    raise ValueError("merge_block needs at least one site delta")
-  if len(deltas) != weights_K.size:
-    raise ValueError(f"got {len(deltas)} deltas but {weights_K.size} weights")
-  scales_K = (np.ones_like(weights_K) if scales is None
-              else np.asarray(scales, np.float32).reshape(-1))
-  if scales_K.size != weights_K.size:
-    raise ValueError(f"got {len(deltas)} deltas but {scales_K.size} clip scales")
-  _check_robust(0.0, aggregator, trim)
-  check_update_count(aggregator, trim, len(deltas))
-  shape = tuple(np.shape(global_block))
-  for k, d in enumerate(deltas):
-    if tuple(np.shape(d)) != shape:
-      raise ValueError(f"delta {k} has shape {tuple(np.shape(d))}, the block has {shape}")
-  # float32 products on the host: a scale of 1 leaves each weight's bits as they were.
-  coef_K = weights_K * scales_K if aggregator == "mean" else scales_K
+  quantized, deltas, coef_K, dequant_Kx2 = _block_args(
+      deltas, weights, scales, aggregator, trim, tuple(np.shape(global_block)))
   return _merge_block_jit(tx, aggregator, int(trim) if aggregator == "trimmed_mean" else 0,
                           quantized, global_block, state_block, deltas, coef_K, dequant_Kx2)
 
@@ -487,7 +579,8 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
 def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Mapping[str, Any],
                site_deltas: Sequence[Any], weights, *, clip_norm: float = 0.0,
                aggregator: str = "mean", trim: int = 0,
-               norms: Sequence[float] | None = None) -> tuple[Any, dict[str, Any]]:
+               norms: Sequence[float] | None = None,
+               outer_clip_norm: float = 0.0) -> tuple[Any, dict[str, Any]]:
   """The whole-tree outer step: `merge_block` on every leaf.
 
   `global_params` and each of `site_deltas` share one pytree structure; `outer_state` is
@@ -495,8 +588,10 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
   robust settings (`robust_kwargs`; the defaults are the plain weighted mean). With
   `clip_norm` > 0 each site is scaled by min(1, clip_norm / norms[k]); `norms` default to
   `update_norm(site_deltas[k])` (pass the sites' declared norms to reproduce a streaming
-  merge that used them). Returns (new_params with `global_params`' structure, new per-leaf
-  state dict). Leaf by leaf is deliberate: it is exactly what the streaming coordinator
+  merge that used them). With `outer_clip_norm` > 0 (`outer_clip(cfg)`) the merged
+  pseudo-gradient is then scaled by `merged_clip_scale` of its global norm (leaves summed
+  in name order, like the coordinator's blocks). Returns (new_params with
+  `global_params`' structure, new per-leaf state dict). Leaf by leaf is deliberate: it is exactly what the streaming coordinator
   computes, so simulation and deployment agree bit for bit."""
   clip_norm, aggregator, trim = _check_robust(clip_norm, aggregator, trim)
   check_update_count(aggregator, trim, len(site_deltas))
@@ -515,9 +610,15 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
   if norms is not None and len(norms) != len(flat_d):
     raise ValueError(f"got {len(flat_d)} site deltas but {len(norms)} norms")
   scales = clip_scales(norms, clip_norm) if clip_norm else None  # None: no clipping.
+  if outer_clip_norm:
+    squares = sum(sum_squares(aggregate_block([d[name] for d in flat_d], weights,
+                                              scales=scales, aggregator=aggregator, trim=trim))
+                  for name in sorted(flat_g))
+    factor = merged_clip_scale(math.sqrt(squares), outer_clip_norm)
+    scales = (np.ones(len(flat_d), np.float32) if scales is None else scales) * factor
   new_params, new_state = {}, {}
   for name, g in flat_g.items():
     new_params[name], new_state[name] = merge_block(
-        tx, g, outer_state[name], [d[name] for d in flat_d], weights, scales=scales,
+        leaf_optimizer(tx, name), g, outer_state[name], [d[name] for d in flat_d], weights, scales=scales,
         aggregator=aggregator, trim=trim)
   return trees.unflatten(new_params, global_params), new_state

@@ -64,6 +64,7 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
   # Clipping and aggregator; the defaults (no section) are the plain weighted mean.
   robust = outer_lib.robust_kwargs(f.get("robust"))
+  robust["outer_clip_norm"] = outer_lib.outer_clip(federation.outer_config(config))
   cap = federation.weight_cap(config)
   params, state = initial_round(config)
   records = []

@@ -81,6 +81,40 @@ def test_h1_sgd_fedadam_equals_adam_data_parallel_on_combined_batches():
   assert np.abs(np.asarray(params["w_D"])).max() > 0.05  # it moved
 
 
+def test_outer_clip_makes_h1_fedadam_data_parallel_clipped_adam():
+  # Data parallelism clips the MEAN gradient; clipping each site's instead is another
+  # algorithm. With the outer clip (the merged pseudo-gradient's global norm) and
+  # unclipped inner SGD lr 1, T rounds are T steps of clipped Adam on the combined batches.
+  rounds, clip = 5, 0.5
+  site_data = [_batches(0, rounds), _batches(1, rounds, shift=1.0)]
+  cfg = {"name": "adam", "lr": 0.05, "b1": 0.9, "b2": 0.95, "eps": 1e-8}
+  res = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(1.0),
+                          outer.make_outer_optimizer(cfg), rounds=rounds, inner_steps=1,
+                          outer_clip_norm=clip)
+  dp = optax.chain(optax.clip_by_global_norm(clip), optax.adam(0.05, b1=0.9, b2=0.95, eps=1e-8))
+  per_site = optax.adam(0.05, b1=0.9, b2=0.95, eps=1e-8)  # each site's gradient clipped
+  params, state = _init(), dp.init(_init())
+  other, other_state = _init(), per_site.init(_init())
+  norms = []
+  for r in range(rounds):
+    combined = {k: np.concatenate([site_data[0][r][k], site_data[1][r][k]])
+                for k in ("x_BxD", "y_B")}
+    g = jax.grad(loss_fn)(params, combined)
+    norms.append(float(optax.tree.norm(g)))
+    upd, state = dp.update(g, state, params)
+    params = optax.apply_updates(params, upd)
+    site_g = [jax.grad(loss_fn)(other, site_data[i][r]) for i in range(2)]
+    site_g = [jax.tree.map(lambda x, n=optax.tree.norm(s): x * jnp.minimum(1.0, clip / n), s)
+              for s in site_g]
+    upd, other_state = per_site.update(jax.tree.map(lambda a, b: (a + b) / 2, *site_g),
+                                       other_state, other)
+    other = optax.apply_updates(other, upd)
+  assert max(norms) > 2 * clip  # The clip bites.
+  _close(res.params, params, tol=1e-5)
+  with pytest.raises(AssertionError):  # ... and per-site clipping is not the same thing.
+    _close(res.params, other, tol=1e-5)
+
+
 def test_fedavg_global_is_weighted_mean_of_sites_with_token_weights():
   # Unequal batch sizes, weighted by examples: site 1 has 3x the data.
   site_data = [_batches(0, 4, B=4), _batches(1, 4, B=12, shift=0.5)]

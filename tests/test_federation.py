@@ -38,11 +38,13 @@ OVERRIDES = {
 
 
 # FedAdam (inner SGD, outer Adam on a warmup + cosine schedule): outer state with a
-# step count and moments, and a site optimizer without state; updates sent in bfloat16.
+# step count and moments, and a site optimizer without state; updates sent in bfloat16;
+# the sites do not clip, the coordinator clips the merged update (small enough to bite).
 FEDADAM = {
     "federation.update_dtype": "bfloat16",
     "federation.inner.optimizer": "sgd", "federation.inner.lr": 0.5,
-    "federation.inner.schedule": "constant",
+    "federation.inner.schedule": "constant", "federation.inner.grad_clip": 0.0,
+    "federation.outer.clip_norm": 1e-3,
     "federation.outer.name": "adam", "federation.outer.lr": 1e-3, "federation.outer.b2": 0.95,
     "federation.outer.eps": 1e-8, "federation.outer.schedule": "cosine",
     "federation.outer.warmup_rounds": 1,
@@ -119,6 +121,9 @@ def test_inner_overrides_apply_to_federated_sites_only():
   assert list(fa.sites.keys()) == ["en", "ja"]
   assert (fa.federation.inner_steps, fa.federation.rounds) == (1, 400)
   assert fa.federation.outer.lr == fa.train.lr and fa.federation.inner.optimizer == "sgd"
+  # A train field the inner overrides leave unset keeps the recipe's value.
+  assert federation.site_config(fa, "en").train.grad_clip == fa.train.grad_clip > 0
+  assert federation.site_config(c, "latin").train.grad_clip == 0.0  # FEDADAM's override
   with pytest.raises(ValueError, match="modifier"):
     fed_config.get_config("debref+fedprox")
 
@@ -229,7 +234,9 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
       assert {r["dtype"] for r in update["arrays"].values()} == {"int8"}
       assert all(r["quant"]["scale"] > 0 for r in update["arrays"].values())
       assert update["extra"]["update_norm"] > INT8["federation.robust.clip_norm"]
-  if extra is INT8:  # The audit recomputes every round from the signed int8 inputs.
+    if extra is FEDADAM:  # Every site's update is far above the outer clip's bound.
+      assert update["extra"]["update_norm"] > 100 * FEDADAM["federation.outer.clip_norm"]
+  if extra is not None:  # The audit recomputes every round from the signed inputs.
     audit = subprocess.run(
         [sys.executable, "-m", "launch.audit", *_override_args(extra), f"--workdir={workdir}",
          "--round=-1", f"--public_keys_dir={workdir / 'keys'}"],

@@ -115,8 +115,49 @@ def test_quantized_updates_merge_bit_identically_and_clip_by_their_dequantized_n
   assert e.value.index == 2
 
 
-def test_a_float8_nan_code_is_a_non_finite_update(tmp_path):
-  """float8 has NaN codes: a hostile site's NaN is caught like a float update's."""
+@pytest.mark.parametrize("quantized, aggregator, site_clip",
+                         [(None, "mean", False), (None, "median", True),
+                          ("int8", "mean", True)])
+def test_outer_clip_reads_twice_and_stays_bit_identical(tmp_path, quantized, aggregator,
+                                                        site_clip):
+  """The merged pseudo-gradient's norm is clipped (outer clip): the streaming merge's
+  first pass gets the same factor as the whole-array step, so the bits agree. Outer
+  AdamW whose decay skips two leaves: each leaf is merged with its own transformation."""
+  tx = outer.make_outer_optimizer({"name": "adam", "eps": 1e-8, "weight_decay": 0.1,
+                                   "weight_decay_exclude": "d, e"})
+  assert isinstance(tx, outer.MaskedDecay)
+  glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(4),
+                                               quantized=quantized)
+  norms = [outer.update_norm(d) for d in deltas]
+  robust = {"clip_norm": sorted(norms)[1] if site_clip else 0.0, "aggregator": aggregator}
+  weights = outer.cap_weights([1, 2, 3], None)
+  unclipped, _ = outer.outer_step(tx, params, state, deltas, weights, **robust)
+  merged = {n: np.asarray(outer.aggregate_block([d[n] for d in deltas], weights,
+                                                scales=outer.clip_scales(
+                                                    norms, robust["clip_norm"]),
+                                                aggregator=aggregator)) for n in SHAPES}
+  norm = np.sqrt(sum(float(np.sum(np.square(m, dtype=np.float64))) for m in merged.values()))
+  clip = norm / 3  # bites: the merged step is scaled by 1/3
+  want_params, want_state = outer.outer_step(tx, params, state, deltas, weights,
+                                             outer_clip_norm=clip, **robust)
+  assert not np.array_equal(want_params["d"], unclipped["d"])
+  base = ex.read_manifest(glob, ex.global_prefix(0))
+  prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
+  records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
+                              prefix, max_block_bytes=64, declared_norms=norms,
+                              outer_clip_norm=clip, **robust)
+  _assert_stored(glob, prefix, records, want_params, want_state)
+  # A bound above the norm changes nothing.
+  same, _ = outer.outer_step(tx, params, state, deltas, weights, outer_clip_norm=2 * norm,
+                             **robust)
+  for n in SHAPES:
+    np.testing.assert_array_equal(same[n], unclipped[n])
+
+
+@pytest.mark.parametrize("outer_clip", [0.0, 1.0])
+def test_a_float8_nan_code_is_a_non_finite_update(tmp_path, outer_clip):
+  """float8 has NaN codes: a hostile site's NaN is caught like a float update's (also by
+  the outer clip's first pass, which reads every update before anything is merged)."""
   tx = outer.make_outer_optimizer({"name": "sgd"})
   glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(3), quantized=quantize.FP8)
   bucket, prefix, manifest = inputs[1]
@@ -130,7 +171,8 @@ def test_a_float8_nan_code_is_a_non_finite_update(tmp_path):
   with pytest.raises(merge.NonFiniteUpdate, match="non-finite") as e:
     merge.merge_round(tx, glob, ex.global_prefix(0), ex.read_manifest(glob, ex.global_prefix(0)),
                       [inputs[0], (bucket, prefix, bad), inputs[2]], [0.3, 0.3, 0.4], glob,
-                      ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
+                      ex.data_prefix(ex.global_prefix(1), ex.new_attempt()),
+                      outer_clip_norm=outer_clip)
   assert e.value.index == 1
 
 

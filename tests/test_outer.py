@@ -246,6 +246,8 @@ def test_outer_lr_schedules_over_rounds():
     (dict(name="adam", eps=0.0), r"outer\.eps must be"),
     (dict(name="adam", b2=1.5), r"outer\.b2 must be"),
     (dict(name="adam", lr=None), r"outer\.lr must be a number .*got None"),
+    (dict(name="adam", clip_norm=-1.0), r"outer\.clip_norm must be a number in \[0\.0, inf\)"),
+    (dict(name="sgd", clip_norm=float("inf")), r"outer\.clip_norm must be a number"),
 ])
 def test_bad_outer_config_is_one_clear_error(cfg, match):
   with pytest.raises(ValueError, match=match):
@@ -262,3 +264,25 @@ def test_merge_block_rejects_mismatched_inputs():
     outer.merge_block(tx, g, s, [g[:2]], [1.0])
   with pytest.raises(ValueError, match="at least one"):
     outer.merge_block(tx, g, s, [], [])
+
+
+def test_outer_weight_decay_spares_excluded_leaves_like_train():
+  """Outer AdamW decays every leaf but those named like weight_decay_exclude (default:
+  norm scales, as train's AdamW), with one state layout for all leaves."""
+  tx = outer.make_outer_optimizer({"name": "adam", "lr": 0.1, "eps": 1e-8,
+                                   "weight_decay": 0.5})
+  assert isinstance(tx, outer.MaskedDecay) and tx.exclude == ("norm",)
+  g = {"layers/attn_norm": jnp.ones((2, 3)), "layers/wq": jnp.ones((2, 3))}
+  state = outer.init_outer_state(tx, g)
+  assert (outer.state_leaves(state["layers/attn_norm"]).keys()
+          == outer.state_leaves(state["layers/wq"]).keys())
+  zero = {n: jnp.zeros_like(v) for n, v in g.items()}
+  new, _ = outer.outer_step(tx, g, state, [zero], [1.0])  # no update: decay alone moves
+  np.testing.assert_array_equal(new["layers/attn_norm"], g["layers/attn_norm"])
+  np.testing.assert_allclose(new["layers/wq"], 1 - 0.1 * 0.5, rtol=1e-6)
+  everything = outer.make_outer_optimizer({"name": "adam", "lr": 0.1, "eps": 1e-8,
+                                           "weight_decay": 0.5, "weight_decay_exclude": ""})
+  new, _ = outer.outer_step(everything, g, outer.init_outer_state(everything, g), [zero], [1.0])
+  np.testing.assert_allclose(new["layers/attn_norm"], 1 - 0.1 * 0.5, rtol=1e-6)
+  with pytest.raises(ValueError, match="weight_decay_exclude must be a string"):
+    outer.make_outer_optimizer({"name": "adam", "weight_decay": 0.1, "weight_decay_exclude": 3})
