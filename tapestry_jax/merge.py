@@ -22,6 +22,12 @@ last block, an update whose actual norm is not the declared one is refused (BadU
 before anything is committed. The trimmed-mean and median aggregators are coordinate-wise,
 so they stream block by block like the mean.
 
+The outer clip (`outer_clip_norm`, `outer.outer_clip`) needs the global norm of the merged
+pseudo-gradient before any block of it is applied: a first pass reads every update's blocks
+(verified and finiteness-checked like the merge's), aggregates them and sums their squares;
+the merge proper then reads them again with every coefficient scaled. It doubles the reads
+of the updates, not the memory.
+
 int8 and float8 updates (`tapestry_jax.quantize`) are read as their codes (float8's
 checked for NaN codes like any float) and dequantized inside
 `outer.merge_block` with the offset and scale of their signed records; their norms are

@@ -20,6 +20,12 @@ median. Both stay block-exact: clipping is a per-site scale min(1, C / ||delta_k
 before the merge (the streaming coordinator takes ||delta_k|| from the site's signed
 manifest, then checks it against the values it reads), and the robust aggregators are
 coordinate-wise.
+
+The outer clip (`default_outer_config().clip_norm`, `outer_clip`) bounds the global norm of
+the merged pseudo-gradient: one more scalar factor on every site's coefficient
+(`merged_clip_scale`), known only once every block has been aggregated, so the streaming
+coordinator computes it in a first pass over the updates (`aggregate_block`). Outer AdamW
+decay is chosen per leaf name (`leaf_optimizer`), so it can spare norm scales.
 """
 
 from __future__ import annotations
