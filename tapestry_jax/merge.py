@@ -306,6 +306,11 @@ def _open_sources(p: _Param) -> None:
   p.stores = stores
 
 
+def _can_be_non_finite(record: Mapping) -> bool:
+  """Whether a stored array's values can be NaN or Inf (not integer codes)."""
+  return not np.issubdtype(exchange._np_dtype(record["dtype"]), np.integer)
+
+
 def _site_block(p: _Param, j: int, fut) -> np.ndarray:
   """The block read by `fut` (`_read_checked` of source j >= first), or the BadUpdate
   that refuses that site's update (corrupt, unreadable or non-finite)."""
@@ -334,8 +339,7 @@ def _merged_norm(params: Sequence[_Param], pool, weights, scales, aggregator: st
     quants = [r.get("quant") for _, _, _, r in p.sources[first:]]
     for idx in p.blocks:
       futs = [pool.submit(_read_checked, b, pre, n, r, idx, store, None,
-                          check_finite=not np.issubdtype(exchange._np_dtype(r["dtype"]),
-                                                         np.integer))
+                          check_finite=_can_be_non_finite(r))
               for (b, pre, n, r), store in zip(p.sources[first:], p.stores[first:])]
       deltas = [_site_block(p, first + k, fut) for k, fut in enumerate(futs)]
       deltas = [d if q is None else quantize.Quantized(d, q["offset"], q["scale"])
@@ -427,8 +431,7 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         raw, view = buffers.take(shape, exchange._np_dtype(r["dtype"]))
         raws.append(raw)
         futs.append(pool.submit(_read_checked, b, pre, n, r, idx, store, view,
-                                check_finite=j >= first and not np.issubdtype(
-                                    exchange._np_dtype(r["dtype"]), np.integer)))
+                                check_finite=j >= first and _can_be_non_finite(r)))
       return raws, futs
 
     def settle(keep_blocks: int, block: int) -> None:
