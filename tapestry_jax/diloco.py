@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from tapestry_jax import outer
+from tapestry_jax import trees
 
 
 @dataclasses.dataclass
@@ -61,6 +62,18 @@ def _make_inner_step(loss_fn: Callable, tx: optax.GradientTransformation):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
   return jax.jit(step)
+
+
+def _with_global_moments(opt_state, outer_state: dict[str, Any], like):
+  """`opt_state` with its Adam moments and step counts set to the global ones."""
+  leaves = {n: outer.state_leaves(v) for n, v in outer_state.items()}
+  count = {int(v["count"]) for v in leaves.values()}.pop()
+  opt_state = optax.tree_utils.tree_set(
+      opt_state, mu=trees.unflatten({n: v["mu"] for n, v in leaves.items()}, like),
+      nu=trees.unflatten({n: v["nu"] for n, v in leaves.items()}, like))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: (jnp.asarray(count, jnp.int32)
+                       if getattr(path[-1], "name", None) == "count" else x), opt_state)
 
 
 def run_diloco(
@@ -90,7 +103,10 @@ def run_diloco(
       site's inner state lives across rounds (ALGORITHMS.md: sites keep their own AdamW
       state); the inner step is jitted once per distinct optimizer object.
     outer_optimizer: the outer transformation (see `outer.make_outer_optimizer`); it
-      must be elementwise for the streaming coordinator to reproduce this run.
+      must be elementwise for the streaming coordinator to reproduce this run. With
+      `outer.SharedMoments` the inner optimizers must be Adam-family (one optax
+      ScaleByAdamState): every live site starts each round from the global moments and
+      step count, and sends its first moment with its delta.
     rounds, inner_steps: T and H.
     tokens_fn: `batch -> count` that weights the sites (summed over the round's H
       batches). Default: every batch counts 1, i.e. equal weights.
@@ -135,6 +151,7 @@ def run_diloco(
     if id(tx) not in steps_by_id:
       steps_by_id[id(tx)] = _make_inner_step(loss_fn, tx)
   steps = [steps_by_id[id(tx)] for tx in txs]
+  moments = isinstance(outer_optimizer, outer.SharedMoments)
 
   iters: list[Iterator[Any]] = [iter(b) for b in site_batches]
   global_params = jax.tree.map(jnp.asarray, init_params)
@@ -150,6 +167,9 @@ def run_diloco(
     for i in range(n_sites):
       if live[i]:
         site_params[i] = global_params  # jax arrays are immutable: sharing is safe
+        if moments:  # The global Adam state replaces the site's (outer.SharedMoments).
+          site_opt_states[i] = _with_global_moments(site_opt_states[i], outer_state,
+                                                    global_params)
       params, opt_state, count, losses_i = site_params[i], site_opt_states[i], 0, []
       for s in range(int(inner_steps)):
         try:
@@ -168,6 +188,10 @@ def run_diloco(
     if live_ids:
       w_live = outer.cap_weights([tokens[i] for i in live_ids], weight_cap)
       deltas = [outer.pseudo_gradient(global_params, site_params[i]) for i in live_ids]
+      if moments:  # Each delta carries its site's first moment.
+        deltas = [{**trees.flatten(d), **{outer.MOMENT_PREFIX + n: m for n, m in trees.flatten(
+                      optax.tree_utils.tree_get(site_opt_states[i], "mu")).items()}}
+                  for d, i in zip(deltas, live_ids)]
       global_params, outer_state = outer.outer_step(
           outer_optimizer, global_params, outer_state, deltas, w_live, **robust_kw)
       for i, w in zip(live_ids, w_live):

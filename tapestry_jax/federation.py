@@ -167,7 +167,17 @@ def outer_config(config) -> dict:
   out.update(f.outer.to_dict())
   if not out.get("decay_rounds"):
     out["decay_rounds"] = int(f.rounds)
+  if out.get("name") == "moments":  # The sites' AdamW decays, per inner step, and H.
+    out["b1"], out["b2"] = float(config.train.b1), float(config.train.b2)
+    if not out.get("steps_per_round"):
+      out["steps_per_round"] = int(f.inner_steps)
   return out
+
+
+def shared_moments(config) -> bool:
+  """Whether sites start each round from the global Adam moments and send their first
+  moment (`federation.outer.name` moments, `outer.SharedMoments`)."""
+  return config.federation.outer.get("name") == "moments"
 
 
 def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -190,7 +200,10 @@ def update_schema(config) -> dict[str, tuple]:
   their records must carry the dequantization parameters (`exchange.check_schema`)."""
   dtype = config.federation.get("update_dtype", "float32")
   out = {}
-  for n, (shape, d) in param_schema(config).items():
+  params = param_schema(config)
+  if shared_moments(config):  # The site's first moment of each parameter, sent alike.
+    params.update({outer_lib.MOMENT_PREFIX + n: v for n, v in params.items()})
+  for n, (shape, d) in params.items():
     # jnp.issubdtype: numpy's does not count bfloat16 (an ml_dtypes type) as floating.
     if not jnp.issubdtype(exchange._np_dtype(d), jnp.floating):
       out[n] = (shape, d)
@@ -267,6 +280,20 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
     outer_lib.check_robust_config(f.get("robust"), len(names), int(f.quorum))
   except ValueError as e:
     raise ConfigError(f"federation.robust: {e}") from None
+  if shared_moments(config):
+    if int(f.outer.get("steps_per_round") or f.inner_steps) != int(f.inner_steps):
+      raise ConfigError(f"federation.outer.steps_per_round={f.outer.steps_per_round} must be "
+                        f"federation.inner_steps={f.inner_steps} (or 0) with outer moments")
+    if outer_lib.robust_kwargs(f.get("robust"))["clip_norm"]:
+      raise ConfigError("federation.robust.clip_norm is not supported with outer moments yet "
+                        "(a site's first moment would escape the clip); use the median or "
+                        "trimmed mean against outliers")
+    if error_feedback(config):
+      raise ConfigError("federation.error_feedback is not supported with outer moments")
+    for name in ([site] if site is not None else names):
+      if site_config(config, name).train.get("optimizer", "adamw") != "adamw":
+        raise ConfigError(f"site {name!r}: outer moments shares the sites' AdamW moments; "
+                          f"its inner optimizer must be adamw (federation.inner.optimizer)")
   for name in ([site] if site is not None else names):
     try:
       validate.check_site_config(site_config(config, name), devices)

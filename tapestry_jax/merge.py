@@ -28,6 +28,12 @@ pseudo-gradient before any block of it is applied: a first pass reads every upda
 the merge proper then reads them again with every coefficient scaled. It doubles the reads
 of the updates, not the memory.
 
+Shared moments (outer "moments", `outer.SharedMoments`): every site's update also holds
+its first moment of each parameter (`outer.MOMENT_PREFIX` + name); those blocks are read,
+verified and finiteness-checked like the deltas (a bad one refuses that site's update),
+aggregated like them, and the outer step takes both. Clipping is refused there (a site's
+moment would escape a clip computed from its delta).
+
 int8 and float8 updates (`tapestry_jax.quantize`) are read as their codes (float8's
 checked for NaN codes like any float) and dequantized inside
 `outer.merge_block` with the offset and scale of their signed records; their norms are
@@ -199,6 +205,7 @@ class _Param:
   blocks: list[tuple[slice, ...]]
   stores: list[Any] | None = None  # ts.open futures, started when the first block is read
   writers: dict[str, BlockWriter] | None = None
+  num_sites: int = 0  # Site sources: num_sites updates (then as many first moments)
 
 
 class _Buffers:
@@ -240,9 +247,12 @@ def _plan(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
              + [(glob, base_prefix, f"outer/{name}/{l}", arrays[f"outer/{name}/{l}"])
                 for l in leaves]
              + [(b, p, name, m["arrays"][name]) for b, p, m in inputs])
+  if isinstance(tx, outer_lib.SharedMoments):  # Then each site's first moment, same order.
+    moment = outer_lib.MOMENT_PREFIX + name
+    sources += [(b, p, moment, m["arrays"][moment]) for b, p, m in inputs]
   whole_records = {l: arrays[f"outer/{name}/{l}"] for l in leaf_names if not blockable[l]}
   chunk, blocks = common_blocks([r for _, _, _, r in sources], max_block_bytes)
-  return _Param(name, sources, leaves, {}, whole_records, chunk, blocks)
+  return _Param(name, sources, leaves, {}, whole_records, chunk, blocks, num_sites=len(inputs))
 
 
 def _read_checked(bucket: Bucket, prefix: str, name: str, record: Mapping,
@@ -301,7 +311,7 @@ def _open_sources(p: _Param) -> None:
     except ExchangeError as e:
       if j < first:
         raise
-      raise BadUpdate(str(e), index=j - first, name=n,
+      raise BadUpdate(str(e), index=(j - first) % p.num_sites, name=n,
                       reason=f"unreadable or corrupt: {e}") from None
   p.stores = stores
 
@@ -311,19 +321,21 @@ def _can_be_non_finite(record: Mapping) -> bool:
   return not np.issubdtype(exchange._np_dtype(record["dtype"]), np.integer)
 
 
-def _site_block(p: _Param, j: int, fut) -> np.ndarray:
+def _site_block(p: _Param, j: int, fut, num_sites: int) -> np.ndarray:
   """The block read by `fut` (`_read_checked` of source j >= first), or the BadUpdate
-  that refuses that site's update (corrupt, unreadable or non-finite)."""
+  that refuses that site's update (corrupt, unreadable or non-finite). Site sources
+  follow the global ones, one per site, then (outer moments) one more per site."""
   first = 1 + len(p.leaves)
+  index = (j - first) % num_sites
   try:
     block, ok = fut.result()
   except ExchangeError as e:
-    raise BadUpdate(str(e), index=j - first, name=p.sources[j][2],
+    raise BadUpdate(str(e), index=index, name=p.sources[j][2],
                     reason=f"unreadable or corrupt: {e}") from None
   if not ok:
     b, pre, n, _ = p.sources[j]
     raise NonFiniteUpdate(f"update {pre} in bucket {b.url}: array {n!r} has non-finite values "
-                          f"(NaN or Inf)", index=j - first, name=n)
+                          f"(NaN or Inf)", index=index, name=n)
   return block
 
 
@@ -341,7 +353,7 @@ def _merged_norm(params: Sequence[_Param], pool, weights, scales, aggregator: st
       futs = [pool.submit(_read_checked, b, pre, n, r, idx, store, None,
                           check_finite=_can_be_non_finite(r))
               for (b, pre, n, r), store in zip(p.sources[first:], p.stores[first:])]
-      deltas = [_site_block(p, first + k, fut) for k, fut in enumerate(futs)]
+      deltas = [_site_block(p, first + k, fut, len(futs)) for k, fut in enumerate(futs)]
       deltas = [d if q is None else quantize.Quantized(d, q["offset"], q["scale"])
                 for d, q in zip(deltas, quants)]
       squares += outer_lib.sum_squares(outer_lib.aggregate_block(
@@ -389,6 +401,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
   robust = outer_lib.robust_kwargs({"clip_norm": clip_norm, "aggregator": aggregator,
                                     "trim": trim})
   clip_norm, aggregator, trim = robust["clip_norm"], robust["aggregator"], robust["trim"]
+  if isinstance(tx, outer_lib.SharedMoments) and (clip_norm or outer_clip_norm):
+    raise ValueError("clipping is not supported with shared moments (outer.name moments)")
   outer_lib.check_update_count(aggregator, trim, len(inputs))
   scales, norms = _clip_scales(inputs, clip_norm, declared_norms)
   # Each update's sum of squares over the blocks read so far (only when clipping uses it).
@@ -454,14 +468,14 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         raws, futs = reading.popleft()
         first = 1 + len(p.leaves)
         # Every site's block is verified and finite before a value of it is merged.
-        host = [fut.result()[0] if j < first else _site_block(p, j, fut)
+        host = [fut.result()[0] if j < first else _site_block(p, j, fut, p.num_sites)
                 for j, fut in enumerate(futs)]
         # Squares are summed on the pool while this block merges; the buffers stay
         # untouched until the sums are in.
         quants = [r.get("quant") for _, _, _, r in p.sources[first:]]  # None: not quantized
         squares = ([pool.submit(outer_lib.sum_squares, h) if q is None else
                     pool.submit(quantize.sum_squares, h, q["offset"], q["scale"])
-                    for h, q in zip(host[first:], quants)]
+                    for h, q in zip(host[first:first + p.num_sites], quants)]
                    if sum_squares is not None else [])
         # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
         # inside state_from_leaves, would copy).
@@ -472,11 +486,14 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         g, leaf_blocks, deltas = blocks[0], blocks[1:1 + n_leaves], blocks[1 + n_leaves:]
         deltas = [d if q is None else quantize.Quantized(d, q["offset"], q["scale"])
                   for d, q in zip(deltas, quants)]
+        # Outer moments: the sites' first moments follow their deltas.
+        deltas, moments = deltas[:p.num_sites], deltas[p.num_sites:] or None
         state = outer_lib.state_from_leaves(tx, g,
                                             {**p.whole, **dict(zip(p.leaves, leaf_blocks))})
         new_g, new_state = outer_lib.merge_block(outer_lib.leaf_optimizer(tx, p.name), g, state,
                                                  deltas, weights, scales=scales,
-                                                 aggregator=aggregator, trim=trim)
+                                                 aggregator=aggregator, trim=trim,
+                                                 moments=moments)
         # Materialized on the host: the merge has consumed its inputs (which JAX may alias
         # without copying), so their buffers can be reused; an output that JAX forwarded
         # from an input is copied out first.

@@ -26,6 +26,12 @@ the merged pseudo-gradient: one more scalar factor on every site's coefficient
 (`merged_clip_scale`), known only once every block has been aggregated, so the streaming
 coordinator computes it in a first pass over the updates (`aggregate_block`). Outer AdamW
 decay is chosen per leaf name (`leaf_optimizer`), so it can spare norm scales.
+
+Shared moments (`SharedMoments`, outer name "moments") is a federated AdamW whose Adam
+state is global: sites start every round from it and send their first moment with their
+pseudo-gradient (`MOMENT_PREFIX`), and the outer step merges both (`merge_block(...,
+moments=)`). It keeps per-coordinate step sizes of data parallelism on non-IID sites,
+which averaging per-site AdamW steps (FedAvg, DiLoCo) does not.
 """
 
 from __future__ import annotations
@@ -43,7 +49,10 @@ import optax
 from tapestry_jax import quantize
 from tapestry_jax import trees
 
-OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam", "none")
+OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam", "none", "moments")
+# Under outer "moments", a site's update carries its inner Adam first moment of parameter
+# `name` as the array MOMENT_PREFIX + name, next to the pseudo-gradient `name`.
+MOMENT_PREFIX = "inner_mu/"
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 
 
@@ -53,6 +62,12 @@ def default_outer_config() -> ml_collections.ConfigDict:
       # One of OUTER_OPTIMIZERS. nesterov: SGD with Nesterov momentum (DiLoCo). sgd: SGD with
       # optional heavy-ball momentum (lr 1, momentum 0 is FedAvg). adam: Adam on the
       # pseudo-gradient. none: the new global is the weighted mean of the site models.
+      # moments: shared Adam moments (`SharedMoments`): every site starts its H inner
+      # AdamW steps from the global Adam moments and step count, and sends its first
+      # moment with its pseudo-gradient; the coordinator applies the weighted mean
+      # pseudo-gradient (times lr), averages the first moments and advances the second
+      # moment with the round's mean gradient recovered from them. A federation config
+      # sets b1, b2 and steps_per_round from train and inner_steps (outer_config).
       name="nesterov",
       # Outer learning rate (multiplies the weighted pseudo-gradient); unused by "none".
       # The paper uses 0.7 for nesterov; FedAvg is sgd with lr 1.0.
@@ -88,6 +103,9 @@ def default_outer_config() -> ml_collections.ConfigDict:
       # needs the norm of the merge before any of it is applied: the coordinator reads
       # the updates twice (`merge.merge_round`).
       clip_norm=0.0,
+      # moments only: the inner steps each round's moments advance by (H); in a
+      # federation config 0 = federation.inner_steps (see federation.outer_config).
+      steps_per_round=0,
   ))
 
 
@@ -159,6 +177,8 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
   if name == "none":
     # new = global - sum_k w_k (global - local_k) = sum_k w_k local_k when the weights sum to 1.
     return optax.scale(-1.0)
+  if name == "moments":
+    return _shared_moments(cfg)
   lr = _get(cfg, "lr")
   if not callable(lr):
     lr = _outer_schedule(cfg, _number("lr", lr, 0.0, math.inf, lo_open=True, hi_open=True))
@@ -190,6 +210,69 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
     return MaskedDecay(decay.init, decay.update,
                        optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=0.0), exclude)
   return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+
+
+def _shared_moments(cfg) -> "SharedMoments":
+  lr = _get(cfg, "lr")
+  if callable(lr) or _get(cfg, "schedule") != "constant" or _get(cfg, "warmup_rounds"):
+    raise ValueError("outer.name moments takes a constant outer.lr (schedule constant, no "
+                     "warmup_rounds): the sites' AdamW schedule already sets the step sizes.")
+  for key in ("weight_decay", "clip_norm"):
+    if _get(cfg, key):
+      raise ValueError(f"outer.{key} is not supported with outer.name moments (the sites' "
+                       f"AdamW decays and clips); set it to 0.")
+  steps = _get(cfg, "steps_per_round")
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise ValueError(f"outer.steps_per_round must be an integer >= 1 (the inner steps per "
+                     f"round) with outer.name moments; got {steps!r}.")
+  return SharedMoments(
+      lr=_number("lr", lr, 0.0, math.inf, lo_open=True, hi_open=True),
+      b1=_number("b1", _get(cfg, "b1"), 0.0, 1.0, lo_open=False, hi_open=True),
+      b2=_number("b2", _get(cfg, "b2"), 0.0, 1.0, lo_open=False, hi_open=True),
+      steps=int(steps))
+
+
+class SharedMoments(NamedTuple):
+  """Shared Adam moments, the outer half of a federated AdamW whose moments are global.
+
+  Every site starts its H inner AdamW steps from the global params AND the global Adam
+  state (first moment mu, second moment nu, step count), and sends, with its
+  pseudo-gradient delta_k, its first moment mu_k after the H steps
+  (`MOMENT_PREFIX` + name). The outer step, per parameter:
+    params <- params - lr * sum_k w_k delta_k          (lr 1: the sites' mean model)
+    mu     <- m = sum_k w_k mu_k                        (linear in the gradients: what one
+                                                         AdamW on the mean gradient keeps)
+    g      <- (m - b1^H mu) / (1 - b1^H)                (the round's mean gradient, as one
+                                                         constant gradient would give m)
+    nu     <- b2^H nu + (1 - b2^H) g^2,    count <- count + H.
+  The second moment is built from the merged gradient, not from the sites' own squares
+  (whose mean would add every site's gradient noise and disagreement to it): a
+  coordinate only one site trains then gets data parallelism's step size, not a fraction
+  of it, which is what averaging per-site AdamW steps (FedAvg, DiLoCo) loses on non-IID
+  sites. At H = 1 the sites' steps differ from data parallelism's only by the site's own
+  squared gradient in its one-step second moment (and the clip placement).
+
+  `init` gives optax's ScaleByAdamState (count, mu, nu); `update` takes the pair
+  (merged delta, merged mu) as its "gradient" (`merge_block` passes it).
+  """
+  lr: float
+  b1: float
+  b2: float
+  steps: int
+
+  def init(self, params):
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
+                                  nu=jax.tree.map(jnp.copy, zeros))
+
+  def update(self, merged, state, params=None):
+    del params
+    delta, m = merged
+    c1, c2 = np.float32(self.b1 ** self.steps), np.float32(self.b2 ** self.steps)
+    g = (m - c1 * state.mu) / (np.float32(1) - c1)
+    nu = c2 * state.nu + (np.float32(1) - c2) * (g * g)
+    return (jnp.float32(-self.lr) * delta,
+            optax.ScaleByAdamState(count=state.count + self.steps, mu=m, nu=nu))
 
 
 class MaskedDecay(NamedTuple):
@@ -558,7 +641,7 @@ def merged_clip_scale(norm: float, clip_norm: float) -> np.float32:
 
 def merge_block(tx: optax.GradientTransformation, global_block, state_block,
                 deltas: Sequence[Any], weights, *, scales=None, aggregator: str = "mean",
-                trim: int = 0) -> tuple[jax.Array, Any]:
+                trim: int = 0, moments: Sequence[Any] | None = None) -> tuple[jax.Array, Any]:
   """One outer step on one block (a whole leaf, or rows of it): returns (new_global, new_state).
 
   The merged pseudo-gradient, in float32 and a fixed order, is
@@ -575,11 +658,36 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
   `tx` object (a static argument), aggregator, trim and block shape. For an elementwise
   `tx` (all of `make_outer_optimizer`'s), merging row-blocks and concatenating them is
   bit-identical to merging the whole array; scalar state leaves come out equal from every
-  block."""
+  block.
+
+  `moments` (outer `SharedMoments` only, which requires them): the sites' first-moment
+  blocks in the order of `deltas`, aggregated like them; `tx.update` then gets the pair
+  (merged delta, merged moment)."""
+  shape = tuple(np.shape(global_block))
+  trim_ = int(trim) if aggregator == "trimmed_mean" else 0
   quantized, deltas, coef_K, dequant_Kx2 = _block_args(
-      deltas, weights, scales, aggregator, trim, tuple(np.shape(global_block)))
-  return _merge_block_jit(tx, aggregator, int(trim) if aggregator == "trimmed_mean" else 0,
-                          quantized, global_block, state_block, deltas, coef_K, dequant_Kx2)
+      deltas, weights, scales, aggregator, trim, shape)
+  if isinstance(tx, SharedMoments) != (moments is not None):
+    raise ValueError("merge_block needs the sites' first moments (`moments`) exactly when "
+                     "the outer optimizer is shared moments")
+  if moments is None:
+    return _merge_block_jit(tx, aggregator, trim_, quantized, global_block, state_block, deltas,
+                            coef_K, dequant_Kx2)
+  if len(moments) != len(deltas):
+    raise ValueError(f"got {len(deltas)} deltas but {len(moments)} first moments")
+  quantized_m, moments, _, dequant_m = _block_args(moments, weights, scales, aggregator, trim,
+                                                   shape)
+  return _merge_moments_jit(tx, aggregator, trim_, quantized, quantized_m, global_block,
+                            state_block, deltas, moments, coef_K, dequant_Kx2, dequant_m)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _merge_moments_jit(tx, aggregator, trim, quantized, quantized_m, global_block, state_block,
+                       deltas, moments, coef_K, dequant_Kx2, dequant_m):
+  merged = (_aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2),
+            _aggregate(aggregator, trim, quantized_m, moments, coef_K, dequant_m))
+  updates, new_state = tx.update(merged, state_block, global_block)
+  return optax.apply_updates(global_block, updates), new_state
 
 
 def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Mapping[str, Any],
@@ -603,6 +711,17 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
   check_update_count(aggregator, trim, len(site_deltas))
   flat_g = trees.flatten(global_params)
   flat_d = [trees.flatten(d) for d in site_deltas]
+  flat_m = None
+  if isinstance(tx, SharedMoments):  # Each update also holds MOMENT_PREFIX + name leaves.
+    if clip_norm or outer_clip_norm:
+      raise ValueError("clipping is not supported with shared moments (outer.name moments)")
+    flat_m = [{n[len(MOMENT_PREFIX):]: v for n, v in d.items() if n.startswith(MOMENT_PREFIX)}
+              for d in flat_d]
+    flat_d = [{n: v for n, v in d.items() if not n.startswith(MOMENT_PREFIX)} for d in flat_d]
+    for k, m in enumerate(flat_m):
+      if set(m) != set(flat_g):
+        raise KeyError(f"site update {k} does not have a first moment ({MOMENT_PREFIX}<name>) "
+                       f"of every parameter: {sorted(set(m) ^ set(flat_g))[:5]} differ")
   if set(outer_state) != set(flat_g):
     missing = sorted(set(flat_g) - set(outer_state))[:5]
     extra = sorted(set(outer_state) - set(flat_g))[:5]
@@ -625,6 +744,7 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
   new_params, new_state = {}, {}
   for name, g in flat_g.items():
     new_params[name], new_state[name] = merge_block(
-        leaf_optimizer(tx, name), g, outer_state[name], [d[name] for d in flat_d], weights, scales=scales,
-        aggregator=aggregator, trim=trim)
+        leaf_optimizer(tx, name), g, outer_state[name], [d[name] for d in flat_d], weights,
+        scales=scales, aggregator=aggregator, trim=trim,
+        moments=None if flat_m is None else [m[name] for m in flat_m])
   return trees.unflatten(new_params, global_params), new_state

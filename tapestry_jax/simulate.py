@@ -71,12 +71,15 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, "simulation.jsonl"), "a")  # Records as they come.
   like = next(iter(workers.values())).trainer.param_shardings  # The params' structure.
+  moments = federation.shared_moments(config)
   for g in range(int(f.rounds) + 1):
     deltas, tokens, names = [], [], []
     for name, w in workers.items():
-      w.adopt(trees.unflatten(params, like))
+      # Outer moments: a site also reads the global Adam moments (deployed: from the bucket).
+      w.adopt(trees.unflatten(params, like), state if moments else None)
       # Bytes are the raw array bytes a deployment would move (no bucket here).
-      rec = {"site": name, "global_round": g, "bytes_down": sum(a.nbytes for a in params.values())}
+      down = [*params.values(), *(jax.tree.leaves(state) if moments else [])]
+      rec = {"site": name, "global_round": g, "bytes_down": sum(a.nbytes for a in down)}
       if federation.evaluate_round(config, g):
         rec.update(w.evaluate())
       if g < int(f.rounds):

@@ -2,7 +2,9 @@
 
 `SiteWorker` is the part shared by the in-process simulation and the deployed site
 process: adopt a global model (keeping the site's own optimizer state and data
-position), train H inner steps, and produce the pseudo-gradient `global - local`.
+position; under outer "moments" the global Adam moments and step count replace the
+site's, `outer.SharedMoments`), train H inner steps, and produce the pseudo-gradient
+`global - local` (under "moments", with the site's first moment).
 `run_site` is the deployed loop: it reads committed global rounds from the coordinator's
 bucket straight into this site's mesh, after verifying the coordinator's signature and
 refusing a round that goes backwards (rollback); publishes each update, signed with the
@@ -23,6 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 
 import data_pipelines
@@ -112,12 +115,37 @@ class SiteWorker:
 
   # ---------------------------------------------------------------- rounds
 
-  def adopt(self, params) -> None:
+  def adopt(self, params, moments: dict[str, Any] | None = None) -> None:
     """Replaces the params by the global model (any host or device arrays), keeping the
-    optimizer state, step, PRNG key and data position; remembers it as the base."""
-    params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, self.trainer.param_shardings)
+    optimizer state, step, PRNG key and data position; remembers it as the base.
+
+    `moments` (outer "moments" only): the global outer state, {param name: its state
+    leaves "count", "mu", "nu"} (or `outer.SharedMoments` states); they replace the
+    inner AdamW's moments and the step count its bias correction and lr schedule use."""
+    shardings = self.trainer.param_shardings
+    params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
     self.base = params
-    self.state = self.state.replace(params=jax.tree.map(jnp.copy, params))
+    state = self.state.replace(params=jax.tree.map(jnp.copy, params))
+    if moments is not None:
+      leaves = {n: outer_lib.state_leaves(v) if not isinstance(v, dict) else v
+                for n, v in moments.items()}
+      counts = {int(np.asarray(v["count"])) for v in leaves.values()}
+      if len(counts) != 1:
+        raise ValueError(f"site {self.name}: the global moments have step counts {counts}")
+      flat_shardings = trees.flatten(shardings)
+      if sorted(leaves) != sorted(flat_shardings):
+        raise ValueError(f"site {self.name}: the global moments do not match the params")
+      put = lambda key: trees.unflatten(  # noqa: E731
+          {n: jax.device_put(jnp.asarray(leaves[n][key], jnp.float32), s)
+           for n, s in flat_shardings.items()}, shardings)
+      count = counts.pop()
+      opt_state = optax.tree_utils.tree_set(state.opt_state, mu=put("mu"), nu=put("nu"))
+      # Adam's count and the lr schedule's: one array each (the train step donates them).
+      opt_state = jax.tree_util.tree_map_with_path(
+          lambda path, x: (jax.device_put(jnp.asarray(count, jnp.int32), self.trainer.replicated)
+                           if getattr(path[-1], "name", None) == "count" else x), opt_state)
+      state = state.replace(opt_state=opt_state)
+    self.state = state
 
   def train(self, steps: int) -> dict[str, Any]:
     """Runs `steps` inner steps; host reads the metrics once, at the end."""
@@ -146,6 +174,12 @@ class SiteWorker:
     of that sum becomes the next residual: over rounds, the site sends all of its
     updates. Call once per round."""
     delta = self.delta()
+    if federation.shared_moments(self.config_full):
+      mu = optax.tree_utils.tree_get(self.state.opt_state, "mu")
+      sent = federation.encode_update(delta, self.config_full)
+      sent.update({outer_lib.MOMENT_PREFIX + n: v for n, v in
+                   federation.encode_update(mu, self.config_full).items()})
+      return sent
     if self.residual is None:
       return federation.encode_update(delta, self.config_full)
     with jax.set_mesh(self.mesh):
@@ -203,7 +237,8 @@ def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
       manifest.get("federation") != fid:
     raise exchange.ExchangeError(
         f"{bucket.url}/{prefix}: manifest is not global round {round_} of federation {fid!r}")
-  schema = {f"params/{n}": v for n, v in (schema or federation.param_schema(config)).items()}
+  params_schema = schema or federation.param_schema(config)
+  schema = {f"params/{n}": v for n, v in params_schema.items()}
   params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
                                            if k.startswith("params/")})
   exchange.check_schema(params_manifest, schema)
@@ -211,6 +246,35 @@ def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
   flat = exchange.read_arrays(bucket, prefix, params_manifest, flat_shardings)
   params = trees.unflatten({n[len("params/"):]: a for n, a in flat.items()}, shardings)
   return params, manifest
+
+
+def read_global_moments(bucket: buckets.Bucket, config, round_: int, manifest: dict,
+                        shardings, schema=None) -> dict[str, dict[str, Any]]:
+  """Outer moments: the global Adam moments of round `round_` (whose manifest
+  `read_global` verified), {param name: {"count", "mu", "nu"}}, mu and nu read straight
+  into `shardings` (the params'), every chunk checked against the signed digests; the
+  schema (float32 moments shaped like the params, an int32 count) before anything is
+  read."""
+  prefix = exchange.global_prefix(round_)
+  params_schema = schema or federation.param_schema(config)
+  expected = {}
+  for n, (shape, _) in params_schema.items():
+    expected.update({f"outer/{n}/mu": (shape, "float32"), f"outer/{n}/nu": (shape, "float32"),
+                     f"outer/{n}/count": ((), "int32")})
+  moments_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
+                                            if k.startswith("outer/")})
+  exchange.check_schema(moments_manifest, expected)
+  flat_shardings = {}
+  for n, s in trees.flatten(shardings).items():
+    flat_shardings.update({f"outer/{n}/mu": s, f"outer/{n}/nu": s})
+  flat = exchange.read_arrays(bucket, prefix, moments_manifest, flat_shardings)
+  data = exchange.data_prefix(prefix, manifest)
+  out = {}
+  for n in params_schema:
+    key = f"outer/{n}/count"
+    count = exchange.read_block(bucket, data, key, manifest["arrays"][key], ())
+    out[n] = {"count": count, "mu": flat[f"outer/{n}/mu"], "nu": flat[f"outer/{n}/nu"]}
+  return out
 
 
 def _diverged(name: str, round_: int) -> exchange.ExchangeError:
@@ -338,9 +402,12 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
                   lambda: _newer_global(glob, last_base), float(f.site_wait_s), float(f.poll_s))
       wait_s = time.perf_counter() - t_wait
       read0, t_read = glob.bytes_read, time.perf_counter()
-      params, _ = read_global(glob, config, g, worker.trainer.param_shardings, schema,
-                              root=root, last_round=last_base)
-      worker.adopt(params)
+      params, global_manifest = read_global(glob, config, g, worker.trainer.param_shardings,
+                                            schema, root=root, last_round=last_base)
+      moments = (read_global_moments(glob, config, g, global_manifest,
+                                     worker.trainer.param_shardings, schema)
+                 if federation.shared_moments(config) else None)
+      worker.adopt(params, moments)
       read_s = time.perf_counter() - t_read
       t_eval = time.perf_counter()
       rec = {"site": name, "global_round": g, "wait_s": wait_s, "read_s": read_s,

@@ -227,3 +227,42 @@ def test_bad_arguments_are_clear_errors():
     diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], [tx, tx], tx, rounds=1, inner_steps=1)
   with pytest.raises(ValueError, match="must be >= 1"):
     diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], tx, tx, rounds=0, inner_steps=1)
+
+
+def test_shared_moments_carry_adam_of_the_mean_gradient_and_one_site_continues_alone():
+  # A linear loss has a constant gradient per site: the global Adam moments after R rounds
+  # of H steps are then exactly those of one Adam on the mean gradient (R * H steps), and
+  # a single site's federation is that site training alone.
+  def linear(params, batch):
+    return jnp.sum(params["w"] * batch["c"])
+
+  rng = np.random.default_rng(4)
+  cs = [rng.normal(size=5).astype(np.float32) for _ in range(2)]
+  R, H, b1, b2 = 3, 4, 0.9, 0.95
+  tx = outer.make_outer_optimizer({"name": "moments", "lr": 1.0, "b1": b1, "b2": b2,
+                                   "steps_per_round": H})
+  init = {"w": jnp.zeros(5, jnp.float32)}
+  res = diloco.run_diloco(linear, init, [[{"c": c}] * (R * H) for c in cs],
+                          optax.adamw(1e-2, b1=b1, b2=b2, weight_decay=0.0), tx,
+                          rounds=R, inner_steps=H)
+  ref = optax.scale_by_adam(b1=b1, b2=b2)
+  st = ref.init(init["w"])
+  for _ in range(R * H):
+    _, st = ref.update(jnp.asarray((cs[0] + cs[1]) / 2), st)
+  assert int(res.outer_state["w"].count) == R * H
+  np.testing.assert_allclose(res.outer_state["w"].mu, st.mu, rtol=1e-5)
+  np.testing.assert_allclose(res.outer_state["w"].nu, st.nu, rtol=1e-4)
+  # Each site started its last round from the global second moment (the mean gradient's),
+  # not from its own: its own squares entered only in that round's H steps.
+  c_mean = (cs[0] + cs[1]) / 2
+  for c, site_state in zip(cs, res.site_opt_states):
+    nu_global = (1 - b2 ** ((R - 1) * H)) * c_mean ** 2
+    want = b2 ** H * nu_global + (1 - b2 ** H) * c ** 2
+    np.testing.assert_allclose(optax.tree_utils.tree_get(site_state, "nu")["w"], want, rtol=1e-4)
+  one = diloco.run_diloco(linear, init, [[{"c": cs[0]}] * (R * H)], optax.adam(1e-2, b1=b1, b2=b2),
+                          tx, rounds=R, inner_steps=H)
+  alone = diloco.run_diloco(linear, init, [[{"c": cs[0]}] * (R * H)],
+                            optax.adam(1e-2, b1=b1, b2=b2),
+                            outer.make_outer_optimizer({"name": "none"}), rounds=1,
+                            inner_steps=R * H)
+  _close(one.params, alone.params, tol=1e-5)

@@ -59,6 +59,13 @@ INT8 = {
     "federation.robust.clip_norm": 1e-3,
 }
 
+# Shared Adam moments (outer.SharedMoments): the sites start every round from the global
+# AdamW moments and step count and send their first moment too, in float8.
+MOMENTS = {
+    "federation.update_dtype": "float8_e4m3fn",
+    "federation.outer.name": "moments", "federation.outer.lr": 1.0,
+}
+
 
 def _config(tmp_path=None, extra=None):
   c = fed_config.get_config("tiny/latin,cyrillic")
@@ -81,6 +88,17 @@ def _override_args(extra=None):
 
 
 def test_config_errors_are_one_clear_line():
+  c = _config(extra=MOMENTS)
+  federation.check_federation_config(c)
+  c.federation.robust.clip_norm = 1.0
+  with pytest.raises(ConfigError, match="robust.clip_norm is not supported with outer moments"):
+    federation.check_federation_config(c)
+  c = _config(extra={**MOMENTS, "federation.inner.optimizer": "sgd"})
+  with pytest.raises(ConfigError, match="inner optimizer must be adamw"):
+    federation.check_federation_config(c)
+  c = _config(extra={**MOMENTS, "federation.outer.steps_per_round": 2})
+  with pytest.raises(ConfigError, match="steps_per_round=2 must be federation.inner_steps=3"):
+    federation.check_federation_config(c)
   c = _config()
   with pytest.raises(ConfigError, match="unknown site 'klingon'"):
     federation.check_federation_config(c, site="klingon")
@@ -207,7 +225,8 @@ def test_site_config_applies_the_site_overrides():
   assert c.data.synthetic.languages == "all"  # The shared section is not modified.
 
 
-@pytest.mark.parametrize("extra", [None, FEDADAM, INT8], ids=["fedavg", "fedadam", "int8"])
+@pytest.mark.parametrize("extra", [None, FEDADAM, INT8, MOMENTS],
+                         ids=["fedavg", "fedadam", "int8", "moments"])
 def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
   config = _config(extra=extra)
   sim = simulate.simulate(config, str(tmp_path / "sim"))
@@ -236,6 +255,9 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
       assert update["extra"]["update_norm"] > INT8["federation.robust.clip_norm"]
     if extra is FEDADAM:  # Every site's update is far above the outer clip's bound.
       assert update["extra"]["update_norm"] > 100 * FEDADAM["federation.outer.clip_norm"]
+    if extra is MOMENTS:  # The pseudo-gradient and the first moment of every parameter.
+      assert len(update["arrays"]) == 2 * len(federation.param_schema(config))
+      assert all(f"inner_mu/{n}" in update["arrays"] for n in sim["params"])
   if extra is not None:  # The audit recomputes every round from the signed inputs.
     audit = subprocess.run(
         [sys.executable, "-m", "launch.audit", *_override_args(extra), f"--workdir={workdir}",
@@ -249,6 +271,16 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
                               manifest["arrays"][f"params/{name}"],
                               tuple(slice(0, n) for n in want.shape))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
+  if extra is MOMENTS:  # The global moments too: the sites continue from them.
+    for name, st in sim["outer_state"].items():
+      for leaf in ("mu", "nu"):
+        got = exchange.read_block(glob, exchange.data_prefix(exchange.global_prefix(2), manifest),
+                                  f"outer/{name}/{leaf}",
+                                  manifest["arrays"][f"outer/{name}/{leaf}"],
+                                  tuple(slice(0, n) for n in np.shape(getattr(st, leaf))))
+        np.testing.assert_allclose(got, getattr(st, leaf), rtol=1e-6, atol=1e-12,
+                                   err_msg=f"{name} {leaf}")
+      assert int(st.count) == 2 * 3
 
   # Every site evaluated every global round on its own held-out data, same as simulated.
   sites, coord = report.deployment_records(str(workdir), ["latin", "cyrillic"])

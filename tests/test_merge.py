@@ -36,6 +36,9 @@ def _round(tmp_path, tx, rng, quantized=None):
   for k, chunk_bytes in enumerate((128, 512, 300)):
     bucket = Bucket(str(tmp_path / f"site{k}"))
     delta = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+    if isinstance(tx, outer.SharedMoments):  # The site's first moments travel along.
+      delta.update({outer.MOMENT_PREFIX + n: rng.standard_normal(s).astype(np.float32)
+                    for n, s in SHAPES.items()})
     if quantized:
       delta = {n: quantize.quantize(d, quantized) for n, d in delta.items()}
       delta = {n: quantize.Quantized(np.asarray(q.codes), q.offset, q.scale)
@@ -71,9 +74,14 @@ def _assert_stored(glob, prefix, records, want_params, want_state):
       np.testing.assert_array_equal(_whole(glob, prefix, key, records[key]), v)
 
 
+def _outer(name):
+  return outer.make_outer_optimizer({"name": name, "lr": 1.0, "steps_per_round": 3}
+                                    if name == "moments" else {"name": name})
+
+
 @pytest.mark.parametrize("name", outer.OUTER_OPTIMIZERS)
 def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
-  tx = outer.make_outer_optimizer({"name": name})
+  tx = _outer(name)
   glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(0))
   weights = outer.cap_weights([1, 2, 3], None)
   want_params, want_state = outer.outer_step(tx, params, state, deltas, weights)
@@ -113,6 +121,40 @@ def test_quantized_updates_merge_bit_identically_and_clip_by_their_dequantized_n
                       ex.data_prefix(ex.global_prefix(2), ex.new_attempt()), clip_norm=clip,
                       declared_norms=lie)
   assert e.value.index == 2
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "median"])
+def test_shared_moments_merge_quantized_moments_and_refuse_a_bad_one(tmp_path, aggregator):
+  tx = _outer("moments")
+  glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(3),
+                                               quantized="float8_e4m3fn")
+  weights = outer.cap_weights([1, 2, 3], None)
+  want_params, want_state = outer.outer_step(tx, params, state, deltas, weights,
+                                             aggregator=aggregator)
+  base = ex.read_manifest(glob, ex.global_prefix(0))
+  prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
+  records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
+                              prefix, max_block_bytes=64, aggregator=aggregator)
+  _assert_stored(glob, prefix, records, want_params, want_state)
+  for n in SHAPES:  # The merged first moment is the new mu; the count moved by H.
+    assert int(_whole(glob, prefix, f"outer/{n}/count", records[f"outer/{n}/count"])) == 3
+  # Site 1's first moment of "d" holds a NaN code: that site, not another, is refused.
+  bucket, pre, manifest = inputs[1]
+  codes = {n: _whole(bucket, ex.data_prefix(pre, manifest), n, r)
+           for n, r in manifest["arrays"].items()}
+  codes[outer.MOMENT_PREFIX + "d"][5, 2] = np.nan
+  attempt = ex.new_attempt()
+  recs = ex.write_arrays(bucket, ex.data_prefix(pre, attempt), codes)
+  bad = [inputs[0], (bucket, pre, dict(manifest, attempt=attempt, arrays={
+      n: dict(r, quant=manifest["arrays"][n]["quant"]) for n, r in recs.items()})), inputs[2]]
+  with pytest.raises(merge.NonFiniteUpdate, match="inner_mu/d") as e:
+    merge.merge_round(tx, glob, ex.global_prefix(0), base, bad, weights, glob,
+                      ex.data_prefix(ex.global_prefix(2), ex.new_attempt()),
+                      aggregator=aggregator)
+  assert e.value.index == 1
+  with pytest.raises(ValueError, match="clipping is not supported"):
+    merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
+                      ex.data_prefix(ex.global_prefix(3), ex.new_attempt()), clip_norm=1.0)
 
 
 @pytest.mark.parametrize("quantized, aggregator, site_clip",

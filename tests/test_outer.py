@@ -238,7 +238,7 @@ def test_outer_lr_schedules_over_rounds():
      r"outer\.min_lr_ratio must be a number in \[0\.0, 1\.0\]"),
     (dict(name="nesterov", weight_decay=0.1), r"outer\.weight_decay is an Adam"),
     (dict(name="adam", weight_decay=-1.0), r"outer\.weight_decay must be a number"),
-    (dict(name="lamb"), r"outer\.name must be one of nesterov, sgd, adam, none; got 'lamb'"),
+    (dict(name="lamb"), r"outer\.name must be one of nesterov, sgd, adam, none, moments; got 'lamb'"),
     (dict(name="nesterov", lr=-0.1), r"outer\.lr must be a number in \(0\.0, inf\)"),
     (dict(name="sgd", lr=float("nan")), r"outer\.lr must be"),
     (dict(name="sgd", lr="fast"), r"outer\.lr must be a number"),
@@ -248,6 +248,11 @@ def test_outer_lr_schedules_over_rounds():
     (dict(name="adam", lr=None), r"outer\.lr must be a number .*got None"),
     (dict(name="adam", clip_norm=-1.0), r"outer\.clip_norm must be a number in \[0\.0, inf\)"),
     (dict(name="sgd", clip_norm=float("inf")), r"outer\.clip_norm must be a number"),
+    (dict(name="moments"), r"outer\.steps_per_round must be an integer >= 1"),
+    (dict(name="moments", steps_per_round=2, schedule="cosine", decay_rounds=4),
+     r"moments takes a constant outer\.lr"),
+    (dict(name="moments", steps_per_round=2, clip_norm=1.0), r"outer\.clip_norm is not supported"),
+    (dict(name="moments", steps_per_round=2, lr=0.0), r"outer\.lr must be a number"),
 ])
 def test_bad_outer_config_is_one_clear_error(cfg, match):
   with pytest.raises(ValueError, match=match):
@@ -286,3 +291,81 @@ def test_outer_weight_decay_spares_excluded_leaves_like_train():
   np.testing.assert_allclose(new["layers/attn_norm"], 1 - 0.1 * 0.5, rtol=1e-6)
   with pytest.raises(ValueError, match="weight_decay_exclude must be a string"):
     outer.make_outer_optimizer({"name": "adam", "weight_decay": 0.1, "weight_decay_exclude": 3})
+
+
+def _adam_rounds(gradients, weights, *, b1, b2, H, R, lr=1e-2):
+  """R rounds of shared moments: every site runs H steps of optax.adam on its constant
+  gradient from the global params and moments; returns (global params, outer state)."""
+  inner = optax.adam(lr, b1=b1, b2=b2)
+  tx = outer.make_outer_optimizer(_cfg(name="moments", lr=1.0, b1=b1, b2=b2, steps_per_round=H))
+  params = {"w": jnp.zeros(gradients[0].shape, jnp.float32)}
+  state = outer.init_outer_state(tx, params)
+  for _ in range(R):
+    updates = []
+    for g in gradients:
+      st = optax.tree_utils.tree_set(inner.init(params), mu={"w": state["w"].mu},
+                                     nu={"w": state["w"].nu}, count=state["w"].count)
+      p = params
+      for _ in range(H):
+        u, st = inner.update({"w": g}, st, p)
+        p = optax.apply_updates(p, u)
+      updates.append({"w": params["w"] - p["w"],
+                      outer.MOMENT_PREFIX + "w": optax.tree_utils.tree_get(st, "mu")["w"]})
+    params, state = outer.outer_step(tx, params, state, updates, weights)
+  return params, state
+
+
+def test_shared_moments_carry_the_adam_state_of_the_mean_gradient():
+  """With constant site gradients, the global moments after R rounds of H steps are
+  exactly (to rounding) what one Adam on the weighted mean gradient keeps after R * H
+  steps; with one site, the params are too (a site alone, continued)."""
+  rng = np.random.default_rng(0)
+  gradients = [jnp.asarray(rng.normal(size=6), jnp.float32) for _ in range(3)]
+  weights = outer.cap_weights([1, 2, 3], None)
+  b1, b2, H, R = 0.9, 0.95, 3, 4
+  _, state = _adam_rounds(gradients, weights, b1=b1, b2=b2, H=H, R=R)
+  mean = sum(float(w) * g for w, g in zip(weights, gradients))
+  ref = optax.scale_by_adam(b1=b1, b2=b2)
+  ref_state = ref.init(mean)
+  for _ in range(R * H):
+    _, ref_state = ref.update(mean, ref_state)
+  assert int(state["w"].count) == R * H
+  np.testing.assert_allclose(state["w"].mu, ref_state.mu, rtol=1e-5)
+  np.testing.assert_allclose(state["w"].nu, ref_state.nu, rtol=1e-4)
+  # The second moment is the mean gradient's, not the mean of the sites' squares.
+  assert not np.allclose(state["w"].nu, sum(float(w) * g * g for w, g in zip(weights, gradients))
+                         * (1 - b2 ** (R * H)), rtol=1e-2)
+  one, _ = _adam_rounds(gradients[:1], [1.0], b1=b1, b2=b2, H=H, R=R)
+  inner, p = optax.adam(1e-2, b1=b1, b2=b2), {"w": jnp.zeros(6, jnp.float32)}
+  st = inner.init(p)
+  for _ in range(R * H):
+    u, st = inner.update({"w": gradients[0]}, st, p)
+    p = optax.apply_updates(p, u)
+  np.testing.assert_allclose(one["w"], p["w"], rtol=1e-5, atol=1e-7)
+
+
+def test_shared_moments_merge_blockwise_bit_identically_and_need_the_moments():
+  tx = outer.make_outer_optimizer(_cfg(name="moments", lr=1.0, steps_per_round=2))
+  rng = np.random.default_rng(2)
+  g = jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)
+  state = tx.init(g)
+  for _ in range(2):
+    deltas = [jnp.asarray(rng.normal(size=(9, 4)), jnp.float32) for _ in range(3)]
+    mus = [jnp.asarray(rng.normal(size=(9, 4)), jnp.float32) for _ in range(3)]
+    w = outer.cap_weights([3, 5, 7], None)
+    whole_g, whole_state = outer.merge_block(tx, g, state, deltas, w, moments=mus)
+    rows = [slice(0, 2), slice(2, 9)]
+    blocks = [outer.merge_block(tx, g[r], _slice_state(tx, state, g, r), [d[r] for d in deltas],
+                                w, moments=[m[r] for m in mus]) for r in rows]
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), whole_g)
+    for leaf in ("mu", "nu"):
+      np.testing.assert_array_equal(np.concatenate([getattr(b[1], leaf) for b in blocks]),
+                                    getattr(whole_state, leaf))
+    g, state = whole_g, whole_state
+  assert int(state.count) == 4
+  with pytest.raises(ValueError, match="first moments"):
+    outer.merge_block(tx, g, state, deltas, w)
+  with pytest.raises(ValueError, match="first moments"):
+    outer.merge_block(outer.make_outer_optimizer(OPTIMIZER_CFGS["sgd"]), g,
+                      outer.make_outer_optimizer(OPTIMIZER_CFGS["sgd"]).init(g), deltas, w,
+                      moments=mus)

@@ -11,8 +11,9 @@ Variants (optionally followed by /SITE,SITE,... to choose the sites):
           quality benchmark's setting (byte-level, d=192, 3 layers, seq 128); any of
           en, fr, ja, id, de, es, zh-cn with e.g. `debref/en,fr,de,es,zh-cn`.
   small   4 synthetic sites on the ~20M `small` model.
-Modifier: `+fedadam` (e.g. `debref+fedadam`, `tiny+fedadam/latin,greek`) turns the variant
-into FedAdam at H=1 with the same steps (see `fedadam`).
+Modifiers: `+fedadam` (e.g. `debref+fedadam`, `tiny+fedadam/latin,greek`) turns the variant
+into FedAdam at H=1 with the same steps (see `fedadam`); `+moments` into shared Adam
+moments at H=4 with the same steps (see `moments`).
 
 Run:
   python -m launch.federate --config=experiments/configs/federation.py:tiny --workdir=/tmp/fed
@@ -83,11 +84,30 @@ def fedadam(c: ml_collections.ConfigDict) -> None:
   t.steps = steps
 
 
+def moments(c: ml_collections.ConfigDict, inner_steps: int = 4) -> None:
+  """Turns `c` into shared Adam moments (`outer.SharedMoments`) at H=`inner_steps` with
+  the same total steps: every site runs H steps of the `train` AdamW recipe from the
+  global params and the global Adam moments and step count, and sends its pseudo-gradient
+  and its first moment; the coordinator averages both and advances the second moment
+  with the round's mean gradient (outer lr 1: the new global is the sites' mean model)."""
+  f = c.federation
+  steps = int(f.rounds) * int(f.inner_steps)
+  evals = max(1, steps // max(1, int(f.eval_every) * int(f.inner_steps)))
+  f.inner_steps, f.rounds = int(inner_steps), max(1, steps // int(inner_steps))
+  f.eval_every = max(1, int(f.rounds) // evals)
+  f.outer.name, f.outer.lr, f.outer.momentum = "moments", 1.0, 0.0
+  c.train.steps = int(f.rounds) * int(f.inner_steps)
+
+
+MODIFIERS = {"fedadam": fedadam, "moments": moments}
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   arg, *modifiers = (arg or "tiny").split("+")
   variant, _, chosen = arg.partition("/")
-  if any(m.partition("/")[0] != "fedadam" for m in modifiers):
-    raise ValueError(f"unknown federation config modifier(s) {modifiers}; known: +fedadam")
+  if any(m.partition("/")[0] not in MODIFIERS for m in modifiers):
+    raise ValueError(f"unknown federation config modifier(s) {modifiers}; known: "
+                     f"{', '.join('+' + m for m in MODIFIERS)}")
   if modifiers:  # "debref+fedadam/en,fr": the site list may follow the modifier.
     chosen = chosen or modifiers[-1].partition("/")[2]
   if variant not in ("tiny", "debref", "small"):
@@ -220,6 +240,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     t.steps = f.rounds * f.inner_steps
   if variant == "small":
     t.global_batch_size = 16
-  if modifiers:
-    fedadam(c)
+  for m in modifiers:
+    MODIFIERS[m.partition("/")[0]](c)
   return c
