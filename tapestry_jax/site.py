@@ -237,8 +237,7 @@ def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
       manifest.get("federation") != fid:
     raise exchange.ExchangeError(
         f"{bucket.url}/{prefix}: manifest is not global round {round_} of federation {fid!r}")
-  params_schema = schema or federation.param_schema(config)
-  schema = {f"params/{n}": v for n, v in params_schema.items()}
+  schema = {f"params/{n}": v for n, v in (schema or federation.param_schema(config)).items()}
   params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
                                            if k.startswith("params/")})
   exchange.check_schema(params_manifest, schema)

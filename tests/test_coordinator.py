@@ -532,6 +532,32 @@ def test_read_global_refuses_a_round_that_is_not_the_one_asked_for(tmp_path):
   assert glob.bytes_read - read0 < 100_000  # The manifest and COMMIT only.
 
 
+def test_a_site_reads_the_global_moments_verified_under_outer_moments(tmp_path):
+  config = _config()
+  config.federation.outer.name, config.federation.outer.lr = "moments", 1.0
+  coord = _coordinator(config, tmp_path)
+  coord.publish_initial()
+  shardings = _shardings(config)
+  root = trust.TrustRoot.from_config(config)
+  _, manifest = site_lib.read_global(coord.glob, config, 0, shardings, root=root)
+  moments = site_lib.read_global_moments(coord.glob, config, 0, manifest, shardings)
+  assert sorted(moments) == sorted(federation.param_schema(config))
+  for leaves in moments.values():
+    assert int(leaves["count"]) == 0 and not np.asarray(leaves["nu"]).any()
+  # A planted chunk in a moment (zero chunks are not stored: a chunk of the params, same
+  # shape): its digest is not the signed one.
+  data = exchange.data_prefix(exchange.global_prefix(0), manifest)
+  key = next(k for k in coord.glob.list(f"{data}/arrays/params/embed/") if "/c/" in k)
+  coord.glob.write(key.replace("/params/embed/", "/outer/embed/mu/"), coord.glob.read(key))
+  with pytest.raises(exchange.ExchangeError, match=r"outer/embed/mu.*chunk \(0, 0\) is corrupt"):
+    site_lib.read_global_moments(coord.glob, config, 0, manifest, shardings)
+  # A model the moments do not fit: refused before their data is read.
+  wider = _config()
+  wider.model.d_model = 64
+  with pytest.raises(exchange.ExchangeError, match=r"schema mismatch.*outer/embed/mu"):
+    site_lib.read_global_moments(coord.glob, wider, 0, manifest, _shardings(wider))
+
+
 def test_publish_update_keeps_an_already_committed_round(tmp_path, caplog):
   config = _config()
   bucket = _bucket(config, tmp_path, "latin")

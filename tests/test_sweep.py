@@ -2,7 +2,8 @@
 import pytest
 
 from experiments.configs import federation as fed_config
-from experiments.sweeps import data_split, dropped_sites, inner_steps, num_sites, outer_optimizer
+from experiments.sweeps import (data_split, dropped_sites, inner_steps, moments, num_sites,
+                                outer_optimizer)
 from tapestry_jax import federation
 from tapestry_jax import sweep
 from tapestry_jax.validate import ConfigError
@@ -25,10 +26,11 @@ def test_typos_and_unknown_sites_are_config_errors():
     sweep.apply_overrides(base, {"sites": "latin,klingon"})
 
 
-@pytest.mark.parametrize("module", [data_split, dropped_sites, inner_steps, num_sites,
-                                    outer_optimizer])
-def test_every_shipped_sweep_gives_valid_configs(module):
-  base = fed_config.get_config("tiny")
+@pytest.mark.parametrize("module, base", [
+    (data_split, "tiny"), (dropped_sites, "tiny"), (inner_steps, "tiny"), (num_sites, "tiny"),
+    (outer_optimizer, "tiny"), (moments, "tiny+moments")])
+def test_every_shipped_sweep_gives_valid_configs(module, base):
+  base = fed_config.get_config(base)
   runs = module.get_sweep()
   assert len({r["name"] for r in runs}) == len(runs) > 1
   for run in runs:

@@ -1,0 +1,28 @@
+"""Shared Adam moments (`+moments`, outer.SharedMoments) on debref: H and what sites send.
+
+  python -m launch.sweep --config=experiments/configs/federation.py:debref+moments \
+      --sweep=experiments/sweeps/moments.py --workdir=/tmp/sweep_moments --noalone
+
+The base is H=4 in float32 (400 inner steps per site, 100 rounds). Every site runs the
+data-parallel recipe's AdamW from the global params, moments and step count, and sends
+its pseudo-gradient and first moment: two arrays per round, so float32 sends only H/2
+times fewer bytes than data parallelism, bfloat16 H times, int8 and float8 2H times.
+Measured numbers are in the README and in experiments/configs/federation.py.
+"""
+
+
+def _h(h: int, **kw):
+  return {"name": f"h{h}", "federation.inner_steps": h, "federation.rounds": 400 // h,
+          "federation.eval_every": max(1, 100 // h), **kw}
+
+
+def get_sweep():
+  return [
+      _h(4),
+      _h(2),
+      _h(8),
+      _h(16),
+      {**_h(4), "name": "h4_bf16", "federation.update_dtype": "bfloat16"},
+      {**_h(4), "name": "h4_float8", "federation.update_dtype": "float8_e4m3fn"},
+      {**_h(4), "name": "h4_int8", "federation.update_dtype": "int8"},
+  ]
