@@ -284,10 +284,6 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
     if int(f.outer.get("steps_per_round") or f.inner_steps) != int(f.inner_steps):
       raise ConfigError(f"federation.outer.steps_per_round={f.outer.steps_per_round} must be "
                         f"federation.inner_steps={f.inner_steps} (or 0) with outer moments")
-    if outer_lib.robust_kwargs(f.get("robust"))["clip_norm"]:
-      raise ConfigError("federation.robust.clip_norm is not supported with outer moments yet "
-                        "(a site's first moment would escape the clip); use the median or "
-                        "trimmed mean against outliers")
     if error_feedback(config):
       raise ConfigError("federation.error_feedback is not supported with outer moments")
     for name in ([site] if site is not None else names):

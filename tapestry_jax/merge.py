@@ -31,8 +31,8 @@ of the updates, not the memory.
 Shared moments (outer "moments", `outer.SharedMoments`): every site's update also holds
 its first moment of each parameter (`outer.MOMENT_PREFIX` + name); those blocks are read,
 verified and finiteness-checked like the deltas (a bad one refuses that site's update),
-aggregated like them, and the outer step takes both. Clipping is refused there (a site's
-moment would escape a clip computed from its delta).
+aggregated like them (a site's clip scale, from the norm of its delta, scales its moment
+too), and the outer step takes both. The outer clip is refused there.
 
 int8 and float8 updates (`tapestry_jax.quantize`) are read as their codes (float8's
 checked for NaN codes like any float) and dequantized inside
@@ -401,8 +401,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
   robust = outer_lib.robust_kwargs({"clip_norm": clip_norm, "aggregator": aggregator,
                                     "trim": trim})
   clip_norm, aggregator, trim = robust["clip_norm"], robust["aggregator"], robust["trim"]
-  if isinstance(tx, outer_lib.SharedMoments) and (clip_norm or outer_clip_norm):
-    raise ValueError("clipping is not supported with shared moments (outer.name moments)")
+  if isinstance(tx, outer_lib.SharedMoments) and outer_clip_norm:
+    raise ValueError("the outer clip is not supported with shared moments (outer.name moments)")
   outer_lib.check_update_count(aggregator, trim, len(inputs))
   scales, norms = _clip_scales(inputs, clip_norm, declared_norms)
   # Each update's sum of squares over the blocks read so far (only when clipping uses it).

@@ -713,8 +713,8 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
   flat_d = [trees.flatten(d) for d in site_deltas]
   flat_m = None
   if isinstance(tx, SharedMoments):  # Each update also holds MOMENT_PREFIX + name leaves.
-    if clip_norm or outer_clip_norm:
-      raise ValueError("clipping is not supported with shared moments (outer.name moments)")
+    if outer_clip_norm:
+      raise ValueError("the outer clip is not supported with shared moments (outer.name moments)")
     flat_m = [{n[len(MOMENT_PREFIX):]: v for n, v in d.items() if n.startswith(MOMENT_PREFIX)}
               for d in flat_d]
     flat_d = [{n: v for n, v in d.items() if not n.startswith(MOMENT_PREFIX)} for d in flat_d]

@@ -303,8 +303,11 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
   except ValueError:  # int8: a NaN or Inf leaves nothing to quantize.
     raise diverged from None
   # Declared so that the coordinator can clip in its one streaming pass (it checks the
-  # claim against what it reads); the simulation's function, so both clip alike.
-  norm = outer_lib.update_norm(sent)
+  # claim against what it reads); the simulation's function, so both clip alike. The norm
+  # of the pseudo-gradient only: under shared moments, the first moments it also sends
+  # are scaled by the same clip factor.
+  norm = outer_lib.update_norm({n: v for n, v in sent.items()
+                                if not n.startswith(outer_lib.MOMENT_PREFIX)})
   if not np.isfinite(norm):
     raise diverged
   # Deterministic, so every process of a multi-process site writes the same attempt.

@@ -124,7 +124,8 @@ def test_quantized_updates_merge_bit_identically_and_clip_by_their_dequantized_n
 
 
 @pytest.mark.parametrize("aggregator", ["mean", "median"])
-def test_shared_moments_merge_quantized_moments_and_refuse_a_bad_one(tmp_path, aggregator):
+def test_shared_moments_merge_quantized_clipped_moments_and_refuse_a_bad_one(tmp_path,
+                                                                             aggregator):
   tx = _outer("moments")
   glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(3),
                                                quantized="float8_e4m3fn")
@@ -152,9 +153,21 @@ def test_shared_moments_merge_quantized_moments_and_refuse_a_bad_one(tmp_path, a
                       ex.data_prefix(ex.global_prefix(2), ex.new_attempt()),
                       aggregator=aggregator)
   assert e.value.index == 1
-  with pytest.raises(ValueError, match="clipping is not supported"):
+  # A site clip (from each delta's norm, which is what a site declares) scales that
+  # site's moment too: still bit-identical.
+  norms = [outer.update_norm({n: v for n, v in d.items()
+                              if not n.startswith(outer.MOMENT_PREFIX)}) for d in deltas]
+  clip = sorted(norms)[1]
+  want_params, want_state = outer.outer_step(tx, params, state, deltas, weights, clip_norm=clip,
+                                             aggregator=aggregator)
+  prefix = ex.data_prefix(ex.global_prefix(3), ex.new_attempt())
+  records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob, prefix,
+                              max_block_bytes=64, aggregator=aggregator, clip_norm=clip,
+                              declared_norms=norms)
+  _assert_stored(glob, prefix, records, want_params, want_state)
+  with pytest.raises(ValueError, match="outer clip is not supported"):
     merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
-                      ex.data_prefix(ex.global_prefix(3), ex.new_attempt()), clip_norm=1.0)
+                      ex.data_prefix(ex.global_prefix(4), ex.new_attempt()), outer_clip_norm=1.0)
 
 
 @pytest.mark.parametrize("quantized, aggregator, site_clip",
