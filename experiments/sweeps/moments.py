@@ -9,9 +9,9 @@ its pseudo-gradient and first moment: two arrays per round, so float32 sends onl
 times fewer bytes than data parallelism, bfloat16 H times, int8 and float8 2H times.
 Measured (held-out bpb, mean of en/fr/id/ja, seed 0; data parallelism 2.740, each site
 alone 2.898, FedAvg H=5 2.969, FedAdam H=1 2.784): h4 2.786, h2 2.789, h8 2.876, h16 3.014
-(worse than alone: at this budget of 400 steps the sites' own AdamW second moments and drift
-take over past H=4), h4_bf16 2.794, h4_float8 2.792 (seed 0 of the 3-seed run). Over 3 seeds, h4 in float8 meets the quality targets
-(README).
+(worse than alone: at this budget of 400 steps it holds up to H=4), h4_bf16 2.794,
+h4_float8 2.792 (seed 0 of the 3-seed run). Over 3 seeds, h4 in float8 meets the quality
+targets (README).
 """
 
 
