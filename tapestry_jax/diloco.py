@@ -64,18 +64,6 @@ def _make_inner_step(loss_fn: Callable, tx: optax.GradientTransformation):
   return jax.jit(step)
 
 
-def _with_global_moments(opt_state, outer_state: dict[str, Any], like):
-  """`opt_state` with its Adam moments and step counts set to the global ones."""
-  leaves = {n: outer.state_leaves(v) for n, v in outer_state.items()}
-  count = {int(v["count"]) for v in leaves.values()}.pop()
-  opt_state = optax.tree_utils.tree_set(
-      opt_state, mu=trees.unflatten({n: v["mu"] for n, v in leaves.items()}, like),
-      nu=trees.unflatten({n: v["nu"] for n, v in leaves.items()}, like))
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: (jnp.asarray(count, jnp.int32)
-                       if getattr(path[-1], "name", None) == "count" else x), opt_state)
-
-
 def run_diloco(
     loss_fn: Callable[[Any, Any], jax.Array],
     init_params: Any,
@@ -168,8 +156,10 @@ def run_diloco(
       if live[i]:
         site_params[i] = global_params  # jax arrays are immutable: sharing is safe
         if moments:  # The global Adam state replaces the site's (outer.SharedMoments).
-          site_opt_states[i] = _with_global_moments(site_opt_states[i], outer_state,
-                                                    global_params)
+          count, mu, nu = outer.global_moments(outer_state)
+          site_opt_states[i] = outer.set_adam_state(
+              site_opt_states[i], trees.unflatten(mu, global_params),
+              trees.unflatten(nu, global_params), lambda: jnp.asarray(count, jnp.int32))
       params, opt_state, count, losses_i = site_params[i], site_opt_states[i], 0, []
       for s in range(int(inner_steps)):
         try:

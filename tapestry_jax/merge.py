@@ -321,12 +321,12 @@ def _can_be_non_finite(record: Mapping) -> bool:
   return not np.issubdtype(exchange._np_dtype(record["dtype"]), np.integer)
 
 
-def _site_block(p: _Param, j: int, fut, num_sites: int) -> np.ndarray:
+def _site_block(p: _Param, j: int, fut) -> np.ndarray:
   """The block read by `fut` (`_read_checked` of source j >= first), or the BadUpdate
   that refuses that site's update (corrupt, unreadable or non-finite). Site sources
   follow the global ones, one per site, then (outer moments) one more per site."""
   first = 1 + len(p.leaves)
-  index = (j - first) % num_sites
+  index = (j - first) % p.num_sites
   try:
     block, ok = fut.result()
   except ExchangeError as e:
@@ -353,7 +353,7 @@ def _merged_norm(params: Sequence[_Param], pool, weights, scales, aggregator: st
       futs = [pool.submit(_read_checked, b, pre, n, r, idx, store, None,
                           check_finite=_can_be_non_finite(r))
               for (b, pre, n, r), store in zip(p.sources[first:], p.stores[first:])]
-      deltas = [_site_block(p, first + k, fut, len(futs)) for k, fut in enumerate(futs)]
+      deltas = [_site_block(p, first + k, fut) for k, fut in enumerate(futs)]
       deltas = [d if q is None else quantize.Quantized(d, q["offset"], q["scale"])
                 for d, q in zip(deltas, quants)]
       squares += outer_lib.sum_squares(outer_lib.aggregate_block(
@@ -468,7 +468,7 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         raws, futs = reading.popleft()
         first = 1 + len(p.leaves)
         # Every site's block is verified and finite before a value of it is merged.
-        host = [fut.result()[0] if j < first else _site_block(p, j, fut, p.num_sites)
+        host = [fut.result()[0] if j < first else _site_block(p, j, fut)
                 for j, fut in enumerate(futs)]
         # Squares are summed on the pool while this block merges; the buffers stay
         # untouched until the sums are in.

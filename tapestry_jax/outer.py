@@ -275,6 +275,27 @@ class SharedMoments(NamedTuple):
             optax.ScaleByAdamState(count=state.count + self.steps, mu=m, nu=nu))
 
 
+def global_moments(outer_state: Mapping[str, Any]) -> tuple[int, dict, dict]:
+  """(step count, {name: mu}, {name: nu}) of a `SharedMoments` outer state, given as
+  {param name: its state} or {param name: its leaves "count", "mu", "nu"}; ValueError
+  if the leaves disagree on the count."""
+  leaves = {n: v if isinstance(v, Mapping) else state_leaves(v) for n, v in outer_state.items()}
+  counts = {int(np.asarray(v["count"])) for v in leaves.values()}
+  if len(counts) != 1:
+    raise ValueError(f"the global moments have different step counts {sorted(counts)}")
+  return (counts.pop(), {n: v["mu"] for n, v in leaves.items()},
+          {n: v["nu"] for n, v in leaves.items()})
+
+
+def set_adam_state(opt_state, mu, nu, count: Callable[[], Any]):
+  """`opt_state` (an optax chain holding one Adam state, e.g. AdamW's) with its moments
+  set to the pytrees `mu` and `nu` and every step count (Adam's bias correction, an lr
+  schedule's) to a fresh `count()` array each: a train step may donate them."""
+  opt_state = optax.tree_utils.tree_set(opt_state, mu=mu, nu=nu)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: count() if getattr(path[-1], "name", None) == "count" else x, opt_state)
+
+
 class MaskedDecay(NamedTuple):
   """The outer AdamW when weight decay skips some leaves: an optax transformation (its
   `init` and `update` decay) plus `no_decay`, the same AdamW without decay (the same

@@ -127,24 +127,16 @@ class SiteWorker:
     self.base = params
     state = self.state.replace(params=jax.tree.map(jnp.copy, params))
     if moments is not None:
-      leaves = {n: outer_lib.state_leaves(v) if not isinstance(v, dict) else v
-                for n, v in moments.items()}
-      counts = {int(np.asarray(v["count"])) for v in leaves.values()}
-      if len(counts) != 1:
-        raise ValueError(f"site {self.name}: the global moments have step counts {counts}")
+      count, mu, nu = outer_lib.global_moments(moments)
       flat_shardings = trees.flatten(shardings)
-      if sorted(leaves) != sorted(flat_shardings):
+      if sorted(mu) != sorted(flat_shardings):
         raise ValueError(f"site {self.name}: the global moments do not match the params")
-      put = lambda key: trees.unflatten(  # noqa: E731
-          {n: jax.device_put(jnp.asarray(leaves[n][key], jnp.float32), s)
+      put = lambda flat: trees.unflatten(  # noqa: E731
+          {n: jax.device_put(jnp.asarray(flat[n], jnp.float32), s)
            for n, s in flat_shardings.items()}, shardings)
-      count = counts.pop()
-      opt_state = optax.tree_utils.tree_set(state.opt_state, mu=put("mu"), nu=put("nu"))
-      # Adam's count and the lr schedule's: one array each (the train step donates them).
-      opt_state = jax.tree_util.tree_map_with_path(
-          lambda path, x: (jax.device_put(jnp.asarray(count, jnp.int32), self.trainer.replicated)
-                           if getattr(path[-1], "name", None) == "count" else x), opt_state)
-      state = state.replace(opt_state=opt_state)
+      state = state.replace(opt_state=outer_lib.set_adam_state(
+          state.opt_state, put(mu), put(nu),
+          lambda: jax.device_put(jnp.asarray(count, jnp.int32), self.trainer.replicated)))
     self.state = state
 
   def train(self, steps: int) -> dict[str, Any]:
