@@ -14,6 +14,17 @@ pipeline: the merged blocks are hashed and written while the next blocks are rea
 `MAX_PENDING_WRITE_BLOCKS` + 1 merged blocks being written, plus TensorStore's transient
 copy of each chunk in flight: independent of the model's size.
 
+No committed global round holds a NaN or Inf. Every merged block comes with a flag
+(`outer.merge_block(..., with_finite=True)`, computed in the same jitted call) saying
+whether its merged pseudo-gradient, new params and new outer state are all finite. With
+the mean that flag covers the sites' values too (a NaN or Inf in any of them propagates
+into the weighted sum), so their blocks are scanned only when it is down, to name the
+site (NonFiniteUpdate); the robust aggregators can sort a NaN or Inf out of their result,
+so there every site block is scanned as it is read. Finite values whose merge overflows
+float32 (a hostile site's 1e38s under Nesterov's momentum, with no norm clip) refuse the
+update with the largest |coefficient * value| in the block (BadUpdate). The simulation
+(`outer.outer_step`) has no such refusal: there the same values give an Inf.
+
 Robust merging (`outer.default_robust_config`): with clip_norm > 0 each site's update is
 scaled by min(1, clip_norm / norm), where the norm is the one the site declared in its
 signed manifest (`extra["update_norm"]`), so every update is read once. While its blocks
@@ -339,6 +350,42 @@ def _site_block(p: _Param, j: int, fut) -> np.ndarray:
   return block
 
 
+def _refuse_non_finite(p: _Param, i: int, host: Sequence[np.ndarray], coef_K) -> None:
+  """Block i of `p` merged into non-finite values: raises NonFiniteUpdate for the first
+  site update holding a NaN or Inf there; if none does, the finite values overflowed
+  float32 in the merge, and BadUpdate refuses the update whose |coefficient * value| is
+  the largest in the block (what a norm clip would have scaled down). `host` are the
+  block's inputs in `p.sources` order (the global ones first); `coef_K` each site's
+  coefficient in the merge."""
+  first = 1 + len(p.leaves)
+  where = f"block {i} of {p.name!r}"
+  for j in range(first):  # The previous global round: never committed non-finite.
+    if not np.isfinite(host[j]).all():
+      b, pre, n, _ = p.sources[j]
+      raise ExchangeError(f"global round {pre} in bucket {b.url}: array {n!r} has "
+                          f"non-finite values in {where}; cannot merge on it")
+  for j in range(first, len(host)):
+    b, pre, n, r = p.sources[j]
+    if _can_be_non_finite(r) and not np.isfinite(host[j]).all():
+      raise NonFiniteUpdate(f"update {pre} in bucket {b.url}: array {n!r} has non-finite "
+                            f"values (NaN or Inf)", index=(j - first) % p.num_sites, name=n)
+  largest = []
+  for j in range(first, len(host)):
+    r = p.sources[j][3]
+    q = r.get("quant")
+    x = host[j].astype(np.float64)
+    if q is not None:
+      x = q["offset"] + q["scale"] * x
+    k = (j - first) % p.num_sites
+    largest.append((float(np.abs(x).max(initial=0.0)) * abs(float(coef_K[k])), k, j))
+  _, k, j = max(largest)
+  b, pre, n, _ = p.sources[j]
+  raise BadUpdate(f"update {pre} in bucket {b.url}: merging array {n!r} overflows float32 in "
+                  f"{where} (its values are finite but the largest there; clip the updates' "
+                  f"norm with robust.clip_norm)", index=k, name=n,
+                  reason=f"values of {n} overflow the merge")
+
+
 def _merged_norm(params: Sequence[_Param], pool, weights, scales, aggregator: str,
                  trim: int) -> float:
   """The global L2 norm of the merged pseudo-gradient (before the outer clip), in
@@ -419,6 +466,11 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
   writes: collections.deque = collections.deque()  # (writer, future, block number)
   records: dict[str, dict] = {}
 
+  # The mean's finiteness flag (merge_block's with_finite) covers its inputs: a NaN or Inf
+  # in any of them makes the merged block non-finite, and only then are the inputs
+  # scanned to find whose it was. The robust aggregators can sort a NaN or Inf out of the
+  # result, so every site block is scanned as it is read.
+  scan_inputs = aggregator != "mean"
   with concurrent.futures.ThreadPoolExecutor(max_workers=n_sources + 2) as pool:
 
     def start(p: _Param, i: int):
@@ -445,7 +497,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         raw, view = buffers.take(shape, exchange._np_dtype(r["dtype"]))
         raws.append(raw)
         futs.append(pool.submit(_read_checked, b, pre, n, r, idx, store, view,
-                                check_finite=j >= first and _can_be_non_finite(r)))
+                                check_finite=(j >= first and scan_inputs
+                                              and _can_be_non_finite(r))))
       return raws, futs
 
     def settle(keep_blocks: int, block: int) -> None:
@@ -480,7 +533,6 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
         # inside state_from_leaves, would copy).
         blocks = [jax.device_put(h) for h in host]
-        del host
         fill(read_ahead)  # Read the next blocks while this one merges.
         n_leaves = len(p.leaves)
         g, leaf_blocks, deltas = blocks[0], blocks[1:1 + n_leaves], blocks[1 + n_leaves:]
@@ -490,10 +542,12 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         deltas, moments = deltas[:p.num_sites], deltas[p.num_sites:] or None
         state = outer_lib.state_from_leaves(tx, g,
                                             {**p.whole, **dict(zip(p.leaves, leaf_blocks))})
-        new_g, new_state = outer_lib.merge_block(outer_lib.leaf_optimizer(tx, p.name), g, state,
-                                                 deltas, weights, scales=scales,
-                                                 aggregator=aggregator, trim=trim,
-                                                 moments=moments)
+        new_g, new_state, finite = outer_lib.merge_block(
+            outer_lib.leaf_optimizer(tx, p.name), g, state, deltas, weights, scales=scales,
+            aggregator=aggregator, trim=trim, moments=moments, with_finite=True)
+        if not bool(finite):  # Raises, naming the update to refuse.
+          _refuse_non_finite(p, i, host, scales * weights if aggregator == "mean" else scales)
+        del host
         # Materialized on the host: the merge has consumed its inputs (which JAX may alias
         # without copying), so their buffers can be reused; an output that JAX forwarded
         # from an input is copied out first.

@@ -592,12 +592,22 @@ def _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2):
   return delta / jnp.float32(K - 2 * trim)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _merge_block_jit(tx, aggregator, trim, quantized, global_block, state_block, deltas,
-                     coef_K, dequant_Kx2):
+def _all_finite(*trees) -> jax.Array:
+  """Whether every floating value in `trees` is finite (a traced bool)."""
+  flags = [jnp.isfinite(x).all() for t in trees for x in jax.tree.leaves(t)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _merge_block_jit(tx, aggregator, trim, quantized, with_finite, global_block, state_block,
+                     deltas, coef_K, dequant_Kx2):
   delta = _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2)
   updates, new_state = tx.update(delta, state_block, global_block)
-  return optax.apply_updates(global_block, updates), new_state
+  new_global = optax.apply_updates(global_block, updates)
+  if with_finite:
+    return new_global, new_state, _all_finite(delta, new_global, new_state)
+  return new_global, new_state
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -662,7 +672,8 @@ def merged_clip_scale(norm: float, clip_norm: float) -> np.float32:
 
 def merge_block(tx: optax.GradientTransformation, global_block, state_block,
                 deltas: Sequence[Any], weights, *, scales=None, aggregator: str = "mean",
-                trim: int = 0, moments: Sequence[Any] | None = None) -> tuple[jax.Array, Any]:
+                trim: int = 0, moments: Sequence[Any] | None = None,
+                with_finite: bool = False) -> tuple[Any, ...]:
   """One outer step on one block (a whole leaf, or rows of it): returns (new_global, new_state).
 
   The merged pseudo-gradient, in float32 and a fixed order, is
@@ -683,7 +694,15 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
 
   `moments` (outer `SharedMoments` only, which requires them): the sites' first-moment
   blocks in the order of `deltas`, aggregated like them; `tx.update` then gets the pair
-  (merged delta, merged moment)."""
+  (merged delta, merged moment).
+
+  `with_finite`: also return, third, whether every value of the merged pseudo-gradient
+  (and moment), of the new global block and of the new state's floating leaves is
+  finite (a jax bool, computed in the same jitted call; the other outputs are the same
+  bits either way). With the mean, a NaN or Inf in any site's block makes the merged
+  pseudo-gradient non-finite (IEEE NaN and Inf propagate through the weighted sum, also
+  with a coefficient of 0), so the flag covers the inputs too; and it catches finite
+  values whose merge overflows float32."""
   shape = tuple(np.shape(global_block))
   trim_ = int(trim) if aggregator == "trimmed_mean" else 0
   quantized, deltas, coef_K, dequant_Kx2 = _block_args(
@@ -691,24 +710,29 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
   if isinstance(tx, SharedMoments) != (moments is not None):
     raise ValueError("merge_block needs the sites' first moments (`moments`) exactly when "
                      "the outer optimizer is shared moments")
+  with_finite = bool(with_finite)
   if moments is None:
-    return _merge_block_jit(tx, aggregator, trim_, quantized, global_block, state_block, deltas,
-                            coef_K, dequant_Kx2)
+    return _merge_block_jit(tx, aggregator, trim_, quantized, with_finite, global_block,
+                            state_block, deltas, coef_K, dequant_Kx2)
   if len(moments) != len(deltas):
     raise ValueError(f"got {len(deltas)} deltas but {len(moments)} first moments")
   quantized_m, moments, _, dequant_m = _block_args(moments, weights, scales, aggregator, trim,
                                                    shape)
-  return _merge_moments_jit(tx, aggregator, trim_, quantized, quantized_m, global_block,
-                            state_block, deltas, moments, coef_K, dequant_Kx2, dequant_m)
+  return _merge_moments_jit(tx, aggregator, trim_, quantized, quantized_m, with_finite,
+                            global_block, state_block, deltas, moments, coef_K, dequant_Kx2,
+                            dequant_m)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _merge_moments_jit(tx, aggregator, trim, quantized, quantized_m, global_block, state_block,
-                       deltas, moments, coef_K, dequant_Kx2, dequant_m):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _merge_moments_jit(tx, aggregator, trim, quantized, quantized_m, with_finite, global_block,
+                       state_block, deltas, moments, coef_K, dequant_Kx2, dequant_m):
   merged = (_aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2),
             _aggregate(aggregator, trim, quantized_m, moments, coef_K, dequant_m))
   updates, new_state = tx.update(merged, state_block, global_block)
-  return optax.apply_updates(global_block, updates), new_state
+  new_global = optax.apply_updates(global_block, updates)
+  if with_finite:
+    return new_global, new_state, _all_finite(merged, new_global, new_state)
+  return new_global, new_state
 
 
 def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Mapping[str, Any],

@@ -231,6 +231,63 @@ def test_a_float8_nan_code_is_a_non_finite_update(tmp_path, outer_clip):
   assert e.value.index == 1
 
 
+def _rewritten(site_input, edit):
+  """(bucket, prefix, manifest) of site_input's update with its arrays changed by `edit`
+  (a function of {name: array}), written to a new attempt of the same round."""
+  bucket, prefix, manifest = site_input
+  arrays = {n: _whole(bucket, ex.data_prefix(prefix, manifest), n, r)
+            for n, r in manifest["arrays"].items()}
+  edit(arrays)
+  attempt = ex.new_attempt()
+  records = ex.write_arrays(bucket, ex.data_prefix(prefix, attempt), arrays)
+  return bucket, prefix, dict(manifest, attempt=attempt, arrays=records)
+
+
+def _merge(tx, glob, inputs, weights, **kw):
+  return merge.merge_round(tx, glob, ex.global_prefix(0),
+                           ex.read_manifest(glob, ex.global_prefix(0)), inputs, weights, glob,
+                           ex.data_prefix(ex.global_prefix(1), ex.new_attempt()), **kw)
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "median"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_value_refuses_its_update(tmp_path, aggregator, value):
+  """The mean finds it from the merged block's finiteness flag, the median (which can
+  sort it out of the result) from scanning every block; either way the site is named."""
+  tx = outer.make_outer_optimizer({"name": "nesterov"})
+  glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(4))
+  inputs[2] = _rewritten(inputs[2], lambda a: a["e"].__setitem__((4, 2, 3), value))
+  with pytest.raises(merge.NonFiniteUpdate, match="array 'e' has non-finite") as e:
+    _merge(tx, glob, inputs, [0.3, 0.3, 0.4], aggregator=aggregator)
+  assert e.value.index == 2
+
+
+def test_finite_values_that_overflow_the_merge_refuse_the_largest_update(tmp_path):
+  """Finite but huge values pass every per-value check, yet Nesterov's step
+  (-lr * (delta + momentum * m)) overflows float32: no global round may hold an Inf, so
+  the update with the largest |weight * value| there is refused."""
+  tx = outer.make_outer_optimizer({"name": "nesterov", "lr": 0.7, "momentum": 0.9})
+  glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(5))
+  inputs[1] = _rewritten(inputs[1], lambda a: a["d"].__setitem__((30, 1), 3e38))
+  with pytest.raises(merge.BadUpdate, match="'d' overflows float32 in block") as e:
+    _merge(tx, glob, inputs, [0.05, 0.9, 0.05])
+  assert e.value.index == 1 and "overflow" in e.value.reason
+  # The merge is fine without it (the coordinator refuses it and merges the others).
+  _merge(tx, glob, [inputs[0], inputs[2]], [0.5, 0.5])
+
+
+def test_a_non_finite_previous_global_round_fails_the_merge_not_a_site(tmp_path):
+  tx = outer.make_outer_optimizer({"name": "sgd"})
+  glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(6))
+  base = ex.read_manifest(glob, ex.global_prefix(0))
+  bad_glob = _rewritten((glob, ex.global_prefix(0), base),
+                        lambda a: a["params/c"].__setitem__(3, np.inf))[2]
+  with pytest.raises(ex.ExchangeError, match="global round .* 'params/c' has non-finite") as e:
+    merge.merge_round(tx, glob, ex.global_prefix(0), bad_glob, inputs, [0.3, 0.3, 0.4], glob,
+                      ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
+  assert not isinstance(e.value, merge.BadUpdate)
+
+
 def test_read_block_into_a_buffer_through_an_open_store(tmp_path):
   bucket = Bucket(str(tmp_path / "b"))
   a = np.arange(37 * 6, dtype=np.float32).reshape(37, 6)

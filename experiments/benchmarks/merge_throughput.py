@@ -199,7 +199,8 @@ def _warm_up_jit(tx, manifest: dict, inputs, weights, max_block_bytes: int) -> N
                for idx in merge_lib.common_blocks(recs, max_block_bytes)[1]}
   for shape in sorted(shapes):
     g = jax.device_put(np.zeros(shape, np.float32))
-    jax.block_until_ready(outer_lib.merge_block(tx, g, tx.init(g), [g] * len(inputs), weights))
+    jax.block_until_ready(outer_lib.merge_block(tx, g, tx.init(g), [g] * len(inputs), weights,
+                                                with_finite=True))
     del g
 
 
