@@ -520,7 +520,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         fill(1)
         raws, futs = reading.popleft()
         first = 1 + len(p.leaves)
-        # Every site's block is verified and finite before a value of it is merged.
+        # Every site's block is verified (digests) before a value of it is merged, and
+        # found finite before anything merged from it is written.
         host = [fut.result()[0] if j < first else _site_block(p, j, fut)
                 for j, fut in enumerate(futs)]
         # Squares are summed on the pool while this block merges; the buffers stay
