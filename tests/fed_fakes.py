@@ -22,7 +22,7 @@ KEYS = tempfile.mkdtemp(prefix="tapestry-test-keys-")  # One key pair per party,
 def config(**fed):
   """Three tiny sites; short polls so that every wait is sub-second; the trust root holds
   the keys in KEYS. `fed` overrides config.federation fields."""
-  c = fed_config.get_config("tiny/latin,cyrillic,greek")
+  c = fed_config.get_config("tiny+fedavg/latin,cyrillic,greek")
   f = c.federation
   f.rounds, f.poll_s, f.deadline_s, f.round_timeout_s = 2, 0.01, 0.0, 20.0
   for k, v in fed.items():

@@ -26,7 +26,7 @@ _KEYS = tempfile.mkdtemp(prefix="tapestry-audit-keys-")
 
 
 def _config(**fed):
-  c = fed_config.get_config("tiny/latin,cyrillic,greek")
+  c = fed_config.get_config("tiny+fedavg/latin,cyrillic,greek")
   f = c.federation
   f.rounds, f.poll_s, f.deadline_s, f.round_timeout_s = 2, 0.01, 0.0, 20.0
   f.outer.name, f.outer.lr, f.outer.momentum = "nesterov", 0.7, 0.9  # Stateful: a harder audit.
@@ -144,7 +144,7 @@ def test_launch_audit_prints_provenance_and_exits_0(tmp_path):
   env.pop("XLA_FLAGS", None)
   out = subprocess.run(
       [sys.executable, "-m", "launch.audit", "--config=experiments/configs/federation.py:"
-       "tiny/latin,cyrillic,greek", "--config.federation.outer.name=nesterov",
+       "tiny+fedavg/latin,cyrillic,greek", "--config.federation.outer.name=nesterov",
        "--config.federation.outer.lr=0.7", "--config.federation.outer.momentum=0.9",
        "--config.federation.rounds=1", *keys, f"--workdir={tmp_path}",
        f"--json_out={tmp_path}/audit.json"],

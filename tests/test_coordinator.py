@@ -578,7 +578,7 @@ def test_publish_update_keeps_an_already_committed_round(tmp_path, caplog):
 # ------------------------------------------------------------------ bad input, command line
 
 
-CLI_CONFIG = "--config=experiments/configs/federation.py:tiny/latin,cyrillic"
+CLI_CONFIG = "--config=experiments/configs/federation.py:tiny+fedavg/latin,cyrillic"
 KEY = trust.public_key_text(trust.generate_private_key())
 
 

@@ -85,7 +85,7 @@ SITE_OVERRIDES = {
 
 
 def _site_config():
-  c = fed_config.get_config("tiny/latin")
+  c = fed_config.get_config("tiny+fedavg/latin")
   for k, v in SITE_OVERRIDES.items():
     *path, last = k.split(".")
     node = c
@@ -100,7 +100,7 @@ class _SiteProcess:
   reaches nothing else); the log is WORKDIR/logs/latin.N.log."""
 
   def __init__(self, config, workdir, run: int):
-    args = [f"--config={ROOT}/experiments/configs/federation.py:tiny/latin",
+    args = [f"--config={ROOT}/experiments/configs/federation.py:tiny+fedavg/latin",
             *[f"--config.{k}={v}" for k, v in SITE_OVERRIDES.items()],
             *[f"--config.federation.trust.public_keys.{p}={k}"
               for p, k in config.federation.trust.public_keys.items()],

@@ -70,7 +70,7 @@ MOMENTS = {
 
 
 def _config(tmp_path=None, extra=None):
-  c = fed_config.get_config("tiny/latin,cyrillic")
+  c = fed_config.get_config("tiny+fedavg/latin,cyrillic")
   c.sites.cyrillic.mesh.data, c.sites.cyrillic.mesh.fsdp, c.sites.cyrillic.mesh.tensor = 2, 2, 2
   for k, v in {**OVERRIDES, **(extra or {})}.items():
     *path, last = k.split(".")
@@ -82,7 +82,7 @@ def _config(tmp_path=None, extra=None):
 
 
 def _override_args(extra=None):
-  args = [f"--config={ROOT}/experiments/configs/federation.py:tiny/latin,cyrillic"]
+  args = [f"--config={ROOT}/experiments/configs/federation.py:tiny+fedavg/latin,cyrillic"]
   args += [f"--config.{k}={v}" for k, v in {**OVERRIDES, **(extra or {})}.items()]
   args += ["--config.sites.cyrillic.mesh.data=2", "--config.sites.cyrillic.mesh.fsdp=2",
            "--config.sites.cyrillic.mesh.tensor=2"]

@@ -60,7 +60,7 @@ def _bucket_name(party: str) -> str:
 
 def _config(s3, prefix: str, **fed):
   """Two tiny sites whose buckets (and the global one) live on `s3` under `prefix`."""
-  c = fed_config.get_config("tiny/" + ",".join(SITES))
+  c = fed_config.get_config("tiny+fedavg/" + ",".join(SITES))
   for name in SITES:
     c.sites[name].bucket = s3.url(f"site-{name}", prefix)
   c.federation.global_bucket = s3.url(federation.GLOBAL, prefix)
@@ -122,7 +122,7 @@ def test_a_federation_of_processes_runs_over_s3_each_party_with_its_own_credenti
                "federation.storage_retries": 3,
                "federation.global_bucket": config.federation.global_bucket}
   overrides.update({f"sites.{n}.bucket": config.sites[n].bucket for n in SITES})
-  args = [f"--config={ROOT}/experiments/configs/federation.py:tiny/{','.join(SITES)}"]
+  args = [f"--config={ROOT}/experiments/configs/federation.py:tiny+fedavg/{','.join(SITES)}"]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
   # Nothing in the shared environment names any credential: each party gets its own.
   env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

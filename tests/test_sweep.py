@@ -10,7 +10,7 @@ from tapestry_jax.validate import ConfigError
 
 
 def test_overrides_apply_to_a_copy():
-  base = fed_config.get_config("tiny")
+  base = fed_config.get_config("tiny+fedavg")
   c = sweep.apply_overrides(base, {"name": "x", "federation.inner_steps": 10,
                                    "federation.outer.lr": 0.3, "sites": "latin,kana"})
   assert c.federation.inner_steps == 10 and c.federation.outer.lr == 0.3
@@ -19,16 +19,30 @@ def test_overrides_apply_to_a_copy():
 
 
 def test_typos_and_unknown_sites_are_config_errors():
-  base = fed_config.get_config("tiny")
+  base = fed_config.get_config("tiny+fedavg")
   with pytest.raises(ConfigError, match="federation.inner_stepz"):
     sweep.apply_overrides(base, {"federation.inner_stepz": 3})
   with pytest.raises(ConfigError, match="unknown sites"):
     sweep.apply_overrides(base, {"sites": "latin,klingon"})
 
 
+def test_variants_default_to_shared_moments_in_float8():
+  c = fed_config.get_config("tiny")
+  f = c.federation
+  assert (f.outer.name, f.outer.lr, f.update_dtype) == ("moments", 1.0, "float8_e4m3fn")
+  assert (f.inner_steps, f.rounds, c.train.steps) == (4, 75, 300)  # tiny's 300 steps
+  assert fed_config.get_config("tiny+moments").to_dict() == c.to_dict()
+  avg = fed_config.get_config("tiny+fedavg/latin,kana").federation
+  assert (avg.outer.name, avg.inner_steps, avg.rounds, avg.update_dtype) == (
+      "sgd", 10, 30, "float32")
+  with pytest.raises(ValueError, match="at most one of"):
+    fed_config.get_config("tiny+fedavg+moments")
+
+
 @pytest.mark.parametrize("module, base", [
-    (data_split, "tiny"), (dropped_sites, "tiny"), (inner_steps, "tiny"), (num_sites, "tiny"),
-    (outer_optimizer, "tiny"), (moments, "tiny+moments")])
+    (data_split, "tiny+fedavg"), (dropped_sites, "tiny+fedavg"), (inner_steps, "tiny+fedavg"),
+    (num_sites, "tiny+fedavg"),
+    (outer_optimizer, "tiny+fedavg"), (moments, "tiny")])
 def test_every_shipped_sweep_gives_valid_configs(module, base):
   base = fed_config.get_config(base)
   runs = module.get_sweep()

@@ -1,6 +1,6 @@
 """Non-IID (each site one language) vs IID (every site a shuffle of all four).
 
-  python -m launch.sweep --config=experiments/configs/federation.py:tiny \
+  python -m launch.sweep --config=experiments/configs/federation.py:tiny+fedavg \
       --sweep=experiments/sweeps/data_split.py --workdir=/tmp/sweep_iid
 """
 

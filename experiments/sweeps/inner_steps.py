@@ -1,6 +1,6 @@
 """H (inner steps per round) at a fixed budget of 300 inner steps per site.
 
-  python -m launch.sweep --config=experiments/configs/federation.py:tiny \
+  python -m launch.sweep --config=experiments/configs/federation.py:tiny+fedavg \
       --sweep=experiments/sweeps/inner_steps.py --workdir=/tmp/sweep_h
 """
 

@@ -3,7 +3,8 @@
   python -m launch.sweep --config=experiments/configs/federation.py:debref+moments \
       --sweep=experiments/sweeps/moments.py --workdir=/tmp/sweep_moments --noalone
 
-The base is H=4 in float32 (400 inner steps per site, 100 rounds). Every site runs the
+The base is H=4 in float32 (400 inner steps per site, 100 rounds; `+moments`, the
+variants' default, sends float8: every arm here sets its update dtype). Every site runs the
 data-parallel recipe's AdamW from the global params, moments and step count, and sends
 its pseudo-gradient and first moment: two arrays per round, so float32 sends only H/2
 times fewer bytes than data parallelism, bfloat16 H times, int8 and float8 2H times.
@@ -19,7 +20,8 @@ model moved lr times as far): h8_lr0.5 2.933, h8_lr0.7 2.876, h8 (lr 1) 2.876, h
 
 def _h(h: int, **kw):
   return {"name": f"h{h}", "federation.inner_steps": h, "federation.rounds": 400 // h,
-          "federation.eval_every": max(1, 100 // h), **kw}
+          "federation.eval_every": max(1, 100 // h), "federation.update_dtype": "float32",
+          **kw}
 
 
 def get_sweep():

@@ -1,6 +1,6 @@
 """Number of sites (2, 3, 4), one synthetic language each.
 
-  python -m launch.sweep --config=experiments/configs/federation.py:tiny \
+  python -m launch.sweep --config=experiments/configs/federation.py:tiny+fedavg \
       --sweep=experiments/sweeps/num_sites.py --workdir=/tmp/sweep_sites
 """
 

@@ -1,7 +1,7 @@
 """Outer optimizer and learning rate: DiLoCo's Nesterov at a few (lr, momentum), FedAvg
 (plain SGD lr 1), Adam with the large epsilon the paper needs, and plain averaging.
 
-  python -m launch.sweep --config=experiments/configs/federation.py:tiny \
+  python -m launch.sweep --config=experiments/configs/federation.py:tiny+fedavg \
       --sweep=experiments/sweeps/outer_optimizer.py --workdir=/tmp/sweep_outer
 """
 

@@ -1,7 +1,7 @@
 """What sites send: float32, bfloat16, int8 or float8 pseudo-gradients, int8 with and
 without error feedback, at the config's H (debref: FedAvg, H=5).
 
-  python -m launch.sweep --config=experiments/configs/federation.py:debref \
+  python -m launch.sweep --config=experiments/configs/federation.py:debref+fedavg \
       --sweep=experiments/sweeps/update_dtype.py --workdir=/tmp/sweep_dtype --noalone
 
 int8 sends 4x fewer bytes than float32 (INTELLECT-1's per-tensor codes,
