@@ -144,18 +144,23 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
     # round 1 of the deployment did.
     for timed, round_ in ((False, R - 1), (True, R)):
       t0 = time.perf_counter()
-      params, _ = site_lib.read_global(glob, config, round_, worker.trainer.param_shardings,
-                                       root=root)
-      worker.adopt(params)
+      # What the deployed site does (site.run_site): the global params, and with shared
+      # moments the global Adam moments too; then the encoded update.
+      params, manifest = site_lib.read_global(glob, config, round_,
+                                              worker.trainer.param_shardings, root=root)
+      moments = (site_lib.read_global_moments(glob, config, round_, manifest,
+                                              worker.trainer.param_shardings)
+                 if federation.shared_moments(config) else None)
+      worker.adopt(params, moments)
       read_s = time.perf_counter() - t0
       compute_s = worker.train(H if timed else 2)["compute_s"]
       t0 = time.perf_counter()
-      site_lib.publish_update(scratch, config, name, round_ + 1, round_, worker.delta(), 1,
-                              extra={}, signer=signers[name])
+      site_lib.publish_update(scratch, config, name, round_ + 1, round_,
+                              worker.encoded_update(), 1, extra={}, signer=signers[name])
       publish_s = time.perf_counter() - t0
     out["sites"][name] = {"compute_s": compute_s, "read_s": read_s, "publish_s": publish_s}
     worker.close()
-  tx = outer_lib.make_outer_optimizer(f.outer)
+  tx = outer_lib.make_outer_optimizer(federation.outer_config(config))  # The coordinator's.
   base_prefix = exchange.global_prefix(R - 1)
   base = exchange.read_manifest(glob, base_prefix)
   inputs = []
