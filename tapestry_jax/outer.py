@@ -599,14 +599,18 @@ def _all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _merge_block_jit(tx, aggregator, trim, quantized, with_finite, global_block, state_block,
-                     deltas, coef_K, dequant_Kx2):
-  delta = _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2)
-  updates, new_state = tx.update(delta, state_block, global_block)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _merge_block_jit(tx, aggregator, trim, quantized, quantized_m, with_finite, global_block,
+                     state_block, deltas, moments, coef_K, dequant_Kx2, dequant_m):
+  """merge_block's jitted body; `moments` None (no first moments) or the sites' blocks,
+  in which case `tx.update` gets the pair (merged delta, merged moment)."""
+  merged = _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2)
+  if moments is not None:
+    merged = (merged, _aggregate(aggregator, trim, quantized_m, moments, coef_K, dequant_m))
+  updates, new_state = tx.update(merged, state_block, global_block)
   new_global = optax.apply_updates(global_block, updates)
   if with_finite:
-    return new_global, new_state, _all_finite(delta, new_global, new_state)
+    return new_global, new_state, _all_finite(merged, new_global, new_state)
   return new_global, new_state
 
 
@@ -710,29 +714,15 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
   if isinstance(tx, SharedMoments) != (moments is not None):
     raise ValueError("merge_block needs the sites' first moments (`moments`) exactly when "
                      "the outer optimizer is shared moments")
-  with_finite = bool(with_finite)
-  if moments is None:
-    return _merge_block_jit(tx, aggregator, trim_, quantized, with_finite, global_block,
-                            state_block, deltas, coef_K, dequant_Kx2)
-  if len(moments) != len(deltas):
-    raise ValueError(f"got {len(deltas)} deltas but {len(moments)} first moments")
-  quantized_m, moments, _, dequant_m = _block_args(moments, weights, scales, aggregator, trim,
-                                                   shape)
-  return _merge_moments_jit(tx, aggregator, trim_, quantized, quantized_m, with_finite,
-                            global_block, state_block, deltas, moments, coef_K, dequant_Kx2,
-                            dequant_m)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _merge_moments_jit(tx, aggregator, trim, quantized, quantized_m, with_finite, global_block,
-                       state_block, deltas, moments, coef_K, dequant_Kx2, dequant_m):
-  merged = (_aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2),
-            _aggregate(aggregator, trim, quantized_m, moments, coef_K, dequant_m))
-  updates, new_state = tx.update(merged, state_block, global_block)
-  new_global = optax.apply_updates(global_block, updates)
-  if with_finite:
-    return new_global, new_state, _all_finite(merged, new_global, new_state)
-  return new_global, new_state
+  quantized_m, dequant_m = None, None
+  if moments is not None:
+    if len(moments) != len(deltas):
+      raise ValueError(f"got {len(deltas)} deltas but {len(moments)} first moments")
+    quantized_m, moments, _, dequant_m = _block_args(moments, weights, scales, aggregator,
+                                                     trim, shape)
+  return _merge_block_jit(tx, aggregator, trim_, quantized, quantized_m, bool(with_finite),
+                          global_block, state_block, deltas, moments, coef_K, dequant_Kx2,
+                          dequant_m)
 
 
 def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Mapping[str, Any],

@@ -268,6 +268,19 @@ def read_global_moments(bucket: buckets.Bucket, config, round_: int, manifest: d
   return out
 
 
+def read_global_round(bucket: buckets.Bucket, config, round_: int, shardings, schema=None,
+                      root: trust.TrustRoot | None = None,
+                      last_round: int | None = None) -> tuple[Any, dict | None, dict]:
+  """What a site reads of global round `round_` before training on it: (params, the
+  global moments under outer "moments" else None, manifest), all verified
+  (`read_global`, `read_global_moments`)."""
+  params, manifest = read_global(bucket, config, round_, shardings, schema, root=root,
+                                 last_round=last_round)
+  moments = (read_global_moments(bucket, config, round_, manifest, shardings, schema)
+             if federation.shared_moments(config) else None)
+  return params, moments, manifest
+
+
 def _diverged(name: str, round_: int) -> exchange.ExchangeError:
   return exchange.ExchangeError(
       f"site {name}: the update for round {round_} has non-finite values (NaN or Inf): "
@@ -396,11 +409,8 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
                   lambda: _newer_global(glob, last_base), float(f.site_wait_s), float(f.poll_s))
       wait_s = time.perf_counter() - t_wait
       read0, t_read = glob.bytes_read, time.perf_counter()
-      params, global_manifest = read_global(glob, config, g, worker.trainer.param_shardings,
-                                            schema, root=root, last_round=last_base)
-      moments = (read_global_moments(glob, config, g, global_manifest,
-                                     worker.trainer.param_shardings, schema)
-                 if federation.shared_moments(config) else None)
+      params, moments, _ = read_global_round(glob, config, g, worker.trainer.param_shardings,
+                                             schema, root=root, last_round=last_base)
       worker.adopt(params, moments)
       read_s = time.perf_counter() - t_read
       t_eval = time.perf_counter()

@@ -144,13 +144,10 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
     # round 1 of the deployment did.
     for timed, round_ in ((False, R - 1), (True, R)):
       t0 = time.perf_counter()
-      # What the deployed site does (site.run_site): the global params, and with shared
-      # moments the global Adam moments too; then the encoded update.
-      params, manifest = site_lib.read_global(glob, config, round_,
-                                              worker.trainer.param_shardings, root=root)
-      moments = (site_lib.read_global_moments(glob, config, round_, manifest,
-                                              worker.trainer.param_shardings)
-                 if federation.shared_moments(config) else None)
+      # What the deployed site does (site.run_site): the global params (and moments),
+      # then the encoded update.
+      params, moments, _ = site_lib.read_global_round(glob, config, round_,
+                                                      worker.trainer.param_shardings, root=root)
       worker.adopt(params, moments)
       read_s = time.perf_counter() - t0
       compute_s = worker.train(H if timed else 2)["compute_s"]
