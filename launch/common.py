@@ -48,6 +48,31 @@ def define_party_flags():
   return private_key, credentials
 
 
+def define_process_flags():
+  """--coordinator_address, --num_processes and --process_id: the processes of one party.
+
+  Unset inside SLURM, Cloud TPU VMs or Kubernetes (JAX reads their environment) and
+  for a single process; set all three for a local multi-process run."""
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0's JAX "
+                      "coordination service (multi-process runs outside a cluster manager).")
+  flags.DEFINE_integer("num_processes", None, "How many processes form this party "
+                       "(1 = single process even inside a cluster environment).")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def join_processes():
+  """Starts this party's multi-process job from the process flags (before any device
+  is touched); a bad setting ends in one line, exit status 2."""
+  from tapestry_jax import distributed
+
+  f = flags.FLAGS
+  try:
+    return distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  except distributed.DistributedError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad flag or a
   `--config.a.b=value` override naming no field ends in one line, not a traceback."""

@@ -10,8 +10,8 @@ coordinator's. Rerunning with the same --workdir resumes from the site's last ch
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch.common import (define_party_flags, exit_on_bad_input, parse_flags,
-                           quiet_library_logs)
+from launch.common import (define_party_flags, define_process_flags, exit_on_bad_input,
+                           join_processes, parse_flags, quiet_library_logs)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Federation config, e.g. experiments/configs/federation.py:tiny.",
@@ -19,6 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Federation directory (default buckets live here).")
 _SITE = flags.DEFINE_string("site", None, "This site's name (a key of config.sites).")
 _PRIVATE_KEY, _CREDENTIALS = define_party_flags()
+define_process_flags()
 flags.mark_flags_as_required(["config", "workdir", "site"])
 
 
@@ -27,6 +28,7 @@ def main(argv):
   import jax
   from tapestry_jax import site
 
+  join_processes()
   quiet_library_logs()
   logging.info("site %s: process %d/%d, devices: %s", _SITE.value, jax.process_index(),
                jax.process_count(), jax.devices())

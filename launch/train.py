@@ -10,11 +10,13 @@ Rerunning with the same --workdir resumes from its latest checkpoint.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch.common import exit_on_bad_input, parse_flags, quiet_library_logs
+from launch.common import (define_process_flags, exit_on_bad_input, join_processes,
+                           parse_flags, quiet_library_logs)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/configs/lm.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+define_process_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,6 +26,7 @@ def main(argv):
   import jax
   from tapestry_jax import loop
 
+  join_processes()
   quiet_library_logs()
   logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   with exit_on_bad_input():

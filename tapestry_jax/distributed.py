@@ -1,0 +1,130 @@
+"""Joining the processes of one party (a site or a coordinator) into one JAX job.
+
+A frontier site is many hosts, each running one JAX process (multi-controller). Every
+process calls `initialize` once, before anything touches a device; afterwards
+`jax.devices()` lists the devices of all processes, the site mesh spans them, and
+collectives run over the cluster's own transport (gloo on CPU). This is JAX's own
+distributed runtime: no RPC of ours.
+
+Where the processes come from:
+  - Cloud TPU, SLURM, Open MPI and Kubernetes set environment variables that
+    `jax.distributed.initialize()` reads by itself (`auto`).
+  - Local runs and tests pass `coordinator_address`, `num_processes` and `process_id`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from absl import logging
+
+
+class DistributedError(ValueError):
+  """Process-group settings that cannot start a multi-process job."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroup:
+  """Where this process sits in its party's job, as `initialize` resolved it."""
+  process_id: int
+  num_processes: int
+  how: str  # 'single', 'explicit' or the detected cluster ('slurm', 'gce_tpu', ...)
+
+  @property
+  def primary(self) -> bool:
+    """Process 0: the one that logs metrics, shows progress and writes one-writer files."""
+    return self.process_id == 0
+
+
+_GROUP: ProcessGroup | None = None
+
+
+def _detected_cluster() -> str | None:
+  """The name of the cluster environment JAX would auto-detect here, or None."""
+  try:  # JAX's own detectors; private, so a rename degrades to 'no cluster'.
+    from jax._src.clusters import ClusterEnv
+    for env in ClusterEnv._cluster_types:  # noqa: SLF001
+      if getattr(env, "opt_in_only_method", False):
+        continue
+      if env.is_env_present():
+        return getattr(env, "name", env.__name__)
+  except Exception:  # noqa: BLE001
+    return None
+  return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, timeout_s: int = 300) -> ProcessGroup:
+  """Joins this process to its party's job (once per process; later calls return it).
+
+  With no arguments: a detected cluster environment (SLURM, Cloud TPU, Kubernetes,
+  Open MPI) starts a multi-process job; otherwise this is a single process. With
+  `num_processes=1` it is always a single process. Otherwise all three arguments are
+  needed (local runs, tests). On CPU the cross-process collectives use gloo.
+  """
+  global _GROUP
+  if _GROUP is not None:
+    return _GROUP
+  explicit = (coordinator_address, num_processes, process_id)
+  if num_processes == 1 or (all(v is None for v in explicit) and _detected_cluster() is None):
+    if process_id not in (None, 0):
+      raise DistributedError(f"process_id={process_id} with a single process")
+    _GROUP = ProcessGroup(0, 1, "single")
+    return _GROUP
+  if any(v is None for v in explicit) and not all(v is None for v in explicit):
+    missing = [n for n, v in zip(("coordinator_address", "num_processes", "process_id"),
+                                 explicit) if v is None]
+    raise DistributedError(f"multi-process run: also set {', '.join(missing)} (or none of "
+                           f"them, inside SLURM, Cloud TPU or Kubernetes)")
+  if num_processes is not None:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise DistributedError(f"process_id must be in [0, {num_processes}), got {process_id}")
+  how = "explicit" if coordinator_address is not None else _detected_cluster()
+  if _on_cpu():
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=timeout_s)
+  except (RuntimeError, ValueError) as e:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise DistributedError(f"could not join the job ({how}, coordinator "
+                           f"{coordinator_address or 'auto'}): {first}") from None
+  _GROUP = ProcessGroup(jax.process_index(), jax.process_count(), how)
+  logging.info("process %d of %d (%s), %d local of %d devices", _GROUP.process_id,
+               _GROUP.num_processes, how, jax.local_device_count(), jax.device_count())
+  return _GROUP
+
+
+def _on_cpu() -> bool:
+  """Whether this process will run on CPU (read from the environment: must not start
+  a backend before `jax.distributed.initialize`)."""
+  platforms = (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "").lower()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  import importlib.util
+  has_accelerator = any(importlib.util.find_spec(m) is not None
+                        for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu",
+                                  "jax_rocm60_plugin"))
+  return not has_accelerator
+
+
+def group() -> ProcessGroup:
+  """This process's group (a single process when `initialize` was never called)."""
+  if _GROUP is not None:
+    return _GROUP
+  return ProcessGroup(jax.process_index(), jax.process_count(), "single")
+
+
+def is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def shutdown() -> None:
+  """Leaves the job (every process, at the end of a clean run)."""
+  global _GROUP
+  if _GROUP is not None and _GROUP.num_processes > 1:
+    jax.distributed.shutdown()
+  _GROUP = None
