@@ -132,7 +132,6 @@ def audit_round(config, workdir: str, round_: int, *, credentials: str | None = 
 def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out, credentials):
   """Checks round `round_`'s base round and every input it names, then merges exactly
   those inputs into `scratch` at `out`; returns the merged arrays' records."""
-  from tapestry_jax import coordinator  # validate_update: the coordinator's own checks.
   f, extra = config.federation, manifest["extra"]
   base_prefix = exchange.global_prefix(round_ - 1)
   base = _read(glob, base_prefix, f"base global round {round_ - 1}")
@@ -143,7 +142,7 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
     raise AuditError(f"global round {round_} names base manifest {str(named)[:16]}..., the "
                      f"committed round {round_ - 1} is {base_digest[:16]}...")
   report["base"] = {"round": round_ - 1, "manifest_sha256": base_digest}
-  schema = federation.update_schema(config)
+  schema = exchange.update_schema(config)
   inputs, tokens, recorded = [], [], []
   for rec in extra["inputs"]:
     site = rec["site"]
@@ -156,7 +155,7 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
     if digest != rec["manifest_sha256"]:
       raise AuditError(f"global round {round_} names update {rec['manifest_sha256'][:16]}... "
                        f"of site {site}; its committed update is {digest[:16]}...")
-    why = coordinator.validate_update(update, config, site, round_, round_ - 1, schema, root)
+    why = exchange.validate_update(update, config, site, round_, round_ - 1, schema, root)
     if why is not None:
       raise AuditError(f"update of site {site} for round {round_} would be refused: {why}")
     report["inputs"].append({

@@ -32,7 +32,6 @@ from tapestry_jax import merge as merge_lib
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
-from tapestry_jax import trust
 
 
 class QuorumError(RuntimeError):
@@ -48,38 +47,6 @@ def initial_round(config) -> tuple[dict, dict]:
   tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
   state = jax.device_get(outer_lib.init_outer_state(tx, params))
   return params, state
-
-
-def validate_update(manifest: dict, config, site: str, round_: int, base_round: int,
-                    schema, root: trust.TrustRoot | None = None) -> str | None:
-  """Why this committed update may not be merged into `round_` (None = acceptable).
-
-  In order: the author's signature (when `root` is given; forged, unknown-key and
-  altered manifests stop here), the federation, the author, freshness (an update
-  replayed from another round, or trained from another global round, is refused) and
-  the schema (names, shapes, dtypes: checked before anything is allocated)."""
-  if root is not None:
-    try:
-      root.verify(manifest, site)
-    except trust.TrustError as e:
-      return f"bad signature: {e}"
-  if manifest.get("kind") != "update" or manifest.get("federation") != config.federation.id:
-    return (f"not an update of this federation ({manifest.get('kind')!r} of federation "
-            f"{manifest.get('federation')!r}, expected an update of {config.federation.id!r})")
-  if manifest.get("author") != site:
-    return f"author {manifest.get('author')!r} is not the bucket's owner {site!r}"
-  if manifest.get("round") != round_:
-    return f"manifest round {manifest.get('round')} != {round_} (replayed from another round?)"
-  if manifest.get("base_round") != base_round:
-    return f"trained from global round {manifest.get('base_round')}, expected {base_round} (stale)"
-  tokens = manifest.get("tokens")
-  if not isinstance(tokens, int) or tokens <= 0:
-    return f"token count {tokens!r} is not a positive integer"
-  try:
-    exchange.check_schema(manifest, schema)
-  except exchange.ExchangeError as e:
-    return str(e)
-  return None
 
 
 class Coordinator:
@@ -102,7 +69,7 @@ class Coordinator:
     self.sites = {n: buckets.Bucket(urls[n], max_retries=retries, credentials=credentials)
                   for n in self.names}
     self.tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
-    self.schema = federation.update_schema(config)  # What a site update must be.
+    self.schema = exchange.update_schema(config)  # What a site update must be.
     self.cap = federation.weight_cap(config)
     self.quorum = federation.quorum(config)
     self.dir = os.path.join(workdir, "coordinator")
@@ -155,7 +122,7 @@ class Coordinator:
 
   def read_global(self, prefix: str) -> dict:
     """A committed global round's manifest, signature verified."""
-    return federation.read_global_manifest(self.glob, prefix, self.root)
+    return exchange.read_global_manifest(self.glob, prefix, self.root)
 
   def merge_settings(self) -> dict:
     """What besides the inputs decides the merge (recorded in each round for audits)."""
@@ -202,7 +169,7 @@ class Coordinator:
         else:
           if m is None:
             continue
-          why = validate_update(m, self.config, n, round_, base, self.schema, self.root)
+          why = exchange.validate_update(m, self.config, n, round_, base, self.schema, self.root)
         if why is not None:
           digest = exchange.manifest_digest(m)[:16] if m else "-"
           logging.warning("coordinator: round %d: rejected update of site %s (manifest "

@@ -10,16 +10,13 @@ that the coordinator and the sites exchange through.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
 from data_pipelines.errors import DataError
 
-from tapestry_jax import exchange
 from tapestry_jax import model as model_lib
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import quantize
@@ -124,22 +121,6 @@ def party_trust(config, party: str, workdir: str, private_key: str | None = None
   return root, signer
 
 
-def read_global_manifest(bucket, prefix: str, root: trust.TrustRoot | None) -> dict:
-  """The manifest of committed global round `prefix`, its coordinator's signature
-  verified with `root` (None: unsigned federation). ExchangeError if it is not committed
-  or the signature does not verify."""
-  manifest = exchange.read_manifest(bucket, prefix)
-  if manifest is None:
-    raise exchange.ExchangeError(f"{bucket.url}/{prefix} is not committed")
-  if root is not None:
-    try:
-      root.verify(manifest, COORDINATOR)
-    except trust.TrustError as e:
-      raise exchange.ExchangeError(f"{bucket.url}/{prefix}: refusing the global model: "
-                                   f"{e}") from None
-  return manifest
-
-
 def quorum(config) -> int:
   """Updates needed to close a round (federation.quorum, 0 = every site)."""
   return int(config.federation.quorum) or len(site_names(config))
@@ -187,62 +168,17 @@ def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
   return {n: (tuple(a.shape), str(a.dtype)) for n, a in trees.flatten(abstract).items()}
 
 
-# What sites send: float32, bfloat16 (half the bytes, rounded by XLA), int8 or
-# float8_e4m3fn (a quarter: per-tensor scaled codes, `tapestry_jax.quantize`). The
-# coordinator merges in float32.
-UPDATE_DTYPES = ("float32", "bfloat16", *quantize.DTYPES)
-
-
-def update_schema(config) -> dict[str, tuple]:
-  """Leaf name -> (shape, dtype) every site update must match: the model's shapes, with
-  floating leaves in `federation.update_dtype` (what sites send; the coordinator merges
-  in float32 whatever they sent). int8 / float8 leaves are (shape, dtype, True): quantized, so
-  their records must carry the dequantization parameters (`exchange.check_schema`)."""
-  dtype = config.federation.get("update_dtype", "float32")
-  out = {}
-  params = param_schema(config)
-  if shared_moments(config):  # The site's first moment of each parameter, sent alike.
-    params.update({outer_lib.MOMENT_PREFIX + n: v for n, v in params.items()})
-  for n, (shape, d) in params.items():
-    # jnp.issubdtype: numpy's does not count bfloat16 (an ml_dtypes type) as floating.
-    if not jnp.issubdtype(exchange._np_dtype(d), jnp.floating):
-      out[n] = (shape, d)
-    elif dtype in quantize.DTYPES:
-      out[n] = (shape, dtype, True)
-    else:
-      out[n] = (shape, dtype)
-  return out
-
-
-def encode_update(delta, config) -> dict[str, Any]:
-  """A site's pseudo-gradient as it is sent, on the site's devices: a flat {name: leaf}
-  dict with floating leaves in `federation.update_dtype`: cast by XLA (round to nearest
-  even) or, for int8 and float8, `quantize.Quantized` codes. What the site publishes and
-  the simulation merges. ValueError for a quantized update with NaN or Inf values."""
-  dtype = config.federation.get("update_dtype", "float32")
-  out = {}
-  for name, x in trees.flatten(delta).items():
-    if isinstance(x, quantize.Quantized) or not jnp.issubdtype(x.dtype, jnp.floating):
-      out[name] = x  # Already encoded (e.g. by `site.SiteWorker.encoded_update`), or not float.
-    elif dtype in quantize.DTYPES:
-      out[name] = quantize.quantize(x, dtype)
-    else:
-      out[name] = x.astype(jnp.dtype(dtype))
-  return out
-
-
-def decode_update(sent: dict[str, Any]) -> dict[str, Any]:
-  """float32 values of an encoded update (`encode_update`'s output), on its devices."""
-  return {n: (quantize.dequantize(v.codes, v.offset, v.scale) if isinstance(v, quantize.Quantized)
-              else v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v)
-          for n, v in sent.items()}
-
-
 def error_feedback(config) -> bool:
   """Whether sites carry what encoding lost into their next update (`federation.
   error_feedback`; nothing is lost, so nothing is carried, in float32)."""
   f = config.federation
   return bool(f.get("error_feedback", False)) and f.get("update_dtype", "float32") != "float32"
+
+
+# What sites send: float32, bfloat16 (half the bytes, rounded by XLA), int8 or
+# float8_e4m3fn (a quarter: per-tensor scaled codes, `tapestry_jax.quantize`). The
+# coordinator merges in float32.
+UPDATE_DTYPES = ("float32", "bfloat16", *quantize.DTYPES)
 
 
 def check_federation_config(config, devices: list[jax.Device] | None = None,

@@ -25,7 +25,6 @@ from absl import logging
 
 from tapestry_jax import buckets
 from tapestry_jax import checkpoint
-from tapestry_jax import exchange
 from tapestry_jax import trees
 from tapestry_jax import trust
 from tapestry_jax.checkpoint import InitError
@@ -48,6 +47,10 @@ def load(tcfg, abstract_params) -> Any:
 
 
 def _from_global_bucket(url: str, round_: int, public_key: str, abstract_params) -> Any:
+  # Here, not at the top: the round protocol imports the federation config, which
+  # validates site configs with this module.
+  from tapestry_jax import exchange  # pylint: disable=import-outside-toplevel
+
   where = f"train.init_from={url!r}"
   try:
     bucket = buckets.Bucket(url)

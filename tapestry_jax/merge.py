@@ -66,12 +66,11 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-import tensorstore as ts
 
 from tapestry_jax import exchange
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import quantize
-from tapestry_jax.buckets import Bucket, describe_error
+from tapestry_jax.buckets import Bucket
 from tapestry_jax.exchange import ExchangeError
 
 DEFAULT_MAX_BLOCK_BYTES = 16 << 20
@@ -111,97 +110,6 @@ class NonFiniteUpdate(BadUpdate):
     super().__init__(message, index, name, f"non-finite values in array {name}")
 
 
-class BlockWriter:
-  """Writes one zarr3 array of a round block by block, hashing each chunk as it goes
-  (the same record format as `exchange.write_arrays`).
-
-  With `hasher` (an executor), chunks are hashed there instead of in the caller."""
-
-  def __init__(self, bucket: Bucket, prefix: str, name: str, shape, dtype, chunk, *,
-               hasher: concurrent.futures.Executor | None = None):
-    self.bucket, self.prefix, self.name = bucket, prefix, name
-    self.shape, self.dtype, self.chunk = tuple(shape), np.dtype(dtype), tuple(chunk)
-    self.grid = exchange._grid(self.shape, self.chunk)
-    self.digests: list[Any] = [None] * math.prod(self.grid)
-    spec = {"driver": "zarr3",
-            "kvstore": bucket.array_spec(exchange._array_key(prefix, name)),
-            "metadata": dict(exchange._zarr_metadata(self.shape, self.dtype.name, self.chunk),
-                             codecs=[{"name": "bytes", "configuration": {"endian": "little"}}])}
-    self._open = ts.open(spec, create=True, delete_existing=True, context=bucket.context)
-    self._hasher = hasher
-    self._pending: list[Any] = []
-    self.nbytes = 0
-
-  def write(self, index: tuple[slice, ...], data: np.ndarray):
-    """Starts writing `data` at `index`; returns the write's future (durable when done).
-    `data` must not change until then."""
-    region = exchange._normalize(index, self.shape)
-    data = np.asarray(data, dtype=self.dtype, order="C")
-    store = self._result(self._open, "create")
-    # Callers hand over `data` (never modified afterwards), so TensorStore need not copy it.
-    fut = store[exchange._slices(region)].write(
-        data, can_reference_source_data_indefinitely=True)
-    self._pending.append(fut)
-    for coord in exchange._overlapping(region, self.chunk):
-      creg = exchange._chunk_region(coord, self.chunk, self.shape)
-      local = tuple(slice(a - r, b - r) for (a, b), (r, _) in zip(creg, region))
-      i = exchange._flat(coord, self.grid)
-      self.digests[i] = (self._hasher.submit(exchange._digest, data[local]) if self._hasher
-                         else exchange._digest(data[local]))
-    self.nbytes += data.nbytes
-    return fut
-
-  def wait(self, fut) -> None:
-    """Waits for one write returned by `write`, raising ExchangeError if it failed."""
-    self._result(fut, "write")
-
-  def _result(self, fut, what: str):
-    try:
-      return fut.result()
-    except Exception as e:  # noqa: BLE001
-      raise ExchangeError(f"array {self.name!r} (bucket {self.bucket.url}, round {self.prefix}): "
-                          f"{what} failed: {describe_error(e)}") from None
-
-  def finish(self) -> dict:
-    """Waits until every block is durable; returns the array's record."""
-    for fut in self._pending:
-      self._result(fut, "write")
-    self._pending = []
-    digests = [d.result() if isinstance(d, concurrent.futures.Future) else d
-               for d in self.digests]
-    if any(d is None for d in digests):
-      raise ExchangeError(f"array {self.name!r}: blocks did not cover the array")
-    self.bucket.record_transfer(written=self.nbytes)
-    return exchange._finish({"shape": list(self.shape), "dtype": self.dtype.name,
-                             "chunk_shape": list(self.chunk), "codec": "raw",
-                             "chunk_digests": digests})
-
-
-def common_blocks(records: Sequence[Mapping], max_block_bytes: int):
-  """(block chunk shape, blocks): blocks aligned to every record's chunk grid, grouped
-  along the leading axis up to `max_block_bytes`. An array with no elements is one
-  (empty) block, so that its records are still written."""
-  shape = tuple(records[0]["shape"])
-  if not shape:
-    return (), [()]
-  step = tuple(max(1, min(s, math.lcm(*(int(r["chunk_shape"][d]) for r in records))))
-               for d, s in enumerate(shape))
-  if 0 in shape:
-    return step, [tuple(slice(0, s) for s in shape)]
-  itemsize = exchange._np_dtype(records[0]["dtype"]).itemsize
-  cell = itemsize * math.prod(step)
-  rows = max(1, max_block_bytes // max(1, cell)) if step[1:] == shape[1:] else 1
-  blocks = []
-  for i0 in range(0, shape[0], step[0] * rows):
-    lead = slice(i0, min(i0 + step[0] * rows, shape[0]))
-    others = [range(0, s, st) for s, st in zip(shape[1:], step[1:])]
-    for starts in (np.ndindex(*[len(o) for o in others]) if others else [()]):
-      rest = tuple(slice(o[k], min(o[k] + st, s))
-                   for o, k, st, s in zip(others, starts, step[1:], shape[1:]))
-      blocks.append((lead,) + rest)
-  return step, blocks
-
-
 @dataclasses.dataclass
 class _Param:
   """How one parameter is merged: its inputs (in merge order), blocks and writers."""
@@ -215,7 +123,7 @@ class _Param:
   chunk: tuple[int, ...]
   blocks: list[tuple[slice, ...]]
   stores: list[Any] | None = None  # ts.open futures, started when the first block is read
-  writers: dict[str, BlockWriter] | None = None
+  writers: dict[str, exchange.BlockWriter] | None = None
   num_sites: int = 0  # Site sources: num_sites updates (then as many first moments)
 
 
@@ -248,7 +156,7 @@ def _plan(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
           inputs: Sequence[tuple[Bucket, str, Mapping]], max_block_bytes: int) -> _Param:
   prec = arrays[f"params/{name}"]
   leaf_names = sorted(k[len(f"outer/{name}/"):] for k in arrays if k.startswith(f"outer/{name}/"))
-  param_like = np.empty(prec["shape"], exchange._np_dtype(prec["dtype"]))
+  param_like = np.empty(prec["shape"], exchange.np_dtype(prec["dtype"]))
   blockable = outer_lib.blockable_leaves(tx, param_like)
   if sorted(blockable) != leaf_names:
     raise ExchangeError(f"global round {base_prefix}: outer state of {name!r} has leaves "
@@ -262,7 +170,7 @@ def _plan(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
     moment = outer_lib.MOMENT_PREFIX + name
     sources += [(b, p, moment, m["arrays"][moment]) for b, p, m in inputs]
   whole_records = {l: arrays[f"outer/{name}/{l}"] for l in leaf_names if not blockable[l]}
-  chunk, blocks = common_blocks([r for _, _, _, r in sources], max_block_bytes)
+  chunk, blocks = exchange.common_blocks([r for _, _, _, r in sources], max_block_bytes)
   return _Param(name, sources, leaves, {}, whole_records, chunk, blocks, num_sites=len(inputs))
 
 
@@ -329,7 +237,7 @@ def _open_sources(p: _Param) -> None:
 
 def _can_be_non_finite(record: Mapping) -> bool:
   """Whether a stored array's values can be NaN or Inf (not integer codes)."""
-  return not np.issubdtype(exchange._np_dtype(record["dtype"]), np.integer)
+  return not np.issubdtype(exchange.np_dtype(record["dtype"]), np.integer)
 
 
 def _site_block(p: _Param, j: int, fut) -> np.ndarray:
@@ -460,7 +368,7 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
     return {}
   n_sources = max(len(p.sources) for p in params)
   capacity = max(math.prod(s.stop - s.start for s in idx)
-                 * exchange._np_dtype(r["dtype"]).itemsize
+                 * exchange.np_dtype(r["dtype"]).itemsize
                  for p in params for idx in p.blocks for _, _, _, r in p.sources)
   buffers = _Buffers((read_ahead + 1) * n_sources, max(1, capacity))
   writes: collections.deque = collections.deque()  # (writer, future, block number)
@@ -480,21 +388,21 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
         p.whole = {l: exchange.read_block(glob, base_prefix, f"outer/{p.name}/{l}", r,
                                           tuple(slice(0, s) for s in r["shape"]))
                    for l, r in p.whole_records.items()}
-        p.writers = {leaf: BlockWriter(out, out_prefix, f"outer/{p.name}/{leaf}", r["shape"],
-                                       exchange._np_dtype(r["dtype"]),
+        p.writers = {leaf: exchange.BlockWriter(out, out_prefix, f"outer/{p.name}/{leaf}", r["shape"],
+                                       exchange.np_dtype(r["dtype"]),
                                        p.chunk if leaf in p.leaves else r["shape"], hasher=pool)
                      for leaf, r in [(l, arrays[f"outer/{p.name}/{l}"])
                                      for l in sorted([*p.leaves, *p.whole_records])]}
         prec = p.sources[0][3]
-        p.writers["params"] = BlockWriter(out, out_prefix, f"params/{p.name}", prec["shape"],
-                                          exchange._np_dtype(prec["dtype"]), p.chunk,
+        p.writers["params"] = exchange.BlockWriter(out, out_prefix, f"params/{p.name}", prec["shape"],
+                                          exchange.np_dtype(prec["dtype"]), p.chunk,
                                           hasher=pool)
       idx = p.blocks[i]
       shape = tuple(s.stop - s.start for s in idx)
       raws, futs = [], []
       first = 1 + len(p.leaves)
       for j, ((b, pre, n, r), store) in enumerate(zip(p.sources, p.stores)):
-        raw, view = buffers.take(shape, exchange._np_dtype(r["dtype"]))
+        raw, view = buffers.take(shape, exchange.np_dtype(r["dtype"]))
         raws.append(raw)
         futs.append(pool.submit(_read_checked, b, pre, n, r, idx, store, view,
                                 check_finite=(j >= first and scan_inputs

@@ -35,10 +35,8 @@ from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import loop
 from tapestry_jax import outer as outer_lib
-from tapestry_jax import quantize
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
-from tapestry_jax import trust
 
 
 class SiteWorker:
@@ -161,23 +159,23 @@ class SiteWorker:
       return self._delta(self.base, self.state.params)
 
   def encoded_update(self) -> dict[str, Any]:
-    """This round's update as it is sent (`federation.encode_update` of `delta()`, a flat
+    """This round's update as it is sent (`exchange.encode_update` of `delta()`, a flat
     dict). With error feedback, the residual is added first, and what the encoding loses
     of that sum becomes the next residual: over rounds, the site sends all of its
     updates. Call once per round."""
     delta = self.delta()
     if federation.shared_moments(self.config_full):
       mu = optax.tree_utils.tree_get(self.state.opt_state, "mu")
-      sent = federation.encode_update(delta, self.config_full)
+      sent = exchange.encode_update(delta, self.config_full)
       sent.update({outer_lib.MOMENT_PREFIX + n: v for n, v in
-                   federation.encode_update(mu, self.config_full).items()})
+                   exchange.encode_update(mu, self.config_full).items()})
       return sent
     if self.residual is None:
-      return federation.encode_update(delta, self.config_full)
+      return exchange.encode_update(delta, self.config_full)
     with jax.set_mesh(self.mesh):
       x = self._carry(delta, self.residual)
-      sent = federation.encode_update(x, self.config_full)
-      decoded = trees.unflatten(federation.decode_update(sent), x)
+      sent = exchange.encode_update(x, self.config_full)
+      decoded = trees.unflatten(exchange.decode_update(sent), x)
       self.residual = self._lost(x, decoded)
     return sent
 
@@ -204,149 +202,6 @@ def _wait(what: str, poll: Callable[[], Any], timeout_s: float, poll_s: float):
       logging.info("still waiting for %s (%.0f s)", what, now - t0)
       last_log = now
     time.sleep(poll_s)
-
-
-class RollbackError(exchange.ExchangeError):
-  """The global bucket offers a round older than one this site already trained from."""
-
-
-def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
-                schema=None, root: trust.TrustRoot | None = None,
-                last_round: int | None = None) -> tuple[Any, dict]:
-  """Reads committed global round `round_`'s params into `shardings` (a params pytree of
-  shardings) after verifying it: the coordinator's signature (with `root`), that it is
-  round `round_` of this federation and not older than `last_round` (the newest global
-  this site has adopted: a rollback is refused), and its schema, before anything is
-  allocated. Every chunk is checked against the signed digests as it is read."""
-  if last_round is not None and round_ < last_round:
-    raise RollbackError(f"{bucket.url}: global round {round_} is older than round "
-                        f"{last_round}, which this site already trained from; refusing "
-                        f"to roll back")
-  prefix = exchange.global_prefix(round_)
-  manifest = federation.read_global_manifest(bucket, prefix, root)
-  fid = config.federation.id
-  if manifest.get("kind") != "global" or manifest.get("round") != round_ or \
-      manifest.get("federation") != fid:
-    raise exchange.ExchangeError(
-        f"{bucket.url}/{prefix}: manifest is not global round {round_} of federation {fid!r}")
-  schema = {f"params/{n}": v for n, v in (schema or federation.param_schema(config)).items()}
-  params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
-                                           if k.startswith("params/")})
-  exchange.check_schema(params_manifest, schema)
-  flat_shardings = {f"params/{n}": s for n, s in trees.flatten(shardings).items()}
-  flat = exchange.read_arrays(bucket, prefix, params_manifest, flat_shardings)
-  params = trees.unflatten({n[len("params/"):]: a for n, a in flat.items()}, shardings)
-  return params, manifest
-
-
-def read_global_moments(bucket: buckets.Bucket, config, round_: int, manifest: dict,
-                        shardings, schema=None) -> dict[str, dict[str, Any]]:
-  """Outer moments: the global Adam moments of round `round_` (whose manifest
-  `read_global` verified), {param name: {"count", "mu", "nu"}}, mu and nu read straight
-  into `shardings` (the params'), every chunk checked against the signed digests; the
-  schema (float32 moments shaped like the params, an int32 count) before anything is
-  read."""
-  prefix = exchange.global_prefix(round_)
-  params_schema = schema or federation.param_schema(config)
-  expected = {}
-  for n, (shape, _) in params_schema.items():
-    expected.update({f"outer/{n}/mu": (shape, "float32"), f"outer/{n}/nu": (shape, "float32"),
-                     f"outer/{n}/count": ((), "int32")})
-  moments_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
-                                            if k.startswith("outer/")})
-  exchange.check_schema(moments_manifest, expected)
-  flat_shardings = {}
-  for n, s in trees.flatten(shardings).items():
-    flat_shardings.update({f"outer/{n}/mu": s, f"outer/{n}/nu": s})
-  flat = exchange.read_arrays(bucket, prefix, moments_manifest, flat_shardings)
-  data = exchange.data_prefix(prefix, manifest)
-  out = {}
-  for n in params_schema:
-    key = f"outer/{n}/count"
-    count = exchange.read_block(bucket, data, key, manifest["arrays"][key], ())
-    out[n] = {"count": count, "mu": flat[f"outer/{n}/mu"], "nu": flat[f"outer/{n}/nu"]}
-  return out
-
-
-def read_global_round(bucket: buckets.Bucket, config, round_: int, shardings, schema=None,
-                      root: trust.TrustRoot | None = None,
-                      last_round: int | None = None) -> tuple[Any, dict | None, dict]:
-  """What a site reads of global round `round_` before training on it: (params, the
-  global moments under outer "moments" else None, manifest), all verified
-  (`read_global`, `read_global_moments`)."""
-  params, manifest = read_global(bucket, config, round_, shardings, schema, root=root,
-                                 last_round=last_round)
-  moments = (read_global_moments(bucket, config, round_, manifest, shardings, schema)
-             if federation.shared_moments(config) else None)
-  return params, moments, manifest
-
-
-def _diverged(name: str, round_: int) -> exchange.ExchangeError:
-  return exchange.ExchangeError(
-      f"site {name}: the update for round {round_} has non-finite values (NaN or Inf): "
-      f"training diverged; not publishing it (the coordinator would refuse it)")
-
-
-def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_round: int,
-                   delta, tokens: int, extra: dict,
-                   signer: trust.Signer | None = None) -> dict:
-  """Writes this site's update for `round_` (arrays, then the manifest signed by
-  `signer`, then the commit marker, created last). `delta` is the pseudo-gradient, or
-  the flat dict `SiteWorker.encoded_update` made of it (encoded once, not again).
-
-  A round this site already committed (a restart after publishing) is kept as it is:
-  committed data is never rewritten."""
-  prefix = exchange.update_prefix(round_)
-  existing = exchange.read_manifest(bucket, prefix)
-  if existing is not None:
-    logging.info("site %s: round %d already committed in %s; keeping it", name, round_, bucket.url)
-    return existing
-  diverged = _diverged(name, round_)
-  # Sent in federation.update_dtype; the norm is of what is sent.
-  try:
-    sent = federation.encode_update(delta, config)
-  except ValueError:  # int8: a NaN or Inf leaves nothing to quantize.
-    raise diverged from None
-  # Declared so that the coordinator can clip in its one streaming pass (it checks the
-  # claim against what it reads); the simulation's function, so both clip alike. The norm
-  # of the pseudo-gradient only: under shared moments, the first moments it also sends
-  # are scaled by the same clip factor.
-  norm = outer_lib.update_norm({n: v for n, v in sent.items()
-                                if not n.startswith(outer_lib.MOMENT_PREFIX)})
-  if not np.isfinite(norm):
-    raise diverged
-  # Deterministic, so every process of a multi-process site writes the same attempt.
-  attempt = exchange.new_attempt(f"{name}/{round_}/{base_round}")
-  records = exchange.write_arrays(
-      bucket, exchange.data_prefix(prefix, attempt),
-      {n: v.codes if isinstance(v, quantize.Quantized) else v for n, v in sent.items()})
-  for n, v in sent.items():  # int8: the dequantization parameters, signed with the rest.
-    if isinstance(v, quantize.Quantized):
-      records[n] = dict(records[n], quant=v.params())
-  manifest = exchange.make_manifest(
-      federation=config.federation.id, kind="update", round=round_, author=name,
-      attempt=attempt, base_round=base_round, tokens=int(tokens), arrays=records,
-      extra=dict(extra, update_norm=norm))
-  if signer is not None:
-    manifest = signer.sign(manifest)
-  exchange.write_manifest(bucket, prefix, manifest)
-  return manifest
-
-
-_ROLLBACK_WARNED: set[tuple[str, int]] = set()
-
-
-def _newer_global(glob: buckets.Bucket, last_base: int) -> int | None:
-  """The round LATEST names if it is newer than `last_base`; None to keep waiting.
-
-  A pointer that went backwards (a rollback, by a faulty or hostile writer of the global
-  bucket) is refused and logged once; the site keeps waiting for a newer round."""
-  r = exchange.read_latest(glob)
-  if r is not None and r < last_base and (glob.url, r) not in _ROLLBACK_WARNED:
-    _ROLLBACK_WARNED.add((glob.url, r))
-    logging.warning("refusing rollback: %s LATEST names global round %d, older than round %d "
-                    "this site already trained from", glob.url, r, last_base)
-  return r if r is not None and r > last_base else None
 
 
 def _unsaved_base(own: buckets.Bucket, glob: buckets.Bucket, last_base: int) -> int | None:
@@ -406,10 +261,10 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
                      "its checkpoint was lost; training that round again", name, g)
       else:
         g = _wait(f"a global round newer than {last_base} in {glob.url}",
-                  lambda: _newer_global(glob, last_base), float(f.site_wait_s), float(f.poll_s))
+                  lambda: exchange.newer_global_round(glob, last_base), float(f.site_wait_s), float(f.poll_s))
       wait_s = time.perf_counter() - t_wait
       read0, t_read = glob.bytes_read, time.perf_counter()
-      params, moments, _ = read_global_round(glob, config, g, worker.trainer.param_shardings,
+      params, moments, _ = exchange.read_global_round(glob, config, g, worker.trainer.param_shardings,
                                              schema, root=root, last_round=last_base)
       worker.adopt(params, moments)
       read_s = time.perf_counter() - t_read
@@ -427,8 +282,8 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
       try:
         sent = worker.encoded_update()
       except ValueError:  # int8: a NaN or Inf leaves nothing to quantize.
-        raise _diverged(name, g + 1) from None
-      publish_update(own, config, name, g + 1, g, sent, rec["tokens"],
+        raise exchange.diverged(name, g + 1) from None
+      exchange.publish_update(own, config, name, g + 1, g, sent, rec["tokens"],
                      extra={"train_loss": rec["train_loss"], "step": rec["step"]},
                      signer=signer)
       rec.update(publish_s=time.perf_counter() - t_pub, bytes_up=own.bytes_written - write0)

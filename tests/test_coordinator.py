@@ -24,10 +24,8 @@ from tapestry_jax import buckets
 from tapestry_jax import coordinator as coord_lib
 from tapestry_jax import exchange
 from tapestry_jax import federation
-from tapestry_jax import merge as merge_lib
 from tapestry_jax import model as model_lib
 from tapestry_jax import outer
-from tapestry_jax import site as site_lib
 from tapestry_jax import trees
 from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
@@ -71,7 +69,7 @@ def _publish(config, workdir, site: str, round_: int, delta, *, tokens=None, sig
     rec = manifest["arrays"][fields["absurd"]]
     rec["shape"] = rec["chunk_shape"] = [1 << 40, 1 << 20]  # One (absurd) chunk.
     rec["chunk_digests"] = rec["chunk_digests"][:1]
-    rec["digest"] = exchange._combined_digest(rec["chunk_digests"])  # pylint: disable=protected-access
+    rec["digest"] = exchange.combined_digest(rec["chunk_digests"])  # pylint: disable=protected-access
     manifest = trust.Signer(manifest["author"], _signer(manifest["author"]).key).sign(manifest)
   if fields.get("forge"):
     manifest["signature"]["value"] = base64.b64encode(bytes(64)).decode()
@@ -422,7 +420,7 @@ def test_restart_redoes_an_uncommitted_round_bit_identically(tmp_path, monkeypat
   # merge (some arrays written, no manifest, no COMMIT) ...
   workdir = tmp_path / "crashed"
   _publish_two_rounds(config, workdir)
-  finish, calls = merge_lib.BlockWriter.finish, []
+  finish, calls = exchange.BlockWriter.finish, []
 
   def crash_in_round_2(self):
     if self.prefix.startswith(exchange.global_prefix(2) + "/"):
@@ -431,7 +429,7 @@ def test_restart_redoes_an_uncommitted_round_bit_identically(tmp_path, monkeypat
       calls.append(self.name)
     return finish(self)
 
-  monkeypatch.setattr(merge_lib.BlockWriter, "finish", crash_in_round_2)
+  monkeypatch.setattr(exchange.BlockWriter, "finish", crash_in_round_2)
   with pytest.raises(KeyboardInterrupt):
     _coordinator(config, workdir).run()
   monkeypatch.undo()
@@ -501,26 +499,26 @@ def test_read_global_refuses_a_round_that_is_not_the_one_asked_for(tmp_path):
   glob = coord.glob
   shardings = _shardings(config)
   root = trust.TrustRoot.from_config(config)
-  params, manifest = site_lib.read_global(glob, config, 0, shardings, root=root)
+  params, manifest = exchange.read_global(glob, config, 0, shardings, root=root)
   assert manifest["round"] == 0
   initial, _ = coord_lib.initial_round(config)
   for name, p in trees.flatten(params).items():
     np.testing.assert_array_equal(np.asarray(p), initial[name], err_msg=name)
 
   with pytest.raises(exchange.ExchangeError, match=r"rounds/round_000003 is not committed"):
-    site_lib.read_global(glob, config, 3, shardings)
+    exchange.read_global(glob, config, 3, shardings)
   other = _config()
   other.federation.id = "someone-else"
   with pytest.raises(exchange.ExchangeError,
                      match=r"manifest is not global round 0 of federation 'someone-else'"):
-    site_lib.read_global(glob, other, 0, shardings)
+    exchange.read_global(glob, other, 0, shardings)
   # Round 0's (validly signed) manifest replayed under round 1's prefix: it says round 0.
   p0, p1 = exchange.global_prefix(0), exchange.global_prefix(1)
   data0 = exchange.data_prefix(p0, manifest)[len(p0):]
   glob.write(f"{p1}{data0}/{exchange.MANIFEST}", glob.read(f"{p0}{data0}/{exchange.MANIFEST}"))
   glob.write(f"{p1}/{exchange.COMMIT}", glob.read(f"{p0}/{exchange.COMMIT}"))
   with pytest.raises(exchange.ExchangeError, match=r"manifest is not global round 1 of federation"):
-    site_lib.read_global(glob, config, 1, shardings, root=root)
+    exchange.read_global(glob, config, 1, shardings, root=root)
   # A site configured with another model: refused before a byte of array data is read.
   wider = _config()
   wider.model.d_model = 64
@@ -528,7 +526,7 @@ def test_read_global_refuses_a_round_that_is_not_the_one_asked_for(tmp_path):
   with pytest.raises(exchange.ExchangeError,
                      match=r"schema mismatch.*'params/embed': shape \(384, 128\) != expected "
                            r"\(384, 64\)"):
-    site_lib.read_global(glob, wider, 0, _shardings(wider), root=root)
+    exchange.read_global(glob, wider, 0, _shardings(wider), root=root)
   assert glob.bytes_read - read0 < 100_000  # The manifest and COMMIT only.
 
 
@@ -539,8 +537,8 @@ def test_a_site_reads_the_global_moments_verified_under_outer_moments(tmp_path):
   coord.publish_initial()
   shardings = _shardings(config)
   root = trust.TrustRoot.from_config(config)
-  _, manifest = site_lib.read_global(coord.glob, config, 0, shardings, root=root)
-  moments = site_lib.read_global_moments(coord.glob, config, 0, manifest, shardings)
+  _, manifest = exchange.read_global(coord.glob, config, 0, shardings, root=root)
+  moments = exchange.read_global_moments(coord.glob, config, 0, manifest, shardings)
   assert sorted(moments) == sorted(federation.param_schema(config))
   for leaves in moments.values():
     assert int(leaves["count"]) == 0 and not np.asarray(leaves["nu"]).any()
@@ -550,20 +548,20 @@ def test_a_site_reads_the_global_moments_verified_under_outer_moments(tmp_path):
   key = next(k for k in coord.glob.list(f"{data}/arrays/params/embed/") if "/c/" in k)
   coord.glob.write(key.replace("/params/embed/", "/outer/embed/mu/"), coord.glob.read(key))
   with pytest.raises(exchange.ExchangeError, match=r"outer/embed/mu.*chunk \(0, 0\) is corrupt"):
-    site_lib.read_global_moments(coord.glob, config, 0, manifest, shardings)
+    exchange.read_global_moments(coord.glob, config, 0, manifest, shardings)
   # A model the moments do not fit: refused before their data is read.
   wider = _config()
   wider.model.d_model = 64
   with pytest.raises(exchange.ExchangeError, match=r"schema mismatch.*outer/embed/mu"):
-    site_lib.read_global_moments(coord.glob, wider, 0, manifest, _shardings(wider))
+    exchange.read_global_moments(coord.glob, wider, 0, manifest, _shardings(wider))
 
 
 def test_publish_update_keeps_an_already_committed_round(tmp_path, caplog):
   config = _config()
   bucket = _bucket(config, tmp_path, "latin")
-  first = site_lib.publish_update(bucket, config, "latin", 1, 0, _delta(1), 100,
+  first = exchange.publish_update(bucket, config, "latin", 1, 0, _delta(1), 100,
                                   {"train_loss": 1.0}, signer=_signer("latin"))
-  again = site_lib.publish_update(bucket, config, "latin", 1, 0, _delta(2), 200,
+  again = exchange.publish_update(bucket, config, "latin", 1, 0, _delta(2), 200,
                                   {"train_loss": 2.0}, signer=_signer("latin"))
   assert again == first == exchange.read_manifest(bucket, exchange.update_prefix(1))
   assert any("round 1 already committed" in r.getMessage() for r in caplog.records)

@@ -317,7 +317,7 @@ def test_iter_blocks_cover_the_array_once_and_reassemble(tmp_path):
     ex.read_block(bucket, DATA, "a", records["a"], (slice(1, 3), slice(0, 6), slice(0, 4)))
   assert list(ex.iter_blocks({"shape": [], "dtype": "int32", "chunk_shape": [],
                               "chunk_digests": ["0" * 64],
-                              "digest": ex._combined_digest(["0" * 64])}, 10)) == [()]
+                              "digest": ex.combined_digest(["0" * 64])}, 10)) == [()]
 
 
 def test_bad_names_and_manifests(tmp_path):

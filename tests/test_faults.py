@@ -41,7 +41,7 @@ _bucket, _read_arrays, _read_round = fed_fakes.bucket, fed_fakes.read_arrays, fe
 
 def _publish(config, workdir, site: str, round_: int, delta) -> dict:
   """Commits `delta` as `site`'s honest update for `round_` (signed with its own key)."""
-  return site_lib.publish_update(
+  return exchange.publish_update(
       _bucket(config, workdir, site), config, site, round_, round_ - 1, delta,
       federation.weight_cap(config), {},
       signer=fed_fakes.signer(site))
@@ -397,24 +397,24 @@ def test_a_site_refuses_a_rollback_and_a_global_round_signed_by_an_unknown_key(t
   glob = _bucket(config, tmp_path, federation.GLOBAL)
   shardings = _shardings(config)
   root = trust.TrustRoot.from_config(config)
-  site_lib.read_global(glob, config, 3, shardings, root=root, last_round=2)  # Forward: fine.
+  exchange.read_global(glob, config, 3, shardings, root=root, last_round=2)  # Forward: fine.
 
   read0 = glob.bytes_read
-  with pytest.raises(site_lib.RollbackError,
+  with pytest.raises(exchange.RollbackError,
                      match=r"global round 2 is older than round 3, which this site already "
                            r"trained from; refusing to roll back"):
-    site_lib.read_global(glob, config, 2, shardings, root=root, last_round=3)
+    exchange.read_global(glob, config, 2, shardings, root=root, last_round=3)
   assert glob.bytes_read == read0  # Refused before reading anything.
 
   # LATEST rewound by a faulty or hostile writer of the global bucket.
   glob.write(exchange.LATEST, json.dumps({"kind": "global", "round": 1}).encode())
   caplog.clear()
-  assert site_lib._newer_global(glob, 3) is None
-  assert site_lib._newer_global(glob, 3) is None
+  assert exchange.newer_global_round(glob, 3) is None
+  assert exchange.newer_global_round(glob, 3) is None
   refusals = [m for m in _warnings(caplog) if "refusing rollback" in m]
   assert len(refusals) == 1 and "LATEST names global round 1, older than round 3" in \
       refusals[0], _warnings(caplog)
-  assert site_lib._newer_global(glob, 0) == 1  # A newer round is still adopted.
+  assert exchange.newer_global_round(glob, 0) == 1  # A newer round is still adopted.
 
   # Round 3 re-signed by a key nobody put in the trust root, COMMIT rewritten to match.
   prefix = exchange.global_prefix(3)
@@ -431,7 +431,7 @@ def test_a_site_refuses_a_rollback_and_a_global_round_signed_by_an_unknown_key(t
                      match=r"rounds/round_000003: refusing the global model: manifest of "
                            r"'coordinator' is signed by unknown key '[0-9a-f]{16}', not "
                            r"'coordinator''s key"):
-    site_lib.read_global(glob, config, 3, shardings, root=root, last_round=2)
+    exchange.read_global(glob, config, 3, shardings, root=root, last_round=2)
 
 
 # ------------------------------------------------------------------ 5. an upload cut short

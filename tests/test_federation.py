@@ -148,15 +148,15 @@ def test_inner_overrides_apply_to_federated_sites_only():
 def test_bfloat16_updates_schema_and_cast():
   c = _config(extra=FEDADAM)
   params = federation.param_schema(c)
-  sent = federation.update_schema(c)
+  sent = exchange.update_schema(c)
   assert sent.keys() == params.keys()
   assert all(sent[n] == (shape, "bfloat16") for n, (shape, _) in params.items())
-  assert federation.update_schema(_config()) == params  # float32 by default
+  assert exchange.update_schema(_config()) == params  # float32 by default
   bf16_params = _config()
   bf16_params.model.param_dtype = "bfloat16"  # bfloat16 is floating too (ml_dtypes)
-  assert {d for _, d in federation.update_schema(bf16_params).values()} == {"float32"}
+  assert {d for _, d in exchange.update_schema(bf16_params).values()} == {"float32"}
   x = np.array([1.0, 1.0 + 2 ** -9, 3.4e38], np.float32)  # a tie rounds to even; overflow
-  got = np.asarray(federation.encode_update({"w": x}, c)["w"])
+  got = np.asarray(exchange.encode_update({"w": x}, c)["w"])
   assert str(got.dtype) == "bfloat16"
   np.testing.assert_array_equal(got.astype(np.float32)[:2], [1.0, 1.0])
   assert np.isinf(got.astype(np.float32)[2])  # too large for bfloat16: the site refuses it
@@ -165,14 +165,14 @@ def test_bfloat16_updates_schema_and_cast():
 def test_int8_updates_schema_and_encoding():
   c = _config(extra=INT8)
   params = federation.param_schema(c)
-  sent = federation.update_schema(c)
+  sent = exchange.update_schema(c)
   assert all(sent[n] == (shape, "int8", True) for n, (shape, _) in params.items())
   x = np.linspace(-1, 1, 101, dtype=np.float32)
-  got = federation.encode_update({"w": x, "step": np.int32(3)}, c)
+  got = exchange.encode_update({"w": x, "step": np.int32(3)}, c)
   assert isinstance(got["w"], quantize.Quantized) and str(got["w"].codes.dtype) == "int8"
   assert got["step"] == 3  # non-floating leaves are sent as they are
   with pytest.raises(ValueError, match="NaN or Inf"):
-    federation.encode_update({"w": np.array([1.0, np.nan], np.float32)}, c)
+    exchange.encode_update({"w": np.array([1.0, np.nan], np.float32)}, c)
 
 
 def test_error_feedback_sends_every_update_over_the_rounds_and_is_checkpointed(tmp_path):
@@ -184,7 +184,7 @@ def test_error_feedback_sends_every_update_over_the_rounds_and_is_checkpointed(t
     w.adopt(w.state.params)
     w.train(2)
     delta = trees.flatten(jax.device_get(w.delta()))
-    sent = jax.device_get(federation.decode_update(w.encoded_update()))
+    sent = jax.device_get(exchange.decode_update(w.encoded_update()))
     for n in delta:
       total[n] = total.get(n, 0) + delta[n].astype(np.float64)
       sent_total[n] = sent_total.get(n, 0) + np.asarray(sent[n], np.float64)

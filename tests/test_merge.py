@@ -305,7 +305,7 @@ def test_read_block_into_a_buffer_through_an_open_store(tmp_path):
     ex.read_block(bucket, "r", "a", rec, (slice(0, 4), slice(0, 6)), out=np.zeros((4, 6)))
   # A corrupted chunk is still caught when reading into a buffer.
   bad = dict(rec, chunk_digests=["0" * 64] + rec["chunk_digests"][1:])
-  bad["digest"] = ex._combined_digest(bad["chunk_digests"])  # pylint: disable=protected-access
+  bad["digest"] = ex.combined_digest(bad["chunk_digests"])
   with pytest.raises(ex.ExchangeError, match="corrupt"):
     ex.read_block(bucket, "r", "a", bad, (slice(0, 4), slice(0, 6)),
                   out=np.zeros((4, 6), np.float32))

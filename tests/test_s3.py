@@ -27,7 +27,6 @@ from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import orchestrate
 from tapestry_jax import seaweed
-from tapestry_jax import site as site_lib
 from tapestry_jax import trust
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,7 +225,7 @@ def test_a_site_publishing_into_the_global_bucket_gets_one_clear_error(s3, creds
                         credentials=creds["latin"])
   delta = {"w": np.ones((4, 8), np.float32)}
   with pytest.raises((exchange.ExchangeError, buckets.BucketError)) as e:
-    site_lib.publish_update(glob, config, "latin", 1, 0, delta, 100, extra={})
+    exchange.publish_update(glob, config, "latin", 1, 0, delta, 100, extra={})
   msg = str(e.value)
   assert "permission denied" in msg and "s3://global/hijack" in msg, msg
   # One sentence from tapestry, not TensorStore's payload dump or a chained traceback.

@@ -146,13 +146,13 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
       t0 = time.perf_counter()
       # What the deployed site does (site.run_site): the global params (and moments),
       # then the encoded update.
-      params, moments, _ = site_lib.read_global_round(glob, config, round_,
+      params, moments, _ = exchange.read_global_round(glob, config, round_,
                                                       worker.trainer.param_shardings, root=root)
       worker.adopt(params, moments)
       read_s = time.perf_counter() - t0
       compute_s = worker.train(H if timed else 2)["compute_s"]
       t0 = time.perf_counter()
-      site_lib.publish_update(scratch, config, name, round_ + 1, round_,
+      exchange.publish_update(scratch, config, name, round_ + 1, round_,
                               worker.encoded_update(), 1, extra={}, signer=signers[name])
       publish_s = time.perf_counter() - t0
     out["sites"][name] = {"compute_s": compute_s, "read_s": read_s, "publish_s": publish_s}

@@ -145,7 +145,7 @@ def main(argv):
   # under shared moments (the pseudo-gradient and the first moment); data-parallel = one
   # float32 gradient per step into the all-reduce (a ring sends ~2x that; we count 1x).
   arrays = 2 if federation.shared_moments(config) else 1
-  fed_sent = int(f.rounds) * arrays * n_params * exchange._np_dtype(f.update_dtype).itemsize
+  fed_sent = int(f.rounds) * arrays * n_params * exchange.np_dtype(f.update_dtype).itemsize
   dp_sent = steps * 4 * n_params
   print(report.table(summary))
   print()

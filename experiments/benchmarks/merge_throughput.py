@@ -196,7 +196,7 @@ def _warm_up_jit(tx, manifest: dict, inputs, weights, max_block_bytes: int) -> N
             *(arrays[f"outer/{name}/{l}"] for l in leaves
               if arrays[f"outer/{name}/{l}"]["shape"] == arrays[key]["shape"])]
     shapes |= {tuple(s.stop - s.start for s in idx)
-               for idx in merge_lib.common_blocks(recs, max_block_bytes)[1]}
+               for idx in exchange.common_blocks(recs, max_block_bytes)[1]}
   for shape in sorted(shapes):
     g = jax.device_put(np.zeros(shape, np.float32))
     jax.block_until_ready(outer_lib.merge_block(tx, g, tx.init(g), [g] * len(inputs), weights,
@@ -356,7 +356,7 @@ def hash_mb_s() -> float:
   data = np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8)
   cpu0, n = _cpu_s(), 0
   while _cpu_s() - cpu0 < 1.0:
-    exchange._digest(data)  # pylint: disable=protected-access
+    exchange.chunk_digest(data)  # pylint: disable=protected-access
     n += data.nbytes
   return n / (_cpu_s() - cpu0) / MB
 
@@ -390,7 +390,7 @@ def check_blocks(tx, glob: Bucket, sites: list[Bucket], weights, out_prefix: str
     name = names[(i * (len(names) - 1)) // max(1, n_blocks - 1)]
     prec = arrays[f"params/{name}"]
     leaves = sorted(k[len(f"outer/{name}/"):] for k in arrays if k.startswith(f"outer/{name}/"))
-    _, blocks = merge_lib.common_blocks(
+    _, blocks = exchange.common_blocks(
         [prec, *(u["arrays"][name] for u in updates),
          *(arrays[f"outer/{name}/{l}"] for l in leaves
            if arrays[f"outer/{name}/{l}"]["shape"] == prec["shape"])], max_block_bytes)

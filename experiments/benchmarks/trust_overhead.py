@@ -69,8 +69,8 @@ def _raw_write(bucket: buckets.Bucket, prefix: str, arrays) -> dict:
   opens, records = {}, {}
   for name, a in arrays.items():
     chunk = exchange.choose_chunk_shape(a.shape, a.dtype, None)
-    spec = {"driver": "zarr3", "kvstore": bucket.array_spec(exchange._array_key(prefix, name)),
-            "metadata": dict(exchange._zarr_metadata(a.shape, a.dtype.name, chunk),
+    spec = {"driver": "zarr3", "kvstore": bucket.array_spec(exchange.store._array_key(prefix, name)),
+            "metadata": dict(exchange.store._zarr_metadata(a.shape, a.dtype.name, chunk),
                              codecs=[{"name": "bytes", "configuration": {"endian": "little"}}])}
     opens[name] = exchange.ts.open(spec, create=True, delete_existing=True,
                                    context=bucket.context)
@@ -91,8 +91,8 @@ def _baseline(writer, reader, arrays, shardings, r) -> float:
   json.loads(reader.read(f"{prefix}/{attempt}/manifest.json"))
   reader.read(f"{prefix}/COMMIT")
   # Placeholder digests (the record format needs them; verify=False never reads them).
-  unhashed = {n: exchange._finish(dict(rec, codec="raw", chunk_digests=["0" * 64] * int(
-      np.prod(exchange._grid(rec["shape"], rec["chunk_shape"]))))) for n, rec in records.items()}
+  unhashed = {n: exchange.store._finish(dict(rec, codec="raw", chunk_digests=["0" * 64] * int(
+      np.prod(exchange.store._grid(rec["shape"], rec["chunk_shape"]))))) for n, rec in records.items()}
   out = exchange.read_arrays(reader, prefix, {"arrays": unhashed, "attempt": attempt},
                              shardings, verify=False)
   jax.block_until_ready(out)

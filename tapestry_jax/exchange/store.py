@@ -40,7 +40,7 @@ import os
 import re
 import sys
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import blake3
@@ -146,14 +146,14 @@ def _where(bucket: Bucket, prefix: str, name: str | None = None) -> str:
 # --------------------------------------------------------------------------- chunks
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
   try:
     return np.dtype(name)
   except TypeError:
     return np.dtype(getattr(ml_dtypes, name))
 
 
-def _digest(a: np.ndarray) -> str:
+def chunk_digest(a: np.ndarray) -> str:
   """BLAKE3-256 of `a`'s elements as C-order little-endian bytes (hex).
 
   BLAKE3, not sha256: every byte of every round is hashed once when written and once
@@ -165,7 +165,7 @@ def _digest(a: np.ndarray) -> str:
   return blake3.blake3(flat.view(np.uint8)).hexdigest()
 
 
-def _combined_digest(chunk_digests: Sequence[str]) -> str:
+def combined_digest(chunk_digests: Sequence[str]) -> str:
   h = hashlib.sha256()
   for d in chunk_digests:
     h.update(bytes.fromhex(d))
@@ -254,7 +254,7 @@ def _record_problems(name: str, rec: Any) -> list[str]:
       c < 1 or c > max(1, s) for c, s in zip(chunk, shape)):
     return [f"{name!r}: declared chunk_shape {chunk!r} does not fit shape {shape!r}"]
   try:
-    _np_dtype(rec["dtype"])
+    np_dtype(rec["dtype"])
   except (TypeError, AttributeError):
     return [f"{name!r}: unknown dtype {rec['dtype']!r}"]
   digests = rec["chunk_digests"]
@@ -264,7 +264,7 @@ def _record_problems(name: str, rec: Any) -> list[str]:
             f"got {len(digests) if isinstance(digests, list) else type(digests).__name__}"]
   if not all(isinstance(d, str) and _HEX64.match(d) for d in digests):
     return [f"{name!r}: chunk digests are incomplete or not 64 hex digits"]
-  if rec["digest"] != _combined_digest(digests):
+  if rec["digest"] != combined_digest(digests):
     return [f"{name!r}: record digest does not match its chunk digests"]
   if "quant" in rec:  # A quantized (int8 / float8) update leaf (`tapestry_jax.quantize`).
     problem = quantize.check_params(rec["quant"], str(rec["dtype"]))
@@ -281,7 +281,7 @@ def _check_record(bucket: Bucket, prefix: str, name: str, rec: Any) -> None:
 
 def _finish(rec: dict) -> dict:
   digests = rec["chunk_digests"]
-  rec["digest"] = _combined_digest(digests) if all(d is not None for d in digests) else None
+  rec["digest"] = combined_digest(digests) if all(d is not None for d in digests) else None
   return rec
 
 
@@ -440,7 +440,7 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
         for coord in _overlapping(region, chunk):
           local = tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in
                         zip(_chunk_region(coord, chunk, shape), region))
-          hashes[name].append((_flat(coord, grid), pool.submit(_digest, data[local])))
+          hashes[name].append((_flat(coord, grid), pool.submit(chunk_digest, data[local])))
         settle(MAX_INFLIGHT_BYTES)
       covers[name] = complete
     # Digests are collected only once every write is issued: waiting for one array's
@@ -506,7 +506,7 @@ def _queue_digests(pool, queued: concurrent.futures.Future, dest: np.ndarray, re
     for c in _overlapping(region, chunk):
       view = dest[tuple(slice(a - r0, b - r0) for (a, b), (r0, _) in
                         zip(_chunk_region(c, chunk, shape), region))]
-      jobs.append((c, view, pool.submit(_digest, view)))
+      jobs.append((c, view, pool.submit(chunk_digest, view)))
     queued.set_result(jobs)
   except BaseException as e:  # noqa: BLE001  (a callback must not raise into TensorStore)
     queued.set_exception(e)
@@ -566,7 +566,7 @@ def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
       raise ExchangeError(f"{_where(bucket, prefix, name)}: requested sharding {what} "
                           f"does not fit shape {shape} ({str(e).splitlines()[0]})") from None
     regions = {_normalize(idx, shape) for idx in indices.values()}
-    layouts[name] = (rec, shape, chunk, _np_dtype(rec["dtype"]), sharding, regions)
+    layouts[name] = (rec, shape, chunk, np_dtype(rec["dtype"]), sharding, regions)
 
   unsettled: list = []  # (name, record, chunk coord, data, digest future) to check
   with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -606,7 +606,7 @@ def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
         for c in coords:
           chunks[c] = _read(bucket, prefix, name, reads[c])
           nbytes += chunks[c].nbytes
-          checks.append((c, pool.submit(_digest, chunks[c])))
+          checks.append((c, pool.submit(chunk_digest, chunks[c])))
         for c, fut in checks:
           _verify_chunk(bucket, prefix, name, rec, c, chunks[c], fut.result())
         pieces = {r: _assemble(r, chunks, chunk, shape, dtype) for r in regions}
@@ -623,93 +623,6 @@ def read_arrays(bucket: Bucket, prefix: str, manifest: Mapping,
     for name, rec, c, data, fut in unsettled:
       _verify_chunk(bucket, prefix, name, rec, c, data, fut.result())
   return out
-
-
-def iter_blocks(record: Mapping, max_block_bytes: int) -> Iterator[tuple[slice, ...]]:
-  """Chunk-aligned blocks that cover the array exactly once, in a fixed order.
-
-  A block is a run of whole chunk-rows along the leading axis spanning all other axes,
-  as many as fit in `max_block_bytes` (at least one). When one chunk-row alone is too
-  big, blocks are single chunks in C order of the chunk grid.
-  """
-  if max_block_bytes <= 0:
-    raise ExchangeError(f"max_block_bytes must be positive, got {max_block_bytes}")
-  problems = _record_problems("record", record)
-  if problems:
-    raise ExchangeError(f"bad array record: {problems[0]}")
-  shape, chunk = tuple(record["shape"]), tuple(record["chunk_shape"])
-  if not shape:
-    yield ()
-    return
-  grid = _grid(shape, chunk)
-  itemsize = _np_dtype(record["dtype"]).itemsize
-  row_bytes = chunk[0] * math.prod(shape[1:]) * itemsize
-  rest = tuple(slice(0, s) for s in shape[1:])
-  if row_bytes <= max_block_bytes:
-    rows = max(1, max_block_bytes // max(1, row_bytes))
-    for i in range(0, grid[0], rows):
-      yield (slice(i * chunk[0], min((i + rows) * chunk[0], shape[0])),) + rest
-    return
-  for coord in itertools.product(*(range(g) for g in grid)):
-    yield _slices(_chunk_region(coord, chunk, shape))
-
-
-def open_array(bucket: Bucket, prefix: str, name: str, record: Mapping) -> ts.Future:
-  """Starts opening a stored array for reading and returns the future TensorStore.
-
-  Pass it (or its result) as `read_block(..., store=...)` to read many blocks of one
-  array without reopening it (and re-reading its metadata) for every block.
-  """
-  prefix = _check_prefix(bucket, prefix)
-  _check_record(bucket, prefix, name, record)
-  return _open_for_read(bucket, prefix, name, record)
-
-
-def read_block(bucket: Bucket, prefix: str, name: str, record: Mapping,
-               index: tuple[slice, ...], *, verify: bool = True,
-               store: ts.TensorStore | ts.Future | None = None,
-               out: np.ndarray | None = None) -> np.ndarray:
-  """Reads one chunk-aligned block (e.g. from `iter_blocks`) of a stored array on the
-  host, checking every chunk in it against the record's digests when `verify`.
-
-  `store` is the array opened by `open_array` (opened here when None). `out`, a
-  C-contiguous array of the block's shape and dtype, receives the block and is
-  returned: reading into reused, aligned buffers saves an allocation per block and lets
-  JAX on CPU use the data without copying it.
-  """
-  prefix = _check_prefix(bucket, prefix)
-  _check_record(bucket, prefix, name, record)
-  shape, chunk = tuple(record["shape"]), tuple(record["chunk_shape"])
-  if len(tuple(index)) != len(shape):
-    raise ExchangeError(f"{_where(bucket, prefix, name)}: block index {index} has rank "
-                        f"{len(tuple(index))}, array has rank {len(shape)}")
-  region = _normalize(index, shape)
-  if not _chunk_aligned(region, chunk, shape):
-    raise ExchangeError(f"{_where(bucket, prefix, name)}: block {region} is not aligned to "
-                        f"chunks {chunk}")
-  if store is None:
-    store = _open_for_read(bucket, prefix, name, record)
-  if isinstance(store, ts.Future):
-    store = _await_store(bucket, prefix, name, store)
-  source = store[_slices(region)]
-  if out is None:
-    block = _read(bucket, prefix, name, source.read())
-  else:
-    want = tuple(b - a for a, b in region)
-    if (tuple(out.shape) != want or out.dtype != _np_dtype(record["dtype"])
-        or not out.flags.c_contiguous or not out.flags.writeable):
-      raise ExchangeError(f"{_where(bucket, prefix, name)}: `out` must be a writable "
-                          f"C-contiguous {record['dtype']}{list(want)} array, got "
-                          f"{out.dtype}{list(out.shape)}")
-    _read(bucket, prefix, name, ts.array(out, copy=False, write=True).write(source))
-    block = out
-  bucket.record_transfer(read=block.nbytes)
-  if verify:
-    for coord in _overlapping(region, chunk):
-      local = tuple(slice(a - r, b - r) for (a, b), (r, _) in
-                    zip(_chunk_region(coord, chunk, shape), region))
-      _verify_chunk(bucket, prefix, name, record, coord, block[local], _digest(block[local]))
-  return block
 
 
 # --------------------------------------------------------------------------- manifests
@@ -885,7 +798,7 @@ def _expected_shape_dtype(spec) -> tuple[tuple[int, ...], np.dtype, bool]:
   if hasattr(spec, "shape") and hasattr(spec, "dtype"):
     return tuple(spec.shape), np.dtype(spec.dtype), False
   shape, dtype, *quantized = spec
-  dtype = _np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+  dtype = np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
   return tuple(shape), dtype, bool(quantized and quantized[0])
 
 
@@ -921,7 +834,7 @@ def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
       n_decl, n_exp = math.prod(rec["shape"]), math.prod(shape)
       size = " (declares more elements than expected)" if n_decl > n_exp else ""
       problems.append(f"{name!r}: shape {tuple(rec['shape'])} != expected {shape}{size}")
-    if _np_dtype(rec["dtype"]) != dtype:
+    if np_dtype(rec["dtype"]) != dtype:
       problems.append(f"{name!r}: dtype {rec['dtype']} != expected {dtype.name}")
     if quantized and "quant" not in rec:
       problems.append(f"{name!r}: quantized ({dtype.name}) but its record has no "

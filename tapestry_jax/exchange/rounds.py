@@ -1,0 +1,306 @@
+"""The round protocol: what a site publishes and what it reads back, by name and by check.
+
+Built on `store` (committed rounds of named arrays). The layout of a round's arrays:
+  update (a site's bucket, `store.update_prefix(r)`):
+    NAME                the pseudo-gradient of parameter NAME, in federation.update_dtype
+    inner_mu/NAME       (shared moments) the site's first moment of NAME, encoded alike
+  global (the global bucket, `store.global_prefix(r)`):
+    params/NAME         the global parameter NAME (float32)
+    outer/NAME/LEAF     the outer optimizer's state leaf LEAF of NAME
+A site publishes with `publish_update` and reads a global round with `read_global_round`
+(the coordinator's signature, freshness, schema and every chunk's digest checked); the
+coordinator checks an update with `validate_update` before merging it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from tapestry_jax import buckets
+from tapestry_jax import federation
+from tapestry_jax import outer as outer_lib
+from tapestry_jax import quantize
+from tapestry_jax import trees
+from tapestry_jax import trust
+from tapestry_jax.exchange import store
+from tapestry_jax.exchange.store import ExchangeError
+
+PARAMS = "params/"
+OUTER = "outer/"
+# A site's first moment of parameter NAME (shared moments) travels as MOMENT_PREFIX + NAME.
+MOMENT_PREFIX = "inner_mu/"
+
+
+def param_key(name: str) -> str:
+  """The global round's array holding parameter `name`."""
+  return PARAMS + name
+
+
+def outer_key(name: str, leaf: str) -> str:
+  """The global round's array holding outer-state leaf `leaf` of parameter `name`."""
+  return f"{OUTER}{name}/{leaf}"
+
+
+def moment_key(name: str) -> str:
+  """The update's array holding the site's first moment of parameter `name`."""
+  return MOMENT_PREFIX + name
+
+
+def global_arrays(params: dict[str, Any], outer_leaves: dict[str, dict[str, Any]]) -> dict:
+  """A global round's named arrays from flat params and {name: {leaf: array}} state."""
+  arrays = {param_key(n): a for n, a in params.items()}
+  for n, leaves in outer_leaves.items():
+    arrays.update({outer_key(n, k): v for k, v in leaves.items()})
+  return arrays
+
+
+def params_of(manifest: dict) -> list[str]:
+  """The parameter names a global round's manifest holds, sorted."""
+  return sorted(k[len(PARAMS):] for k in manifest["arrays"] if k.startswith(PARAMS))
+
+
+# --------------------------------------------------------------------------- updates
+
+
+def update_schema(config) -> dict[str, tuple]:
+  """Leaf name -> (shape, dtype) every site update must match: the model's shapes, with
+  floating leaves in `federation.update_dtype` (what sites send; the coordinator merges
+  in float32 whatever they sent). int8 / float8 leaves are (shape, dtype, True): quantized, so
+  their records must carry the dequantization parameters (`store.check_schema`)."""
+  dtype = config.federation.get("update_dtype", "float32")
+  out = {}
+  params = federation.param_schema(config)
+  if federation.shared_moments(config):  # The site's first moment of each parameter, sent alike.
+    params.update({MOMENT_PREFIX + n: v for n, v in params.items()})
+  for n, (shape, d) in params.items():
+    # jnp.issubdtype: numpy's does not count bfloat16 (an ml_dtypes type) as floating.
+    if not jnp.issubdtype(store.np_dtype(d), jnp.floating):
+      out[n] = (shape, d)
+    elif dtype in quantize.DTYPES:
+      out[n] = (shape, dtype, True)
+    else:
+      out[n] = (shape, dtype)
+  return out
+
+
+def encode_update(delta, config) -> dict[str, Any]:
+  """A site's pseudo-gradient as it is sent, on the site's devices: a flat {name: leaf}
+  dict with floating leaves in `federation.update_dtype`: cast by XLA (round to nearest
+  even) or, for int8 and float8, `quantize.Quantized` codes. What the site publishes and
+  the simulation merges. ValueError for a quantized update with NaN or Inf values."""
+  dtype = config.federation.get("update_dtype", "float32")
+  out = {}
+  for name, x in trees.flatten(delta).items():
+    if isinstance(x, quantize.Quantized) or not jnp.issubdtype(x.dtype, jnp.floating):
+      out[name] = x  # Already encoded (e.g. by `site.SiteWorker.encoded_update`), or not float.
+    elif dtype in quantize.DTYPES:
+      out[name] = quantize.quantize(x, dtype)
+    else:
+      out[name] = x.astype(jnp.dtype(dtype))
+  return out
+
+
+def decode_update(sent: dict[str, Any]) -> dict[str, Any]:
+  """float32 values of an encoded update (`encode_update`'s output), on its devices."""
+  return {n: (quantize.dequantize(v.codes, v.offset, v.scale) if isinstance(v, quantize.Quantized)
+              else v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v)
+          for n, v in sent.items()}
+
+
+def diverged(name: str, round_: int) -> ExchangeError:
+  """The error a site stops with when its update for `round_` is not finite."""
+  return ExchangeError(
+      f"site {name}: the update for round {round_} has non-finite values (NaN or Inf): "
+      f"training diverged; not publishing it (the coordinator would refuse it)")
+
+
+def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_round: int,
+                   delta, tokens: int, extra: dict,
+                   signer: trust.Signer | None = None) -> dict:
+  """Writes this site's update for `round_` (arrays, then the manifest signed by
+  `signer`, then the commit marker, created last). `delta` is the pseudo-gradient, or
+  the flat dict `SiteWorker.encoded_update` made of it (encoded once, not again).
+
+  A round this site already committed (a restart after publishing) is kept as it is:
+  committed data is never rewritten."""
+  prefix = store.update_prefix(round_)
+  existing = store.read_manifest(bucket, prefix)
+  if existing is not None:
+    logging.info("site %s: round %d already committed in %s; keeping it", name, round_, bucket.url)
+    return existing
+  bad = diverged(name, round_)
+  # Sent in federation.update_dtype; the norm is of what is sent.
+  try:
+    sent = encode_update(delta, config)
+  except ValueError:  # int8: a NaN or Inf leaves nothing to quantize.
+    raise bad from None
+  # Declared so that the coordinator can clip in its one streaming pass (it checks the
+  # claim against what it reads); the simulation's function, so both clip alike. The norm
+  # of the pseudo-gradient only: under shared moments, the first moments it also sends
+  # are scaled by the same clip factor.
+  norm = outer_lib.update_norm({n: v for n, v in sent.items()
+                                if not n.startswith(MOMENT_PREFIX)})
+  if not np.isfinite(norm):
+    raise bad
+  # Deterministic, so every process of a multi-process site writes the same attempt.
+  attempt = store.new_attempt(f"{name}/{round_}/{base_round}")
+  records = store.write_arrays(
+      bucket, store.data_prefix(prefix, attempt),
+      {n: v.codes if isinstance(v, quantize.Quantized) else v for n, v in sent.items()})
+  for n, v in sent.items():  # int8: the dequantization parameters, signed with the rest.
+    if isinstance(v, quantize.Quantized):
+      records[n] = dict(records[n], quant=v.params())
+  manifest = store.make_manifest(
+      federation=config.federation.id, kind="update", round=round_, author=name,
+      attempt=attempt, base_round=base_round, tokens=int(tokens), arrays=records,
+      extra=dict(extra, update_norm=norm))
+  if signer is not None:
+    manifest = signer.sign(manifest)
+  store.write_manifest(bucket, prefix, manifest)
+  return manifest
+
+
+def validate_update(manifest: dict, config, site: str, round_: int, base_round: int,
+                    schema, root: trust.TrustRoot | None = None) -> str | None:
+  """Why this committed update may not be merged into `round_` (None = acceptable).
+
+  In order: the author's signature (when `root` is given; forged, unknown-key and
+  altered manifests stop here), the federation, the author, freshness (an update
+  replayed from another round, or trained from another global round, is refused) and
+  the schema (names, shapes, dtypes: checked before anything is allocated)."""
+  if root is not None:
+    try:
+      root.verify(manifest, site)
+    except trust.TrustError as e:
+      return f"bad signature: {e}"
+  if manifest.get("kind") != "update" or manifest.get("federation") != config.federation.id:
+    return (f"not an update of this federation ({manifest.get('kind')!r} of federation "
+            f"{manifest.get('federation')!r}, expected an update of {config.federation.id!r})")
+  if manifest.get("author") != site:
+    return f"author {manifest.get('author')!r} is not the bucket's owner {site!r}"
+  if manifest.get("round") != round_:
+    return f"manifest round {manifest.get('round')} != {round_} (replayed from another round?)"
+  if manifest.get("base_round") != base_round:
+    return f"trained from global round {manifest.get('base_round')}, expected {base_round} (stale)"
+  tokens = manifest.get("tokens")
+  if not isinstance(tokens, int) or tokens <= 0:
+    return f"token count {tokens!r} is not a positive integer"
+  try:
+    store.check_schema(manifest, schema)
+  except ExchangeError as e:
+    return str(e)
+  return None
+
+
+# --------------------------------------------------------------------------- global rounds
+
+
+def read_global_manifest(bucket, prefix: str, root: trust.TrustRoot | None) -> dict:
+  """The manifest of committed global round `prefix`, its coordinator's signature
+  verified with `root` (None: unsigned federation). ExchangeError if it is not committed
+  or the signature does not verify."""
+  manifest = store.read_manifest(bucket, prefix)
+  if manifest is None:
+    raise ExchangeError(f"{bucket.url}/{prefix} is not committed")
+  if root is not None:
+    try:
+      root.verify(manifest, federation.COORDINATOR)
+    except trust.TrustError as e:
+      raise ExchangeError(f"{bucket.url}/{prefix}: refusing the global model: "
+                                   f"{e}") from None
+  return manifest
+
+
+class RollbackError(ExchangeError):
+  """The global bucket offers a round older than one this site already trained from."""
+
+
+def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
+                schema=None, root: trust.TrustRoot | None = None,
+                last_round: int | None = None) -> tuple[Any, dict]:
+  """Reads committed global round `round_`'s params into `shardings` (a params pytree of
+  shardings) after verifying it: the coordinator's signature (with `root`), that it is
+  round `round_` of this federation and not older than `last_round` (the newest global
+  this site has adopted: a rollback is refused), and its schema, before anything is
+  allocated. Every chunk is checked against the signed digests as it is read."""
+  if last_round is not None and round_ < last_round:
+    raise RollbackError(f"{bucket.url}: global round {round_} is older than round "
+                        f"{last_round}, which this site already trained from; refusing "
+                        f"to roll back")
+  prefix = store.global_prefix(round_)
+  manifest = read_global_manifest(bucket, prefix, root)
+  fid = config.federation.id
+  if manifest.get("kind") != "global" or manifest.get("round") != round_ or \
+      manifest.get("federation") != fid:
+    raise ExchangeError(
+        f"{bucket.url}/{prefix}: manifest is not global round {round_} of federation {fid!r}")
+  schema = {f"params/{n}": v for n, v in (schema or federation.param_schema(config)).items()}
+  params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
+                                           if k.startswith("params/")})
+  store.check_schema(params_manifest, schema)
+  flat_shardings = {f"params/{n}": s for n, s in trees.flatten(shardings).items()}
+  flat = store.read_arrays(bucket, prefix, params_manifest, flat_shardings)
+  params = trees.unflatten({n[len("params/"):]: a for n, a in flat.items()}, shardings)
+  return params, manifest
+
+
+def read_global_moments(bucket: buckets.Bucket, config, round_: int, manifest: dict,
+                        shardings, schema=None) -> dict[str, dict[str, Any]]:
+  """Outer moments: the global Adam moments of round `round_` (whose manifest
+  `read_global` verified), {param name: {"count", "mu", "nu"}}, mu and nu read straight
+  into `shardings` (the params'), every chunk checked against the signed digests; the
+  schema (float32 moments shaped like the params, an int32 count) before anything is
+  read."""
+  prefix = store.global_prefix(round_)
+  params_schema = schema or federation.param_schema(config)
+  expected = {}
+  for n, (shape, _) in params_schema.items():
+    expected.update({f"outer/{n}/mu": (shape, "float32"), f"outer/{n}/nu": (shape, "float32"),
+                     f"outer/{n}/count": ((), "int32")})
+  moments_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
+                                            if k.startswith("outer/")})
+  store.check_schema(moments_manifest, expected)
+  flat_shardings = {}
+  for n, s in trees.flatten(shardings).items():
+    flat_shardings.update({f"outer/{n}/mu": s, f"outer/{n}/nu": s})
+  flat = store.read_arrays(bucket, prefix, moments_manifest, flat_shardings)
+  data = store.data_prefix(prefix, manifest)
+  out = {}
+  for n in params_schema:
+    key = f"outer/{n}/count"
+    count = store.read_block(bucket, data, key, manifest["arrays"][key], ())
+    out[n] = {"count": count, "mu": flat[f"outer/{n}/mu"], "nu": flat[f"outer/{n}/nu"]}
+  return out
+
+
+def read_global_round(bucket: buckets.Bucket, config, round_: int, shardings, schema=None,
+                      root: trust.TrustRoot | None = None,
+                      last_round: int | None = None) -> tuple[Any, dict | None, dict]:
+  """What a site reads of global round `round_` before training on it: (params, the
+  global moments under outer "moments" else None, manifest), all verified
+  (`read_global`, `read_global_moments`)."""
+  params, manifest = read_global(bucket, config, round_, shardings, schema, root=root,
+                                 last_round=last_round)
+  moments = (read_global_moments(bucket, config, round_, manifest, shardings, schema)
+             if federation.shared_moments(config) else None)
+  return params, moments, manifest
+
+
+_ROLLBACK_WARNED: set[tuple[str, int]] = set()
+
+
+def newer_global_round(glob: buckets.Bucket, last_base: int) -> int | None:
+  """The round LATEST names if it is newer than `last_base`; None to keep waiting.
+
+  A pointer that went backwards (a rollback, by a faulty or hostile writer of the global
+  bucket) is refused and logged once; the site keeps waiting for a newer round."""
+  r = store.read_latest(glob)
+  if r is not None and r < last_base and (glob.url, r) not in _ROLLBACK_WARNED:
+    _ROLLBACK_WARNED.add((glob.url, r))
+    logging.warning("refusing rollback: %s LATEST names global round %d, older than round %d "
+                    "this site already trained from", glob.url, r, last_base)
+  return r if r is not None and r > last_base else None
