@@ -86,7 +86,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   on_cpu = _on_cpu()
   if on_cpu:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  detection, local_ids = None, None
+  # Explicit settings are the whole truth: JAX's detectors would still pick devices
+  # (under SLURM, GPU SLURM_LOCALID only).
+  detection, local_ids = ("deactivate" if how == "explicit" else None), None
   if how == "slurm":  # resolved here: JAX's default drives one GPU per task (see below)
     coordinator_address, num_processes, process_id, local_ids = _slurm_params(
         os.environ, gpus=not on_cpu, timeout_s=timeout_s)

@@ -94,3 +94,15 @@ def test_initialize_under_slurm_keeps_jax_coordinator_port(monkeypatch, fake_jax
   [kw] = fake_jax_initialize
   assert kw["coordinator_address"] == "gpu003:12345"
   assert kw["local_device_ids"] == [1]
+
+
+def test_explicit_flags_inside_slurm_are_not_overridden(monkeypatch, fake_jax_initialize):
+  for k, v in _env(SLURM_STEP_TASKS_PER_NODE="2(x2)", SLURM_LOCALID="1").items():
+    monkeypatch.setenv(k, v)
+  monkeypatch.setattr(distributed, "_on_cpu", lambda: False)
+  assert distributed.initialize("10.0.0.1:1234", 4, 3).how == "explicit"
+  [kw] = fake_jax_initialize
+  assert (kw["coordinator_address"], kw["num_processes"], kw["process_id"]) == (
+      "10.0.0.1:1234", 4, 3)
+  # All of this process's GPUs, not JAX's SLURM default of GPU SLURM_LOCALID.
+  assert (kw["local_device_ids"], kw["cluster_detection_method"]) == (None, "deactivate")
