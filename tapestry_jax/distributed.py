@@ -8,7 +8,8 @@ distributed runtime: no RPC of ours.
 
 Where the processes come from:
   - Cloud TPU, SLURM, Open MPI and Kubernetes set environment variables that
-    `jax.distributed.initialize()` reads by itself (`auto`).
+    `jax.distributed.initialize()` reads by itself (`auto`); under SLURM the GPUs a
+    task drives are chosen here (`slurm_gpus`), so a process per host works too.
   - Local runs and tests pass `coordinator_address`, `num_processes` and `process_id`.
 """
 
@@ -82,11 +83,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if num_processes < 1 or not 0 <= process_id < num_processes:
       raise DistributedError(f"process_id must be in [0, {num_processes}), got {process_id}")
   how = "explicit" if coordinator_address is not None else _detected_cluster()
-  if _on_cpu():
+  on_cpu = _on_cpu()
+  if on_cpu:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Explicit settings are the whole truth: JAX's detectors would still pick devices
+  # (under SLURM, GPU SLURM_LOCALID only).
+  detection, local_ids = ("deactivate" if how == "explicit" else None), None
+  if how == "slurm":  # resolved here: JAX's default drives one GPU per task (see below)
+    coordinator_address, num_processes, process_id, local_ids = _slurm_params(
+        os.environ, gpus=not on_cpu, timeout_s=timeout_s)
+    detection = "deactivate"
   try:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,
+                               local_device_ids=local_ids,
+                               cluster_detection_method=detection,
                                initialization_timeout=timeout_s)
   except (RuntimeError, ValueError) as e:
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
@@ -96,6 +107,60 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   logging.info("process %d of %d (%s), %d local of %d devices", _GROUP.process_id,
                _GROUP.num_processes, how, jax.local_device_count(), jax.device_count())
   return _GROUP
+
+
+def _slurm_params(environ, *, gpus: bool, timeout_s: int):
+  """(coordinator address, process count, process id, local device ids) of a SLURM task.
+
+  JAX's own SLURM detector restricts local task i to GPU i (a process per GPU, every
+  task seeing all of its node's GPUs), so a process per host would drive one GPU of
+  eight. Here the address, count and id are JAX's, and the GPUs are `slurm_gpus`'s.
+  On CPU there is nothing to choose (JAX's ids only pick CUDA/ROCm devices)."""
+  from jax._src.clusters.slurm_cluster import SlurmCluster
+  address = environ.get("JAX_COORDINATOR_ADDRESS") or SlurmCluster.get_coordinator_address(
+      timeout_s, environ.get("JAX_COORDINATOR_PORT"))
+  local_ids = slurm_gpus(environ) if gpus else None
+  return (address, int(environ["SLURM_NTASKS"]), int(environ["SLURM_PROCID"]), local_ids)
+
+
+def slurm_gpus(environ) -> list[int] | None:
+  """The GPUs (ordinals among those it sees) a SLURM task drives; None for all it sees.
+
+  - `JAX_LOCAL_DEVICE_IDS=0,1` decides, as in JAX.
+  - The only task on its node (a process per host): every GPU it sees.
+  - A task SLURM bound to its own GPUs (`--gpus-per-task`, or fewer visible GPUs
+    than tasks on the node): those.
+  - Tasks sharing the node's N visible GPUs (`CUDA_VISIBLE_DEVICES`): N / tasks
+    each, in order of SLURM_LOCALID; without `CUDA_VISIBLE_DEVICES`, GPU SLURM_LOCALID
+    (JAX's rule: a process per GPU).
+  """
+  if environ.get("JAX_LOCAL_DEVICE_IDS"):
+    return [int(i) for i in environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+  tasks = _tasks_on_node(environ)
+  local_id = int(environ["SLURM_LOCALID"])
+  visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  if tasks == 1 or environ.get("SLURM_GPUS_PER_TASK") or 0 < len(visible) < tasks:
+    return None
+  if not visible:
+    return [local_id]
+  if len(visible) % tasks:
+    raise DistributedError(f"{tasks} SLURM tasks on this node cannot share {len(visible)} "
+                           f"GPUs evenly: set JAX_LOCAL_DEVICE_IDS per task, or one task per "
+                           f"host / per GPU")
+  per_task = len(visible) // tasks
+  return list(range(local_id * per_task, (local_id + 1) * per_task))
+
+
+def _tasks_on_node(environ) -> int:
+  """How many tasks of this job step run on this task's node, from SLURM's
+  'TASKS(xNODES),...' list (e.g. '8(x2),4')."""
+  counts = []
+  for part in (environ.get("SLURM_STEP_TASKS_PER_NODE") or
+               environ.get("SLURM_TASKS_PER_NODE", "1")).split(","):
+    tasks, _, repeat = part.partition("(x")
+    counts += [int(tasks)] * int(repeat.rstrip(")") or 1)
+  node = int(environ.get("SLURM_NODEID", 0))
+  return counts[node] if node < len(counts) else counts[-1]
 
 
 def _on_cpu() -> bool:
