@@ -110,21 +110,154 @@ class NonFiniteUpdate(BadUpdate):
     super().__init__(message, index, name, f"non-finite values in array {name}")
 
 
-@dataclasses.dataclass
-class _Param:
-  """How one parameter is merged: its inputs (in merge order), blocks and writers."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One stored array a merge reads block by block."""
+  bucket: Bucket
+  prefix: str  # the round's data prefix (its committed attempt)
   name: str
-  # (bucket, prefix, array name, record) of each block-wise input: the global params,
-  # then the parameter-shaped outer-state leaves (sorted), then each site's update.
-  sources: list[tuple[Bucket, str, str, Mapping]]
-  leaves: list[str]  # blockable leaf names, in `sources` order
-  whole: dict[str, np.ndarray]  # leaves read whole (scalars such as Adam's count)
-  whole_records: dict[str, Mapping]
-  chunk: tuple[int, ...]
-  blocks: list[tuple[slice, ...]]
-  stores: list[Any] | None = None  # ts.open futures, started when the first block is read
-  writers: dict[str, exchange.BlockWriter] | None = None
-  num_sites: int = 0  # Site sources: num_sites updates (then as many first moments)
+  record: Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPlan:
+  """How one parameter is merged: its inputs in merge order, its blocks."""
+  name: str
+  base: Source  # the previous global round's params
+  state: tuple[tuple[str, Source], ...]  # its blockable outer-state leaves (sorted)
+  deltas: tuple[Source, ...]  # each site's update, in merge order
+  moments: tuple[Source, ...]  # (shared moments) each site's first moment, else ()
+  whole_records: Mapping[str, Mapping]  # outer-state leaves read whole (Adam's count)
+  chunk: tuple[int, ...]  # the output chunk shape (every input's chunks tile it)
+  blocks: tuple[tuple[slice, ...], ...]
+
+  @property
+  def leaves(self) -> list[str]:
+    return [leaf for leaf, _ in self.state]
+
+  @property
+  def sources(self) -> list[Source]:
+    """Every block-wise input: the global ones (base, state), then the sites' ones."""
+    return [self.base, *(src for _, src in self.state), *self.deltas, *self.moments]
+
+  @property
+  def num_global(self) -> int:
+    return 1 + len(self.state)
+
+  def site(self, j: int) -> int:
+    """The site (position in the merge order) of site source j of `sources`."""
+    return (j - self.num_global) % len(self.deltas)
+
+
+@dataclasses.dataclass
+class RoundPlan:
+  """Everything that decides a merged round, and its work list: (param, block) pairs in
+  the fixed merge order. Any split of the work merges the same bits."""
+  tx: optax.GradientTransformation
+  glob: Bucket
+  base_prefix: str
+  inputs: list[tuple[Bucket, str, Mapping]]  # (bucket, data prefix, manifest)
+  weights: np.ndarray  # float32, per site
+  scales: np.ndarray  # float32 per-site clip scales (times the outer clip's, once known)
+  norms: list[float]  # declared norms (when the per-site clip uses them)
+  aggregator: str
+  trim: int
+  outer_clip_norm: float
+  params: list[ParamPlan]
+  work: list[tuple[int, int]]
+
+  def coefficients(self) -> np.ndarray:
+    """Each site's coefficient in the merge (what an overflow is blamed on)."""
+    return self.scales * self.weights if self.aggregator == "mean" else self.scales
+
+  def work_bytes(self, k: int) -> int:
+    """Bytes read for work item k (its blocks of every input)."""
+    p = self.params[self.work[k][0]]
+    idx = p.blocks[self.work[k][1]]
+    n = math.prod(s.stop - s.start for s in idx)
+    return sum(n * exchange.np_dtype(src.record["dtype"]).itemsize for src in p.sources)
+
+
+@dataclasses.dataclass
+class RangeResult:
+  """What merging one range of the work produced: its partial array records, and per
+  work item each site's sum of squares (when the per-site clip checks declared norms)."""
+  records: dict[str, dict]
+  site_squares: list[list[float]] | None
+
+
+def plan_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str,
+               base_manifest: Mapping, inputs: Sequence[tuple[Bucket, str, Mapping]],
+               weights: Sequence[float], *, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+               clip_norm: float = 0.0, aggregator: str = "mean", trim: int = 0,
+               declared_norms: Sequence[float] | None = None,
+               outer_clip_norm: float = 0.0) -> RoundPlan:
+  """Checks the settings and lays out the merge (no array data is read). See
+  `merge_round` for the arguments and the errors."""
+  # Committed rounds keep their arrays in the attempt directory their manifest names.
+  base_prefix = exchange.data_prefix(base_prefix, base_manifest)
+  inputs = [(b, exchange.data_prefix(p, m), m) for b, p, m in inputs]
+  weights = np.asarray(weights, np.float32)
+  if len(inputs) != len(weights):
+    raise ValueError(f"{len(inputs)} inputs but {len(weights)} weights")
+  robust = outer_lib.robust_kwargs({"clip_norm": clip_norm, "aggregator": aggregator,
+                                    "trim": trim})
+  clip_norm, aggregator, trim = robust["clip_norm"], robust["aggregator"], robust["trim"]
+  if isinstance(tx, outer_lib.SharedMoments) and outer_clip_norm:
+    raise ValueError("the outer clip is not supported with shared moments (outer.name moments)")
+  outer_lib.check_update_count(aggregator, trim, len(inputs))
+  scales, norms = _clip_scales(inputs, clip_norm, declared_norms)
+  arrays = base_manifest["arrays"]
+  params = [_plan_param(tx, glob, base_prefix, arrays, n, inputs, max_block_bytes)
+            for n in exchange.params_of(base_manifest)]
+  work = [(i, b) for i, p in enumerate(params) for b in range(len(p.blocks))]
+  return RoundPlan(tx, glob, base_prefix, inputs, weights, scales, norms, aggregator, trim,
+                   float(outer_clip_norm or 0.0), params, work)
+
+
+def _plan_param(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
+                inputs: Sequence[tuple[Bucket, str, Mapping]], max_block_bytes: int) -> ParamPlan:
+  prec = arrays[exchange.param_key(name)]
+  top = exchange.outer_key(name, "")
+  leaf_names = sorted(k[len(top):] for k in arrays if k.startswith(top))
+  param_like = np.empty(prec["shape"], exchange.np_dtype(prec["dtype"]))
+  blockable = outer_lib.blockable_leaves(tx, param_like)
+  if sorted(blockable) != leaf_names:
+    raise ExchangeError(f"global round {base_prefix}: outer state of {name!r} has leaves "
+                        f"{leaf_names}, the outer optimizer needs {sorted(blockable)}")
+  state = tuple((l, Source(glob, base_prefix, exchange.outer_key(name, l),
+                           arrays[exchange.outer_key(name, l)]))
+                for l in leaf_names if blockable[l])
+  deltas = tuple(Source(b, p, name, m["arrays"][name]) for b, p, m in inputs)
+  moments = ()
+  if isinstance(tx, outer_lib.SharedMoments):
+    key = exchange.moment_key(name)
+    moments = tuple(Source(b, p, key, m["arrays"][key]) for b, p, m in inputs)
+  base = Source(glob, base_prefix, exchange.param_key(name), prec)
+  whole = {l: arrays[exchange.outer_key(name, l)] for l in leaf_names if not blockable[l]}
+  records = [base.record, *(s.record for _, s in state), *(s.record for s in deltas),
+             *(s.record for s in moments)]
+  chunk, blocks = exchange.common_blocks(records, max_block_bytes)
+  return ParamPlan(name, base, state, deltas, moments, whole, tuple(chunk), tuple(blocks))
+
+
+def split_work(plan: RoundPlan, num_workers: int) -> list[range]:
+  """Contiguous ranges of `plan.work`, one per worker, of about equal bytes read. Blocks
+  are whole output chunks, so the workers write disjoint chunks."""
+  if num_workers < 1:
+    raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+  sizes = [plan.work_bytes(k) for k in range(len(plan.work))]
+  total = sum(sizes)
+  ranges, start, acc = [], 0, 0
+  for w in range(num_workers):
+    target = total * (w + 1) / num_workers
+    end = start
+    while end < len(sizes) and (w == num_workers - 1 or acc + sizes[end] / 2 <= target):
+      acc += sizes[end]
+      end += 1
+    ranges.append(range(start, end))
+    start = end
+  return ranges
 
 
 class _Buffers:
@@ -150,28 +283,6 @@ class _Buffers:
 def _own(x: np.ndarray, buffers: Sequence[np.ndarray]) -> np.ndarray:
   """`x`, copied if it lies in one of `buffers` (which are about to be reused)."""
   return x.copy() if any(np.may_share_memory(x, b) for b in buffers) else x
-
-
-def _plan(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
-          inputs: Sequence[tuple[Bucket, str, Mapping]], max_block_bytes: int) -> _Param:
-  prec = arrays[f"params/{name}"]
-  leaf_names = sorted(k[len(f"outer/{name}/"):] for k in arrays if k.startswith(f"outer/{name}/"))
-  param_like = np.empty(prec["shape"], exchange.np_dtype(prec["dtype"]))
-  blockable = outer_lib.blockable_leaves(tx, param_like)
-  if sorted(blockable) != leaf_names:
-    raise ExchangeError(f"global round {base_prefix}: outer state of {name!r} has leaves "
-                        f"{leaf_names}, the outer optimizer needs {sorted(blockable)}")
-  leaves = [l for l in leaf_names if blockable[l]]
-  sources = ([(glob, base_prefix, f"params/{name}", prec)]
-             + [(glob, base_prefix, f"outer/{name}/{l}", arrays[f"outer/{name}/{l}"])
-                for l in leaves]
-             + [(b, p, name, m["arrays"][name]) for b, p, m in inputs])
-  if isinstance(tx, outer_lib.SharedMoments):  # Then each site's first moment, same order.
-    moment = outer_lib.MOMENT_PREFIX + name
-    sources += [(b, p, moment, m["arrays"][moment]) for b, p, m in inputs]
-  whole_records = {l: arrays[f"outer/{name}/{l}"] for l in leaf_names if not blockable[l]}
-  chunk, blocks = exchange.common_blocks([r for _, _, _, r in sources], max_block_bytes)
-  return _Param(name, sources, leaves, {}, whole_records, chunk, blocks, num_sites=len(inputs))
 
 
 def _read_checked(bucket: Bucket, prefix: str, name: str, record: Mapping,
@@ -217,103 +328,297 @@ def _clip_scales(inputs: Sequence[tuple[Bucket, str, Mapping]], clip_norm: float
   return outer_lib.clip_scales(norms, clip_norm), norms
 
 
-def _open_sources(p: _Param) -> None:
-  """Opens every input array of `p` (once); a site's missing or damaged array refuses
-  that update (BadUpdate), the global round's fails the merge."""
-  if p.stores is not None:
-    return
-  stores = []
-  first = 1 + len(p.leaves)
-  for j, (b, pre, n, r) in enumerate(p.sources):
-    try:
-      stores.append(exchange.open_array(b, pre, n, r))
-    except ExchangeError as e:
-      if j < first:
-        raise
-      raise BadUpdate(str(e), index=(j - first) % p.num_sites, name=n,
-                      reason=f"unreadable or corrupt: {e}") from None
-  p.stores = stores
-
-
 def _can_be_non_finite(record: Mapping) -> bool:
   """Whether a stored array's values can be NaN or Inf (not integer codes)."""
   return not np.issubdtype(exchange.np_dtype(record["dtype"]), np.integer)
 
 
-def _site_block(p: _Param, j: int, fut) -> np.ndarray:
-  """The block read by `fut` (`_read_checked` of source j >= first), or the BadUpdate
-  that refuses that site's update (corrupt, unreadable or non-finite). Site sources
-  follow the global ones, one per site, then (outer moments) one more per site."""
-  first = 1 + len(p.leaves)
-  index = (j - first) % p.num_sites
-  try:
-    block, ok = fut.result()
-  except ExchangeError as e:
-    raise BadUpdate(str(e), index=index, name=p.sources[j][2],
-                    reason=f"unreadable or corrupt: {e}") from None
-  if not ok:
-    b, pre, n, _ = p.sources[j]
-    raise NonFiniteUpdate(f"update {pre} in bucket {b.url}: array {n!r} has non-finite values "
-                          f"(NaN or Inf)", index=index, name=n)
-  return block
+class _ParamIO:
+  """One worker's open stores, writers and whole-read leaves of one parameter."""
+
+  def __init__(self, p: ParamPlan):
+    self.p = p
+    self.stores: list[Any] = []
+    self.whole: dict[str, np.ndarray] = {}
+    self.writers: dict[str, exchange.BlockWriter] = {}
+
+  def open_sources(self) -> None:
+    """Opens every input array (once); a site's missing or damaged array refuses that
+    update (BadUpdate), the global round's fails the merge."""
+    if self.stores:
+      return
+    for j, src in enumerate(self.p.sources):
+      try:
+        self.stores.append(exchange.open_array(src.bucket, src.prefix, src.name, src.record))
+      except ExchangeError as e:
+        if j < self.p.num_global:
+          raise
+        raise BadUpdate(str(e), index=self.p.site(j), name=src.name,
+                        reason=f"unreadable or corrupt: {e}") from None
+
+  def open_writers(self, out: Bucket, out_prefix: str, hasher) -> None:
+    p = self.p
+    base = p.base
+    self.whole = {l: exchange.read_block(base.bucket, base.prefix, exchange.outer_key(p.name, l),
+                                         r, tuple(slice(0, s) for s in r["shape"]))
+                  for l, r in p.whole_records.items()}
+    records = {**{l: src.record for l, src in p.state}, **p.whole_records}
+    for leaf in sorted(records):
+      r = records[leaf]
+      self.writers[leaf] = exchange.BlockWriter(
+          out, out_prefix, exchange.outer_key(p.name, leaf), r["shape"],
+          exchange.np_dtype(r["dtype"]), p.chunk if leaf in p.leaves else r["shape"],
+          hasher=hasher)
+    self.writers["params"] = exchange.BlockWriter(
+        out, out_prefix, exchange.param_key(p.name), base.record["shape"],
+        exchange.np_dtype(base.record["dtype"]), p.chunk, hasher=hasher)
+
+  def site_block(self, j: int, fut) -> np.ndarray:
+    """The block read by `fut` (`_read_checked` of site source j), or the BadUpdate that
+    refuses that site's update (corrupt, unreadable or non-finite)."""
+    src = self.p.sources[j]
+    try:
+      block, ok = fut.result()
+    except ExchangeError as e:
+      raise BadUpdate(str(e), index=self.p.site(j), name=src.name,
+                      reason=f"unreadable or corrupt: {e}") from None
+    if not ok:
+      raise NonFiniteUpdate(f"update {src.prefix} in bucket {src.bucket.url}: array "
+                            f"{src.name!r} has non-finite values (NaN or Inf)",
+                            index=self.p.site(j), name=src.name)
+    return block
 
 
-def _refuse_non_finite(p: _Param, i: int, host: Sequence[np.ndarray], coef_K) -> None:
+def _refuse_non_finite(p: ParamPlan, i: int, host: Sequence[np.ndarray], coef_K) -> None:
   """Block i of `p` merged into non-finite values: raises NonFiniteUpdate for the first
   site update holding a NaN or Inf there; if none does, the finite values overflowed
   float32 in the merge, and BadUpdate refuses the update whose |coefficient * value| is
   the largest in the block (what a norm clip would have scaled down). `host` are the
-  block's inputs in `p.sources` order (the global ones first); `coef_K` each site's
-  coefficient in the merge."""
-  first = 1 + len(p.leaves)
+  block's inputs in `p.sources` order; `coef_K` each site's coefficient in the merge."""
   where = f"block {i} of {p.name!r}"
-  for j in range(first):  # The previous global round: never committed non-finite.
+  sources = p.sources
+  for j in range(p.num_global):  # The previous global round: never committed non-finite.
     if not np.isfinite(host[j]).all():
-      b, pre, n, _ = p.sources[j]
-      raise ExchangeError(f"global round {pre} in bucket {b.url}: array {n!r} has "
-                          f"non-finite values in {where}; cannot merge on it")
-  for j in range(first, len(host)):
-    b, pre, n, r = p.sources[j]
-    if _can_be_non_finite(r) and not np.isfinite(host[j]).all():
-      raise NonFiniteUpdate(f"update {pre} in bucket {b.url}: array {n!r} has non-finite "
-                            f"values (NaN or Inf)", index=(j - first) % p.num_sites, name=n)
+      src = sources[j]
+      raise ExchangeError(f"global round {src.prefix} in bucket {src.bucket.url}: array "
+                          f"{src.name!r} has non-finite values in {where}; cannot merge on it")
+  for j in range(p.num_global, len(host)):
+    src = sources[j]
+    if _can_be_non_finite(src.record) and not np.isfinite(host[j]).all():
+      raise NonFiniteUpdate(f"update {src.prefix} in bucket {src.bucket.url}: array "
+                            f"{src.name!r} has non-finite values (NaN or Inf)",
+                            index=p.site(j), name=src.name)
   largest = []
-  for j in range(first, len(host)):
-    r = p.sources[j][3]
-    q = r.get("quant")
+  for j in range(p.num_global, len(host)):
+    q = sources[j].record.get("quant")
     x = host[j].astype(np.float64)
     if q is not None:
       x = q["offset"] + q["scale"] * x
-    k = (j - first) % p.num_sites
+    k = p.site(j)
     largest.append((float(np.abs(x).max(initial=0.0)) * abs(float(coef_K[k])), k, j))
   _, k, j = max(largest)
-  b, pre, n, _ = p.sources[j]
-  raise BadUpdate(f"update {pre} in bucket {b.url}: merging array {n!r} overflows float32 in "
-                  f"{where} (its values are finite but the largest there; clip the updates' "
-                  f"norm with robust.clip_norm)", index=k, name=n,
-                  reason=f"values of {n} overflow the merge")
+  src = sources[j]
+  raise BadUpdate(f"update {src.prefix} in bucket {src.bucket.url}: merging array "
+                  f"{src.name!r} overflows float32 in {where} (its values are finite but the "
+                  f"largest there; clip the updates' norm with robust.clip_norm)", index=k,
+                  name=src.name, reason=f"values of {src.name} overflow the merge")
 
 
-def _merged_norm(params: Sequence[_Param], pool, weights, scales, aggregator: str,
-                 trim: int) -> float:
-  """The global L2 norm of the merged pseudo-gradient (before the outer clip), in
-  float64, from one pass over the updates' blocks (parameters in name order, blocks in
-  order, each site's block read in parallel and checked like the merge's)."""
-  squares = 0.0
-  for p in params:
-    _open_sources(p)
-    first = 1 + len(p.leaves)
-    quants = [r.get("quant") for _, _, _, r in p.sources[first:]]
-    for idx in p.blocks:
-      futs = [pool.submit(_read_checked, b, pre, n, r, idx, store, None,
-                          check_finite=_can_be_non_finite(r))
-              for (b, pre, n, r), store in zip(p.sources[first:], p.stores[first:])]
-      deltas = [_site_block(p, first + k, fut) for k, fut in enumerate(futs)]
-      deltas = [d if q is None else quantize.Quantized(d, q["offset"], q["scale"])
-                for d, q in zip(deltas, quants)]
-      squares += outer_lib.sum_squares(outer_lib.aggregate_block(
-          deltas, weights, scales=scales, aggregator=aggregator, trim=trim))
-  return math.sqrt(squares)
+def _as_updates(p: ParamPlan, blocks: Sequence[Any]) -> list[Any]:
+  """Site blocks as the outer math takes them (quantized codes with their parameters)."""
+  site_sources = p.sources[p.num_global:]
+  out = []
+  for b, src in zip(blocks, site_sources):
+    q = src.record.get("quant")
+    out.append(b if q is None else quantize.Quantized(b, q["offset"], q["scale"]))
+  return out
+
+
+def norm_squares(plan: RoundPlan, work: range) -> list[float]:
+  """First pass of the outer clip over `work`: per work item, the float64 sum of squares
+  of the merged (aggregated, clip-scaled) pseudo-gradient block, every site block read,
+  verified and finiteness-checked like the merge's."""
+  out = []
+  ios: dict[int, _ParamIO] = {}
+  n_sites = len(plan.inputs)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=n_sites + 2) as pool:
+    for k in work:
+      pi, i = plan.work[k]
+      p = plan.params[pi]
+      io = ios.setdefault(pi, _ParamIO(p))
+      io.open_sources()
+      first, idx = p.num_global, p.blocks[i]
+      futs = [pool.submit(_read_checked, src.bucket, src.prefix, src.name, src.record, idx,
+                          store, None, check_finite=_can_be_non_finite(src.record))
+              for src, store in zip(p.sources[first:first + n_sites],
+                                    io.stores[first:first + n_sites])]
+      deltas = _as_updates(p, [io.site_block(first + j, f) for j, f in enumerate(futs)])
+      out.append(outer_lib.sum_squares(outer_lib.aggregate_block(
+          deltas, plan.weights, scales=plan.scales, aggregator=plan.aggregator,
+          trim=plan.trim)))
+  return out
+
+
+def apply_outer_clip(plan: RoundPlan, squares: Sequence[float]) -> None:
+  """Scales every site's coefficient by the outer clip's factor, from the per-item
+  squares of `norm_squares` over the whole work (summed in work order)."""
+  total = 0.0
+  for x in squares:  # In order, one by one: the same float64 sum however the work is split.
+    total += x
+  plan.scales = plan.scales * outer_lib.merged_clip_scale(math.sqrt(total),
+                                                          plan.outer_clip_norm)
+
+
+def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
+               read_ahead: int = DEFAULT_READ_AHEAD, partial: bool = False) -> RangeResult:
+  """Merges the work items `work` of `plan` into the attempt directory `out_prefix`:
+  read ahead -> verify -> merge -> hash and write. Returns the records of what it wrote
+  (`partial`: other workers write the rest) and the per-site squares it saw."""
+  if read_ahead < 0:
+    raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
+  items = [plan.work[k] for k in work]
+  if not items:
+    return RangeResult({}, [] if plan.norms else None)
+  ios: dict[int, _ParamIO] = {}
+  n_sources = max(len(plan.params[pi].sources) for pi, _ in items)
+  capacity = max(math.prod(s.stop - s.start for s in plan.params[pi].blocks[i])
+                 * exchange.np_dtype(src.record["dtype"]).itemsize
+                 for pi, i in items for src in plan.params[pi].sources)
+  buffers = _Buffers((read_ahead + 1) * n_sources, max(1, capacity))
+  writes: collections.deque = collections.deque()  # (writer, future, item number)
+  site_squares: list[list[float]] | None = [] if plan.norms else None
+  # The mean's finiteness flag (merge_block's with_finite) covers its inputs: a NaN or Inf
+  # in any of them makes the merged block non-finite, and only then are the inputs
+  # scanned to find whose it was. The robust aggregators can sort a NaN or Inf out of the
+  # result, so every site block is scanned as it is read.
+  scan_inputs = plan.aggregator != "mean"
+  coef_K = plan.coefficients()
+  with concurrent.futures.ThreadPoolExecutor(max_workers=n_sources + 2) as pool:
+
+    def start(pi: int, i: int):
+      """Starts reading block i of param pi into free buffers: (raw buffers, futures)."""
+      io = ios.get(pi)
+      if io is None:
+        io = ios[pi] = _ParamIO(plan.params[pi])
+        io.open_sources()
+        io.open_writers(out, out_prefix, pool)
+      p, idx = io.p, io.p.blocks[i]
+      shape = tuple(s.stop - s.start for s in idx)
+      raws, futs = [], []
+      for j, (src, store) in enumerate(zip(p.sources, io.stores)):
+        raw, view = buffers.take(shape, exchange.np_dtype(src.record["dtype"]))
+        raws.append(raw)
+        futs.append(pool.submit(_read_checked, src.bucket, src.prefix, src.name, src.record,
+                                idx, store, view,
+                                check_finite=(j >= p.num_global and scan_inputs
+                                              and _can_be_non_finite(src.record))))
+      return raws, futs
+
+    reading: collections.deque = collections.deque()
+    started = 0
+
+    def fill(sets: int) -> None:
+      nonlocal started
+      while started < len(items) and len(reading) < sets:
+        reading.append(start(*items[started]))
+        started += 1
+
+    def merge_one(n: int, pi: int, i: int) -> None:
+      io = ios[pi]
+      p = io.p
+      raws, futs = reading.popleft()
+      first, n_sites = p.num_global, len(p.deltas)
+      # Every site's block is verified (digests) before a value of it is merged, and
+      # found finite before anything merged from it is written.
+      host = [fut.result()[0] if j < first else io.site_block(j, fut)
+              for j, fut in enumerate(futs)]
+      # Squares are summed on the pool while this block merges; the buffers stay
+      # untouched until the sums are in.
+      squares = []
+      if site_squares is not None:
+        for h, src in zip(host[first:first + n_sites], p.deltas):
+          q = src.record.get("quant")
+          squares.append(pool.submit(outer_lib.sum_squares, h) if q is None else
+                         pool.submit(quantize.sum_squares, h, q["offset"], q["scale"]))
+      # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
+      # inside state_from_leaves, would copy).
+      blocks = [jax.device_put(h) for h in host]
+      fill(read_ahead)  # Read the next blocks while this one merges.
+      g, leaf_blocks = blocks[0], blocks[1:first]
+      updates = _as_updates(p, blocks[first:])
+      deltas, moments = updates[:n_sites], updates[n_sites:] or None
+      state = outer_lib.state_from_leaves(plan.tx, g,
+                                          {**io.whole, **dict(zip(p.leaves, leaf_blocks))})
+      new_g, new_state, finite = outer_lib.merge_block(
+          outer_lib.leaf_optimizer(plan.tx, p.name), g, state, deltas, plan.weights,
+          scales=plan.scales, aggregator=plan.aggregator, trim=plan.trim, moments=moments,
+          with_finite=True)
+      if not bool(finite):  # Raises, naming the update to refuse.
+        _refuse_non_finite(p, i, host, coef_K)
+      del host
+      # Materialized on the host: the merge has consumed its inputs (which JAX may alias
+      # without copying), so their buffers can be reused; an output that JAX forwarded
+      # from an input is copied out first.
+      new_g = _own(np.asarray(new_g), raws)
+      new_leaves = {l: _own(np.asarray(v), raws)
+                    for l, v in outer_lib.state_leaves(new_state).items()}
+      del state, new_state, blocks, g, leaf_blocks, deltas, moments, updates
+      if site_squares is not None:
+        site_squares.append([f.result() for f in squares])
+      buffers.give(raws)
+      idx = p.blocks[i]
+      writes.append((io.writers["params"], io.writers["params"].write(idx, new_g), n))
+      for leaf in p.leaves:
+        writes.append((io.writers[leaf], io.writers[leaf].write(idx, new_leaves[leaf]), n))
+      if i == 0:
+        for leaf, r in p.whole_records.items():
+          io.writers[leaf].write(tuple(slice(0, s) for s in r["shape"]), new_leaves[leaf])
+      while writes and writes[0][2] < n - MAX_PENDING_WRITE_BLOCKS:
+        writer, fut, _ = writes.popleft()
+        writer.wait(fut)
+
+    try:
+      for n, (pi, i) in enumerate(items):
+        fill(1)
+        merge_one(n, pi, i)
+    except Exception:
+      # Nothing of this attempt is committed; let its writes land before the caller
+      # may redo the merge into the same prefix (a late write would overwrite the redo's).
+      for io in ios.values():
+        for writer in io.writers.values():
+          writer.wait_all(ignore_errors=True)
+      raise
+    records = {}
+    for io in ios.values():
+      for leaf, writer in io.writers.items():
+        key = (exchange.param_key(io.p.name) if leaf == "params"
+               else exchange.outer_key(io.p.name, leaf))
+        records[key] = writer.finish(partial=partial)
+  return RangeResult(records, site_squares)
+
+
+def finish_round(plan: RoundPlan, results: Sequence[RangeResult]) -> dict[str, dict]:
+  """The new round's array records from every range's (in work order): their chunk
+  digests combined; BadUpdate for the first update whose declared norm is not the norm
+  of its values (summed in work order)."""
+  records = exchange.merge_records([r.records for r in results])
+  for name, rec in records.items():
+    if rec["digest"] is None:
+      raise ExchangeError(f"array {name!r}: the workers' blocks did not cover the array")
+  if plan.norms:
+    totals = [0.0] * len(plan.inputs)
+    for r in results:
+      for per_site in r.site_squares:
+        for j, x in enumerate(per_site):
+          totals[j] += x
+    for j, (declared, ss) in enumerate(zip(plan.norms, totals)):
+      actual = math.sqrt(ss)
+      if abs(actual - declared) > NORM_RTOL * max(actual, declared) + NORM_ATOL:
+        b, pre, _ = plan.inputs[j]
+        raise BadUpdate(f"update {pre} in bucket {b.url}: declared norm {declared!r} != "
+                        f"actual norm {actual!r}", index=j, name="update_norm",
+                        reason=f"declared norm {declared!r} != actual norm {actual!r}")
+  return records
 
 
 def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str,
@@ -325,9 +630,10 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
                 declared_norms: Sequence[float] | None = None,
                 outer_clip_norm: float = 0.0) -> dict[str, dict]:
   """Merges `inputs` ((site bucket, round prefix, manifest), in the fixed merge order)
-  into the global round's attempt directory `out_prefix` (`exchange.data_prefix`);
-  returns the new round's array records (`params/<name>` and `outer/<name>/<leaf>`). Manifests must already be schema-checked.
-  `read_ahead` block sets are read while one merges (see the module docstring).
+  into the global round's attempt directory `out_prefix` (`exchange.data_prefix`) in
+  this process: plan -> (outer clip: norm pass) -> merge -> records. Returns the new
+  round's array records (`params/<name>` and `outer/<name>/<leaf>`). Manifests must
+  already be schema-checked. `read_ahead` block sets are read while one merges.
 
   `clip_norm`, `aggregator` and `trim` are the robust settings (`outer.robust_kwargs`;
   the defaults merge exactly as without them). With `clip_norm` > 0 the clip scales come
@@ -335,177 +641,21 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
   is bit-identical to `outer.outer_step(..., norms=declared_norms)`.
 
   `outer_clip_norm` > 0 (`outer.outer_clip`) clips the merged pseudo-gradient's global
-  norm: a first pass reads every update's blocks (verified and checked for finiteness
-  like the merge's) and sums the squares of the merged blocks (`_merged_norm`); the
-  merge then runs with every site's coefficient scaled by `outer.merged_clip_scale`. The
-  updates are read twice; memory stays one block set. Raises BadUpdate
-  (index = the update's position in `inputs`) for an update that is unreadable, corrupt or
-  non-finite, whose declared norm is unusable (before anything is read) or differs from
-  the norm of its values (after the last block; nothing is committed either way), and
-  ValueError for robust settings the number of inputs cannot support."""
-  # Committed rounds keep their arrays in the attempt directory their manifest names.
-  base_prefix = exchange.data_prefix(base_prefix, base_manifest)
-  inputs = [(b, exchange.data_prefix(p, m), m) for b, p, m in inputs]
-  arrays = base_manifest["arrays"]
-  names = sorted(n[len("params/"):] for n in arrays if n.startswith("params/"))
-  weights = np.asarray(weights, np.float32)
-  if len(inputs) != len(weights):
-    raise ValueError(f"{len(inputs)} inputs but {len(weights)} weights")
+  norm: a first pass reads every update's blocks and sums the squares of the merged
+  blocks; the merge then runs with every site's coefficient scaled by
+  `outer.merged_clip_scale`. Raises BadUpdate (index = the update's position in
+  `inputs`) for an update that is unreadable, corrupt or non-finite, whose declared norm
+  is unusable (before anything is read) or differs from the norm of its values (after
+  the last block; nothing is committed either way), and ValueError for robust settings
+  the number of inputs cannot support."""
+  plan = plan_round(tx, glob, base_prefix, base_manifest, inputs, weights,
+                    max_block_bytes=max_block_bytes, clip_norm=clip_norm,
+                    aggregator=aggregator, trim=trim, declared_norms=declared_norms,
+                    outer_clip_norm=outer_clip_norm)
   if read_ahead < 0:
     raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
-  robust = outer_lib.robust_kwargs({"clip_norm": clip_norm, "aggregator": aggregator,
-                                    "trim": trim})
-  clip_norm, aggregator, trim = robust["clip_norm"], robust["aggregator"], robust["trim"]
-  if isinstance(tx, outer_lib.SharedMoments) and outer_clip_norm:
-    raise ValueError("the outer clip is not supported with shared moments (outer.name moments)")
-  outer_lib.check_update_count(aggregator, trim, len(inputs))
-  scales, norms = _clip_scales(inputs, clip_norm, declared_norms)
-  # Each update's sum of squares over the blocks read so far (only when clipping uses it).
-  sum_squares = [0.0] * len(inputs) if clip_norm else None
-  params = [_plan(tx, glob, base_prefix, arrays, n, inputs, max_block_bytes) for n in names]
-  work = [(p, i) for p in params for i in range(len(p.blocks))]
-  if not work:
-    return {}
-  n_sources = max(len(p.sources) for p in params)
-  capacity = max(math.prod(s.stop - s.start for s in idx)
-                 * exchange.np_dtype(r["dtype"]).itemsize
-                 for p in params for idx in p.blocks for _, _, _, r in p.sources)
-  buffers = _Buffers((read_ahead + 1) * n_sources, max(1, capacity))
-  writes: collections.deque = collections.deque()  # (writer, future, block number)
-  records: dict[str, dict] = {}
-
-  # The mean's finiteness flag (merge_block's with_finite) covers its inputs: a NaN or Inf
-  # in any of them makes the merged block non-finite, and only then are the inputs
-  # scanned to find whose it was. The robust aggregators can sort a NaN or Inf out of the
-  # result, so every site block is scanned as it is read.
-  scan_inputs = aggregator != "mean"
-  with concurrent.futures.ThreadPoolExecutor(max_workers=n_sources + 2) as pool:
-
-    def start(p: _Param, i: int):
-      """Starts reading block i of p into free buffers: (raw buffers, read futures)."""
-      if p.writers is None:
-        _open_sources(p)
-        p.whole = {l: exchange.read_block(glob, base_prefix, f"outer/{p.name}/{l}", r,
-                                          tuple(slice(0, s) for s in r["shape"]))
-                   for l, r in p.whole_records.items()}
-        p.writers = {leaf: exchange.BlockWriter(out, out_prefix, f"outer/{p.name}/{leaf}", r["shape"],
-                                       exchange.np_dtype(r["dtype"]),
-                                       p.chunk if leaf in p.leaves else r["shape"], hasher=pool)
-                     for leaf, r in [(l, arrays[f"outer/{p.name}/{l}"])
-                                     for l in sorted([*p.leaves, *p.whole_records])]}
-        prec = p.sources[0][3]
-        p.writers["params"] = exchange.BlockWriter(out, out_prefix, f"params/{p.name}", prec["shape"],
-                                          exchange.np_dtype(prec["dtype"]), p.chunk,
-                                          hasher=pool)
-      idx = p.blocks[i]
-      shape = tuple(s.stop - s.start for s in idx)
-      raws, futs = [], []
-      first = 1 + len(p.leaves)
-      for j, ((b, pre, n, r), store) in enumerate(zip(p.sources, p.stores)):
-        raw, view = buffers.take(shape, exchange.np_dtype(r["dtype"]))
-        raws.append(raw)
-        futs.append(pool.submit(_read_checked, b, pre, n, r, idx, store, view,
-                                check_finite=(j >= first and scan_inputs
-                                              and _can_be_non_finite(r))))
-      return raws, futs
-
-    def settle(keep_blocks: int, block: int) -> None:
-      while writes and writes[0][2] < block - keep_blocks:
-        writer, fut, _ = writes.popleft()
-        writer.wait(fut)
-
-    reading: collections.deque = collections.deque()
-    started = 0
-
-    def fill(sets: int) -> None:
-      nonlocal started
-      while started < len(work) and len(reading) < sets:
-        reading.append(start(*work[started]))
-        started += 1
-
-    def merge_all() -> None:
-      for k, (p, i) in enumerate(work):
-        fill(1)
-        raws, futs = reading.popleft()
-        first = 1 + len(p.leaves)
-        # Every site's block is verified (digests) before a value of it is merged, and
-        # found finite before anything merged from it is written.
-        host = [fut.result()[0] if j < first else _site_block(p, j, fut)
-                for j, fut in enumerate(futs)]
-        # Squares are summed on the pool while this block merges; the buffers stay
-        # untouched until the sums are in.
-        quants = [r.get("quant") for _, _, _, r in p.sources[first:]]  # None: not quantized
-        squares = ([pool.submit(outer_lib.sum_squares, h) if q is None else
-                    pool.submit(quantize.sum_squares, h, q["offset"], q["scale"])
-                    for h, q in zip(host[first:first + p.num_sites], quants)]
-                   if sum_squares is not None else [])
-        # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
-        # inside state_from_leaves, would copy).
-        blocks = [jax.device_put(h) for h in host]
-        fill(read_ahead)  # Read the next blocks while this one merges.
-        n_leaves = len(p.leaves)
-        g, leaf_blocks, deltas = blocks[0], blocks[1:1 + n_leaves], blocks[1 + n_leaves:]
-        deltas = [d if q is None else quantize.Quantized(d, q["offset"], q["scale"])
-                  for d, q in zip(deltas, quants)]
-        # Outer moments: the sites' first moments follow their deltas.
-        deltas, moments = deltas[:p.num_sites], deltas[p.num_sites:] or None
-        state = outer_lib.state_from_leaves(tx, g,
-                                            {**p.whole, **dict(zip(p.leaves, leaf_blocks))})
-        new_g, new_state, finite = outer_lib.merge_block(
-            outer_lib.leaf_optimizer(tx, p.name), g, state, deltas, weights, scales=scales,
-            aggregator=aggregator, trim=trim, moments=moments, with_finite=True)
-        if not bool(finite):  # Raises, naming the update to refuse.
-          _refuse_non_finite(p, i, host, scales * weights if aggregator == "mean" else scales)
-        del host
-        # Materialized on the host: the merge has consumed its inputs (which JAX may alias
-        # without copying), so their buffers can be reused; an output that JAX forwarded
-        # from an input is copied out first.
-        new_g = _own(np.asarray(new_g), raws)
-        new_leaves = {l: _own(np.asarray(v), raws)
-                      for l, v in outer_lib.state_leaves(new_state).items()}
-        del state, new_state, blocks, g, leaf_blocks, deltas
-        for j, fut in enumerate(squares):
-          sum_squares[j] += fut.result()
-        buffers.give(raws)
-        idx = p.blocks[i]
-        writes.append((p.writers["params"], p.writers["params"].write(idx, new_g), k))
-        for leaf in p.leaves:
-          writes.append((p.writers[leaf], p.writers[leaf].write(idx, new_leaves[leaf]), k))
-        if i == 0:
-          for leaf, r in p.whole_records.items():
-            p.writers[leaf].write(tuple(slice(0, s) for s in r["shape"]), new_leaves[leaf])
-        settle(MAX_PENDING_WRITE_BLOCKS, k)
-      if sum_squares is not None:
-        check_norms()
-
-    def check_norms() -> None:
-      """Raises BadUpdate for the first update whose declared norm is not its actual one."""
-      for j, (declared, ss) in enumerate(zip(norms, sum_squares)):
-        actual = math.sqrt(ss)
-        if abs(actual - declared) > NORM_RTOL * max(actual, declared) + NORM_ATOL:
-          b, pre, _ = inputs[j]
-          raise BadUpdate(f"update {pre} in bucket {b.url}: declared norm {declared!r} != "
-                          f"actual norm {actual!r}", index=j, name="update_norm",
-                          reason=f"declared norm {declared!r} != actual norm {actual!r}")
-
-    try:
-      if outer_clip_norm:
-        norm = _merged_norm(params, pool, weights, scales, aggregator, trim)
-        scales = scales * outer_lib.merged_clip_scale(norm, outer_clip_norm)
-      merge_all()
-    except Exception:
-      # Nothing of this attempt is committed; let its writes land before the caller
-      # may redo the merge into the same prefix (a late write would overwrite the redo's).
-      for p in params:
-        for writer in (p.writers or {}).values():
-          for fut in [writer._open, *writer._pending]:
-            try:
-              fut.result()
-            except Exception:  # noqa: BLE001
-              pass
-      raise
-    for p in params:
-      records[f"params/{p.name}"] = p.writers["params"].finish()
-      for leaf in sorted([*p.leaves, *p.whole_records]):
-        records[f"outer/{p.name}/{leaf}"] = p.writers[leaf].finish()
-  return records
+  everything = range(len(plan.work))
+  if plan.outer_clip_norm:
+    apply_outer_clip(plan, norm_squares(plan, everything))
+  return finish_round(plan, [merge_work(plan, out, out_prefix, everything,
+                                        read_ahead=read_ahead)])

@@ -129,7 +129,9 @@ class BlockWriter:
             "kvstore": bucket.array_spec(_array_key(prefix, name)),
             "metadata": dict(_zarr_metadata(self.shape, self.dtype.name, self.chunk),
                              codecs=[{"name": "bytes", "configuration": {"endian": "little"}}])}
-    self._open = ts.open(spec, create=True, delete_existing=True, context=bucket.context)
+    # Create-or-open, never delete: the workers of one coordinator write disjoint blocks
+    # of the same array, and a redo into the same attempt rewrites every block.
+    self._open = ts.open(spec, create=True, open=True, context=bucket.context)
     self._hasher = hasher
     self._pending: list[Any] = []
     self.nbytes = 0
@@ -164,19 +166,30 @@ class BlockWriter:
       raise ExchangeError(f"array {self.name!r} (bucket {self.bucket.url}, round {self.prefix}): "
                           f"{what} failed: {describe_error(e)}") from None
 
-  def finish(self) -> dict:
-    """Waits until every block is durable; returns the array's record."""
-    for fut in self._pending:
-      self._result(fut, "write")
-    self._pending = []
+  def finish(self, partial: bool = False) -> dict:
+    """Waits until every block is durable; returns the array's record. `partial`: this
+    writer wrote only some blocks (one worker's range); the other chunks' digests are
+    None, to be combined with the other writers' records by `store.merge_records`."""
+    self.wait_all()
     digests = [d.result() if isinstance(d, concurrent.futures.Future) else d
                for d in self.digests]
-    if any(d is None for d in digests):
+    if not partial and any(d is None for d in digests):
       raise ExchangeError(f"array {self.name!r}: blocks did not cover the array")
     self.bucket.record_transfer(written=self.nbytes)
     return _finish({"shape": list(self.shape), "dtype": self.dtype.name,
-                             "chunk_shape": list(self.chunk), "codec": "raw",
-                             "chunk_digests": digests})
+                    "chunk_shape": list(self.chunk), "codec": "raw",
+                    "chunk_digests": digests})
+
+  def wait_all(self, ignore_errors: bool = False) -> None:
+    """Waits for the open and every write issued so far (raising the first failure
+    unless `ignore_errors`: an abandoned attempt only needs its writes to have landed)."""
+    for fut in [self._open, *self._pending]:
+      try:
+        self._result(fut, "write")
+      except ExchangeError:
+        if not ignore_errors:
+          raise
+    self._pending = []
 
 
 def common_blocks(records: Sequence[Mapping], max_block_bytes: int):
