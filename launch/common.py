@@ -58,6 +58,8 @@ def define_process_flags():
   flags.DEFINE_integer("num_processes", None, "How many processes form this party "
                        "(1 = single process even inside a cluster environment).")
   flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+  flags.DEFINE_integer("heartbeat_timeout_s", 100, "A process silent this long fails the "
+                       "whole job (all processes stop; restart the job to resume).")
 
 
 def join_processes():
@@ -67,7 +69,8 @@ def join_processes():
 
   f = flags.FLAGS
   try:
-    return distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    return distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                                  heartbeat_timeout_s=f.heartbeat_timeout_s)
   except distributed.DistributedError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -25,10 +25,12 @@ import numpy as np
 from absl import logging
 
 from tapestry_jax import buckets
+from tapestry_jax import distributed
 from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import model as model_lib
 from tapestry_jax import merge as merge_lib
+from tapestry_jax import merge_workers
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
@@ -76,6 +78,8 @@ class Coordinator:
     os.makedirs(self.dir, exist_ok=True)
     self._missing: set[tuple[str, int]] = set()  # (site, closed round) without its update.
     self._rejected: set[str] = set()  # Sites whose update the last gather refused.
+    self.workers = merge_workers.Workers(distributed.group())
+    self._seq = 0  # Merge jobs sent to the workers so far.
 
   # ---------------------------------------------------------------- rounds
 
@@ -217,13 +221,12 @@ class Coordinator:
       names = [n for n in self.names if n in updates]
       tokens = [updates[n]["tokens"] for n in names]
       weights = outer_lib.cap_weights(tokens, self.cap)
+      job = {"kind": "merge", "round": round_, "sites": names, "attempt": attempt,
+             "digests": [exchange.manifest_digest(updates[n]) for n in names],
+             "weights": [float(w) for w in weights],
+             "base": exchange.manifest_digest(base_manifest)}
       try:
-        records = merge_lib.merge_round(
-            self.tx, self.glob, base_prefix, base_manifest,
-            [(self.sites[n], exchange.update_prefix(round_), updates[n]) for n in names],
-            weights, self.glob, exchange.data_prefix(prefix, attempt),
-            outer_clip_norm=outer_lib.outer_clip(federation.outer_config(self.config)),
-            **outer_lib.robust_kwargs(self.f.get("robust")))
+        records = self._merge(self._send(job), base_manifest, updates)
         break
       except merge_lib.BadUpdate as e:
         # Found while merging (the values are only read there); nothing is committed yet.
@@ -262,8 +265,75 @@ class Coordinator:
                       if n not in updates and n not in self._rejected}
     return rec
 
+  # ---------------------------------------------------------------- merge workers
+
+  def _send(self, job: dict) -> dict:
+    """Leader: numbers `job` and sends it to the merge workers (if any)."""
+    job = dict(job, seq=self._seq)
+    self.workers.send_job(str(self._seq), job)
+    self._seq += 1
+    return job
+
+  def _merge(self, job: dict, base_manifest: dict, updates: dict[str, dict]) -> dict:
+    """This process's part of merge job `job` (all of it with one process); the leader
+    gets the round's records."""
+    r = job["round"]
+    inputs = [(self.sites[n], exchange.update_prefix(r), updates[n]) for n in job["sites"]]
+    plan = merge_lib.plan_round(
+        self.tx, self.glob, exchange.global_prefix(r - 1), base_manifest, inputs,
+        job["weights"], outer_clip_norm=outer_lib.outer_clip(federation.outer_config(self.config)),
+        **outer_lib.robust_kwargs(self.f.get("robust")))
+    out = exchange.data_prefix(exchange.global_prefix(r), job["attempt"])
+    return self.workers.merge(str(job["seq"]), plan, self.glob, out)
+
+  def _job_inputs(self, job: dict) -> tuple[dict, dict]:
+    """Worker: the base manifest and updates a job names, read here and checked against
+    the digests the leader sent."""
+    r = job["round"]
+    base = self.read_global(exchange.global_prefix(r - 1))
+    if exchange.manifest_digest(base) != job["base"]:
+      raise exchange.ExchangeError(f"global round {r - 1} is not the one the leader merges on")
+    updates = {}
+    for n, digest in zip(job["sites"], job["digests"]):
+      m = exchange.read_manifest(self.sites[n], exchange.update_prefix(r))
+      if m is None or exchange.manifest_digest(m) != digest:
+        raise exchange.ExchangeError(f"site {n}'s update for round {r} is not the one the "
+                                     f"leader merges")
+      updates[n] = m
+    return base, updates
+
+  def serve(self) -> int:
+    """Worker (process > 0): merges its range of every job the leader sends, until the
+    leader stops. Returns the number of merge jobs served."""
+    served = 0
+    while True:
+      job = self.workers.next_job(str(served))
+      served += 1
+      if job["kind"] == "stop":
+        return served - 1
+      try:
+        base, updates = self._job_inputs(job)
+      except (exchange.ExchangeError, buckets.BucketError) as e:
+        self.workers.report_failure(str(job["seq"]), str(e))
+        continue
+      try:
+        self._merge(job, base, updates)
+      except merge_lib.BadUpdate:
+        pass  # The leader refuses that update and sends the next job.
+
   def run(self) -> list[dict]:
-    """Runs rounds until `federation.rounds`; resumes after the last committed round."""
+    """Runs rounds until `federation.rounds`; resumes after the last committed round.
+    In a coordinator of several processes, process 0 runs the rounds and the others
+    serve its merges."""
+    if not self.workers.leader:
+      self.serve()
+      return []
+    try:
+      return self._run()
+    finally:
+      self._send({"kind": "stop"})
+
+  def _run(self) -> list[dict]:
     self.glob.check_writable()
     latest = self.latest()
     if latest is None:

@@ -16,6 +16,7 @@ Where the processes come from:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -57,11 +58,14 @@ def _detected_cluster() -> str | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, timeout_s: int = 300) -> ProcessGroup:
+               process_id: int | None = None, *, timeout_s: int = 300,
+               heartbeat_timeout_s: int = 100) -> ProcessGroup:
   """Joins this process to its party's job (once per process; later calls return it).
 
   With no arguments: a detected cluster environment (SLURM, Cloud TPU, Kubernetes,
-  Open MPI) starts a multi-process job; otherwise this is a single process. With
+  Open MPI) starts a multi-process job; otherwise this is a single process. A process
+  that stops answering for `heartbeat_timeout_s` fails the whole job (every process
+  stops; the job is restarted as a whole). With
   `num_processes=1` it is always a single process. Otherwise all three arguments are
   needed (local runs, tests). On CPU the cross-process collectives use gloo.
   """
@@ -98,7 +102,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                num_processes=num_processes, process_id=process_id,
                                local_device_ids=local_ids,
                                cluster_detection_method=detection,
-                               initialization_timeout=timeout_s)
+                               initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
   except (RuntimeError, ValueError) as e:
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     raise DistributedError(f"could not join the job ({how}, coordinator "
@@ -193,3 +198,34 @@ def shutdown() -> None:
   if _GROUP is not None and _GROUP.num_processes > 1:
     jax.distributed.shutdown()
   _GROUP = None
+
+
+class Channel:
+  """Small JSON messages between the processes of one job, through JAX's coordination
+  service (its key-value store): a leader's job description, the workers' results.
+  Keys are written once."""
+
+  def __init__(self, prefix: str = "tapestry"):
+    from jax._src import distributed as jax_distributed  # The runtime's own client.
+
+    self._client = jax_distributed.global_state.client
+    if self._client is None:
+      raise DistributedError("no multi-process job: call distributed.initialize first")
+    self._prefix = prefix
+
+  def put(self, key: str, value) -> None:
+    self._client.key_value_set(f"{self._prefix}/{key}", json.dumps(value))
+
+  def get(self, key: str, timeout_s: float):
+    """The value at `key`, waiting up to `timeout_s` for it; TimeoutError after."""
+    try:
+      data = self._client.blocking_key_value_get(f"{self._prefix}/{key}",
+                                                 int(max(1.0, timeout_s) * 1000))
+    except Exception as e:  # noqa: BLE001  (the runtime raises its own error types)
+      if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
+        raise TimeoutError(f"no {key!r} from the job's leader after {timeout_s:.0f} s") from None
+      raise DistributedError(f"job channel: {str(e).splitlines()[0][:300]}") from None
+    return json.loads(data)
+
+  def delete(self, key: str) -> None:
+    self._client.key_value_delete(f"{self._prefix}/{key}")

@@ -100,6 +100,7 @@ class BadUpdate(ExchangeError):
   def __init__(self, message: str, index: int, name: str, reason: str):
     super().__init__(message)
     self.index, self.name, self.reason = index, name, reason
+    self.work = -1  # The work item it was found in (-1: before or after the blocks).
 
 
 class NonFiniteUpdate(BadUpdate):
@@ -452,7 +453,11 @@ def norm_squares(plan: RoundPlan, work: range) -> list[float]:
                           store, None, check_finite=_can_be_non_finite(src.record))
               for src, store in zip(p.sources[first:first + n_sites],
                                     io.stores[first:first + n_sites])]
-      deltas = _as_updates(p, [io.site_block(first + j, f) for j, f in enumerate(futs)])
+      try:
+        deltas = _as_updates(p, [io.site_block(first + j, f) for j, f in enumerate(futs)])
+      except BadUpdate as e:
+        e.work = k
+        raise
       out.append(outer_lib.sum_squares(outer_lib.aggregate_block(
           deltas, plan.weights, scales=plan.scales, aggregator=plan.aggregator,
           trim=plan.trim)))
@@ -580,7 +585,11 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
     try:
       for n, (pi, i) in enumerate(items):
         fill(1)
-        merge_one(n, pi, i)
+        try:
+          merge_one(n, pi, i)
+        except BadUpdate as e:
+          e.work = work.start + n  # Where in the work order (the first one is refused).
+          raise
     except Exception:
       # Nothing of this attempt is committed; let its writes land before the caller
       # may redo the merge into the same prefix (a late write would overwrite the redo's).
@@ -652,6 +661,12 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
                     max_block_bytes=max_block_bytes, clip_norm=clip_norm,
                     aggregator=aggregator, trim=trim, declared_norms=declared_norms,
                     outer_clip_norm=outer_clip_norm)
+  return merge_round_plan(plan, out, out_prefix, read_ahead=read_ahead)
+
+
+def merge_round_plan(plan: RoundPlan, out: Bucket, out_prefix: str, *,
+                     read_ahead: int = DEFAULT_READ_AHEAD) -> dict[str, dict]:
+  """`merge_round` of a plan, all of its work in this process."""
   if read_ahead < 0:
     raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
   everything = range(len(plan.work))

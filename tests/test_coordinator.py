@@ -422,12 +422,12 @@ def test_restart_redoes_an_uncommitted_round_bit_identically(tmp_path, monkeypat
   _publish_two_rounds(config, workdir)
   finish, calls = exchange.BlockWriter.finish, []
 
-  def crash_in_round_2(self):
+  def crash_in_round_2(self, partial=False):
     if self.prefix.startswith(exchange.global_prefix(2) + "/"):
       if len(calls) == 5:
         raise KeyboardInterrupt("killed")
       calls.append(self.name)
-    return finish(self)
+    return finish(self, partial)
 
   monkeypatch.setattr(exchange.BlockWriter, "finish", crash_in_round_2)
   with pytest.raises(KeyboardInterrupt):

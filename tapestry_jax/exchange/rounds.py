@@ -26,7 +26,7 @@ from tapestry_jax import outer as outer_lib
 from tapestry_jax import quantize
 from tapestry_jax import trees
 from tapestry_jax import trust
-from tapestry_jax.exchange import store
+from tapestry_jax.exchange import blocks, store
 from tapestry_jax.exchange.store import ExchangeError
 
 PARAMS = "params/"
@@ -272,7 +272,7 @@ def read_global_moments(bucket: buckets.Bucket, config, round_: int, manifest: d
   out = {}
   for n in params_schema:
     key = f"outer/{n}/count"
-    count = store.read_block(bucket, data, key, manifest["arrays"][key], ())
+    count = blocks.read_block(bucket, data, key, manifest["arrays"][key], ())
     out[n] = {"count": count, "mu": flat[f"outer/{n}/mu"], "nu": flat[f"outer/{n}/nu"]}
   return out
 
