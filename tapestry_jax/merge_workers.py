@@ -81,6 +81,7 @@ class Workers:
     self.group = group
     self.timeout_s = float(timeout_s)  # Most a worker waits for another's result.
     self.channel = distributed.Channel("merge") if group.num_processes > 1 else None
+    self.items_merged = 0  # Work items (blocks) this process merged, over all jobs.
 
   @property
   def leader(self) -> bool:
@@ -118,6 +119,7 @@ class Workers:
       result = merge_lib.merge_work(plan, out, out_prefix, work, read_ahead=read_ahead,
                                     partial=True)
       report = {"records": _compact(result.records), "site_squares": result.site_squares}
+      self.items_merged += len(work)
     except merge_lib.BadUpdate as e:
       report = _bad_report(e)
     except Exception as e:  # noqa: BLE001  (reported to the leader, which fails the round)

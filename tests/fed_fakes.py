@@ -16,7 +16,8 @@ from tapestry_jax import federation
 from tapestry_jax import trust
 
 SITES = ("cyrillic", "greek", "latin")  # Sorted: the merge's fixed order.
-KEYS = tempfile.mkdtemp(prefix="tapestry-test-keys-")  # One key pair per party, per process.
+# One key pair per party, per test process (a test's subprocesses share its keys).
+KEYS = os.environ.get("TAPESTRY_TEST_KEYS") or tempfile.mkdtemp(prefix="tapestry-test-keys-")
 
 
 def config(**fed):
@@ -68,3 +69,20 @@ def read_round(cfg, workdir, round_: int) -> tuple[dict, dict[str, np.ndarray]]:
   manifest = exchange.read_manifest(glob, exchange.global_prefix(round_))
   assert manifest is not None, f"global round {round_} is not committed"
   return manifest, read_arrays(glob, exchange.global_prefix(round_), manifest)
+
+
+def publish(cfg, workdir, site: str, round_: int, delta, *, tokens=None) -> dict:
+  """Commits `delta` as `site`'s honest update for `round_` (trained from round_ - 1),
+  signed with its key, declaring its norm."""
+  b = bucket(cfg, workdir, site)
+  prefix = exchange.update_prefix(round_)
+  attempt = exchange.new_attempt()
+  records = exchange.write_arrays(b, exchange.data_prefix(prefix, attempt), delta)
+  norm = float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in delta.values())))
+  manifest = exchange.make_manifest(
+      federation=cfg.federation.id, kind="update", round=round_, author=site, attempt=attempt,
+      base_round=round_ - 1, tokens=federation.weight_cap(cfg) if tokens is None else tokens,
+      arrays=records, extra={"update_norm": norm})
+  manifest = signer(site).sign(manifest)
+  exchange.write_manifest(b, prefix, manifest)
+  return manifest

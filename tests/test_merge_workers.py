@@ -1,0 +1,143 @@
+"""A coordinator of several processes (merge workers on jax.distributed, gloo on CPU).
+
+Real processes on localhost: the same committed site updates merged by 1, 2 and 4
+coordinator processes give bit-identical global rounds; a worker SIGKILLed mid-merge
+leaves the round uncommitted, and the restarted coordinator redoes it bit-identically.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import portpicker
+import pytest
+
+import fed_fakes
+
+from tapestry_jax import exchange
+from tapestry_jax import federation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = 2
+
+_DRIVER = """
+import sys
+from tapestry_jax import distributed
+address, n, pid, workdir, heartbeat, clip = sys.argv[1:7]
+group = distributed.initialize(address, int(n), int(pid), heartbeat_timeout_s=int(heartbeat))
+import test_merge_workers
+cfg = test_merge_workers.config(float(clip))
+coordinator = test_merge_workers.fed_fakes.coordinator(cfg, workdir)
+records = coordinator.run()
+print("process", group.process_id, "merged", coordinator.workers.items_merged, flush=True)
+distributed.shutdown()
+"""
+
+
+def config(clip: float):
+  """The fake federation under DiLoCo's Nesterov; `clip` > 0 also clips each site's update
+  (declared norms checked against the values) and the merged pseudo-gradient (a global
+  norm reduced across the workers)."""
+  c = fed_fakes.config(rounds=ROUNDS)
+  c.federation.outer.name = "nesterov"
+  c.federation.robust.clip_norm = clip
+  c.federation.outer.clip_norm = clip / 2
+  return c
+
+
+def _publish_updates(cfg, workdir) -> None:
+  for r in range(1, ROUNDS + 1):
+    for i, site in enumerate(fed_fakes.SITES):
+      fed_fakes.publish(cfg, workdir, site, r, fed_fakes.delta(100 * r + i))
+
+
+def _start(workdir, n: int, clip: float, *, heartbeat: int = 100,
+           env_extra=None) -> list[subprocess.Popen]:
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  script = _DRIVER
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TAPESTRY_TEST_KEYS=fed_fakes.KEYS,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), **(env_extra or {}))
+  logs = [open(os.path.join(workdir, f"coordinator_{i}.log"), "w") for i in range(n)]
+  return [subprocess.Popen([sys.executable, "-c", script, address, str(n), str(i), str(workdir),
+                            str(heartbeat), str(clip)], env=env, stdout=logs[i], stderr=subprocess.STDOUT,
+                           cwd=ROOT) for i in range(n)]
+
+
+def _wait(procs, timeout=240) -> list[int]:
+  deadline = time.monotonic() + timeout
+  codes = []
+  try:
+    for p in procs:
+      codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return codes
+
+
+def _log(workdir, i: int) -> str:
+  with open(os.path.join(workdir, f"coordinator_{i}.log")) as f:
+    return f.read()
+
+
+def _round_arrays(cfg, workdir) -> dict[int, dict[str, str]]:
+  """Per committed global round, each array's digest (the bits, not the attempt name)."""
+  glob = fed_fakes.bucket(cfg, workdir, federation.GLOBAL)
+  out = {}
+  for r in exchange.committed_rounds(glob, "global"):
+    m = exchange.read_manifest(glob, exchange.global_prefix(r))
+    out[r] = {n: rec["digest"] for n, rec in m["arrays"].items()}
+  return out
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_one_two_and_four_workers_commit_bit_identical_rounds(tmp_path, clip):
+  cfg = config(clip)
+  one = tmp_path / "one"
+  _publish_updates(cfg, one)
+  fed_fakes.coordinator(cfg, one).run()
+  want = _round_arrays(cfg, one)
+  assert sorted(want) == list(range(ROUNDS + 1))
+  for n in (2, 4):
+    workdir = tmp_path / f"m{n}"
+    _publish_updates(cfg, workdir)
+    codes = _wait(_start(workdir, n, clip))
+    assert codes == [0] * n, [_log(workdir, i)[-2000:] for i in range(n)]
+    assert _round_arrays(cfg, workdir) == want, f"{n} workers merged other bits"
+    # Every process merged a share of the blocks.
+    for i in range(n):
+      merged = int(re.search(rf"process {i} merged (\d+)", _log(workdir, i)).group(1))
+      assert merged > 0, _log(workdir, i)[-2000:]
+
+
+def test_a_worker_killed_mid_merge_is_redone_bit_identically(tmp_path):
+  cfg = config(0.05)
+  one = tmp_path / "one"
+  _publish_updates(cfg, one)
+  fed_fakes.coordinator(cfg, one).run()
+  want = _round_arrays(cfg, one)
+
+  workdir = tmp_path / "m2"
+  _publish_updates(cfg, workdir)
+  # Worker 1 sleeps before it merges round 1's range: SIGKILL it there, mid-merge.
+  procs = _start(workdir, 2, 0.05, heartbeat=5,
+                 env_extra={"TAPESTRY_FAULT_WORKER_MERGE_DELAY_S": "60"})
+  deadline = time.monotonic() + 120
+  while "fault injection, sleeping" not in _log(workdir, 1):
+    assert time.monotonic() < deadline and procs[1].poll() is None, _log(workdir, 1)[-2000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGKILL)
+  codes = _wait(procs, timeout=120)
+  assert codes[0] != 0, "the leader must not finish a round a worker never merged"
+  glob = fed_fakes.bucket(cfg, workdir, federation.GLOBAL)
+  assert exchange.read_manifest(glob, exchange.global_prefix(1)) is None, "partial commit"
+  assert exchange.uncommitted_attempts(glob, exchange.global_prefix(1)), "nothing was merged"
+
+  # The restarted job (both processes, as a cluster manager restarts it) redoes round 1.
+  codes = _wait(_start(workdir, 2, 0.05))
+  assert codes == [0, 0], [_log(workdir, i)[-2000:] for i in range(2)]
+  assert _round_arrays(cfg, workdir) == want
