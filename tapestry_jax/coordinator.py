@@ -45,8 +45,7 @@ def initial_round(config) -> tuple[dict, dict]:
   mcfg = model_lib.ModelConfig.from_config(config.model)
   params = trees.flatten(jax.device_get(train_lib.initial_params(
       mcfg, int(config.train.seed), config.train)))
-  tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
-  state = jax.device_get(outer_lib.init_outer_state(tx, params))
+  state = jax.device_get(outer_lib.init_outer_state(federation.merge_spec(config).tx, params))
   return params, state
 
 
@@ -101,9 +100,8 @@ class Coordinator:
                                credentials=credentials)
     self.sites = {n: buckets.Bucket(urls[n], max_retries=retries, credentials=credentials)
                   for n in self.names}
-    self.tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
+    self.spec = federation.merge_spec(config)  # How every round is merged.
     self.schema = federation.update_schema(config)  # What a site update must be.
-    self.cap = federation.weight_cap(config)
     self.quorum = federation.quorum(config)
     self.dir = os.path.join(workdir, "coordinator")
     os.makedirs(self.dir, exist_ok=True)
@@ -160,7 +158,7 @@ class Coordinator:
   def merge_settings(self) -> dict:
     """What besides the inputs decides the merge (recorded in each round for audits)."""
     robust = self.f.get("robust")
-    return {"weight_cap_tokens": int(self.cap),
+    return {"weight_cap_tokens": int(self.spec.weight_cap),
             "robust": robust.to_dict() if robust is not None else None}
 
   def _log_late(self) -> None:
@@ -249,14 +247,12 @@ class Coordinator:
     while True:
       names = [n for n in self.names if n in updates]
       tokens = [updates[n]["tokens"] for n in names]
-      weights = outer_lib.cap_weights(tokens, self.cap)
+      weights = self.spec.weights(tokens)
       try:
         records = merge_lib.merge_round(
-            self.tx, self.glob, base_prefix, base_manifest,
+            self.spec, self.glob, base_prefix, base_manifest,
             [(self.sites[n], exchange.update_prefix(round_), updates[n]) for n in names],
-            weights, self.glob, exchange.data_prefix(prefix, attempt),
-            outer_clip_norm=outer_lib.outer_clip(federation.outer_config(self.config)),
-            **outer_lib.robust_kwargs(self.f.get("robust")))
+            weights, self.glob, exchange.data_prefix(prefix, attempt))
         break
       except merge_lib.BadUpdate as e:
         # Found while merging (the values are only read there); nothing is committed yet.

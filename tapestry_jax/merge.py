@@ -25,7 +25,7 @@ float32 (a hostile site's 1e38s under Nesterov's momentum, with no norm clip) re
 update with the largest |coefficient * value| in the block (BadUpdate). The simulation
 (`outer.outer_step`) has no such refusal: there the same values give an Inf.
 
-Robust merging (`outer.default_robust_config`): with clip_norm > 0 each site's update is
+Robust merging (`outer_config.default_robust_config`): with clip_norm > 0 each site's update is
 scaled by min(1, clip_norm / norm), where the norm is the one the site declared in its
 signed manifest (`extra["update_norm"]`), so every update is read once. While its blocks
 are read, the actual sum of squares of each update is accumulated (float64); after the
@@ -33,7 +33,7 @@ last block, an update whose actual norm is not the declared one is refused (BadU
 before anything is committed. The trimmed-mean and median aggregators are coordinate-wise,
 so they stream block by block like the mean.
 
-The outer clip (`outer_clip_norm`, `outer.outer_clip`) needs the global norm of the merged
+The outer clip (`RoundMergeSpec.outer_clip_norm`) needs the global norm of the merged
 pseudo-gradient before any block of it is applied: a first pass reads every update's blocks
 (verified and finiteness-checked like the merge's), aggregates them and sums their squares;
 the merge proper then reads them again with every coefficient scaled. It doubles the reads
@@ -65,11 +65,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 import tensorstore as ts
 
 from tapestry_jax import exchange
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import outer_config
 from tapestry_jax import quantize
 from tapestry_jax.buckets import Bucket, describe_error
 from tapestry_jax.exchange import ExchangeError
@@ -408,25 +408,23 @@ def _merged_norm(params: Sequence[_Param], pool, weights, scales, aggregator: st
   return math.sqrt(squares)
 
 
-def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str,
+def merge_round(spec: outer_config.RoundMergeSpec, glob: Bucket, base_prefix: str,
                 base_manifest: Mapping, inputs: Sequence[tuple[Bucket, str, Mapping]],
                 weights: Sequence[float], out: Bucket, out_prefix: str, *,
                 max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
-                read_ahead: int = DEFAULT_READ_AHEAD, clip_norm: float = 0.0,
-                aggregator: str = "mean", trim: int = 0,
-                declared_norms: Sequence[float] | None = None,
-                outer_clip_norm: float = 0.0) -> dict[str, dict]:
+                read_ahead: int = DEFAULT_READ_AHEAD,
+                declared_norms: Sequence[float] | None = None) -> dict[str, dict]:
   """Merges `inputs` ((site bucket, round prefix, manifest), in the fixed merge order)
   into the global round's attempt directory `out_prefix` (`exchange.data_prefix`);
   returns the new round's array records (`params/<name>` and `outer/<name>/<leaf>`). Manifests must already be schema-checked.
   `read_ahead` block sets are read while one merges (see the module docstring).
 
-  `clip_norm`, `aggregator` and `trim` are the robust settings (`outer.robust_kwargs`;
-  the defaults merge exactly as without them). With `clip_norm` > 0 the clip scales come
-  from `declared_norms` (default: each manifest's `extra["update_norm"]`), and the result
-  is bit-identical to `outer.outer_step(..., norms=declared_norms)`.
+  `spec` holds the outer optimizer and the checked merge settings. With
+  `spec.clip_norm` > 0 the clip scales come from `declared_norms` (default: each
+  manifest's `extra["update_norm"]`), and the result is bit-identical to
+  `spec.outer_step(..., norms=declared_norms)`.
 
-  `outer_clip_norm` > 0 (`outer.outer_clip`) clips the merged pseudo-gradient's global
+  `spec.outer_clip_norm` > 0 clips the merged pseudo-gradient's global
   norm: a first pass reads every update's blocks (verified and checked for finiteness
   like the merge's) and sums the squares of the merged blocks (`_merged_norm`); the
   merge then runs with every site's coefficient scaled by `outer.merged_clip_scale`. The
@@ -445,11 +443,8 @@ def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str
     raise ValueError(f"{len(inputs)} inputs but {len(weights)} weights")
   if read_ahead < 0:
     raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
-  robust = outer_lib.robust_kwargs({"clip_norm": clip_norm, "aggregator": aggregator,
-                                    "trim": trim})
-  clip_norm, aggregator, trim = robust["clip_norm"], robust["aggregator"], robust["trim"]
-  if isinstance(tx, outer_lib.SharedMoments) and outer_clip_norm:
-    raise ValueError("the outer clip is not supported with shared moments (outer.name moments)")
+  tx, clip_norm, aggregator, trim = spec.tx, spec.clip_norm, spec.aggregator, spec.trim
+  outer_clip_norm = spec.outer_clip_norm
   outer_lib.check_update_count(aggregator, trim, len(inputs))
   scales, norms = _clip_scales(inputs, clip_norm, declared_norms)
   # Each update's sum of squares over the blocks read so far (only when clipping uses it).
