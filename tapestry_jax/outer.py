@@ -1,19 +1,13 @@
 """The outer (federated) step of DiLoCo as functions of arrays: pseudo-gradients, site
 weights, aggregators and the outer optimizers' update rules.
 
-Data flow: each site trains H inner steps from the global params and sends an `Update`:
-`pseudo_gradient(global, local)` (old minus new) and, under shared moments, its inner
-Adam first moment. The sites are weighted (`cap_weights`) and `merge_block` turns the
-aggregate into the next global params with an optax outer optimizer. The simulation
-(`outer_step`, on whole arrays) and the streaming coordinator (`merge.merge_round`, on
-row-blocks) run the same jitted function, so they compute the same bits.
-
-Why per-leaf and elementwise: the outer state is kept per parameter leaf and only
-elementwise transformations are used, so merging rows [a:b] of a parameter needs only
-rows [a:b] of the deltas and of the state (plus its scalars, which every block updates
-alike). Per-site clipping is a scale fixed before the merge and the robust aggregators
-are coordinate-wise, so they stay block-exact too. Settings arrive checked
-(`outer_config.RoundMergeSpec`); this module does not validate configs.
+Each site sends an `Update` (its pseudo-gradient and, under shared moments, its first
+moment); `merge_block` turns the weighted aggregate into the next global params. The
+simulation (`outer_step`, whole arrays) and the coordinator (`merge.merge_round`,
+row-blocks) run the same jitted function, so they compute the same bits: the outer state
+is per leaf, the transformations elementwise, per-site clipping a scale fixed before the
+merge and the robust aggregators coordinate-wise. Settings arrive checked
+(`outer_config.RoundMergeSpec`).
 """
 
 from __future__ import annotations
@@ -48,25 +42,15 @@ class Update(NamedTuple):
 class SharedMoments(NamedTuple):
   """Shared Adam moments, the outer half of a federated AdamW whose moments are global.
 
-  Every site starts its H inner AdamW steps from the global params AND the global Adam
-  state (first moment mu, second moment nu, step count), and sends, with its
-  pseudo-gradient delta_k, its first moment mu_k after the H steps (`Update.mu`). The
-  outer step, per parameter:
-    params <- params - lr * sum_k w_k delta_k          (lr 1: the sites' mean model)
-    mu     <- m = sum_k w_k mu_k                        (linear in the gradients: what one
-                                                         AdamW on the mean gradient keeps)
-    g      <- (m - b1^H mu) / (1 - b1^H)                (the round's mean gradient, as one
-                                                         constant gradient would give m)
-    nu     <- b2^H nu + (1 - b2^H) g^2,    count <- count + H.
-  The second moment is built from the merged gradient, not from the sites' own squares
-  (whose mean would add every site's gradient noise and disagreement to it): a
-  coordinate only one site trains then gets data parallelism's step size, not a fraction
-  of it, which is what averaging per-site AdamW steps (FedAvg, DiLoCo) loses on non-IID
-  sites. At H = 1 the sites' steps differ from data parallelism's only by the site's own
-  squared gradient in its one-step second moment (and the clip placement).
-
-  `init` gives optax's ScaleByAdamState (count, mu, nu); `update` takes the merged
-  `Update` (delta, mu) as its "gradient" (`merge_block` passes it).
+  Every site starts its H inner AdamW steps from the global params and Adam state and
+  sends its first moment mu_k with its delta_k (`Update`). Per parameter:
+    params <- params - lr * sum_k w_k delta_k,   mu <- m = sum_k w_k mu_k,
+    g <- (m - b1^H mu) / (1 - b1^H)   (the round's mean gradient),
+    nu <- b2^H nu + (1 - b2^H) g^2,   count <- count + H.
+  The second moment comes from the merged gradient, not the sites' own squares, so a
+  coordinate only one site trains keeps data parallelism's step size (what averaging
+  per-site AdamW steps loses on non-IID sites). `init` gives optax's ScaleByAdamState;
+  `update` takes the merged `Update` as its "gradient" (`merge_block` passes it).
   """
   lr: float
   b1: float
@@ -110,10 +94,9 @@ def set_adam_state(opt_state, mu, nu, count: Callable[[], Any]):
 
 
 class MaskedDecay(NamedTuple):
-  """The outer AdamW when weight decay skips some leaves: an optax transformation (its
-  `init` and `update` decay) plus `no_decay`, the same AdamW without decay (the same
-  state), which `leaf_optimizer` picks for leaves whose name contains a part of
-  `exclude`. The outer step runs one leaf at a time, so the choice is by name."""
+  """The outer AdamW when weight decay skips some leaves: `init`/`update` decay, and
+  `no_decay` (the same AdamW and state, without decay) is what `leaf_optimizer` picks for
+  leaves whose name contains a part of `exclude` (the outer step runs leaf by leaf)."""
   init: Callable
   update: Callable
   no_decay: optax.GradientTransformation
@@ -147,10 +130,8 @@ def check_update_count(aggregator: str, trim: int, num_updates: int) -> None:
 
 
 def init_outer_state(tx: optax.GradientTransformation, params) -> dict[str, optax.OptState]:
-  """One optimizer state per parameter leaf: `{name: tx.init(param)}`.
-
-  `params` is a flat `{name: array}` dict or any pytree (flattened with `trees.flatten`,
-  so names match the exchange's)."""
+  """One optimizer state per parameter leaf, `{name: tx.init(param)}`, named by
+  `trees.flatten` (as the exchange names them)."""
   return {name: tx.init(p) for name, p in trees.flatten(params).items()}
 
 
@@ -177,11 +158,9 @@ def blockable_leaves(tx: optax.GradientTransformation, param_like) -> dict[str, 
 
 
 def state_from_leaves(tx: optax.GradientTransformation, param_like, leaves: Mapping[str, Any]):
-  """Rebuilds one parameter's optimizer state from `state_leaves` output.
-
-  `param_like` (array or ShapeDtypeStruct) may be a row-block of the parameter: the
-  parameter-shaped leaves must then be the same rows. Shapes and dtypes are checked so a
-  mis-sliced or mis-typed leaf fails here, not as silently different numbers."""
+  """Rebuilds one parameter's optimizer state from `state_leaves` output. `param_like`
+  may be a row-block of the parameter (its leaves then the same rows); shapes and dtypes
+  are checked, so a mis-sliced leaf fails here, not as silently different numbers."""
   template = state_template(tx, param_like)
   flat_t = trees.flatten(template)
   out = {}
@@ -200,20 +179,16 @@ def state_from_leaves(tx: optax.GradientTransformation, param_like, leaves: Mapp
 
 
 def pseudo_gradient(global_params, local_params):
-  """The outer gradient `global - local` (old minus new) in float32, leaf by leaf.
-
-  Feeding it as a gradient to a descent optimizer moves the global toward the sites."""
+  """The outer gradient `global - local` (old minus new) in float32, leaf by leaf: as a
+  gradient, a descent step moves the global toward the sites."""
   return jax.tree.map(lambda g, l: jnp.asarray(g, jnp.float32) - jnp.asarray(l, jnp.float32),
                       global_params, local_params)
 
 
 def cap_weights(tokens: Sequence[int], cap: int | None) -> np.ndarray:
-  """Normalized float32 site weights, w_i proportional to min(tokens_i, cap).
-
-  The cap is set by the coordinator: a site that reports more tokens than the cap gets
-  no more weight than a site at the cap, so self-reported counts cannot inflate a site's
-  say. Raises ValueError for negative or non-finite counts, a non-positive cap, or when
-  every count is zero."""
+  """Normalized float32 site weights, w_i proportional to min(tokens_i, cap): a site's
+  self-reported count cannot buy it more say than the cap. Raises ValueError for
+  negative or non-finite counts, a non-positive cap, or when every count is zero."""
   t = np.asarray(tokens, np.float64).reshape(-1)
   if t.size == 0:
     raise ValueError("cap_weights got no sites")
@@ -245,12 +220,9 @@ def sum_squares(x) -> float:
 
 
 def update_norm(delta) -> float:
-  """The global L2 norm of one site's pseudo-gradient over all its leaves, in float64.
-
-  `delta` is a pytree or flat `{name: array}` dict; leaves are summed in name order so the
-  number does not depend on the container. A site declares this value in its update's
-  manifest (`extra["update_norm"]`); the coordinator clips with it and checks it against the
-  norm of the values it reads."""
+  """The global L2 norm of one site's pseudo-gradient (a pytree or flat dict) in float64,
+  leaves summed in name order: what a site declares (`extra["update_norm"]`) and the
+  coordinator clips with and checks."""
   flat = trees.flatten(delta)
   return math.sqrt(sum(_leaf_sum_squares(flat[n]) for n in sorted(flat)))
 
@@ -262,10 +234,8 @@ def _leaf_sum_squares(x) -> float:
 
 
 def clip_scales(norms: Sequence[float], clip_norm: float) -> np.ndarray:
-  """Per-site float32 clip scales min(1, clip_norm / norm_k) (all 1 when clip_norm is 0).
-
-  A zero norm gets scale 1. Raises ValueError for a negative or non-finite norm when
-  clipping is on (the coordinator turns a bad declared norm into a BadUpdate first)."""
+  """Per-site float32 clip scales min(1, clip_norm / norm_k) (all 1 when clip_norm is 0);
+  ValueError for a negative or non-finite norm when clipping is on."""
   if not clip_norm:
     return np.ones(len(norms), np.float32)
   c = float(clip_norm)
@@ -365,7 +335,7 @@ def _block_args(deltas: Sequence[Any], weights, scales, aggregator: str, trim: i
 def aggregate_block(deltas: Sequence[Any], weights, *, scales=None, aggregator: str = "mean",
                     trim: int = 0) -> jax.Array:
   """The merged pseudo-gradient of one block (float32), what `merge_block` feeds the
-  outer optimizer: the outer clip (`outer_clip`) needs its norm first."""
+  outer optimizer: the outer clip needs its norm first."""
   if not deltas:
     raise ValueError("aggregate_block needs at least one site delta")
   shape = tuple(np.shape(getattr(deltas[0], "codes", deltas[0])))
@@ -379,11 +349,8 @@ def merged_clip_scale(norm: float, clip_norm: float) -> np.float32:
   """min(1, clip_norm / norm) in float32: the outer clip's factor for a merged
   pseudo-gradient of global norm `norm` (1 when clip_norm is 0). It multiplies every
   site's coefficient (the mean is linear, and a positive factor commutes with sorting).
-
-  The simulation and the streaming coordinator sum the same float64 squares in different
-  orders (whole leaves against blocks); the factor is rounded to float32, so both get the
-  same bits unless the two sums straddle a float32 rounding boundary (their relative
-  difference is ~1e-16, float32's spacing ~6e-8)."""
+  Rounded to float32 so that the simulation's and the coordinator's float64 sums (in
+  different orders) give the same factor."""
   if not clip_norm:
     return np.float32(1.0)
   if not (math.isfinite(norm) and norm >= 0):
@@ -397,33 +364,21 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
                 with_finite: bool = False) -> tuple[Any, ...]:
   """One outer step on one block (a whole leaf, or rows of it): returns (new_global, new_state).
 
-  The merged pseudo-gradient, in float32 and a fixed order, is
-    mean:          sum_k weights[k] * scales[k] * deltas[k] (no renormalization after
-                   clipping, so a clipped site keeps its bound);
-    trimmed_mean:  per coordinate, the mean of the values scales[k] * deltas[k] left after
-                   dropping the `trim` smallest and `trim` largest;
-    median:        per coordinate, the median of scales[k] * deltas[k] (even count: the
-                   mean of the two middle values).
-  The robust aggregators ignore `weights` (token counts do not apply to them). `scales`
-  are the per-site clip scales (`clip_scales`; default all 1: no clipping). A delta may be
-  a `quantize.Quantized` block (int8 / float8 codes, dequantized here in float32). Then
-  `tx.update(delta, state_block, global_block)` and `optax.apply_updates`. Jitted once per
-  `tx` object (a static argument), aggregator, trim and block shape. For an elementwise
-  `tx` (all of `make_outer_optimizer`'s), merging row-blocks and concatenating them is
-  bit-identical to merging the whole array; scalar state leaves come out equal from every
-  block.
+  The merged pseudo-gradient (float32, fixed order) is the mean sum_k weights[k] *
+  scales[k] * deltas[k] (not renormalized after clipping), or per coordinate the trimmed
+  mean (`trim` dropped at each end) or the median of scales[k] * deltas[k], which ignore
+  `weights`. `scales` are the per-site clip scales (default all 1); a delta may be a
+  `quantize.Quantized` block. Then `tx.update` and `optax.apply_updates`, jitted once per
+  `tx` object, aggregator, trim and block shape; for an elementwise `tx`, merging
+  row-blocks is bit-identical to merging the whole array.
 
-  `moments` (outer `SharedMoments` only, which requires them): the sites' first-moment
-  blocks in the order of `deltas`, aggregated like them; `tx.update` then gets the pair
-  (merged delta, merged moment).
+  `moments` (required exactly for `SharedMoments`): the sites' first-moment blocks,
+  aggregated like `deltas`; `tx.update` then gets the merged `Update`.
 
-  `with_finite`: also return, third, whether every value of the merged pseudo-gradient
-  (and moment), of the new global block and of the new state's floating leaves is
-  finite (a jax bool, computed in the same jitted call; the other outputs are the same
-  bits either way). With the mean, a NaN or Inf in any site's block makes the merged
-  pseudo-gradient non-finite (IEEE NaN and Inf propagate through the weighted sum, also
-  with a coefficient of 0), so the flag covers the inputs too; and it catches finite
-  values whose merge overflows float32."""
+  `with_finite`: also return, third, whether the merged values, the new global block and
+  the new state are all finite (a jax bool from the same jitted call). With the mean, a
+  NaN or Inf in any site's block propagates into the merged values, so the flag covers
+  the inputs too; it also catches finite values whose merge overflows float32."""
   shape = tuple(np.shape(global_block))
   trim_ = int(trim) if aggregator == "trimmed_mean" else 0
   quantized, deltas, coef_K, dequant_Kx2 = _block_args(
@@ -449,41 +404,30 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
                outer_clip_norm: float = 0.0) -> tuple[Any, dict[str, Any]]:
   """The whole-tree outer step: `merge_block` on every leaf.
 
-  `updates` are the sites' `Update`s (a bare pseudo-gradient is an Update without a
-  moment); their deltas and `global_params` share one pytree structure, and `mu` is
-  given exactly when `tx` is `SharedMoments`. `outer_state` is the per-leaf dict from
-  `init_outer_state`. `clip_norm`, `aggregator`, `trim` and `outer_clip_norm` are
-  checked settings (`RoundMergeSpec`, whose `outer_step` passes them; the defaults are
-  the plain weighted mean). With `clip_norm` > 0 each site is scaled by
-  min(1, clip_norm / norms[k]); `norms` default to `update_norm` of each delta (pass the
-  sites' declared norms to reproduce a streaming merge that used them). With
-  `outer_clip_norm` > 0 the merged pseudo-gradient is scaled by `merged_clip_scale` of
-  its global norm (leaves summed in name order, like the coordinator's blocks). Returns
-  (new params with `global_params`' structure, new per-leaf state dict). Leaf by leaf is
-  what the streaming coordinator computes, so simulation and deployment agree bit for bit."""
+  `updates` are the sites' `Update`s (a bare pseudo-gradient is one without `mu`); their
+  deltas share `global_params`' structure, and `mu` is given exactly when `tx` is
+  `SharedMoments`. `outer_state` is the per-leaf dict of `init_outer_state`. The settings
+  come checked (`RoundMergeSpec.outer_step` passes them; the defaults are the plain
+  weighted mean). With `clip_norm` > 0 site k is scaled by min(1, clip_norm / norms[k]),
+  `norms` defaulting to each delta's `update_norm`; with `outer_clip_norm` > 0 the merged
+  pseudo-gradient is scaled by `merged_clip_scale` of its global norm. Returns (new params,
+  new per-leaf state). Leaf by leaf is what the streaming coordinator computes, so
+  simulation and deployment agree bit for bit."""
   updates = [u if isinstance(u, Update) else Update(u) for u in updates]
   check_update_count(aggregator, trim, len(updates))
-  flat_g = trees.flatten(global_params)
-  flat_d = [trees.flatten(u.delta) for u in updates]
-  flat_m = None
   moments = isinstance(tx, SharedMoments)
   if any((u.mu is not None) != moments for u in updates):
     raise ValueError("outer_step needs every site's first moment (Update.mu) exactly when "
                      "the outer optimizer is shared moments")
-  if moments:
-    flat_m = [trees.flatten(u.mu) for u in updates]
-    for k, m in enumerate(flat_m):
-      if set(m) != set(flat_g):
-        raise KeyError(f"site update {k} does not have a first moment of every parameter: "
-                       f"{sorted(set(m) ^ set(flat_g))[:5]} differ")
-  if set(outer_state) != set(flat_g):
-    missing = sorted(set(flat_g) - set(outer_state))[:5]
-    extra = sorted(set(outer_state) - set(flat_g))[:5]
-    raise KeyError(f"outer state does not match the params: missing {missing}, unexpected {extra}")
-  for k, d in enumerate(flat_d):
-    if set(d) != set(flat_g):
-      raise KeyError(f"site delta {k} does not have the params' leaves: "
-                     f"{sorted(set(d) ^ set(flat_g))[:5]} differ")
+  flat_g = trees.flatten(global_params)
+  flat_d = [trees.flatten(u.delta) for u in updates]
+  flat_m = [trees.flatten(u.mu) for u in updates] if moments else None
+  named = [("outer state", outer_state), *((f"site delta {k}", d) for k, d in enumerate(flat_d)),
+           *((f"site {k}'s first moment", m) for k, m in enumerate(flat_m or []))]
+  for what, leaves in named:
+    if set(leaves) != set(flat_g):
+      raise KeyError(f"{what} does not have the params' leaves: "
+                     f"{sorted(set(leaves) ^ set(flat_g))[:5]} differ")
   if clip_norm and norms is None:
     norms = [update_norm(d) for d in flat_d]
   if norms is not None and len(norms) != len(flat_d):

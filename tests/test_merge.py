@@ -8,6 +8,7 @@ from tapestry_jax import exchange as ex
 from tapestry_jax import merge
 from tapestry_jax import outer
 from tapestry_jax import outer_config
+from tapestry_jax.outer_config import RoundMergeSpec
 from tapestry_jax import quantize
 from tapestry_jax.buckets import Bucket
 
@@ -93,8 +94,8 @@ def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
   base = ex.read_manifest(glob, ex.global_prefix(0))
   for r, (read_ahead, max_block_bytes) in enumerate([(0, 64), (1, 1000), (2, 1 << 20)]):
     prefix = ex.data_prefix(ex.global_prefix(1 + r), ex.new_attempt())
-    records = merge.merge_round(outer_config.RoundMergeSpec(tx), glob, ex.global_prefix(0), base, inputs, weights,
-                                glob, prefix, max_block_bytes=max_block_bytes,
+    records = merge.merge_round(RoundMergeSpec(tx), glob, ex.global_prefix(0), base, inputs,
+                                weights, glob, prefix, max_block_bytes=max_block_bytes,
                                 read_ahead=read_ahead)
     assert sorted(records) == sorted(base["arrays"])
     _assert_stored(glob, prefix, records, want_params, want_state)
@@ -115,7 +116,7 @@ def test_quantized_updates_merge_bit_identically_and_clip_by_their_dequantized_n
                                              clip_norm=clip, aggregator=aggregator)
   base = ex.read_manifest(glob, ex.global_prefix(0))
   prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
-  records = merge.merge_round(outer_config.RoundMergeSpec(tx, clip_norm=clip, aggregator=aggregator), glob,
+  records = merge.merge_round(RoundMergeSpec(tx, clip_norm=clip, aggregator=aggregator), glob,
                               ex.global_prefix(0), base, inputs, weights, glob, prefix,
                               max_block_bytes=64, declared_norms=norms)
   _assert_stored(glob, prefix, records, want_params, want_state)
@@ -123,7 +124,7 @@ def test_quantized_updates_merge_bit_identically_and_clip_by_their_dequantized_n
   lie = list(norms)
   lie[2] *= 1.01
   with pytest.raises(merge.BadUpdate, match="declared norm") as e:
-    merge.merge_round(outer_config.RoundMergeSpec(tx, clip_norm=clip), glob, ex.global_prefix(0), base, inputs,
+    merge.merge_round(RoundMergeSpec(tx, clip_norm=clip), glob, ex.global_prefix(0), base, inputs,
                       weights, glob, ex.data_prefix(ex.global_prefix(2), ex.new_attempt()),
                       declared_norms=lie)
   assert e.value.index == 2
@@ -140,7 +141,7 @@ def test_shared_moments_merge_quantized_clipped_moments_and_refuse_a_bad_one(tmp
                                              aggregator=aggregator)
   base = ex.read_manifest(glob, ex.global_prefix(0))
   prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
-  records = merge.merge_round(outer_config.RoundMergeSpec(tx, aggregator=aggregator), glob, ex.global_prefix(0),
+  records = merge.merge_round(RoundMergeSpec(tx, aggregator=aggregator), glob, ex.global_prefix(0),
                               base, inputs, weights, glob, prefix, max_block_bytes=64)
   _assert_stored(glob, prefix, records, want_params, want_state)
   for n in SHAPES:  # The merged first moment is the new mu; the count moved by H.
@@ -155,8 +156,8 @@ def test_shared_moments_merge_quantized_clipped_moments_and_refuse_a_bad_one(tmp
   bad = [inputs[0], (bucket, pre, dict(manifest, attempt=attempt, arrays={
       n: dict(r, quant=manifest["arrays"][n]["quant"]) for n, r in recs.items()})), inputs[2]]
   with pytest.raises(merge.NonFiniteUpdate, match="inner_mu/d") as e:
-    merge.merge_round(outer_config.RoundMergeSpec(tx, aggregator=aggregator), glob, ex.global_prefix(0), base, bad,
-                      weights, glob, ex.data_prefix(ex.global_prefix(2), ex.new_attempt()))
+    merge.merge_round(RoundMergeSpec(tx, aggregator=aggregator), glob, ex.global_prefix(0), base,
+                      bad, weights, glob, ex.data_prefix(ex.global_prefix(2), ex.new_attempt()))
   assert e.value.index == 1
   # A site clip (from each delta's norm, which is what a site declares) scales that
   # site's moment too: still bit-identical.
@@ -165,12 +166,12 @@ def test_shared_moments_merge_quantized_clipped_moments_and_refuse_a_bad_one(tmp
   want_params, want_state = outer.outer_step(tx, params, state, deltas, weights, clip_norm=clip,
                                              aggregator=aggregator)
   prefix = ex.data_prefix(ex.global_prefix(3), ex.new_attempt())
-  records = merge.merge_round(outer_config.RoundMergeSpec(tx, aggregator=aggregator, clip_norm=clip), glob,
+  records = merge.merge_round(RoundMergeSpec(tx, aggregator=aggregator, clip_norm=clip), glob,
                               ex.global_prefix(0), base, inputs, weights, glob, prefix,
                               max_block_bytes=64, declared_norms=norms)
   _assert_stored(glob, prefix, records, want_params, want_state)
   with pytest.raises(ValueError, match="outer clip is not supported"):
-    outer_config.RoundMergeSpec(tx, outer_clip_norm=1.0)  # Refused when the merge settings are built.
+    RoundMergeSpec(tx, outer_clip_norm=1.0)  # Refused when the merge settings are built.
 
 
 @pytest.mark.parametrize("quantized, aggregator, site_clip",
@@ -201,7 +202,7 @@ def test_outer_clip_reads_twice_and_stays_bit_identical(tmp_path, quantized, agg
   assert not np.array_equal(want_params["d"], unclipped["d"])
   base = ex.read_manifest(glob, ex.global_prefix(0))
   prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
-  records = merge.merge_round(outer_config.RoundMergeSpec(tx, outer_clip_norm=clip, **robust), glob,
+  records = merge.merge_round(RoundMergeSpec(tx, outer_clip_norm=clip, **robust), glob,
                               ex.global_prefix(0), base, inputs, weights, glob, prefix,
                               max_block_bytes=64, declared_norms=norms)
   _assert_stored(glob, prefix, records, want_params, want_state)
@@ -227,7 +228,7 @@ def test_a_float8_nan_code_is_a_non_finite_update(tmp_path, outer_clip):
   bad = dict(manifest, attempt=attempt, arrays={
       n: dict(r, quant=manifest["arrays"][n]["quant"]) for n, r in records.items()})
   with pytest.raises(merge.NonFiniteUpdate, match="non-finite") as e:
-    merge.merge_round(outer_config.RoundMergeSpec(tx, outer_clip_norm=outer_clip), glob, ex.global_prefix(0),
+    merge.merge_round(RoundMergeSpec(tx, outer_clip_norm=outer_clip), glob, ex.global_prefix(0),
                       ex.read_manifest(glob, ex.global_prefix(0)),
                       [inputs[0], (bucket, prefix, bad), inputs[2]], [0.3, 0.3, 0.4], glob,
                       ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
@@ -247,7 +248,7 @@ def _rewritten(site_input, edit):
 
 
 def _merge(tx, glob, inputs, weights, **robust):
-  return merge.merge_round(outer_config.RoundMergeSpec(tx, **robust), glob, ex.global_prefix(0),
+  return merge.merge_round(RoundMergeSpec(tx, **robust), glob, ex.global_prefix(0),
                            ex.read_manifest(glob, ex.global_prefix(0)), inputs, weights, glob,
                            ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
 
@@ -286,8 +287,8 @@ def test_a_non_finite_previous_global_round_fails_the_merge_not_a_site(tmp_path)
   bad_glob = _rewritten((glob, ex.global_prefix(0), base),
                         lambda a: a["params/c"].__setitem__(3, np.inf))[2]
   with pytest.raises(ex.ExchangeError, match="global round .* 'params/c' has non-finite") as e:
-    merge.merge_round(outer_config.RoundMergeSpec(tx), glob, ex.global_prefix(0), bad_glob, inputs, [0.3, 0.3, 0.4],
-                      glob, ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
+    merge.merge_round(RoundMergeSpec(tx), glob, ex.global_prefix(0), bad_glob, inputs,
+                      [0.3, 0.3, 0.4], glob, ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
   assert not isinstance(e.value, merge.BadUpdate)
 
 

@@ -291,7 +291,8 @@ def test_outer_weight_decay_spares_excluded_leaves_like_train():
   new, _ = outer.outer_step(everything, g, outer.init_outer_state(everything, g), [zero], [1.0])
   np.testing.assert_allclose(new["layers/attn_norm"], 1 - 0.1 * 0.5, rtol=1e-6)
   with pytest.raises(ValueError, match="weight_decay_exclude must be a string"):
-    outer_config.make_outer_optimizer({"name": "adam", "weight_decay": 0.1, "weight_decay_exclude": 3})
+    outer_config.make_outer_optimizer({"name": "adam", "weight_decay": 0.1,
+                                       "weight_decay_exclude": 3})
 
 
 def _adam_rounds(gradients, weights, *, b1, b2, H, R, lr=1e-2):

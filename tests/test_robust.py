@@ -14,6 +14,7 @@ from tapestry_jax import exchange as ex
 from tapestry_jax import merge
 from tapestry_jax import outer
 from tapestry_jax import outer_config
+from tapestry_jax.outer_config import RoundMergeSpec
 from tapestry_jax.buckets import Bucket
 
 # A scalar, an empty array, a vector, rows that no chunk size divides, and a 3-D array.
@@ -83,7 +84,7 @@ def _merge(tx, stored, weights, declared_norms=None, **robust):
   settings `robust`; returns the merged arrays, read back whole."""
   glob, base, base_manifest, inputs = stored
   out = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
-  records = merge.merge_round(outer_config.RoundMergeSpec(tx, **robust), glob, base,
+  records = merge.merge_round(RoundMergeSpec(tx, **robust), glob, base,
                               base_manifest, inputs, weights, glob, out, max_block_bytes=64,
                               declared_norms=declared_norms)
   return {n: ex.read_block(glob, out, n, r, tuple(slice(0, s) for s in r["shape"]))
@@ -108,9 +109,11 @@ def test_default_config_is_the_plain_mean_and_every_field_is_checked():
   assert outer_config.robust_kwargs(None) == outer_config.robust_kwargs(cfg)
   assert outer_config.robust_kwargs({"aggregator": "median"})["aggregator"] == "median"
   outer_config.check_robust_config(cfg, num_sites=2, quorum=1)
-  outer_config.check_robust_config(_robust(aggregator="trimmed_mean", trim=2), num_sites=5, quorum=5)
-  outer_config.check_robust_config(_robust(aggregator="trimmed_mean", trim=2), num_sites=5, quorum=0)
-  outer_config.check_robust_config(_robust(aggregator="median", clip_norm=1.5), num_sites=4, quorum=3)
+  trimmed = _robust(aggregator="trimmed_mean", trim=2)
+  outer_config.check_robust_config(trimmed, num_sites=5, quorum=5)
+  outer_config.check_robust_config(trimmed, num_sites=5, quorum=0)
+  outer_config.check_robust_config(_robust(aggregator="median", clip_norm=1.5), num_sites=4,
+                                   quorum=3)
 
 
 @pytest.mark.parametrize("kw,num_sites,quorum,match", [
@@ -340,7 +343,7 @@ def test_run_diloco_takes_the_robust_section():
   def run(robust):
     return diloco.run_diloco(
         loss_fn, {"w": jnp.zeros(())}, [batches(0, 1.0), batches(1, 1.0), batches(2, -50.0)],
-        optax.sgd(0.1), outer_config.RoundMergeSpec.from_config(FEDAVG, robust), rounds=4,
+        optax.sgd(0.1), RoundMergeSpec.from_config(FEDAVG, robust), rounds=4,
         inner_steps=5)
   # Site 2 fits a target of -100; the median follows the two honest sites (w -> 2).
   assert abs(float(run(_robust(aggregator="median")).params["w"]) - 2.0) < 0.2

@@ -227,7 +227,8 @@ def run_child(spec_path: str) -> None:
   prepare_cache(spec["cache"])
   cpu0, t0 = _cpu_s(), time.perf_counter()
   attempt = exchange.new_attempt()
-  records = merge_lib.merge_round(outer_config.RoundMergeSpec(tx), glob, spec["base_prefix"], base, inputs, weights, glob,
+  records = merge_lib.merge_round(outer_config.RoundMergeSpec(tx), glob, spec["base_prefix"],
+                                  base, inputs, weights, glob,
                                   exchange.data_prefix(spec["out_prefix"], attempt),
                                   max_block_bytes=spec["max_block_bytes"],
                                   read_ahead=spec["read_ahead"])
