@@ -175,7 +175,8 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
       return decay
     # weight_decay 0 keeps AdamW's state structure, so every leaf stores the same state.
     return outer_lib.MaskedDecay(decay.init, decay.update,
-                       optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=0.0), exclude)
+                                 optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=0.0),
+                                 exclude)
   return optax.adam(lr, b1=b1, b2=b2, eps=eps)
 
 
