@@ -88,16 +88,12 @@ def run_diloco(
     inner_optimizers: one optax transformation for every site, or one per site. Each
       site's inner state lives across rounds (ALGORITHMS.md: sites keep their own AdamW
       state); the inner step is jitted once per distinct optimizer object.
-    spec: the round merge (`outer_config.RoundMergeSpec`): the outer optimizer (it must
-      be elementwise for the streaming coordinator to reproduce this run), the weight
-      cap (in `tokens_fn` units), the robust settings (per-site clip, aggregator, trim;
-      trimmed_mean and median ignore the weights, and a round whose live sites are too
-      few for the aggregator raises ValueError) and the outer clip of the merged
-      pseudo-gradient's norm (with H=1, inner SGD lr 1 and outer Adam, exactly data
-      parallelism's clipped Adam). With shared moments (`spec.shared_moments`) the inner
-      optimizers must be Adam-family (one optax ScaleByAdamState): every live site starts
-      each round from the global moments and step count, and sends its first moment
-      with its delta.
+    spec: the round merge (`outer_config.RoundMergeSpec`: outer optimizer, weight cap in
+      `tokens_fn` units, robust settings, outer clip); a round whose live sites are too
+      few for its aggregator raises ValueError. With shared moments
+      (`spec.shared_moments`) the inner optimizers must be Adam-family (one optax
+      ScaleByAdamState): every live site starts each round from the global moments and
+      step count, and sends its first moment with its delta.
     rounds, inner_steps: T and H.
     tokens_fn: `batch -> count` that weights the sites (summed over the round's H
       batches). Default: every batch counts 1, i.e. equal weights.
