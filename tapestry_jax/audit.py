@@ -34,6 +34,7 @@ from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import merge as merge_lib
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import outer_config
 from tapestry_jax import trust
 
 
@@ -167,13 +168,14 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
     tokens.append(update["tokens"])
     recorded.append(float(rec["weight"]))
   settings = extra.get("merge") or {}
-  cap = settings.get("weight_cap_tokens") or federation.weight_cap(config)
-  weights = outer_lib.cap_weights(tokens, cap)
+  # The spec the round records, through the coordinator's own path (federation.merge_spec).
+  spec = outer_config.RoundMergeSpec.from_config(
+      extra["outer"], settings.get("robust"),
+      weight_cap=settings.get("weight_cap_tokens") or federation.weight_cap(config))
+  cap = spec.weight_cap
+  weights = spec.weights(tokens)
   if [float(w) for w in weights] != recorded:
     raise AuditError(f"global round {round_} records weights {recorded}; the signed token "
                      f"counts {tokens} with cap {cap} give {[float(w) for w in weights]}")
   report["outer"], report["merge"] = extra["outer"], settings
-  return merge_lib.merge_round(outer_lib.make_outer_optimizer(extra["outer"]), glob, base_prefix,
-                               base, inputs, weights, scratch, out,
-                               outer_clip_norm=outer_lib.outer_clip(extra["outer"]),
-                               **outer_lib.robust_kwargs(settings.get("robust")))
+  return merge_lib.merge_round(spec, glob, base_prefix, base, inputs, weights, scratch, out)

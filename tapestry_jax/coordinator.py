@@ -46,8 +46,7 @@ def initial_round(config) -> tuple[dict, dict]:
   mcfg = model_lib.ModelConfig.from_config(config.model)
   params = trees.flatten(jax.device_get(train_lib.initial_params(
       mcfg, int(config.train.seed), config.train)))
-  tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
-  state = jax.device_get(outer_lib.init_outer_state(tx, params))
+  state = jax.device_get(outer_lib.init_outer_state(federation.merge_spec(config).tx, params))
   return params, state
 
 
@@ -70,9 +69,8 @@ class Coordinator:
                                credentials=credentials)
     self.sites = {n: buckets.Bucket(urls[n], max_retries=retries, credentials=credentials)
                   for n in self.names}
-    self.tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
+    self.spec = federation.merge_spec(config)  # How every round is merged.
     self.schema = exchange.update_schema(config)  # What a site update must be.
-    self.cap = federation.weight_cap(config)
     self.quorum = federation.quorum(config)
     self.dir = os.path.join(workdir, "coordinator")
     os.makedirs(self.dir, exist_ok=True)
@@ -131,7 +129,7 @@ class Coordinator:
   def merge_settings(self) -> dict:
     """What besides the inputs decides the merge (recorded in each round for audits)."""
     robust = self.f.get("robust")
-    return {"weight_cap_tokens": int(self.cap),
+    return {"weight_cap_tokens": int(self.spec.weight_cap),
             "robust": robust.to_dict() if robust is not None else None}
 
   def _log_late(self) -> None:
@@ -220,7 +218,7 @@ class Coordinator:
     while True:
       names = [n for n in self.names if n in updates]
       tokens = [updates[n]["tokens"] for n in names]
-      weights = outer_lib.cap_weights(tokens, self.cap)
+      weights = self.spec.weights(tokens)
       job = {"kind": "merge", "round": round_, "sites": names, "attempt": attempt,
              "digests": [exchange.manifest_digest(updates[n]) for n in names],
              "weights": [float(w) for w in weights],
@@ -279,10 +277,8 @@ class Coordinator:
     gets the round's records."""
     r = job["round"]
     inputs = [(self.sites[n], exchange.update_prefix(r), updates[n]) for n in job["sites"]]
-    plan = merge_lib.plan_round(
-        self.tx, self.glob, exchange.global_prefix(r - 1), base_manifest, inputs,
-        job["weights"], outer_clip_norm=outer_lib.outer_clip(federation.outer_config(self.config)),
-        **outer_lib.robust_kwargs(self.f.get("robust")))
+    plan = merge_lib.plan_round(self.spec, self.glob, exchange.global_prefix(r - 1),
+                                base_manifest, inputs, job["weights"])
     out = exchange.data_prefix(exchange.global_prefix(r), job["attempt"])
     return self.workers.merge(str(job["seq"]), plan, self.glob, out)
 

@@ -3,16 +3,16 @@
 `run_diloco` simulates k sites and the coordinator on one host. Each round every live
 site starts from the current global params, takes H inner optimizer steps on its own
 data (keeping its own inner optimizer state across rounds), and sends the pseudo-gradient
-`global - local`; the sites' deltas are weighted (`outer.cap_weights`), optionally clipped
-and robustly aggregated (`outer.default_robust_config`), and merged with
-`outer.outer_step`, the same per-leaf jitted function the streaming coordinator runs.
+`global - local`; the sites' updates are weighted, optionally clipped and robustly
+aggregated, and merged as a `outer_config.RoundMergeSpec` says (`spec.outer_step`, the
+same per-leaf jitted function the streaming coordinator runs).
 Tests of the algorithm's special cases (FedAvg, H=1 == data parallelism) run on it, and
 so can quick experiments with toy losses.
 
 Example (two sites fitting one linear model on differently scaled data):
 
     import jax, jax.numpy as jnp, numpy as np, optax
-    from tapestry_jax import diloco, outer
+    from tapestry_jax import diloco, outer_config
 
     def loss_fn(params, batch):
       pred_B = batch["x_BxD"] @ params["w_D"] + params["b"]
@@ -28,7 +28,7 @@ Example (two sites fitting one linear model on differently scaled data):
         loss_fn, {"w_D": jnp.zeros(3), "b": jnp.zeros(())},
         [batches(0, 1.0), batches(1, 2.0)],
         inner_optimizers=optax.adamw(1e-2),
-        outer_optimizer=outer.make_outer_optimizer(outer.default_outer_config()),
+        spec=outer_config.RoundMergeSpec.from_config(outer_config.default_outer_config()),
         rounds=20, inner_steps=10)
     print(result.params, result.history[-1]["loss"])
 """
@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from tapestry_jax import outer
+from tapestry_jax import outer_config
 from tapestry_jax import trees
 
 
@@ -69,16 +70,13 @@ def run_diloco(
     init_params: Any,
     site_batches: Sequence[Iterable[Any]],
     inner_optimizers: optax.GradientTransformation | Sequence[optax.GradientTransformation],
-    outer_optimizer: optax.GradientTransformation,
+    spec: outer_config.RoundMergeSpec,
     *,
     rounds: int,
     inner_steps: int,
     tokens_fn: Callable[[Any], int] | None = None,
-    weight_cap: int | None = None,
     participating: Callable[[int, int], bool] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
-    robust: Any = None,
-    outer_clip_norm: float = 0.0,
 ) -> DilocoResult:
   """Runs `rounds` DiLoCo rounds of `inner_steps` (H) inner steps on each site, in-process.
 
@@ -90,29 +88,21 @@ def run_diloco(
     inner_optimizers: one optax transformation for every site, or one per site. Each
       site's inner state lives across rounds (ALGORITHMS.md: sites keep their own AdamW
       state); the inner step is jitted once per distinct optimizer object.
-    outer_optimizer: the outer transformation (see `outer.make_outer_optimizer`); it
-      must be elementwise for the streaming coordinator to reproduce this run. With
-      `outer.SharedMoments` the inner optimizers must be Adam-family (one optax
+    spec: the round merge (`outer_config.RoundMergeSpec`: outer optimizer, weight cap in
+      `tokens_fn` units, robust settings, outer clip); a round whose live sites are too
+      few for its aggregator raises ValueError. With shared moments
+      (`spec.shared_moments`) the inner optimizers must be Adam-family (one optax
       ScaleByAdamState): every live site starts each round from the global moments and
       step count, and sends its first moment with its delta.
     rounds, inner_steps: T and H.
     tokens_fn: `batch -> count` that weights the sites (summed over the round's H
       batches). Default: every batch counts 1, i.e. equal weights.
-    weight_cap: per-round cap on a site's count, in `tokens_fn` units (outer.cap_weights).
     participating: `(round, site) -> bool`; False simulates a dropped site for that round:
       it does not receive the global at the round's start, keeps training from its own
       weights, and its delta is not merged. It rejoins by taking the current global at
       the start of the next round it participates in. Weights are renormalised over the
       live sites; a round with no live site leaves the global and outer state unchanged.
     callback: called after each round with that round's history record.
-    robust: the robust merge settings, a config section like `outer.default_robust_config()`
-      (a ConfigDict or Mapping; None or missing fields: its defaults, the plain weighted
-      mean). With clipping, each site's delta is scaled by min(1, clip_norm / its global
-      norm); trimmed_mean and median ignore the weights. A round whose live sites are too
-      few for the aggregator (trimmed_mean: 2 * trim + 1) raises ValueError.
-    outer_clip_norm: > 0 clips the merged pseudo-gradient's global norm to it before the
-      outer optimizer (the outer counterpart of gradient clipping; with H=1, inner SGD
-      lr 1 and outer Adam, exactly data parallelism's clipped Adam). 0 = off.
 
   Returns:
     DilocoResult. Each history record has: "round", "loss" (mean inner loss per site over
@@ -124,8 +114,6 @@ def run_diloco(
     raise ValueError("run_diloco needs at least one site")
   if int(rounds) < 1 or int(inner_steps) < 1:
     raise ValueError(f"rounds={rounds} and inner_steps={inner_steps} must be >= 1")
-  robust_kw = outer.robust_kwargs(robust)  # Field errors before any training.
-  robust_kw["outer_clip_norm"] = outer.outer_clip({"clip_norm": outer_clip_norm})
   if isinstance(inner_optimizers, optax.GradientTransformation):
     txs = [inner_optimizers] * n_sites
   else:
@@ -139,11 +127,11 @@ def run_diloco(
     if id(tx) not in steps_by_id:
       steps_by_id[id(tx)] = _make_inner_step(loss_fn, tx)
   steps = [steps_by_id[id(tx)] for tx in txs]
-  moments = isinstance(outer_optimizer, outer.SharedMoments)
+  moments = spec.shared_moments
 
   iters: list[Iterator[Any]] = [iter(b) for b in site_batches]
   global_params = jax.tree.map(jnp.asarray, init_params)
-  outer_state = outer.init_outer_state(outer_optimizer, global_params)
+  outer_state = outer.init_outer_state(spec.tx, global_params)
   site_params = [global_params] * n_sites
   site_opt_states = [tx.init(global_params) for tx in txs]
   history: list[dict[str, Any]] = []
@@ -176,14 +164,12 @@ def run_diloco(
     live_ids = [i for i in range(n_sites) if live[i]]
     weights = [0.0] * n_sites
     if live_ids:
-      w_live = outer.cap_weights([tokens[i] for i in live_ids], weight_cap)
-      deltas = [outer.pseudo_gradient(global_params, site_params[i]) for i in live_ids]
-      if moments:  # Each delta carries its site's first moment.
-        deltas = [{**trees.flatten(d), **{outer.MOMENT_PREFIX + n: m for n, m in trees.flatten(
-                      optax.tree_utils.tree_get(site_opt_states[i], "mu")).items()}}
-                  for d, i in zip(deltas, live_ids)]
-      global_params, outer_state = outer.outer_step(
-          outer_optimizer, global_params, outer_state, deltas, w_live, **robust_kw)
+      w_live = spec.weights([tokens[i] for i in live_ids])
+      # Each update carries its site's first moment under shared moments.
+      updates = [outer.Update(outer.pseudo_gradient(global_params, site_params[i]),
+                              optax.tree_utils.tree_get(site_opt_states[i], "mu")
+                              if moments else None) for i in live_ids]
+      global_params, outer_state = spec.outer_step(global_params, outer_state, updates, w_live)
       for i, w in zip(live_ids, w_live):
         weights[i] = float(w)
 

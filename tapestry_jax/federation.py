@@ -18,7 +18,7 @@ from absl import logging
 from data_pipelines.errors import DataError
 
 from tapestry_jax import model as model_lib
-from tapestry_jax import outer as outer_lib
+from tapestry_jax import outer_config as outer_config_lib
 from tapestry_jax import quantize
 from tapestry_jax import trees
 from tapestry_jax import trust
@@ -144,7 +144,7 @@ def outer_config(config) -> dict:
   `federation.rounds`: what the coordinator builds its optimizer from and records in
   every global manifest (so an audit rebuilds the same schedule)."""
   f = config.federation
-  out = outer_lib.default_outer_config().to_dict()
+  out = outer_config_lib.default_outer_config().to_dict()
   out.update(f.outer.to_dict())
   if not out.get("decay_rounds"):
     out["decay_rounds"] = int(f.rounds)
@@ -153,6 +153,14 @@ def outer_config(config) -> dict:
     if not out.get("steps_per_round"):
       out["steps_per_round"] = int(f.inner_steps)
   return out
+
+
+def merge_spec(config) -> outer_config_lib.RoundMergeSpec:
+  """The round merge of this federation (outer optimizer, weight cap, robust settings,
+  outer clip), from the sections every global manifest records (`outer_config(config)`,
+  `federation.robust`), so an audit rebuilds the same spec from them."""
+  return outer_config_lib.RoundMergeSpec.from_config(
+      outer_config(config), config.federation.get("robust"), weight_cap=weight_cap(config))
 
 
 def shared_moments(config) -> bool:
@@ -209,11 +217,11 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
   if int(f.weight_cap_tokens) < 0:
     raise ConfigError(f"federation.weight_cap_tokens={f.weight_cap_tokens} must be >= 0")
   try:
-    outer_lib.make_outer_optimizer(outer_config(config))
+    outer_config_lib.make_outer_optimizer(outer_config(config))
   except ValueError as e:
     raise ConfigError(f"federation.outer: {e}") from None
   try:
-    outer_lib.check_robust_config(f.get("robust"), len(names), int(f.quorum))
+    outer_config_lib.check_robust_config(f.get("robust"), len(names), int(f.quorum))
   except ValueError as e:
     raise ConfigError(f"federation.robust: {e}") from None
   if shared_moments(config):

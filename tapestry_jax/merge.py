@@ -25,7 +25,7 @@ float32 (a hostile site's 1e38s under Nesterov's momentum, with no norm clip) re
 update with the largest |coefficient * value| in the block (BadUpdate). The simulation
 (`outer.outer_step`) has no such refusal: there the same values give an Inf.
 
-Robust merging (`outer.default_robust_config`): with clip_norm > 0 each site's update is
+Robust merging (`outer_config.default_robust_config`): with clip_norm > 0 each site's update is
 scaled by min(1, clip_norm / norm), where the norm is the one the site declared in its
 signed manifest (`extra["update_norm"]`), so every update is read once. While its blocks
 are read, the actual sum of squares of each update is accumulated (float64); after the
@@ -33,14 +33,14 @@ last block, an update whose actual norm is not the declared one is refused (BadU
 before anything is committed. The trimmed-mean and median aggregators are coordinate-wise,
 so they stream block by block like the mean.
 
-The outer clip (`outer_clip_norm`, `outer.outer_clip`) needs the global norm of the merged
+The outer clip (`RoundMergeSpec.outer_clip_norm`) needs the global norm of the merged
 pseudo-gradient before any block of it is applied: a first pass reads every update's blocks
 (verified and finiteness-checked like the merge's), aggregates them and sums their squares;
 the merge proper then reads them again with every coefficient scaled. It doubles the reads
 of the updates, not the memory.
 
 Shared moments (outer "moments", `outer.SharedMoments`): every site's update also holds
-its first moment of each parameter (`outer.MOMENT_PREFIX` + name); those blocks are read,
+its first moment of each parameter (`exchange.moment_key`); those blocks are read,
 verified and finiteness-checked like the deltas (a bad one refuses that site's update),
 aggregated like them (a site's clip scale, from the norm of its delta, scales its moment
 too), and the outer step takes both. The outer clip is refused there.
@@ -65,10 +65,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from tapestry_jax import exchange
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import outer_config
+from tapestry_jax import outer_config
 from tapestry_jax import quantize
 from tapestry_jax.buckets import Bucket
 from tapestry_jax.exchange import ExchangeError
@@ -154,22 +155,19 @@ class ParamPlan:
 class RoundPlan:
   """Everything that decides a merged round, and its work list: (param, block) pairs in
   the fixed merge order. Any split of the work merges the same bits."""
-  tx: optax.GradientTransformation
+  spec: outer_config.RoundMergeSpec
   glob: Bucket
   base_prefix: str
   inputs: list[tuple[Bucket, str, Mapping]]  # (bucket, data prefix, manifest)
   weights: np.ndarray  # float32, per site
   scales: np.ndarray  # float32 per-site clip scales (times the outer clip's, once known)
   norms: list[float]  # declared norms (when the per-site clip uses them)
-  aggregator: str
-  trim: int
-  outer_clip_norm: float
   params: list[ParamPlan]
   work: list[tuple[int, int]]
 
   def coefficients(self) -> np.ndarray:
     """Each site's coefficient in the merge (what an overflow is blamed on)."""
-    return self.scales * self.weights if self.aggregator == "mean" else self.scales
+    return self.scales * self.weights if self.spec.aggregator == "mean" else self.scales
 
   def work_bytes(self, k: int) -> int:
     """Bytes read for work item k (its blocks of every input)."""
@@ -187,33 +185,25 @@ class RangeResult:
   site_squares: list[list[float]] | None
 
 
-def plan_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str,
+def plan_round(spec: outer_config.RoundMergeSpec, glob: Bucket, base_prefix: str,
                base_manifest: Mapping, inputs: Sequence[tuple[Bucket, str, Mapping]],
                weights: Sequence[float], *, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
-               clip_norm: float = 0.0, aggregator: str = "mean", trim: int = 0,
-               declared_norms: Sequence[float] | None = None,
-               outer_clip_norm: float = 0.0) -> RoundPlan:
-  """Checks the settings and lays out the merge (no array data is read). See
-  `merge_round` for the arguments and the errors."""
+               declared_norms: Sequence[float] | None = None) -> RoundPlan:
+  """Lays out the merge (no array data is read). See `merge_round` for the arguments and
+  the errors."""
   # Committed rounds keep their arrays in the attempt directory their manifest names.
   base_prefix = exchange.data_prefix(base_prefix, base_manifest)
   inputs = [(b, exchange.data_prefix(p, m), m) for b, p, m in inputs]
   weights = np.asarray(weights, np.float32)
   if len(inputs) != len(weights):
     raise ValueError(f"{len(inputs)} inputs but {len(weights)} weights")
-  robust = outer_lib.robust_kwargs({"clip_norm": clip_norm, "aggregator": aggregator,
-                                    "trim": trim})
-  clip_norm, aggregator, trim = robust["clip_norm"], robust["aggregator"], robust["trim"]
-  if isinstance(tx, outer_lib.SharedMoments) and outer_clip_norm:
-    raise ValueError("the outer clip is not supported with shared moments (outer.name moments)")
-  outer_lib.check_update_count(aggregator, trim, len(inputs))
-  scales, norms = _clip_scales(inputs, clip_norm, declared_norms)
+  outer_lib.check_update_count(spec.aggregator, spec.trim, len(inputs))
+  scales, norms = _clip_scales(inputs, spec.clip_norm, declared_norms)
   arrays = base_manifest["arrays"]
-  params = [_plan_param(tx, glob, base_prefix, arrays, n, inputs, max_block_bytes)
+  params = [_plan_param(spec.tx, glob, base_prefix, arrays, n, inputs, max_block_bytes)
             for n in exchange.params_of(base_manifest)]
   work = [(i, b) for i, p in enumerate(params) for b in range(len(p.blocks))]
-  return RoundPlan(tx, glob, base_prefix, inputs, weights, scales, norms, aggregator, trim,
-                   float(outer_clip_norm or 0.0), params, work)
+  return RoundPlan(spec, glob, base_prefix, inputs, weights, scales, norms, params, work)
 
 
 def _plan_param(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
@@ -459,8 +449,8 @@ def norm_squares(plan: RoundPlan, work: range) -> list[float]:
         e.work = k
         raise
       out.append(outer_lib.sum_squares(outer_lib.aggregate_block(
-          deltas, plan.weights, scales=plan.scales, aggregator=plan.aggregator,
-          trim=plan.trim)))
+          deltas, plan.weights, scales=plan.scales, aggregator=plan.spec.aggregator,
+          trim=plan.spec.trim)))
   return out
 
 
@@ -471,7 +461,7 @@ def apply_outer_clip(plan: RoundPlan, squares: Sequence[float]) -> None:
   for x in squares:  # In order, one by one: the same float64 sum however the work is split.
     total += x
   plan.scales = plan.scales * outer_lib.merged_clip_scale(math.sqrt(total),
-                                                          plan.outer_clip_norm)
+                                                          plan.spec.outer_clip_norm)
 
 
 def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
@@ -496,7 +486,7 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
   # in any of them makes the merged block non-finite, and only then are the inputs
   # scanned to find whose it was. The robust aggregators can sort a NaN or Inf out of the
   # result, so every site block is scanned as it is read.
-  scan_inputs = plan.aggregator != "mean"
+  scan_inputs = plan.spec.aggregator != "mean"
   coef_K = plan.coefficients()
   with concurrent.futures.ThreadPoolExecutor(max_workers=n_sources + 2) as pool:
 
@@ -552,11 +542,12 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
       g, leaf_blocks = blocks[0], blocks[1:first]
       updates = _as_updates(p, blocks[first:])
       deltas, moments = updates[:n_sites], updates[n_sites:] or None
-      state = outer_lib.state_from_leaves(plan.tx, g,
+      state = outer_lib.state_from_leaves(plan.spec.tx, g,
                                           {**io.whole, **dict(zip(p.leaves, leaf_blocks))})
       new_g, new_state, finite = outer_lib.merge_block(
-          outer_lib.leaf_optimizer(plan.tx, p.name), g, state, deltas, plan.weights,
-          scales=plan.scales, aggregator=plan.aggregator, trim=plan.trim, moments=moments,
+          outer_lib.leaf_optimizer(plan.spec.tx, p.name), g, state, deltas, plan.weights,
+          scales=plan.scales, aggregator=plan.spec.aggregator, trim=plan.spec.trim,
+          moments=moments,
           with_finite=True)
       if not bool(finite):  # Raises, naming the update to refuse.
         _refuse_non_finite(p, i, host, coef_K)
@@ -630,37 +621,31 @@ def finish_round(plan: RoundPlan, results: Sequence[RangeResult]) -> dict[str, d
   return records
 
 
-def merge_round(tx: optax.GradientTransformation, glob: Bucket, base_prefix: str,
+def merge_round(spec: outer_config.RoundMergeSpec, glob: Bucket, base_prefix: str,
                 base_manifest: Mapping, inputs: Sequence[tuple[Bucket, str, Mapping]],
                 weights: Sequence[float], out: Bucket, out_prefix: str, *,
                 max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
-                read_ahead: int = DEFAULT_READ_AHEAD, clip_norm: float = 0.0,
-                aggregator: str = "mean", trim: int = 0,
-                declared_norms: Sequence[float] | None = None,
-                outer_clip_norm: float = 0.0) -> dict[str, dict]:
+                read_ahead: int = DEFAULT_READ_AHEAD,
+                declared_norms: Sequence[float] | None = None) -> dict[str, dict]:
   """Merges `inputs` ((site bucket, round prefix, manifest), in the fixed merge order)
   into the global round's attempt directory `out_prefix` (`exchange.data_prefix`) in
   this process: plan -> (outer clip: norm pass) -> merge -> records. Returns the new
   round's array records (`params/<name>` and `outer/<name>/<leaf>`). Manifests must
   already be schema-checked. `read_ahead` block sets are read while one merges.
 
-  `clip_norm`, `aggregator` and `trim` are the robust settings (`outer.robust_kwargs`;
-  the defaults merge exactly as without them). With `clip_norm` > 0 the clip scales come
-  from `declared_norms` (default: each manifest's `extra["update_norm"]`), and the result
-  is bit-identical to `outer.outer_step(..., norms=declared_norms)`.
-
-  `outer_clip_norm` > 0 (`outer.outer_clip`) clips the merged pseudo-gradient's global
-  norm: a first pass reads every update's blocks and sums the squares of the merged
-  blocks; the merge then runs with every site's coefficient scaled by
-  `outer.merged_clip_scale`. Raises BadUpdate (index = the update's position in
-  `inputs`) for an update that is unreadable, corrupt or non-finite, whose declared norm
-  is unusable (before anything is read) or differs from the norm of its values (after
-  the last block; nothing is committed either way), and ValueError for robust settings
-  the number of inputs cannot support."""
-  plan = plan_round(tx, glob, base_prefix, base_manifest, inputs, weights,
-                    max_block_bytes=max_block_bytes, clip_norm=clip_norm,
-                    aggregator=aggregator, trim=trim, declared_norms=declared_norms,
-                    outer_clip_norm=outer_clip_norm)
+  `spec` holds the outer optimizer and the robust settings. With `spec.clip_norm` > 0
+  the clip scales come from `declared_norms` (default: each manifest's
+  `extra["update_norm"]`), and the result is bit-identical to
+  `spec.outer_step(..., norms=declared_norms)`. `spec.outer_clip_norm` > 0 clips the
+  merged pseudo-gradient's global norm: a first pass reads every update's blocks and
+  sums the squares of the merged blocks; the merge then runs with every site's
+  coefficient scaled by `outer.merged_clip_scale`. Raises BadUpdate (index = the
+  update's position in `inputs`) for an update that is unreadable, corrupt or
+  non-finite, whose declared norm is unusable (before anything is read) or differs from
+  the norm of its values (after the last block; nothing is committed either way), and
+  ValueError for robust settings the number of inputs cannot support."""
+  plan = plan_round(spec, glob, base_prefix, base_manifest, inputs, weights,
+                    max_block_bytes=max_block_bytes, declared_norms=declared_norms)
   return merge_round_plan(plan, out, out_prefix, read_ahead=read_ahead)
 
 
@@ -670,7 +655,7 @@ def merge_round_plan(plan: RoundPlan, out: Bucket, out_prefix: str, *,
   if read_ahead < 0:
     raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
   everything = range(len(plan.work))
-  if plan.outer_clip_norm:
+  if plan.spec.outer_clip_norm:
     apply_outer_clip(plan, norm_squares(plan, everything))
   return finish_round(plan, [merge_work(plan, out, out_prefix, everything,
                                         read_ahead=read_ahead)])

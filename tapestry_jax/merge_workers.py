@@ -96,7 +96,7 @@ class Workers:
     """Merges this process's range of `plan` (job `key`); every worker's report."""
     w, m = self.group.process_id, self.group.num_processes
     work = merge_lib.split_work(plan, m)[w]
-    if plan.outer_clip_norm:
+    if plan.spec.outer_clip_norm:
       try:
         report = {"squares": merge_lib.norm_squares(plan, work)}
       except merge_lib.BadUpdate as e:

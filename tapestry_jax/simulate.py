@@ -2,8 +2,8 @@
 
 The same `SiteWorker`s as the deployed sites (same trainer, data, adopt/train/delta)
 and the same outer step (`outer.outer_step`: `outer.merge_block` on whole arrays instead
-of chunks, which is bit-identical, with the same robust settings
-`federation.robust`), looped over sites; no buckets. Also the two references a federated
+of chunks, which is bit-identical, with the coordinator's `federation.merge_spec`),
+looped over sites; no buckets. Also the two references a federated
 run is judged against: each site trained alone with the same local compute, and
 synchronous data parallelism over the union of the sites' data with the same total
 tokens and global batch.
@@ -26,9 +26,9 @@ from absl import logging
 
 import data_pipelines
 
+from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import loop
-from tapestry_jax import outer as outer_lib
 from tapestry_jax import quantize
 from tapestry_jax import site as site_lib
 from tapestry_jax import trees
@@ -61,11 +61,7 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   federation.check_federation_config(config, devices)
   f = config.federation
   workers = _workers(config, workdir, devices)
-  tx = outer_lib.make_outer_optimizer(federation.outer_config(config))
-  # Clipping and aggregator; the defaults (no section) are the plain weighted mean.
-  robust = outer_lib.robust_kwargs(f.get("robust"))
-  robust["outer_clip_norm"] = outer_lib.outer_clip(federation.outer_config(config))
-  cap = federation.weight_cap(config)
+  spec = federation.merge_spec(config)  # The coordinator's merge settings.
   params, state = initial_round(config)
   records = []
   os.makedirs(workdir, exist_ok=True)
@@ -101,10 +97,10 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
       break
     t0 = time.perf_counter()
     if deltas:
-      weights = outer_lib.cap_weights(tokens, cap)
       # Clip norms from the deltas in float64, as a deployed site computes the norm it
       # declares: the coordinator then merges the same bits.
-      new_params, new_state = outer_lib.outer_step(tx, params, state, deltas, weights, **robust)
+      new_params, new_state = spec.outer_step(params, state, [exchange.as_update(d) for d in deltas],
+                                              spec.weights(tokens))
       params = {n: np.asarray(v) for n, v in new_params.items()}
       state = jax.device_get(new_state)
     logging.info("simulate: round %d merged from %s in %.2f s", g + 1, names,

@@ -167,7 +167,7 @@ class SiteWorker:
     if federation.shared_moments(self.config_full):
       mu = optax.tree_utils.tree_get(self.state.opt_state, "mu")
       sent = exchange.encode_update(delta, self.config_full)
-      sent.update({outer_lib.MOMENT_PREFIX + n: v for n, v in
+      sent.update({exchange.moment_key(n): v for n, v in
                    exchange.encode_update(mu, self.config_full).items()})
       return sent
     if self.residual is None:

@@ -98,7 +98,7 @@ def test_a_dishonest_merge_signed_by_the_coordinator_is_caught(tmp_path):
   inputs = [(coord.sites[n], exchange.update_prefix(2),
              exchange.read_manifest(coord.sites[n], exchange.update_prefix(2))) for n in SITES]
   attempt = exchange.new_attempt()
-  records = merge_lib.merge_round(coord.tx, glob, exchange.global_prefix(1), base, inputs,
+  records = merge_lib.merge_round(coord.spec, glob, exchange.global_prefix(1), base, inputs,
                                   [0.8, 0.1, 0.1], glob, exchange.data_prefix(prefix, attempt))
   exchange.write_manifest(glob, prefix, _signer("coordinator").sign(
       dict(honest, attempt=attempt, arrays=records)))

@@ -26,6 +26,7 @@ from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import model as model_lib
 from tapestry_jax import outer
+from tapestry_jax import outer_config
 from tapestry_jax import trees
 from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
@@ -82,7 +83,7 @@ def _publish(config, workdir, site: str, round_: int, delta, *, tokens=None, sig
 def _reference(config, rounds) -> tuple[dict, dict]:
   """Global params and outer state after whole-tree `outer.outer_step`s on numpy inputs;
   `rounds` is a list of (deltas in merge order, weights)."""
-  tx = outer.make_outer_optimizer(config.federation.outer)
+  tx = outer_config.make_outer_optimizer(config.federation.outer)
   params, state = coord_lib.initial_round(config)
   for deltas, weights in rounds:
     params, state = outer.outer_step(tx, params, state, deltas, weights)

@@ -6,7 +6,8 @@ import optax
 import pytest
 
 from tapestry_jax import diloco
-from tapestry_jax import outer
+from tapestry_jax import outer_config
+from tapestry_jax.outer_config import RoundMergeSpec
 
 D = 3
 W_TRUE = np.array([1.0, -2.0, 0.5], np.float32)
@@ -48,7 +49,7 @@ def _close(a, b, tol=1e-6):
 def test_h1_sgd_fedavg_equals_data_parallel_step_on_combined_batch():
   lr = 0.1
   site_data = [_batches(0, 1), _batches(1, 1, shift=1.0)]
-  fedavg = outer.make_outer_optimizer({"name": "sgd", "lr": 1.0, "momentum": 0.0})
+  fedavg = RoundMergeSpec.from_config({"name": "sgd", "lr": 1.0, "momentum": 0.0})
   res = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(lr), fedavg,
                           rounds=1, inner_steps=1)
   combined = {k: np.concatenate([site_data[0][0][k], site_data[1][0][k]]) for k in ("x_BxD", "y_B")}
@@ -67,7 +68,7 @@ def test_h1_sgd_fedadam_equals_adam_data_parallel_on_combined_batches():
   cfg = {"name": "adam", "lr": 0.05, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
          "schedule": "cosine", "warmup_rounds": 2, "decay_rounds": rounds}
   res = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(1.0),
-                          outer.make_outer_optimizer(cfg), rounds=rounds, inner_steps=1)
+                          RoundMergeSpec.from_config(cfg), rounds=rounds, inner_steps=1)
   adam = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 0.05, 2, rounds, 0.005),
                     b1=0.9, b2=0.95, eps=1e-8)
   params, state = _init(), None
@@ -89,8 +90,8 @@ def test_outer_clip_makes_h1_fedadam_data_parallel_clipped_adam():
   site_data = [_batches(0, rounds), _batches(1, rounds, shift=1.0)]
   cfg = {"name": "adam", "lr": 0.05, "b1": 0.9, "b2": 0.95, "eps": 1e-8}
   res = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(1.0),
-                          outer.make_outer_optimizer(cfg), rounds=rounds, inner_steps=1,
-                          outer_clip_norm=clip)
+                          RoundMergeSpec.from_config({**cfg, "clip_norm": clip}),
+                          rounds=rounds, inner_steps=1)
   dp = optax.chain(optax.clip_by_global_norm(clip), optax.adam(0.05, b1=0.9, b2=0.95, eps=1e-8))
   per_site = optax.adam(0.05, b1=0.9, b2=0.95, eps=1e-8)  # each site's gradient clipped
   params, state = _init(), dp.init(_init())
@@ -118,7 +119,7 @@ def test_outer_clip_makes_h1_fedadam_data_parallel_clipped_adam():
 def test_fedavg_global_is_weighted_mean_of_sites_with_token_weights():
   # Unequal batch sizes, weighted by examples: site 1 has 3x the data.
   site_data = [_batches(0, 4, B=4), _batches(1, 4, B=12, shift=0.5)]
-  fedavg = outer.make_outer_optimizer({"name": "sgd", "lr": 1.0, "momentum": 0.0})
+  fedavg = RoundMergeSpec.from_config({"name": "sgd", "lr": 1.0, "momentum": 0.0})
   res = diloco.run_diloco(loss_fn, _init(), site_data, optax.adam(0.05), fedavg, rounds=2,
                           inner_steps=2, tokens_fn=lambda b: b["y_B"].shape[0])
   np.testing.assert_allclose(res.history[-1]["weights"], [0.25, 0.75], rtol=1e-6)
@@ -132,9 +133,11 @@ def test_weight_cap_limits_an_inflating_site():
   site_data = [[{**b, "claimed": np.int32(100)} for b in _batches(0, 2)],
                [{**b, "claimed": np.int32(10**6)} for b in _batches(1, 2)]]
   tokens_fn = lambda b: int(b["claimed"])
-  avg = outer.make_outer_optimizer({"name": "none"})
-  capped = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(0.05), avg, rounds=1,
-                             inner_steps=2, tokens_fn=tokens_fn, weight_cap=200)
+  avg = RoundMergeSpec.from_config({"name": "none"})
+  capped = diloco.run_diloco(loss_fn, _init(), site_data, optax.sgd(0.05),
+                             RoundMergeSpec.from_config({"name": "none"},
+                                                                     weight_cap=200),
+                             rounds=1, inner_steps=2, tokens_fn=tokens_fn)
   # Per round: site 0 reports 200, site 1 reports 2*10**6, capped at 200: equal weights.
   np.testing.assert_allclose(capped.history[0]["weights"], [0.5, 0.5])
   _close(capped.params, jax.tree.map(lambda a, b: 0.5 * (a + b), *capped.site_params))
@@ -147,7 +150,7 @@ def test_dropped_site_continues_from_its_own_weights_and_rejoins():
   lr, H = 0.05, 3
   data = [_batches(s, 3 * H, shift=0.5 * s) for s in range(3)]
   dropped = {(1, 1)}  # site 1 misses round 1
-  fedavg = outer.make_outer_optimizer({"name": "sgd", "lr": 1.0, "momentum": 0.0})
+  fedavg = RoundMergeSpec.from_config({"name": "sgd", "lr": 1.0, "momentum": 0.0})
 
   # Reference: the algorithm written out by hand, with a snapshot after every round.
   g = _init()
@@ -182,7 +185,7 @@ def test_dropped_site_continues_from_its_own_weights_and_rejoins():
 
 def test_round_with_no_live_site_keeps_global_and_outer_state():
   data = [_batches(0, 4), _batches(1, 4)]
-  tx = outer.make_outer_optimizer(outer.default_outer_config())
+  tx = RoundMergeSpec.from_config(outer_config.default_outer_config())
   res = diloco.run_diloco(loss_fn, _init(), data, optax.sgd(0.05), tx, rounds=2, inner_steps=2,
                           participating=lambda r, s: r == 0)
   one = diloco.run_diloco(loss_fn, _init(), [iter(d) for d in data], optax.sgd(0.05), tx,
@@ -198,7 +201,7 @@ def test_sites_keep_their_inner_state_and_training_converges():
   inner = [optax.adam(0.1), optax.adam(0.05)]  # per-site optimizers
   records = []
   # Milder outer momentum than the paper's 0.9: with 8 rounds, 0.9 still oscillates here.
-  outer_tx = outer.make_outer_optimizer({"name": "nesterov", "lr": 1.0, "momentum": 0.3})
+  outer_tx = RoundMergeSpec.from_config({"name": "nesterov", "lr": 1.0, "momentum": 0.3})
   res = diloco.run_diloco(loss_fn, _init(), data, inner, outer_tx, rounds=R, inner_steps=H,
                           callback=records.append)
   assert records == res.history and len(records) == R
@@ -213,7 +216,8 @@ def test_sites_keep_their_inner_state_and_training_converges():
 def test_sign_one_round_moves_global_toward_sites():
   data = [_batches(0, 3)]
   res = diloco.run_diloco(loss_fn, _init(), data, optax.sgd(0.05),
-                          outer.make_outer_optimizer({"name": "sgd", "lr": 0.5, "momentum": 0.0}),
+                          RoundMergeSpec.from_config(
+                              {"name": "sgd", "lr": 0.5, "momentum": 0.0}),
                           rounds=1, inner_steps=3)
   # Outer lr 0.5: the global lands halfway between the old global (0) and the site.
   _close(res.params, jax.tree.map(lambda x: 0.5 * x, res.site_params[0]))
@@ -221,12 +225,13 @@ def test_sign_one_round_moves_global_toward_sites():
 
 def test_bad_arguments_are_clear_errors():
   tx = optax.sgd(0.1)
+  spec = RoundMergeSpec(tx)
   with pytest.raises(ValueError, match="ran out of batches at round 1"):
-    diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], tx, tx, rounds=2, inner_steps=2)
+    diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], tx, spec, rounds=2, inner_steps=2)
   with pytest.raises(ValueError, match="2 inner optimizers for 1 sites"):
-    diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], [tx, tx], tx, rounds=1, inner_steps=1)
+    diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], [tx, tx], spec, rounds=1, inner_steps=1)
   with pytest.raises(ValueError, match="must be >= 1"):
-    diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], tx, tx, rounds=0, inner_steps=1)
+    diloco.run_diloco(loss_fn, _init(), [_batches(0, 3)], tx, spec, rounds=0, inner_steps=1)
 
 
 def test_shared_moments_carry_adam_of_the_mean_gradient_and_one_site_continues_alone():
@@ -239,8 +244,8 @@ def test_shared_moments_carry_adam_of_the_mean_gradient_and_one_site_continues_a
   rng = np.random.default_rng(4)
   cs = [rng.normal(size=5).astype(np.float32) for _ in range(2)]
   R, H, b1, b2 = 3, 4, 0.9, 0.95
-  tx = outer.make_outer_optimizer({"name": "moments", "lr": 1.0, "b1": b1, "b2": b2,
-                                   "steps_per_round": H})
+  tx = RoundMergeSpec.from_config({"name": "moments", "lr": 1.0, "b1": b1,
+                                                "b2": b2, "steps_per_round": H})
   init = {"w": jnp.zeros(5, jnp.float32)}
   res = diloco.run_diloco(linear, init, [[{"c": c}] * (R * H) for c in cs],
                           optax.adamw(1e-2, b1=b1, b2=b2, weight_decay=0.0), tx,
@@ -263,6 +268,6 @@ def test_shared_moments_carry_adam_of_the_mean_gradient_and_one_site_continues_a
                           tx, rounds=R, inner_steps=H)
   alone = diloco.run_diloco(linear, init, [[{"c": cs[0]}] * (R * H)],
                             optax.adam(1e-2, b1=b1, b2=b2),
-                            outer.make_outer_optimizer({"name": "none"}), rounds=1,
+                            RoundMergeSpec.from_config({"name": "none"}), rounds=1,
                             inner_steps=R * H)
   _close(one.params, alone.params, tol=1e-5)

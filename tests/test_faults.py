@@ -28,6 +28,7 @@ from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import model as model_lib
 from tapestry_jax import outer
+from tapestry_jax import outer_config
 from tapestry_jax import site as site_lib
 from tapestry_jax import trees
 from tapestry_jax import trust
@@ -49,7 +50,7 @@ def _publish(config, workdir, site: str, round_: int, delta) -> dict:
 
 def _reference(config, rounds) -> dict:
   """Global params after whole-tree `outer.outer_step`s; `rounds`: [(deltas, weights)]."""
-  tx = outer.make_outer_optimizer(config.federation.outer)
+  tx = outer_config.make_outer_optimizer(config.federation.outer)
   params, state = coord_lib.initial_round(config)
   for deltas, weights in rounds:
     params, state = outer.outer_step(tx, params, state, deltas, weights)
@@ -240,7 +241,7 @@ def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path):
   assert [r["global_round"] for r in records if "eval_loss" in r][-1] == rounds
 
   # The uninterrupted run: the same site, here, never killed, under the same outer steps.
-  tx = outer.make_outer_optimizer(f.outer)
+  tx = outer_config.make_outer_optimizer(f.outer)
   params, state = coord_lib.initial_round(config)
   ref = site_lib.SiteWorker(config, "latin", str(tmp_path / "ref"))
   weights = outer.cap_weights([tokens_per_round], federation.weight_cap(config))

@@ -7,6 +7,8 @@ import pytest
 from tapestry_jax import exchange as ex
 from tapestry_jax import merge
 from tapestry_jax import outer
+from tapestry_jax import outer_config
+from tapestry_jax.outer_config import RoundMergeSpec
 from tapestry_jax import quantize
 from tapestry_jax.buckets import Bucket
 
@@ -37,7 +39,7 @@ def _round(tmp_path, tx, rng, quantized=None):
     bucket = Bucket(str(tmp_path / f"site{k}"))
     delta = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
     if isinstance(tx, outer.SharedMoments):  # The site's first moments travel along.
-      delta.update({outer.MOMENT_PREFIX + n: rng.standard_normal(s).astype(np.float32)
+      delta.update({ex.MOMENT_PREFIX + n: rng.standard_normal(s).astype(np.float32)
                     for n, s in SHAPES.items()})
     if quantized:
       delta = {n: quantize.quantize(d, quantized) for n, d in delta.items()}
@@ -57,7 +59,11 @@ def _round(tmp_path, tx, rng, quantized=None):
   state = {n: outer.state_from_leaves(tx, p, {l: arrays[f"outer/{n}/{l}"]
                                               for l in outer.state_leaves(tx.init(p))})
            for n, p in params.items()}
-  return glob, inputs, params, state, deltas
+  # In memory, an update is an outer.Update (the stored layout names moments by prefix).
+  updates = [outer.Update({n: v for n, v in d.items() if not n.startswith(ex.MOMENT_PREFIX)},
+                          {n[len(ex.MOMENT_PREFIX):]: v for n, v in d.items()
+                           if n.startswith(ex.MOMENT_PREFIX)} or None) for d in deltas]
+  return glob, inputs, params, state, updates
 
 
 def _whole(bucket, prefix, name, rec):
@@ -75,11 +81,11 @@ def _assert_stored(glob, prefix, records, want_params, want_state):
 
 
 def _outer(name):
-  return outer.make_outer_optimizer({"name": name, "lr": 1.0, "steps_per_round": 3}
-                                    if name == "moments" else {"name": name})
+  return outer_config.make_outer_optimizer({"name": name, "lr": 1.0, "steps_per_round": 3}
+                                           if name == "moments" else {"name": name})
 
 
-@pytest.mark.parametrize("name", outer.OUTER_OPTIMIZERS)
+@pytest.mark.parametrize("name", outer_config.OUTER_OPTIMIZERS)
 def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
   tx = _outer(name)
   glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(0))
@@ -88,8 +94,9 @@ def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
   base = ex.read_manifest(glob, ex.global_prefix(0))
   for r, (read_ahead, max_block_bytes) in enumerate([(0, 64), (1, 1000), (2, 1 << 20)]):
     prefix = ex.data_prefix(ex.global_prefix(1 + r), ex.new_attempt())
-    records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
-                                prefix, max_block_bytes=max_block_bytes, read_ahead=read_ahead)
+    records = merge.merge_round(RoundMergeSpec(tx), glob, ex.global_prefix(0), base, inputs,
+                                weights, glob, prefix, max_block_bytes=max_block_bytes,
+                                read_ahead=read_ahead)
     assert sorted(records) == sorted(base["arrays"])
     _assert_stored(glob, prefix, records, want_params, want_state)
 
@@ -98,27 +105,27 @@ def test_merge_round_is_bit_identical_to_the_whole_outer_step(tmp_path, name):
 @pytest.mark.parametrize("dtype", quantize.DTYPES)
 def test_quantized_updates_merge_bit_identically_and_clip_by_their_dequantized_norm(
     tmp_path, aggregator, dtype):
-  tx = outer.make_outer_optimizer({"name": "nesterov"})
+  tx = outer_config.make_outer_optimizer({"name": "nesterov"})
   glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(1),
                                                quantized=dtype)
   assert {r["dtype"] for _, _, m in inputs for r in m["arrays"].values()} == {dtype}
-  norms = [outer.update_norm(d) for d in deltas]  # what each site declares
+  norms = [outer.update_norm(d.delta) for d in deltas]  # what each site declares
   clip = sorted(norms)[1]  # clips one site
   weights = outer.cap_weights([1, 2, 3], None)
   want_params, want_state = outer.outer_step(tx, params, state, deltas, weights,
                                              clip_norm=clip, aggregator=aggregator)
   base = ex.read_manifest(glob, ex.global_prefix(0))
   prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
-  records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
-                              prefix, max_block_bytes=64, clip_norm=clip,
-                              aggregator=aggregator, declared_norms=norms)
+  records = merge.merge_round(RoundMergeSpec(tx, clip_norm=clip, aggregator=aggregator), glob,
+                              ex.global_prefix(0), base, inputs, weights, glob, prefix,
+                              max_block_bytes=64, declared_norms=norms)
   _assert_stored(glob, prefix, records, want_params, want_state)
   # A norm declared from the float update, not from what was sent (the codes), is caught.
   lie = list(norms)
   lie[2] *= 1.01
   with pytest.raises(merge.BadUpdate, match="declared norm") as e:
-    merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
-                      ex.data_prefix(ex.global_prefix(2), ex.new_attempt()), clip_norm=clip,
+    merge.merge_round(RoundMergeSpec(tx, clip_norm=clip), glob, ex.global_prefix(0), base, inputs,
+                      weights, glob, ex.data_prefix(ex.global_prefix(2), ex.new_attempt()),
                       declared_norms=lie)
   assert e.value.index == 2
 
@@ -134,8 +141,8 @@ def test_shared_moments_merge_quantized_clipped_moments_and_refuse_a_bad_one(tmp
                                              aggregator=aggregator)
   base = ex.read_manifest(glob, ex.global_prefix(0))
   prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
-  records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
-                              prefix, max_block_bytes=64, aggregator=aggregator)
+  records = merge.merge_round(RoundMergeSpec(tx, aggregator=aggregator), glob, ex.global_prefix(0),
+                              base, inputs, weights, glob, prefix, max_block_bytes=64)
   _assert_stored(glob, prefix, records, want_params, want_state)
   for n in SHAPES:  # The merged first moment is the new mu; the count moved by H.
     assert int(_whole(glob, prefix, f"outer/{n}/count", records[f"outer/{n}/count"])) == 3
@@ -143,31 +150,28 @@ def test_shared_moments_merge_quantized_clipped_moments_and_refuse_a_bad_one(tmp
   bucket, pre, manifest = inputs[1]
   codes = {n: _whole(bucket, ex.data_prefix(pre, manifest), n, r)
            for n, r in manifest["arrays"].items()}
-  codes[outer.MOMENT_PREFIX + "d"][5, 2] = np.nan
+  codes[ex.MOMENT_PREFIX + "d"][5, 2] = np.nan
   attempt = ex.new_attempt()
   recs = ex.write_arrays(bucket, ex.data_prefix(pre, attempt), codes)
   bad = [inputs[0], (bucket, pre, dict(manifest, attempt=attempt, arrays={
       n: dict(r, quant=manifest["arrays"][n]["quant"]) for n, r in recs.items()})), inputs[2]]
   with pytest.raises(merge.NonFiniteUpdate, match="inner_mu/d") as e:
-    merge.merge_round(tx, glob, ex.global_prefix(0), base, bad, weights, glob,
-                      ex.data_prefix(ex.global_prefix(2), ex.new_attempt()),
-                      aggregator=aggregator)
+    merge.merge_round(RoundMergeSpec(tx, aggregator=aggregator), glob, ex.global_prefix(0), base,
+                      bad, weights, glob, ex.data_prefix(ex.global_prefix(2), ex.new_attempt()))
   assert e.value.index == 1
   # A site clip (from each delta's norm, which is what a site declares) scales that
   # site's moment too: still bit-identical.
-  norms = [outer.update_norm({n: v for n, v in d.items()
-                              if not n.startswith(outer.MOMENT_PREFIX)}) for d in deltas]
+  norms = [outer.update_norm(d.delta) for d in deltas]
   clip = sorted(norms)[1]
   want_params, want_state = outer.outer_step(tx, params, state, deltas, weights, clip_norm=clip,
                                              aggregator=aggregator)
   prefix = ex.data_prefix(ex.global_prefix(3), ex.new_attempt())
-  records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob, prefix,
-                              max_block_bytes=64, aggregator=aggregator, clip_norm=clip,
-                              declared_norms=norms)
+  records = merge.merge_round(RoundMergeSpec(tx, aggregator=aggregator, clip_norm=clip), glob,
+                              ex.global_prefix(0), base, inputs, weights, glob, prefix,
+                              max_block_bytes=64, declared_norms=norms)
   _assert_stored(glob, prefix, records, want_params, want_state)
   with pytest.raises(ValueError, match="outer clip is not supported"):
-    merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
-                      ex.data_prefix(ex.global_prefix(4), ex.new_attempt()), outer_clip_norm=1.0)
+    RoundMergeSpec(tx, outer_clip_norm=1.0)  # Refused when the merge settings are built.
 
 
 @pytest.mark.parametrize("quantized, aggregator, site_clip",
@@ -178,16 +182,16 @@ def test_outer_clip_reads_twice_and_stays_bit_identical(tmp_path, quantized, agg
   """The merged pseudo-gradient's norm is clipped (outer clip): the streaming merge's
   first pass gets the same factor as the whole-array step, so the bits agree. Outer
   AdamW whose decay skips two leaves: each leaf is merged with its own transformation."""
-  tx = outer.make_outer_optimizer({"name": "adam", "eps": 1e-8, "weight_decay": 0.1,
-                                   "weight_decay_exclude": "d, e"})
+  tx = outer_config.make_outer_optimizer({"name": "adam", "eps": 1e-8, "weight_decay": 0.1,
+                                          "weight_decay_exclude": "d, e"})
   assert isinstance(tx, outer.MaskedDecay)
   glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(4),
                                                quantized=quantized)
-  norms = [outer.update_norm(d) for d in deltas]
+  norms = [outer.update_norm(d.delta) for d in deltas]
   robust = {"clip_norm": sorted(norms)[1] if site_clip else 0.0, "aggregator": aggregator}
   weights = outer.cap_weights([1, 2, 3], None)
   unclipped, _ = outer.outer_step(tx, params, state, deltas, weights, **robust)
-  merged = {n: np.asarray(outer.aggregate_block([d[n] for d in deltas], weights,
+  merged = {n: np.asarray(outer.aggregate_block([d.delta[n] for d in deltas], weights,
                                                 scales=outer.clip_scales(
                                                     norms, robust["clip_norm"]),
                                                 aggregator=aggregator)) for n in SHAPES}
@@ -198,9 +202,9 @@ def test_outer_clip_reads_twice_and_stays_bit_identical(tmp_path, quantized, agg
   assert not np.array_equal(want_params["d"], unclipped["d"])
   base = ex.read_manifest(glob, ex.global_prefix(0))
   prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
-  records = merge.merge_round(tx, glob, ex.global_prefix(0), base, inputs, weights, glob,
-                              prefix, max_block_bytes=64, declared_norms=norms,
-                              outer_clip_norm=clip, **robust)
+  records = merge.merge_round(RoundMergeSpec(tx, outer_clip_norm=clip, **robust), glob,
+                              ex.global_prefix(0), base, inputs, weights, glob, prefix,
+                              max_block_bytes=64, declared_norms=norms)
   _assert_stored(glob, prefix, records, want_params, want_state)
   # A bound above the norm changes nothing.
   same, _ = outer.outer_step(tx, params, state, deltas, weights, outer_clip_norm=2 * norm,
@@ -213,7 +217,7 @@ def test_outer_clip_reads_twice_and_stays_bit_identical(tmp_path, quantized, agg
 def test_a_float8_nan_code_is_a_non_finite_update(tmp_path, outer_clip):
   """float8 has NaN codes: a hostile site's NaN is caught like a float update's (also by
   the outer clip's first pass, which reads every update before anything is merged)."""
-  tx = outer.make_outer_optimizer({"name": "sgd"})
+  tx = outer_config.make_outer_optimizer({"name": "sgd"})
   glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(3), quantized=quantize.FP8)
   bucket, prefix, manifest = inputs[1]
   codes = {n: _whole(bucket, ex.data_prefix(prefix, manifest), n, r)
@@ -224,10 +228,10 @@ def test_a_float8_nan_code_is_a_non_finite_update(tmp_path, outer_clip):
   bad = dict(manifest, attempt=attempt, arrays={
       n: dict(r, quant=manifest["arrays"][n]["quant"]) for n, r in records.items()})
   with pytest.raises(merge.NonFiniteUpdate, match="non-finite") as e:
-    merge.merge_round(tx, glob, ex.global_prefix(0), ex.read_manifest(glob, ex.global_prefix(0)),
+    merge.merge_round(RoundMergeSpec(tx, outer_clip_norm=outer_clip), glob, ex.global_prefix(0),
+                      ex.read_manifest(glob, ex.global_prefix(0)),
                       [inputs[0], (bucket, prefix, bad), inputs[2]], [0.3, 0.3, 0.4], glob,
-                      ex.data_prefix(ex.global_prefix(1), ex.new_attempt()),
-                      outer_clip_norm=outer_clip)
+                      ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
   assert e.value.index == 1
 
 
@@ -243,10 +247,10 @@ def _rewritten(site_input, edit):
   return bucket, prefix, dict(manifest, attempt=attempt, arrays=records)
 
 
-def _merge(tx, glob, inputs, weights, **kw):
-  return merge.merge_round(tx, glob, ex.global_prefix(0),
+def _merge(tx, glob, inputs, weights, **robust):
+  return merge.merge_round(RoundMergeSpec(tx, **robust), glob, ex.global_prefix(0),
                            ex.read_manifest(glob, ex.global_prefix(0)), inputs, weights, glob,
-                           ex.data_prefix(ex.global_prefix(1), ex.new_attempt()), **kw)
+                           ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
 
 
 @pytest.mark.parametrize("aggregator", ["mean", "median"])
@@ -254,7 +258,7 @@ def _merge(tx, glob, inputs, weights, **kw):
 def test_a_non_finite_value_refuses_its_update(tmp_path, aggregator, value):
   """The mean finds it from the merged block's finiteness flag, the median (which can
   sort it out of the result) from scanning every block; either way the site is named."""
-  tx = outer.make_outer_optimizer({"name": "nesterov"})
+  tx = outer_config.make_outer_optimizer({"name": "nesterov"})
   glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(4))
   inputs[2] = _rewritten(inputs[2], lambda a: a["e"].__setitem__((4, 2, 3), value))
   with pytest.raises(merge.NonFiniteUpdate, match="array 'e' has non-finite") as e:
@@ -266,7 +270,7 @@ def test_finite_values_that_overflow_the_merge_refuse_the_largest_update(tmp_pat
   """Finite but huge values pass every per-value check, yet Nesterov's step
   (-lr * (delta + momentum * m)) overflows float32: no global round may hold an Inf, so
   the update with the largest |weight * value| there is refused."""
-  tx = outer.make_outer_optimizer({"name": "nesterov", "lr": 0.7, "momentum": 0.9})
+  tx = outer_config.make_outer_optimizer({"name": "nesterov", "lr": 0.7, "momentum": 0.9})
   glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(5))
   inputs[1] = _rewritten(inputs[1], lambda a: a["d"].__setitem__((30, 1), 3e38))
   with pytest.raises(merge.BadUpdate, match="'d' overflows float32 in block") as e:
@@ -277,14 +281,14 @@ def test_finite_values_that_overflow_the_merge_refuse_the_largest_update(tmp_pat
 
 
 def test_a_non_finite_previous_global_round_fails_the_merge_not_a_site(tmp_path):
-  tx = outer.make_outer_optimizer({"name": "sgd"})
+  tx = outer_config.make_outer_optimizer({"name": "sgd"})
   glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(6))
   base = ex.read_manifest(glob, ex.global_prefix(0))
   bad_glob = _rewritten((glob, ex.global_prefix(0), base),
                         lambda a: a["params/c"].__setitem__(3, np.inf))[2]
   with pytest.raises(ex.ExchangeError, match="global round .* 'params/c' has non-finite") as e:
-    merge.merge_round(tx, glob, ex.global_prefix(0), bad_glob, inputs, [0.3, 0.3, 0.4], glob,
-                      ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
+    merge.merge_round(RoundMergeSpec(tx), glob, ex.global_prefix(0), bad_glob, inputs,
+                      [0.3, 0.3, 0.4], glob, ex.data_prefix(ex.global_prefix(1), ex.new_attempt()))
   assert not isinstance(e.value, merge.BadUpdate)
 
 

@@ -7,11 +7,12 @@ import optax
 import pytest
 
 from tapestry_jax import outer
+from tapestry_jax import outer_config
 from tapestry_jax import trees
 
 
 def _cfg(**kw):
-  cfg = outer.default_outer_config()
+  cfg = outer_config.default_outer_config()
   cfg.update(kw)
   return cfg
 
@@ -48,7 +49,7 @@ def _weighted_mean(trees_, weights):
 
 @pytest.mark.parametrize("name,kw", [("sgd", dict(lr=1.0, momentum=0.0)), ("none", {})])
 def test_fedavg_and_none_give_weighted_mean_of_sites(name, kw):
-  tx = outer.make_outer_optimizer(_cfg(name=name, **kw))
+  tx = outer_config.make_outer_optimizer(_cfg(name=name, **kw))
   g = _tree(0)
   sites = _sites(g, 3)
   w = outer.cap_weights([100, 300, 600], None)
@@ -63,7 +64,7 @@ def test_fedavg_and_none_give_weighted_mean_of_sites(name, kw):
 
 def test_nesterov_two_rounds_match_numpy_reference():
   lr, mu = 0.7, 0.9
-  tx = outer.make_outer_optimizer(_cfg(name="nesterov", lr=lr, momentum=mu))
+  tx = outer_config.make_outer_optimizer(_cfg(name="nesterov", lr=lr, momentum=mu))
   g = _tree(0)
   state = outer.init_outer_state(tx, g)
   w = np.array([0.25, 0.75], np.float32)
@@ -86,7 +87,7 @@ def test_nesterov_two_rounds_match_numpy_reference():
 
 
 def test_adam_per_leaf_matches_optax_on_whole_tree():
-  tx = outer.make_outer_optimizer(OPTIMIZER_CFGS["adam"])
+  tx = outer_config.make_outer_optimizer(OPTIMIZER_CFGS["adam"])
   g = _tree(0)
   w = np.array([0.5, 0.3, 0.2], np.float32)
   state = outer.init_outer_state(tx, g)
@@ -108,7 +109,7 @@ def test_sign_convention_moves_global_toward_sites():
   delta = outer.pseudo_gradient(g, site)
   np.testing.assert_array_equal(np.asarray(delta["w"]), -np.asarray(site["w"]))  # old minus new
   for name, cfg in OPTIMIZER_CFGS.items():
-    tx = outer.make_outer_optimizer(cfg)
+    tx = outer_config.make_outer_optimizer(cfg)
     new, _ = outer.outer_step(tx, g, outer.init_outer_state(tx, g), [delta], [1.0])
     np.testing.assert_array_equal(np.sign(np.asarray(new["w"])), np.sign(np.asarray(site["w"])),
                                   err_msg=name)
@@ -119,7 +120,7 @@ def test_cap_weights_caps_inflated_counts():
   np.testing.assert_allclose(outer.cap_weights([1, 3], None), [0.25, 0.75])
   assert outer.cap_weights([1, 3], None).dtype == np.float32
   # A site inflating its count above the cap changes nothing in the merge.
-  tx = outer.make_outer_optimizer(OPTIMIZER_CFGS["nesterov"])
+  tx = outer_config.make_outer_optimizer(OPTIMIZER_CFGS["nesterov"])
   g = _tree(0)
   deltas = [outer.pseudo_gradient(g, s) for s in _sites(g, 3)]
   state = outer.init_outer_state(tx, g)
@@ -148,7 +149,7 @@ def _slice_state(tx, state, param_like, rows):
 
 @pytest.mark.parametrize("name", list(OPTIMIZER_CFGS))
 def test_blockwise_merge_is_bit_identical_to_whole(name):
-  tx = outer.make_outer_optimizer(OPTIMIZER_CFGS[name])
+  tx = outer_config.make_outer_optimizer(OPTIMIZER_CFGS[name])
   rng = np.random.default_rng(1)
   g_RxC = jnp.asarray(rng.normal(size=(10, 7)), jnp.float32)
   state = tx.init(g_RxC)
@@ -176,7 +177,7 @@ def test_blockwise_merge_is_bit_identical_to_whole(name):
 
 
 def test_state_leaves_round_trip_and_names():
-  tx = outer.make_outer_optimizer(OPTIMIZER_CFGS["adam"])
+  tx = outer_config.make_outer_optimizer(OPTIMIZER_CFGS["adam"])
   p = jnp.ones((4, 3), jnp.float32)
   state = tx.init(p)
   leaves = outer.state_leaves(state)
@@ -185,9 +186,9 @@ def test_state_leaves_round_trip_and_names():
   rebuilt = outer.state_from_leaves(tx, p, {k: np.asarray(v) for k, v in leaves.items()})
   assert jax.tree.structure(rebuilt) == jax.tree.structure(state)
   assert set(outer.state_leaves(tx.init(p))) == set(leaves)
-  nesterov = outer.make_outer_optimizer(OPTIMIZER_CFGS["nesterov"])
+  nesterov = outer_config.make_outer_optimizer(OPTIMIZER_CFGS["nesterov"])
   assert set(outer.state_leaves(nesterov.init(p))) == {"0/trace"}
-  assert outer.state_leaves(outer.make_outer_optimizer(OPTIMIZER_CFGS["none"]).init(p)) == {}
+  assert outer.state_leaves(outer_config.make_outer_optimizer(OPTIMIZER_CFGS["none"]).init(p)) == {}
   with pytest.raises(ValueError, match="0/mu"):  # a mis-sliced leaf fails loudly
     outer.state_from_leaves(tx, p, {**leaves, "0/mu": np.zeros((2, 3), np.float32)})
   with pytest.raises(KeyError, match="0/nu"):
@@ -196,15 +197,15 @@ def test_state_leaves_round_trip_and_names():
 
 def test_make_outer_optimizer_builds_the_named_transformation():
   for name, cfg in OPTIMIZER_CFGS.items():
-    assert isinstance(outer.make_outer_optimizer(cfg), optax.GradientTransformation), name
+    assert isinstance(outer_config.make_outer_optimizer(cfg), optax.GradientTransformation), name
   # A plain dict works too; missing fields take the defaults (nesterov 0.7 / 0.9).
-  tx = outer.make_outer_optimizer({"name": "nesterov"})
+  tx = outer_config.make_outer_optimizer({"name": "nesterov"})
   p = jnp.zeros((2,), jnp.float32)
   upd, _ = tx.update(jnp.ones((2,)), tx.init(p), p)
   np.testing.assert_allclose(np.asarray(upd), -0.7 * 1.9 * np.ones(2), rtol=1e-6)
-  assert outer.default_outer_config().name in outer.OUTER_OPTIMIZERS
+  assert outer_config.default_outer_config().name in outer_config.OUTER_OPTIMIZERS
   # An explicit momentum=None means no momentum (not the 0.9 default): plain SGD, no state.
-  plain = outer.make_outer_optimizer({"name": "sgd", "lr": 1.0, "momentum": None})
+  plain = outer_config.make_outer_optimizer({"name": "sgd", "lr": 1.0, "momentum": None})
   assert outer.state_leaves(plain.init(p)) == {}
 
 
@@ -212,7 +213,7 @@ def test_outer_lr_schedules_over_rounds():
   p = jnp.zeros((1,), jnp.float32)
 
   def lrs(rounds, **kw):  # SGD on a unit gradient moves by exactly lr(round)
-    tx = outer.make_outer_optimizer(_cfg(name="sgd", lr=2.0, momentum=0.0, **kw))
+    tx = outer_config.make_outer_optimizer(_cfg(name="sgd", lr=2.0, momentum=0.0, **kw))
     state, out = tx.init(p), []
     for _ in range(rounds):
       upd, state = tx.update(jnp.ones((1,)), state, p)
@@ -256,11 +257,11 @@ def test_outer_lr_schedules_over_rounds():
 ])
 def test_bad_outer_config_is_one_clear_error(cfg, match):
   with pytest.raises(ValueError, match=match):
-    outer.make_outer_optimizer(ml_collections.ConfigDict(cfg))
+    outer_config.make_outer_optimizer(ml_collections.ConfigDict(cfg))
 
 
 def test_merge_block_rejects_mismatched_inputs():
-  tx = outer.make_outer_optimizer(OPTIMIZER_CFGS["sgd"])
+  tx = outer_config.make_outer_optimizer(OPTIMIZER_CFGS["sgd"])
   g = jnp.zeros((3, 2), jnp.float32)
   s = tx.init(g)
   with pytest.raises(ValueError, match="2 deltas but 1 weights"):
@@ -274,7 +275,7 @@ def test_merge_block_rejects_mismatched_inputs():
 def test_outer_weight_decay_spares_excluded_leaves_like_train():
   """Outer AdamW decays every leaf but those named like weight_decay_exclude (default:
   norm scales, as train's AdamW), with one state layout for all leaves."""
-  tx = outer.make_outer_optimizer({"name": "adam", "lr": 0.1, "eps": 1e-8,
+  tx = outer_config.make_outer_optimizer({"name": "adam", "lr": 0.1, "eps": 1e-8,
                                    "weight_decay": 0.5})
   assert isinstance(tx, outer.MaskedDecay) and tx.exclude == ("norm",)
   g = {"layers/attn_norm": jnp.ones((2, 3)), "layers/wq": jnp.ones((2, 3))}
@@ -285,19 +286,21 @@ def test_outer_weight_decay_spares_excluded_leaves_like_train():
   new, _ = outer.outer_step(tx, g, state, [zero], [1.0])  # no update: decay alone moves
   np.testing.assert_array_equal(new["layers/attn_norm"], g["layers/attn_norm"])
   np.testing.assert_allclose(new["layers/wq"], 1 - 0.1 * 0.5, rtol=1e-6)
-  everything = outer.make_outer_optimizer({"name": "adam", "lr": 0.1, "eps": 1e-8,
+  everything = outer_config.make_outer_optimizer({"name": "adam", "lr": 0.1, "eps": 1e-8,
                                            "weight_decay": 0.5, "weight_decay_exclude": ""})
   new, _ = outer.outer_step(everything, g, outer.init_outer_state(everything, g), [zero], [1.0])
   np.testing.assert_allclose(new["layers/attn_norm"], 1 - 0.1 * 0.5, rtol=1e-6)
   with pytest.raises(ValueError, match="weight_decay_exclude must be a string"):
-    outer.make_outer_optimizer({"name": "adam", "weight_decay": 0.1, "weight_decay_exclude": 3})
+    outer_config.make_outer_optimizer({"name": "adam", "weight_decay": 0.1,
+                                       "weight_decay_exclude": 3})
 
 
 def _adam_rounds(gradients, weights, *, b1, b2, H, R, lr=1e-2):
   """R rounds of shared moments: every site runs H steps of optax.adam on its constant
   gradient from the global params and moments; returns (global params, outer state)."""
   inner = optax.adam(lr, b1=b1, b2=b2)
-  tx = outer.make_outer_optimizer(_cfg(name="moments", lr=1.0, b1=b1, b2=b2, steps_per_round=H))
+  tx = outer_config.make_outer_optimizer(_cfg(name="moments", lr=1.0, b1=b1, b2=b2,
+                                              steps_per_round=H))
   params = {"w": jnp.zeros(gradients[0].shape, jnp.float32)}
   state = outer.init_outer_state(tx, params)
   for _ in range(R):
@@ -309,8 +312,8 @@ def _adam_rounds(gradients, weights, *, b1, b2, H, R, lr=1e-2):
       for _ in range(H):
         u, st = inner.update({"w": g}, st, p)
         p = optax.apply_updates(p, u)
-      updates.append({"w": params["w"] - p["w"],
-                      outer.MOMENT_PREFIX + "w": optax.tree_utils.tree_get(st, "mu")["w"]})
+      updates.append(outer.Update({"w": params["w"] - p["w"]},
+                                  {"w": optax.tree_utils.tree_get(st, "mu")["w"]}))
     params, state = outer.outer_step(tx, params, state, updates, weights)
   return params, state
 
@@ -345,7 +348,7 @@ def test_shared_moments_carry_the_adam_state_of_the_mean_gradient():
 
 
 def test_shared_moments_merge_blockwise_bit_identically_and_need_the_moments():
-  tx = outer.make_outer_optimizer(_cfg(name="moments", lr=1.0, steps_per_round=2))
+  tx = outer_config.make_outer_optimizer(_cfg(name="moments", lr=1.0, steps_per_round=2))
   rng = np.random.default_rng(2)
   g = jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)
   state = tx.init(g)
@@ -366,6 +369,6 @@ def test_shared_moments_merge_blockwise_bit_identically_and_need_the_moments():
   with pytest.raises(ValueError, match="first moments"):
     outer.merge_block(tx, g, state, deltas, w)
   with pytest.raises(ValueError, match="first moments"):
-    outer.merge_block(outer.make_outer_optimizer(OPTIMIZER_CFGS["sgd"]), g,
-                      outer.make_outer_optimizer(OPTIMIZER_CFGS["sgd"]).init(g), deltas, w,
+    outer.merge_block(outer_config.make_outer_optimizer(OPTIMIZER_CFGS["sgd"]), g,
+                      outer_config.make_outer_optimizer(OPTIMIZER_CFGS["sgd"]).init(g), deltas, w,
                       moments=mus)

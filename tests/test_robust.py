@@ -13,6 +13,8 @@ from tapestry_jax import diloco
 from tapestry_jax import exchange as ex
 from tapestry_jax import merge
 from tapestry_jax import outer
+from tapestry_jax import outer_config
+from tapestry_jax.outer_config import RoundMergeSpec
 from tapestry_jax.buckets import Bucket
 
 # A scalar, an empty array, a vector, rows that no chunk size divides, and a 3-D array.
@@ -23,7 +25,7 @@ FEDAVG = {"name": "sgd", "lr": 1.0, "momentum": 0.0}
 
 
 def _robust(**kw) -> ml_collections.ConfigDict:
-  cfg = outer.default_robust_config()
+  cfg = outer_config.default_robust_config()
   cfg.update(kw)
   return cfg
 
@@ -77,13 +79,14 @@ def _store(tmp_path, params, leaves, deltas, norms):
   return glob, base, base_manifest, inputs
 
 
-def _merge(tx, stored, weights, **kw):
-  """merge_round into a fresh attempt of global round 1, 64-byte blocks; returns the
-  merged arrays, read back whole."""
+def _merge(tx, stored, weights, declared_norms=None, **robust):
+  """merge_round into a fresh attempt of global round 1, 64-byte blocks, with the robust
+  settings `robust`; returns the merged arrays, read back whole."""
   glob, base, base_manifest, inputs = stored
   out = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
-  records = merge.merge_round(tx, glob, base, base_manifest, inputs, weights, glob, out,
-                              max_block_bytes=64, **kw)
+  records = merge.merge_round(RoundMergeSpec(tx, **robust), glob, base,
+                              base_manifest, inputs, weights, glob, out, max_block_bytes=64,
+                              declared_norms=declared_norms)
   return {n: ex.read_block(glob, out, n, r, tuple(slice(0, s) for s in r["shape"]))
           for n, r in records.items()}
 
@@ -101,14 +104,16 @@ def _minus(a, b):
 
 
 def test_default_config_is_the_plain_mean_and_every_field_is_checked():
-  cfg = outer.default_robust_config()
-  assert outer.robust_kwargs(cfg) == {"clip_norm": 0.0, "aggregator": "mean", "trim": 1}
-  assert outer.robust_kwargs(None) == outer.robust_kwargs(cfg)
-  assert outer.robust_kwargs({"aggregator": "median"})["aggregator"] == "median"
-  outer.check_robust_config(cfg, num_sites=2, quorum=1)
-  outer.check_robust_config(_robust(aggregator="trimmed_mean", trim=2), num_sites=5, quorum=5)
-  outer.check_robust_config(_robust(aggregator="trimmed_mean", trim=2), num_sites=5, quorum=0)
-  outer.check_robust_config(_robust(aggregator="median", clip_norm=1.5), num_sites=4, quorum=3)
+  cfg = outer_config.default_robust_config()
+  assert outer_config.robust_kwargs(cfg) == {"clip_norm": 0.0, "aggregator": "mean", "trim": 1}
+  assert outer_config.robust_kwargs(None) == outer_config.robust_kwargs(cfg)
+  assert outer_config.robust_kwargs({"aggregator": "median"})["aggregator"] == "median"
+  outer_config.check_robust_config(cfg, num_sites=2, quorum=1)
+  trimmed = _robust(aggregator="trimmed_mean", trim=2)
+  outer_config.check_robust_config(trimmed, num_sites=5, quorum=5)
+  outer_config.check_robust_config(trimmed, num_sites=5, quorum=0)
+  outer_config.check_robust_config(_robust(aggregator="median", clip_norm=1.5), num_sites=4,
+                                   quorum=3)
 
 
 @pytest.mark.parametrize("kw,num_sites,quorum,match", [
@@ -127,7 +132,7 @@ def test_default_config_is_the_plain_mean_and_every_field_is_checked():
 ])
 def test_check_robust_config_refuses_what_the_sites_cannot_support(kw, num_sites, quorum, match):
   with pytest.raises(ValueError, match=match):
-    outer.check_robust_config(_robust(**kw), num_sites=num_sites, quorum=quorum)
+    outer_config.check_robust_config(_robust(**kw), num_sites=num_sites, quorum=quorum)
 
 
 def test_update_count_check_for_the_merged_round():
@@ -136,7 +141,7 @@ def test_update_count_check_for_the_merged_round():
   outer.check_update_count("trimmed_mean", 2, 5)
   with pytest.raises(ValueError, match=r"trimmed_mean with trim=2 needs at least 5 updates"):
     outer.check_update_count("trimmed_mean", 2, 4)
-  tx = outer.make_outer_optimizer(FEDAVG)
+  tx = outer_config.make_outer_optimizer(FEDAVG)
   g = {"w": jnp.zeros((3,))}
   with pytest.raises(ValueError, match="needs at least 3 updates"):
     outer.outer_step(tx, g, outer.init_outer_state(tx, g), [g, g], [0.5, 0.5],
@@ -158,7 +163,7 @@ def _merge_block_before_robust(tx, global_block, state_block, deltas, weights_K)
 
 
 def test_clipping_bounds_a_norm_boosted_update():
-  tx = outer.make_outer_optimizer(FEDAVG)
+  tx = outer_config.make_outer_optimizer(FEDAVG)
   rng = np.random.default_rng(0)
   g = {n: jnp.asarray(rng.standard_normal(s), jnp.float32) for n, s in SHAPES.items()}
   state = outer.init_outer_state(tx, g)
@@ -181,7 +186,7 @@ def test_clipping_bounds_a_norm_boosted_update():
 
 
 def test_clip_above_every_norm_and_clip_off_are_bit_identical_to_the_plain_mean():
-  tx = outer.make_outer_optimizer({"name": "nesterov"})
+  tx = outer_config.make_outer_optimizer({"name": "nesterov"})
   rng = np.random.default_rng(1)
   params, state, _ = _params_and_state(tx, rng)
   deltas = _deltas(rng, 3)
@@ -205,7 +210,7 @@ def test_robust_aggregators_match_a_numpy_reference(n_sites):
   rng = np.random.default_rng(2)
   x_KxN = rng.standard_normal((n_sites, 50)).astype(np.float32)
   scales = np.linspace(0.5, 1.0, n_sites).astype(np.float32)
-  tx = outer.make_outer_optimizer(FEDAVG)
+  tx = outer_config.make_outer_optimizer(FEDAVG)
   g = jnp.zeros((50,), jnp.float32)
   w = outer.cap_weights([1] * n_sites, None)
   clipped = np.sort(scales[:, None].astype(np.float64) * x_KxN, axis=0)
@@ -218,7 +223,7 @@ def test_robust_aggregators_match_a_numpy_reference(n_sites):
 
 @pytest.mark.parametrize("n_sites,boost", [(4, -100.0), (5, 1e4), (5, -1e4)])
 def test_trimmed_mean_and_median_resist_one_bad_update(n_sites, boost):
-  tx = outer.make_outer_optimizer(FEDAVG)
+  tx = outer_config.make_outer_optimizer(FEDAVG)
   rng = np.random.default_rng(3)
   g = {n: jnp.zeros(s, jnp.float32) for n, s in SHAPES.items()}
   state = outer.init_outer_state(tx, g)
@@ -242,7 +247,7 @@ def test_trimmed_mean_and_median_resist_one_bad_update(n_sites, boost):
 @pytest.mark.parametrize("aggregator,trim", [("mean", 0), ("trimmed_mean", 1), ("median", 0)])
 @pytest.mark.parametrize("clip", [False, True])
 def test_streaming_merge_is_bit_identical_to_outer_step(tmp_path, aggregator, trim, clip):
-  tx = outer.make_outer_optimizer({"name": "nesterov"})
+  tx = outer_config.make_outer_optimizer({"name": "nesterov"})
   rng = np.random.default_rng(4)
   params, state, leaves = _params_and_state(tx, rng)
   deltas = _deltas(rng, 4, bad=2, boost=-50.0)
@@ -264,7 +269,7 @@ def test_streaming_merge_is_bit_identical_to_outer_step(tmp_path, aggregator, tr
 
 
 def test_a_lying_declared_norm_is_a_bad_update_and_the_rest_merge(tmp_path):
-  tx = outer.make_outer_optimizer(FEDAVG)
+  tx = outer_config.make_outer_optimizer(FEDAVG)
   rng = np.random.default_rng(5)
   params, state, leaves = _params_and_state(tx, rng)
   deltas = _deltas(rng, 4, bad=2, boost=100.0)
@@ -289,7 +294,7 @@ def test_a_lying_declared_norm_is_a_bad_update_and_the_rest_merge(tmp_path):
 
 @pytest.mark.parametrize("bad", [None, float("nan"), -1.0, "3.0", True])
 def test_an_unusable_declared_norm_is_refused_before_reading_when_clipping(tmp_path, bad):
-  tx = outer.make_outer_optimizer(FEDAVG)
+  tx = outer_config.make_outer_optimizer(FEDAVG)
   rng = np.random.default_rng(6)
   params, _, leaves = _params_and_state(tx, rng)
   deltas = _deltas(rng, 3)
@@ -307,7 +312,7 @@ def test_an_unusable_declared_norm_is_refused_before_reading_when_clipping(tmp_p
 
 
 def test_declared_norms_can_be_passed_explicitly(tmp_path):
-  tx = outer.make_outer_optimizer(FEDAVG)
+  tx = outer_config.make_outer_optimizer(FEDAVG)
   rng = np.random.default_rng(7)
   params, state, leaves = _params_and_state(tx, rng)
   deltas = _deltas(rng, 3, bad=0)
@@ -338,8 +343,8 @@ def test_run_diloco_takes_the_robust_section():
   def run(robust):
     return diloco.run_diloco(
         loss_fn, {"w": jnp.zeros(())}, [batches(0, 1.0), batches(1, 1.0), batches(2, -50.0)],
-        optax.sgd(0.1), outer.make_outer_optimizer(FEDAVG), rounds=4, inner_steps=5,
-        robust=robust)
+        optax.sgd(0.1), RoundMergeSpec.from_config(FEDAVG, robust), rounds=4,
+        inner_steps=5)
   # Site 2 fits a target of -100; the median follows the two honest sites (w -> 2).
   assert abs(float(run(_robust(aggregator="median")).params["w"]) - 2.0) < 0.2
   assert float(run(None).params["w"]) < -10.0

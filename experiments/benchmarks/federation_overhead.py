@@ -124,7 +124,6 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
   """Each site's H inner steps, read and publish, and the merge of round R, run alone."""
   from tapestry_jax import buckets, exchange, federation  # pylint: disable=import-outside-toplevel
   from tapestry_jax import merge as merge_lib  # pylint: disable=import-outside-toplevel
-  from tapestry_jax import outer as outer_lib  # pylint: disable=import-outside-toplevel
   from tapestry_jax import site as site_lib  # pylint: disable=import-outside-toplevel
   from tapestry_jax import trust  # pylint: disable=import-outside-toplevel
   f = config.federation
@@ -157,7 +156,7 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
       publish_s = time.perf_counter() - t0
     out["sites"][name] = {"compute_s": compute_s, "read_s": read_s, "publish_s": publish_s}
     worker.close()
-  tx = outer_lib.make_outer_optimizer(federation.outer_config(config))  # The coordinator's.
+  spec = federation.merge_spec(config)  # The coordinator's.
   base_prefix = exchange.global_prefix(R - 1)
   base = exchange.read_manifest(glob, base_prefix)
   inputs = []
@@ -167,13 +166,12 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
     manifest = exchange.read_manifest(b, prefix)
     root.verify(manifest, name)
     inputs.append((b, prefix, manifest))
-  weights = outer_lib.cap_weights([m["tokens"] for _, _, m in inputs],
-                                  federation.weight_cap(config))
+  weights = spec.weights([m["tokens"] for _, _, m in inputs])
   scratch = buckets.Bucket("file://" + os.path.join(workdir, "alone", "buckets", "global"))
   for attempt in range(2):  # The first call compiles merge_block for these shapes.
     t0 = time.perf_counter()
     data = exchange.new_attempt()
-    records = merge_lib.merge_round(tx, glob, base_prefix, base, inputs, weights, scratch,
+    records = merge_lib.merge_round(spec, glob, base_prefix, base, inputs, weights, scratch,
                                     exchange.data_prefix(exchange.global_prefix(R + attempt),
                                                          data))
     exchange.write_manifest(scratch, exchange.global_prefix(R + attempt),

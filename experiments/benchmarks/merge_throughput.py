@@ -84,13 +84,14 @@ from absl import app, flags
 from tapestry_jax import exchange
 from tapestry_jax import merge as merge_lib
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import outer_config
 from tapestry_jax.buckets import Bucket
 
 _SITES = flags.DEFINE_integer("sites", 8, "K: site updates merged.")
 _UPDATE_MIB = flags.DEFINE_integer("update_mib", 256, "Size of one site update, in MiB.")
 _NUM_ARRAYS = flags.DEFINE_integer("num_arrays", 8, "Arrays (parameters) per update.")
 _COLS = flags.DEFINE_integer("cols", 4096, "Trailing dimension of every array.")
-_OUTER = flags.DEFINE_enum("outer", "nesterov", list(outer_lib.OUTER_OPTIMIZERS),
+_OUTER = flags.DEFINE_enum("outer", "nesterov", list(outer_config.OUTER_OPTIMIZERS),
                            "Outer optimizer (decides the outer-state arrays read and written).")
 _MAX_BLOCK_MIB = flags.DEFINE_float("max_block_mib", merge_lib.DEFAULT_MAX_BLOCK_BYTES / 2**20,
                                     "merge_round's max_block_bytes, in MiB.")
@@ -178,9 +179,9 @@ def _cpu_s() -> float:
 # ------------------------------------------------------------------------- the merge child
 
 def _tx(name: str):
-  cfg = outer_lib.default_outer_config()
+  cfg = outer_config.default_outer_config()
   cfg.name = name
-  return outer_lib.make_outer_optimizer(cfg)
+  return outer_config.make_outer_optimizer(cfg)
 
 
 def _warm_up_jit(tx, manifest: dict, inputs, weights, max_block_bytes: int) -> None:
@@ -226,7 +227,8 @@ def run_child(spec_path: str) -> None:
   prepare_cache(spec["cache"])
   cpu0, t0 = _cpu_s(), time.perf_counter()
   attempt = exchange.new_attempt()
-  records = merge_lib.merge_round(tx, glob, spec["base_prefix"], base, inputs, weights, glob,
+  records = merge_lib.merge_round(outer_config.RoundMergeSpec(tx), glob, spec["base_prefix"],
+                                  base, inputs, weights, glob,
                                   exchange.data_prefix(spec["out_prefix"], attempt),
                                   max_block_bytes=spec["max_block_bytes"],
                                   read_ahead=spec["read_ahead"])

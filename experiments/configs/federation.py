@@ -33,7 +33,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from experiments.configs import lm
-from tapestry_jax import outer
+from tapestry_jax import outer_config
 
 
 def site(language: str = "", *, source: str = "", paths: str = "") -> ml_collections.ConfigDict:
@@ -178,8 +178,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # last round is always evaluated).
   f.eval_every = 5
   # Outer optimizer: name, lr, momentum, Adam b1/b2/eps/weight_decay, lr schedule over
-  # rounds; every field is commented in outer.default_outer_config.
-  f.outer = outer.default_outer_config()
+  # rounds; every field is commented in outer_config.default_outer_config.
+  f.outer = outer_config.default_outer_config()
   # What the federated sites' inner optimizer changes in `train` (unset = train's value;
   # e.g. `+fedadam`: plain SGD, lr 1, constant). `train` itself stays the recipe that the
   # references (each site alone, data parallelism) train with.
@@ -205,8 +205,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   f.trust.public_keys = ml_collections.ConfigDict({n: "" for n in [*names, "coordinator"]})
   # --- robust merge -----------------------------------------------------------------------
   # Norm clipping of each site's pseudo-gradient and the aggregator (mean, trimmed_mean,
-  # median); see outer.default_robust_config for each field.
-  f.robust = outer.default_robust_config()
+  # median); see outer_config.default_robust_config for each field.
+  f.robust = outer_config.default_robust_config()
 
   # --- the sites ------------------------------------------------------------------------
   c.sites = ml_collections.ConfigDict()

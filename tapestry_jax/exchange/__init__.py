@@ -12,7 +12,7 @@ Other modules import this package and use the names below, nothing private.
 from tapestry_jax.exchange.blocks import (BlockWriter, common_blocks, iter_blocks, open_array,
                                           read_block)
 from tapestry_jax.exchange.rounds import (
-    MOMENT_PREFIX, OUTER, PARAMS, RollbackError, decode_update, diverged, encode_update,
+    MOMENT_PREFIX, OUTER, PARAMS, RollbackError, as_update, decode_update, diverged, encode_update,
     global_arrays, moment_key, newer_global_round, outer_key, param_key, params_of,
     publish_update, read_global, read_global_manifest, read_global_moments,
     read_global_round, update_schema, validate_update)

@@ -50,6 +50,14 @@ def moment_key(name: str) -> str:
   return MOMENT_PREFIX + name
 
 
+def as_update(sent: dict[str, Any]) -> outer_lib.Update:
+  """A sent update's flat arrays (first moments under `moment_key` names) as the typed
+  `outer.Update` the outer math takes."""
+  mu = {n[len(MOMENT_PREFIX):]: v for n, v in sent.items() if n.startswith(MOMENT_PREFIX)}
+  return outer_lib.Update({n: v for n, v in sent.items() if not n.startswith(MOMENT_PREFIX)},
+                          mu or None)
+
+
 def global_arrays(params: dict[str, Any], outer_leaves: dict[str, dict[str, Any]]) -> dict:
   """A global round's named arrays from flat params and {name: {leaf: array}} state."""
   arrays = {param_key(n): a for n, a in params.items()}
