@@ -19,8 +19,8 @@ from data_pipelines.errors import DataError
 from data_pipelines.pipeline import element_spec
 from data_pipelines.pipeline import make_dataset
 from data_pipelines.registry import register
-from data_pipelines.shards import make_iterator
 from data_pipelines.registry import source_names
+from data_pipelines.shards import make_iterator
 from data_pipelines.sources.array_record import write_array_record
 from data_pipelines.tokenizers import make_tokenizer
 
