@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import portpicker
@@ -19,6 +20,11 @@ TINY = ("--config.data.seq_len=64", "--config.data.synthetic.num_documents=200",
         "--config.train.warmup_steps=2", "--config.train.log_every=1",
         "--config.train.eval_every=0", "--config.train.eval_batches=2",
         "--config.train.progress_bar=False", "--config.train.peak_flops=1e11")
+
+
+# One persistent compilation cache for every job of a test session: a rerun of the same
+# program (a resumed run, the second process count) skips XLA compilation.
+_CACHE = tempfile.mkdtemp(prefix="tapestry_mp_cache_")
 
 
 @dataclasses.dataclass
@@ -34,7 +40,9 @@ class Job:
   def __init__(self, workdir, processes: int, devices: int, *flags: str, timeout_s: int = 240):
     self.timeout_s = timeout_s
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     args = [sys.executable, "-m", "launch.train", "--config=experiments/configs/lm.py:tiny",
             f"--workdir={workdir}", *TINY, *flags]
     port = portpicker.pick_unused_port() if processes > 1 else None
