@@ -27,8 +27,10 @@ from etils import epath
 from data_pipelines.errors import DataError
 from data_pipelines.shards import StreamsIterator
 
-# Orbax reaches buckets through etils.epath (listing, renames, small files) and
-# TensorStore (arrays). What etils can open here decides which schemes work.
+# Orbax reaches a checkpoint directory through etils.epath (listing, renames, small
+# files) and TensorStore (arrays). Orbax 0.12's array writer takes local paths and gs://
+# only (its TensorStore spec has the file and gcs drivers), so s3:// fails there even
+# where etils can reach S3 (with s3fs).
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://")
 
 
@@ -37,22 +39,27 @@ class CheckpointDirError(ValueError):
 
 
 def checkpoint_path(directory: str) -> epath.Path | str:
-  """A local directory made absolute, or a bucket URL checked for a usable scheme."""
+  """A local directory (or file:// URL) made absolute, or a gs:// URL whose filesystem
+  etils can open; CheckpointDirError, one line, for anything else."""
   match = _URL.match(directory)
   if not match:
     return os.path.abspath(os.path.expanduser(directory))
   scheme = match.group(1)
   if scheme == "file":
     return os.path.abspath(directory[len("file://"):])
+  if scheme != "gs":
+    raise CheckpointDirError(
+        f"checkpoint directory {directory!r}: {scheme}:// is not supported (Orbax "
+        f"{ocp.__version__} writes checkpoint arrays to local paths and gs:// only); "
+        f"mount the bucket (e.g. s3fs-fuse, weed mount) and give the mount path")
   try:
     path = epath.Path(directory)
-    path.exists()  # Resolves the filesystem backend (and the bucket) now.
+    path.exists()  # Opens the filesystem and the bucket now, not at the first save.
   except Exception as e:  # noqa: BLE001  (each backend raises its own types)
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise CheckpointDirError(
-        f"checkpoint directory {directory!r}: {scheme}:// is not usable here ({first}); "
-        f"gs:// needs gcsfs or tensorflow installed (etils.epath), other schemes are "
-        f"not supported: use a local or mounted directory") from None
+    raise CheckpointDirError(f"checkpoint directory {directory!r}: cannot open it ({first}); "
+                             f"gs:// needs gcsfs (pip install gcsfs) and Google Cloud "
+                             f"credentials") from None
   return path
 
 

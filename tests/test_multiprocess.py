@@ -141,6 +141,8 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_bit_identicall
      "error: multi-process run: also set coordinator_address"),
     (2, ("--config.data.shards=3",),
      "error: data.shards=3 is not a multiple of the 2 processes"),
+    (1, ("--config.train.checkpoint_dir=s3://site-fr/ckpt",),
+     "error: checkpoint directory 's3://site-fr/ckpt': s3:// is not supported"),
 ])
 def test_bad_process_settings_are_one_line_and_exit_2(tmp_path, processes, flags, message):
   with multiproc.Job(str(tmp_path), processes, 4, *flags, timeout_s=120) as job:
