@@ -72,6 +72,13 @@ def test_one_and_two_processes_train_alike_and_checkpoints_move_between_them(tmp
   assert [r["step"] for r in _metrics(two)] == list(range(1, STEPS + 1))
   for name in ("config.json", "final_metrics.json"):
     assert os.path.exists(os.path.join(two, name)), name
+  # Orbax under jax.distributed: each process wrote its own shards (its OCDBT tree) and
+  # its own streams' positions; process 0 committed the step.
+  step4 = os.path.join(two, "checkpoints", "4")
+  assert {"ocdbt.process_0", "ocdbt.process_1", "commit_success.txt"} <= set(
+      os.listdir(os.path.join(step4, "state")))
+  assert {"stream_0-of-2.json", "stream_1-of-2.json"} <= set(
+      os.listdir(os.path.join(step4, "streams")))
   # The same global batches (token counts exactly) and the same model.
   assert _tokens(one) == _tokens(two)
   assert _losses(one)[1] == pytest.approx(_losses(two)[1], abs=1e-6)
