@@ -34,7 +34,8 @@ def _sync_manager_available() -> bool:
 class Preemption:
   """Install once per process (from the main thread), before the first step; then
   `should_stop(step)` every step, on every process. `close()` puts the previous SIGTERM
-  handler back."""
+  handler back, unless the run stopped: a process on its way out with a checkpoint
+  keeps ignoring further SIGTERMs (a scheduler may repeat them) until it exits."""
 
   def __init__(self, check_every: int = 1):
     self.check_every = max(1, int(check_every))
@@ -69,6 +70,6 @@ class Preemption:
     return stop
 
   def close(self) -> None:
-    if self._previous is not None:
+    if self._previous is not None and self.stopped_at is None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None

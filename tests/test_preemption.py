@@ -16,10 +16,17 @@ def test_sigterm_is_caught_and_the_previous_handler_comes_back():
   before = signal.getsignal(signal.SIGTERM)
   p = preemption_lib.Preemption()
   assert p.mode == "signal" and not p.should_stop(1)
-  os.kill(os.getpid(), signal.SIGTERM)
-  assert p.should_stop(2) and p.should_stop(3) and p.stopped_at == 2
   p.close()
   assert signal.getsignal(signal.SIGTERM) is before
+  p = preemption_lib.Preemption()
+  try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert p.should_stop(2) and p.should_stop(3) and p.stopped_at == 2
+    p.close()  # Stopped: a repeated SIGTERM must not kill the process while it saves.
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is not before
+  finally:
+    signal.signal(signal.SIGTERM, before)
 
 
 def _config():
