@@ -127,14 +127,14 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_size:
     hint = " (data.eval_fraction is 0 or the files are too small)" if split == "eval" else ""
     raise DataError(f"{what} is empty{hint}")
   if shard is None:
-    index, count, unit = jax.process_index(), jax.process_count(), "process"
+    index, count, unit, units = jax.process_index(), jax.process_count(), "process", "processes"
   else:
-    (index, count), unit = shard, "stream"
+    (index, count), unit, units = shard, "stream", "streams (data.shards)"
   docs = docs[index::count]
   if count > 1:
     what += f" on {unit} {index} of {count}"
   if len(docs) == 0:
-    raise DataError(f"{what} is empty: fewer documents than {unit}s")
+    raise DataError(f"{what} is empty: fewer documents than {units}")
 
   tokens = docs.map(functools.partial(
       _tokenize, tokenizer=tokenizer, pretokenized=source.pretokenized))
