@@ -42,8 +42,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_fraction = 0.1
   # Seed of the train shuffle (a new permutation per epoch) and of packed-row order.
   c.seed = 0
+  # Independent data streams the global batch is made of (data_pipelines/shards.py):
+  # stream s reads documents s, s+S, ... and gives global_batch_size / S rows of every
+  # batch. A fixed S gives the same batches on any process count that divides it, so a
+  # checkpoint moves between process counts; 0 = one stream per process (the batches
+  # then depend on the process count).
+  c.shards = 0
   # Packing bins filled at once (first-fit); more bins = less padding but documents of
-  # one batch come from a longer window of the stream. 0 = the per-process batch size.
+  # one batch come from a longer window of the stream. 0 = the stream's batch rows.
   c.packing_bins = 0
   # Host threads that read and tokenize documents ahead of packing (0 = inline).
   c.prefetch_threads = 4
@@ -98,7 +104,7 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
   if data_cfg.text_documents not in TEXT_DOCUMENTS:
     raise DataError(f"unknown data.text_documents {data_cfg.text_documents!r}; "
                     f"expected one of {', '.join(TEXT_DOCUMENTS)}")
-  for name in ("packing_bins", "prefetch_threads", "prefetch_buffer"):
+  for name in ("shards", "packing_bins", "prefetch_threads", "prefetch_buffer"):
     value = data_cfg[name]
     if not isinstance(value, int) or value < 0:
       raise DataError(f"data.{name} must be a non-negative integer, got {value!r}")

@@ -2,7 +2,8 @@
 
 Data flow (grain, all steps deterministic and checkpointable):
   source.documents(split)           MapDataset of str / int32 arrays (random access)
-  -> [process_index::process_count] this JAX process's shard
+  -> [s::S]                         one stream's documents (shards.py; default: this
+                                    JAX process's, [process_index::process_count])
   -> train: shuffle(seed) + repeat  a new permutation every epoch, forever
      eval:  as is                   one ordered pass
   -> tokenize                       [BOS] + ids + [EOS], int32 (threaded read-ahead)
@@ -86,16 +87,19 @@ def _check_enough_tokens(tokens: grain.MapDataset, seq_len: int, what: str) -> N
 
 def make_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_size: int,
                  seed: int | None = None,
-                 tokenizer: tokenizers.Tokenizer | None = None) -> grain.IterDataset:
-  """Builds the packed, batched dataset of `split` for this JAX process.
+                 tokenizer: tokenizers.Tokenizer | None = None,
+                 shard: tuple[int, int] | None = None) -> grain.IterDataset:
+  """Builds the packed, batched dataset of `split` for one stream of documents.
 
   Args:
     data_cfg: the data config (see config.default_config()); validated here too.
     split: "train" (shuffled, repeats forever) or "eval" (one ordered pass; the last
       batch is zero-padded, so padded rows have segment_ids == 0).
-    batch_size: rows per batch for THIS process.
+    batch_size: rows per batch of this stream.
     seed: shuffle seed; defaults to data_cfg.seed.
     tokenizer: a prebuilt tokenizer (default: make_tokenizer(data_cfg)).
+    shard: (s, S): read documents s, s+S, ... (default: this JAX process's share,
+      (process_index, process_count)).
 
   Returns:
     A grain.IterDataset whose elements are dicts of int32 [batch_size, seq_len] arrays
@@ -122,12 +126,15 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_size:
   if len(docs) == 0:
     hint = " (data.eval_fraction is 0 or the files are too small)" if split == "eval" else ""
     raise DataError(f"{what} is empty{hint}")
-  index, count = jax.process_index(), jax.process_count()
+  if shard is None:
+    index, count, unit, units = jax.process_index(), jax.process_count(), "process", "processes"
+  else:
+    (index, count), unit, units = shard, "stream", "streams (data.shards)"
   docs = docs[index::count]
   if count > 1:
-    what += f" on process {index} of {count}"
+    what += f" on {unit} {index} of {count}"
   if len(docs) == 0:
-    raise DataError(f"{what} is empty: fewer documents than processes")
+    raise DataError(f"{what} is empty: fewer documents than {units}")
 
   tokens = docs.map(functools.partial(
       _tokenize, tokenizer=tokenizer, pretokenized=source.pretokenized))

@@ -4,7 +4,12 @@
   python -m launch.train --config=experiments/configs/lm.py:tiny --workdir=/tmp/lm_fr \
       --config.data.source=text_files --config.data.paths=../shared/data/debref/fr.txt
 
-Rerunning with the same --workdir resumes from its latest checkpoint.
+Rerunning with the same --workdir resumes from its latest checkpoint. A site of many
+processes runs this same command on every process (README, "A site of many processes"):
+
+  python -m launch.train --config=experiments/configs/lm.py:tiny --workdir=/tmp/mp \
+      --config.data.shards=8 --coordinator_address=127.0.0.1:12355 --num_processes=2 \
+      --process_id=0   # and --process_id=1 on the other process
 """
 
 from absl import app, flags, logging
@@ -31,6 +36,10 @@ def main(argv):
   logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
   with exit_on_bad_input():
     result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if result.get("preempted"):
+    print(f"preempted at step {result['step']}: checkpoint saved, rerun the same command "
+          f"to resume")
+    return
   ev = result.get("eval", {})
   print(f"done: step {result['step']}, eval loss {ev.get('eval_loss', float('nan')):.4f}, "
         f"bits/byte {ev.get('eval_bits_per_byte', float('nan')):.4f}")

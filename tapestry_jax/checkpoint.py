@@ -1,20 +1,138 @@
 """Site checkpoints: train state and data-iterator position saved together by Orbax.
 
-A checkpoint step holds two items: `state` (params, optimizer state, step, PRNG key;
-sharded arrays written by every process) and `data` (each process's grain iterator
-position). Orbax finalises a step only when all items are written, so a restored
+A checkpoint step holds `state` (params, optimizer state, step, PRNG key; sharded
+arrays, every process writes its shards and process 0 commits the step) and the data
+position: `streams` (one JSON file per data stream, data_pipelines/shards.py, written by
+the process that reads it) or, for a plain grain iterator, `data` (grain's file per
+process). Orbax finalises a step only when all items are written, so a restored
 checkpoint always pairs a model with the exact data position that produced it.
-Restoring takes an abstract target carrying the *current* mesh's shardings, so a
-checkpoint written on one mesh restores onto another.
+Restoring takes an abstract target carrying the *current* mesh's shardings and reads the
+files of the streams this process now reads, so a checkpoint written on one mesh or
+process count restores onto another.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
+from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from data_pipelines.errors import DataError
+from data_pipelines.shards import StreamsIterator
+
+# Orbax reaches a checkpoint directory through etils.epath (listing, renames, small
+# files) and TensorStore (arrays). Orbax 0.12's array writer takes local paths and gs://
+# only (its TensorStore spec has the file and gcs drivers), so s3:// fails there even
+# where etils can reach S3 (with s3fs).
+_URL = re.compile(r"^([a-z][a-z0-9+.-]*)://")
+
+
+class CheckpointDirError(ValueError):
+  """A checkpoint directory this installation cannot write (an unsupported URL scheme)."""
+
+
+def checkpoint_path(directory: str) -> epath.Path | str:
+  """A local directory (or file:// URL) made absolute, or a gs:// URL whose filesystem
+  etils can open; CheckpointDirError, one line, for anything else."""
+  match = _URL.match(directory)
+  if not match:
+    return os.path.abspath(os.path.expanduser(directory))
+  scheme = match.group(1)
+  if scheme == "file":
+    return os.path.abspath(directory[len("file://"):])
+  if scheme != "gs":
+    raise CheckpointDirError(
+        f"checkpoint directory {directory!r}: {scheme}:// is not supported (Orbax "
+        f"{ocp.__version__} writes checkpoint arrays to local paths and gs:// only); "
+        f"mount the bucket (e.g. s3fs-fuse, weed mount) and give the mount path")
+  try:
+    path = epath.Path(directory)
+    path.exists()  # Opens the filesystem and the bucket now, not at the first save.
+  except Exception as e:  # noqa: BLE001  (each backend raises its own types)
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise CheckpointDirError(f"checkpoint directory {directory!r}: cannot open it ({first}); "
+                             f"gs:// needs gcsfs (pip install gcsfs) and Google Cloud "
+                             f"credentials") from None
+  return path
+
+
+@dataclasses.dataclass
+class StreamsSave(ocp.args.CheckpointArgs):
+  state: dict[str, Any]  # StreamsIterator.get_state(), read when the save was asked for
+
+
+@dataclasses.dataclass
+class StreamsRestore(ocp.args.CheckpointArgs):
+  item: StreamsIterator
+
+
+class StreamsHandler(ocp.CheckpointHandler):
+  """Orbax handler of a StreamsIterator's position: `stream_{s}-of-{S}.json` per stream,
+  each written by the one process that reads stream s, read back by whichever process
+  reads it now (any process count that divides S)."""
+
+  def save(self, directory: epath.Path, args: StreamsSave) -> None:
+    S = args.state["num_streams"]
+    for s, state in args.state["streams"].items():
+      (directory / f"stream_{s}-of-{S}.json").write_text(json.dumps(state))
+
+  def restore(self, directory: epath.Path, args: StreamsRestore) -> StreamsIterator:
+    it = args.item
+    S = it.num_streams
+    states = {}
+    for s in it.streams:
+      path = directory / f"stream_{s}-of-{S}.json"
+      if not path.exists():
+        saved = sorted(p.name for p in directory.iterdir())
+        counts = sorted({m.group(1) for m in map(re.compile(r"-of-(\d+)\.json$").search, saved) if m})
+        raise DataError(f"the checkpoint's data position has {'/'.join(counts) or 'no'} "
+                         f"streams, this run {S}: set data.shards={counts[0] if counts else S} "
+                         f"to resume it")
+      states[str(s)] = json.loads(path.read_text())
+    it.set_state({"num_streams": S, "streams": states})
+    return it
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+  def finalize(self, directory: epath.Path) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+ocp.args.register_with_handler(StreamsHandler, for_save=True)(StreamsSave)
+ocp.args.register_with_handler(StreamsHandler, for_restore=True)(StreamsRestore)
+
+
+def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
+  return {
+      # Storage formats stated explicitly (STACK_NOTES.md): OCDBT + zarr3.
+      "state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True),
+      "streams": StreamsHandler(),
+      "data": grain.checkpoint.CheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+  }
+
+
+def _data_save(data_iterator) -> dict[str, ocp.args.CheckpointArgs]:
+  if isinstance(data_iterator, StreamsIterator):
+    return {"streams": StreamsSave(data_iterator.get_state())}
+  return {"data": grain.checkpoint.CheckpointSave(data_iterator)}
+
+
+def _data_restore(data_iterator) -> dict[str, ocp.args.CheckpointArgs]:
+  if isinstance(data_iterator, StreamsIterator):
+    return {"streams": StreamsRestore(data_iterator)}
+  return {"data": grain.checkpoint.CheckpointRestore(data_iterator)}
 
 
 def _restore_args(abstract_state) -> ocp.args.PyTreeRestore:
@@ -24,24 +142,22 @@ def _restore_args(abstract_state) -> ocp.args.PyTreeRestore:
 
 
 class Checkpointer:
-  """Async Orbax checkpoints with a save interval and a keep policy."""
+  """Async Orbax checkpoints with a save interval and a keep policy.
+
+  `directory` is a local path or a bucket URL (`checkpoint_path`). Every process of a
+  multi-process job constructs one and calls every method (Orbax synchronises them);
+  the data iterator is a StreamsIterator (saved per stream) or a grain iterator.
+  """
 
   def __init__(self, directory: str, save_every: int, keep: int, async_save: bool = True):
-    directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every,
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
         create=True,
     )
-    self._manager = ocp.CheckpointManager(
-        directory, options=options,
-        item_handlers={
-            # Storage formats stated explicitly (STACK_NOTES.md): OCDBT + zarr3.
-            "state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True),
-            "data": grain.checkpoint.CheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(),
-        })
+    self._manager = ocp.CheckpointManager(checkpoint_path(directory), options=options,
+                                          item_handlers=_item_handlers())
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -51,8 +167,7 @@ class Checkpointer:
     """Saves if `step` is on the interval (or `force`). The iterator's position is read
     now, before this call returns, so the caller may keep iterating. `meta` is a small
     JSON dict kept in the same step (e.g. a federated site's round bookkeeping)."""
-    items = dict(state=ocp.args.PyTreeSave(state),
-                 data=grain.checkpoint.CheckpointSave(data_iterator))
+    items = dict(state=ocp.args.PyTreeSave(state), **_data_save(data_iterator))
     if meta is not None:
       items["meta"] = ocp.args.JsonSave(meta)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -67,9 +182,8 @@ class Checkpointer:
     """Restores `state` onto the shardings in `abstract_state` and positions the
     iterator in place. Returns the restored state."""
     restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(state=_restore_args(abstract_state),
-                                data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        step, args=ocp.args.Composite(state=_restore_args(abstract_state),
+                                      **_data_restore(data_iterator)))
     return restored["state"]
 
   def restore_state(self, step: int, abstract_state):
@@ -109,9 +223,7 @@ def restore_params(path: str, abstract_params):
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                       save_interval_steps=0),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True),
-                     "data": grain.checkpoint.CheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+      item_handlers=_item_handlers())
   try:
     step = manager.latest_step()
     if step is None:

@@ -4,6 +4,12 @@
 same workdir resumes from the latest checkpoint (params, optimizer state, step, PRNG key
 and data position), and continues bit-for-bit as if never interrupted.
 
+Many processes (a site of many hosts): every process runs this same function; the data
+is `data.shards` streams split over the processes (the same global batches on any
+process count), every process writes its checkpoint shards, and process 0 alone writes
+metrics, config.json, final_metrics.json and the progress bar. A SIGTERM to any process
+(preemption.py) stops all of them at one agreed step with a checkpoint.
+
 Host/device overlap: step t is dispatched before step t-1's metrics are read, so the
 host never waits on the device except when a metrics line, an eval or a checkpoint is
 due.
@@ -25,6 +31,7 @@ import data_pipelines
 from tapestry_jax import checkpoint as checkpoint_lib
 from tapestry_jax import metrics as metrics_lib
 from tapestry_jax import model as model_lib
+from tapestry_jax import preemption as preemption_lib
 from tapestry_jax import sharding
 from tapestry_jax import train as train_lib
 from tapestry_jax import validate
@@ -39,12 +46,12 @@ def site_setup(config, devices=None):
 
 
 def eval_batches(config, split: str = "eval"):
-  """The fixed held-out batches one evaluation runs over (same every time)."""
-  local_batch = config.train.global_batch_size // jax.process_count()
-  ds = data_pipelines.make_dataset(config.data, split=split, batch_size=local_batch,
-                                   seed=config.data.seed)
+  """The fixed held-out batches one evaluation runs over (same every time, and the same
+  on any process count for a fixed data.shards)."""
+  it = data_pipelines.make_iterator(config.data, split=split, seed=config.data.seed,
+                                    global_batch_size=config.train.global_batch_size)
   n = int(config.train.eval_batches)
-  return itertools.islice(iter(ds), n) if n > 0 else iter(ds)
+  return itertools.islice(it, n) if n > 0 else it
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
@@ -52,19 +59,20 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
   """Trains `config.train.steps` steps (resuming if WORKDIR has a checkpoint).
 
   `stop_at_step` ends the run early without a final checkpoint or evaluation, the way
-  a killed job would (used by the resume tests). Returns the last train and eval
-  metrics."""
+  a killed job would (used by the resume tests). A SIGTERM ends it at a step all
+  processes agree on, with a checkpoint there and no evaluation (`preempted` in the
+  result). Returns the last train and eval metrics."""
+  data_pipelines.shards.num_streams(config.data, config.train.global_batch_size)
   mesh, trainer = site_setup(config, devices)
   t = config.train
   primary = jax.process_index() == 0
   logging.info("site mesh %s on %d %s devices", dict(mesh.shape), mesh.size,
                mesh.devices.flat[0].platform)
 
-  local_batch = t.global_batch_size // jax.process_count()
-  train_iter = iter(data_pipelines.make_dataset(config.data, split="train", batch_size=local_batch,
-                                                seed=config.data.seed))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), t.checkpoint_every,
-                                     t.keep_checkpoints, t.async_checkpoints)
+  train_iter = data_pipelines.make_iterator(config.data, split="train", seed=config.data.seed,
+                                            global_batch_size=t.global_batch_size)
+  ckpt = checkpoint_lib.Checkpointer(t.get("checkpoint_dir", "") or os.path.join(workdir, "checkpoints"),
+                                     t.checkpoint_every, t.keep_checkpoints, t.async_checkpoints)
   start = ckpt.latest_step()
   if start is None:
     start, state = 0, trainer.init_state(t.seed)
@@ -112,28 +120,37 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
 
   pending = None
   step = start
-  with jax.set_mesh(mesh):
-    while step < t.steps:
-      if stop_at_step is not None and step >= stop_at_step:
-        break
-      state, step_metrics = trainer.train_step(state, trainer.shard_batch(next(train_iter)))
-      step += 1
+  preempt = preemption_lib.Preemption()
+  preempted = False
+  try:
+    with jax.set_mesh(mesh):
+      while step < t.steps:
+        if stop_at_step is not None and step >= stop_at_step:
+          break
+        state, step_metrics = trainer.train_step(state, trainer.shard_batch(next(train_iter)))
+        step += 1
+        if pending is not None:
+          flush(*pending)
+        pending = (step, step_metrics) if (step % t.log_every == 0 or step == t.steps) else None
+        preempted = preempt.should_stop(step)
+        ckpt.save(step, state, train_iter, force=step == t.steps or preempted)
+        if preempted:
+          logging.warning("preempted at step %d: saving a checkpoint", step)
+          break
+        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+          run_eval(step)
+        bar.update(1)
       if pending is not None:
         flush(*pending)
-      pending = (step, step_metrics) if (step % t.log_every == 0 or step == t.steps) else None
-      ckpt.save(step, state, train_iter, force=step == t.steps)
-      if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+      if stop_at_step is None and not preempted:
         run_eval(step)
-      bar.update(1)
-    if pending is not None:
-      flush(*pending)
-    if stop_at_step is None:
-      run_eval(step)
+  finally:
+    preempt.close()
   bar.close()
   ckpt.wait()
   ckpt.close()
   writer.close()
-  if primary and stop_at_step is None:
+  if primary and stop_at_step is None and not preempted:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, **last}, f, indent=2)
-  return {"step": step, "state": state, **last}
+  return {"step": step, "state": state, "preempted": preempted, **last}

@@ -79,6 +79,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.eval_every = 100  # Steps between evaluations; 0 = only at the end.
   t.eval_batches = 8  # Batches of held-out data per evaluation; 0 = the whole eval split.
   t.checkpoint_every = 100  # Steps between checkpoints (and one at the end).
+  # Where checkpoints go: "" = WORKDIR/checkpoints; or a directory or bucket URL of the
+  # site's own (gs:// needs gcsfs; see tapestry_jax/checkpoint.py checkpoint_path).
+  t.checkpoint_dir = ""
   t.keep_checkpoints = 2  # Checkpoints kept on disk (oldest deleted first).
   t.async_checkpoints = True  # Write checkpoints in the background.
   t.progress_bar = True  # Console progress bar.
