@@ -25,17 +25,19 @@ flags.mark_flags_as_required(["config", "workdir", "site"])
 
 def main(argv):
   del argv
-  import jax
-  from tapestry_jax import site
+  from tapestry_jax import preemption, site
 
-  join_processes()
+  group = join_processes()
   quiet_library_logs()
-  logging.info("site %s: process %d/%d, devices: %s", _SITE.value, jax.process_index(),
-               jax.process_count(), jax.devices())
-  with exit_on_bad_input():
-    records = site.run_site(_CONFIG.value, _SITE.value, _WORKDIR.value,
-                             private_key=_PRIVATE_KEY.value, credentials=_CREDENTIALS.value)
-  if records:
+  logging.info("site %s: process %d of %d", _SITE.value, group.process_id, group.num_processes)
+  try:
+    with exit_on_bad_input():
+      records = site.run_site(_CONFIG.value, _SITE.value, _WORKDIR.value,
+                              private_key=_PRIVATE_KEY.value, credentials=_CREDENTIALS.value)
+  except preemption.Preempted as e:
+    print(f"site {_SITE.value}: {e}")
+    return
+  if records and group.primary:
     last = records[-1]
     print(f"site {_SITE.value}: done at global round {last['global_round']}, "
           f"eval loss {last['eval_loss']:.4f}, bits/byte {last['eval_bits_per_byte']:.4f}")

@@ -227,5 +227,17 @@ class Channel:
       raise DistributedError(f"job channel: {str(e).splitlines()[0][:300]}") from None
     return json.loads(data)
 
+  def broadcast(self, key: str, value=None, timeout_s: float = 3600.0):
+    """Process 0's `value`, on every process (the others wait for it)."""
+    if jax.process_index() == 0:
+      self.put(key, value)
+      return value
+    return self.get(key, timeout_s)
+
+  def gather(self, key: str, value, timeout_s: float = 3600.0) -> list:
+    """Every process's `value`, in process order, on every process."""
+    self.put(f"{key}/{jax.process_index()}", value)
+    return [self.get(f"{key}/{i}", timeout_s) for i in range(jax.process_count())]
+
   def delete(self, key: str) -> None:
     self._client.key_value_delete(f"{self._prefix}/{key}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,15 +34,23 @@ def _tail(path: str, n: int = 15) -> str:
     return ""
 
 
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
 def run_processes(config, workdir: str, config_args: list[str], *, env: dict | None = None,
                   party_args: dict[str, list[str]] | None = None,
                   party_env: dict[str, dict[str, str]] | None = None,
+                  processes: dict[str, int] | None = None,
                   progress: bool = True, timeout_s: float | None = None) -> None:
-  """Starts the coordinator and one process per site; returns when all have finished.
+  """Starts the coordinator and every site; returns when all have finished.
 
   `party_args` / `party_env` add arguments / environment variables to one party's
-  process only (its own key and credentials), by party name (the coordinator's is
-  'coordinator')."""
+  processes only (its own key and credentials), by party name (the coordinator's is
+  'coordinator'). `processes` runs a party as that many processes of one JAX job
+  (joined on a free localhost port; process i > 0 logs to `<party>.<i>.log`)."""
   party_args, party_env = party_args or {}, party_env or {}
   config_args = list(config_args)
   if config.federation.trust.require_signatures:
@@ -65,9 +74,15 @@ def run_processes(config, workdir: str, config_args: list[str], *, env: dict | N
     envs[name] = dict(env, **party_env.get(name, {}))
   procs = {}
   for party, cmd in parties.items():
-    log = open(os.path.join(logs, f"{party}.log"), "a")
-    procs[party] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     env=envs[party], start_new_session=True), log)
+    n = int((processes or {}).get(party, 1))
+    address = f"127.0.0.1:{_free_port()}"
+    for i in range(n):
+      name = party if i == 0 else f"{party}.{i}"
+      flags = ([f"--coordinator_address={address}", f"--num_processes={n}",
+                f"--process_id={i}"] if n > 1 else [])
+      log = open(os.path.join(logs, f"{name}.log"), "a")
+      procs[name] = (subprocess.Popen([*cmd, *flags], stdout=log, stderr=subprocess.STDOUT,
+                                      env=envs[party], start_new_session=True), log)
   rounds_file = os.path.join(workdir, "coordinator", "rounds.jsonl")
   bar = tqdm(total=int(config.federation.rounds), desc="global rounds", unit="round",
              disable=not progress, dynamic_ncols=True)

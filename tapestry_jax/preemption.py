@@ -25,6 +25,16 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 
+class Preempted(Exception):
+  """A run stopped for preemption at `step`, its checkpoint saved: not a failure (the
+  entry point prints one line and exits 0; rerunning resumes)."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted at step {step}: checkpoint saved, rerun the same command "
+                     f"to resume")
+    self.step = step
+
+
 def _sync_manager_available() -> bool:
   from jax._src import distributed  # The state jax.distributed.initialize fills in.
   state = distributed.global_state

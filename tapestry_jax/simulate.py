@@ -79,7 +79,9 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
       if federation.evaluate_round(config, g):
         rec.update(w.evaluate())
       if g < int(f.rounds):
-        rec.update(w.train(int(f.inner_steps)))
+        stats = w.train(int(f.inner_steps))
+        del stats["losses"], stats["preempted"]  # A simulation is never preempted.
+        rec.update(stats)
         if drop is not None and drop(g + 1, name):
           rec["dropped"] = True
         else:

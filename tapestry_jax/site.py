@@ -17,9 +17,11 @@ position (deterministic, so the committed update stays valid) before it moves on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
@@ -31,10 +33,12 @@ from absl import logging
 import data_pipelines
 from tapestry_jax import buckets
 from tapestry_jax import checkpoint as checkpoint_lib
+from tapestry_jax import distributed
 from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import loop
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import preemption
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
 
@@ -55,9 +59,9 @@ class SiteWorker:
     self.mesh = trainer.mesh
     t = self.config.train
     self.tokens_per_step = int(t.global_batch_size) * int(self.config.data.seq_len)
-    local_batch = int(t.global_batch_size) // jax.process_count()
-    self.train_iter = iter(data_pipelines.make_dataset(
-        self.config.data, split="train", batch_size=local_batch, seed=self.config.data.seed))
+    self.train_iter = data_pipelines.make_iterator(
+        self.config.data, split="train", global_batch_size=int(t.global_batch_size),
+        seed=self.config.data.seed)
     self.state = trainer.init_state(int(t.seed))
     self.base = None  # The global params the current inner phase started from.
     self._ckpt = None
@@ -137,19 +141,28 @@ class SiteWorker:
           lambda: jax.device_put(jnp.asarray(count, jnp.int32), self.trainer.replicated)))
     self.state = state
 
-  def train(self, steps: int) -> dict[str, Any]:
-    """Runs `steps` inner steps; host reads the metrics once, at the end."""
+  def train(self, steps: int, *, preempt: preemption.Preemption | None = None,
+            losses: Sequence[float] = ()) -> dict[str, Any]:
+    """Runs up to `steps` inner steps (fewer when `preempt` stops the job); the host reads
+    the metrics once, at the end. `losses`: this phase's losses before a preemption, so
+    that a resumed phase reports what an uninterrupted one does."""
     t0 = time.perf_counter()
-    losses = []
+    new_losses = []
+    step = int(self.state.step)
+    preempted = False
     with jax.set_mesh(self.mesh):
       for _ in range(steps):
         batch = self.trainer.shard_batch(next(self.train_iter))
         self.state, m = self.trainer.train_step(self.state, batch)
-        losses.append(m["loss"])
-      losses = [float(x) for x in jax.device_get(losses)]
+        new_losses.append(m["loss"])
+        step += 1
+        if preempt is not None and preempt.should_stop(step):
+          preempted = True
+          break
+      losses = [*losses, *(float(x) for x in jax.device_get(new_losses))]
     return {"train_loss": float(np.mean(losses)), "train_loss_last": losses[-1],
-            "tokens": steps * self.tokens_per_step, "compute_s": time.perf_counter() - t0,
-            "step": int(self.state.step)}
+            "tokens": len(losses) * self.tokens_per_step, "compute_s": time.perf_counter() - t0,
+            "step": step, "losses": losses, "preempted": preempted}
 
   def delta(self):
     """The pseudo-gradient `base - params` (float32, on this site's mesh)."""
@@ -221,80 +234,161 @@ def _unsaved_base(own: buckets.Bucket, glob: buckets.Bucket, last_base: int) -> 
   return None
 
 
+@dataclasses.dataclass
+class Progress:
+  """Where a site stands, saved as the `meta` of every checkpoint it writes: the global
+  round its current inner phase trains from, the inner steps of that phase done (and
+  their losses), and whether that phase's update is published. A fresh site has
+  published 'round -1'."""
+  base_round: int = -1
+  steps_done: int = 0
+  published: bool = True
+  losses: list[float] = dataclasses.field(default_factory=list)
+
+  @classmethod
+  def from_meta(cls, meta: dict | None) -> "Progress":
+    if meta is None:
+      return cls()
+    if "published" not in meta:  # Written before phases could be interrupted.
+      return cls(int(meta["base_round"]))
+    return cls(**meta)
+
+
+class _Site:
+  """The deployed site's round steps (`run_site`); one per process of the site. Decisions
+  that must agree (which global round is next) are process 0's, sent to the others."""
+
+  def __init__(self, config, name: str, workdir: str, devices, private_key, credentials):
+    federation.check_federation_config(config, devices, site=name)
+    self.config, self.name, self.f = config, name, config.federation
+    self.root, self.signer = federation.party_trust(config, name, workdir, private_key)
+    urls = federation.bucket_urls(config, workdir)
+    retries = int(self.f.storage_retries)
+    self.own = buckets.Bucket(urls[name], max_retries=retries, credentials=credentials)
+    self.glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries,
+                               credentials=credentials)
+    self.own.check_writable()
+    self.dir = os.path.join(workdir, "sites", name)
+    os.makedirs(self.dir, exist_ok=True)
+    self.worker = SiteWorker(config, name, self.dir, devices=devices)
+    self.schema = federation.param_schema(config)  # Once, not per round.
+    self.channel = distributed.Channel(f"site/{name}") if jax.process_count() > 1 else None
+    self._decisions = 0
+
+  def next_round(self, last_base: int) -> tuple[int, float]:
+    """(the global round to train from next, seconds waited): a round whose update is
+    committed but whose checkpoint was lost (trained again), else the newest global round
+    after `last_base`."""
+    t0 = time.perf_counter()
+    decision = None
+    if jax.process_index() == 0:
+      try:
+        g = _unsaved_base(self.own, self.glob, last_base)
+        if g is not None:
+          logging.info("site %s: its update trained from global round %d is committed but "
+                       "its checkpoint was lost; training that round again", self.name, g)
+        else:
+          g = _wait(f"a global round newer than {last_base} in {self.glob.url}",
+                    lambda: exchange.newer_global_round(self.glob, last_base),
+                    float(self.f.site_wait_s), float(self.f.poll_s))
+        decision = {"round": g}
+      except TimeoutError as e:
+        decision = {"timeout": str(e)}
+    if self.channel is not None:
+      decision = self.channel.broadcast(f"next/{self._decisions}", decision,
+                                        float(self.f.site_wait_s) + 600)
+      self._decisions += 1
+    if "timeout" in decision:
+      raise TimeoutError(decision["timeout"])
+    return decision["round"], time.perf_counter() - t0
+
+  def read_global(self, g: int, last_base: int):
+    """Global round `g`, verified: (params, moments or None) on this site's mesh."""
+    params, moments, _ = exchange.read_global_round(
+        self.glob, self.config, g, self.worker.trainer.param_shardings, self.schema,
+        root=self.root, last_round=last_base)
+    return params, moments
+
+  def publish(self, progress: Progress, rec: dict) -> None:
+    g = progress.base_round
+    try:
+      sent = self.worker.encoded_update()
+    except ValueError:  # int8: a NaN or Inf leaves nothing to quantize.
+      raise exchange.diverged(self.name, g + 1) from None
+    exchange.publish_update(self.own, self.config, self.name, g + 1, g, sent, rec["tokens"],
+                            extra={"train_loss": rec["train_loss"], "step": rec["step"]},
+                            signer=self.signer, channel=self.channel)
+
+
 def run_site(config, name: str, workdir: str, *, devices=None, private_key: str | None = None,
              credentials: str | None = None) -> list[dict]:
   """The deployed site: loops over global rounds until the last one, then evaluates it.
+  Every process of a multi-process site runs it.
 
   `private_key`: this site's key file (default WORKDIR/keys/NAME.key); `credentials`: its
   own S3 credentials ('env', a credentials file, or None for TensorStore's default chain).
 
+  Resumes from its last checkpoint and the `Progress` saved with it. On SIGTERM every
+  process stops at one step, saves a checkpoint and raises `preemption.Preempted`.
   Writes `WORKDIR/sites/NAME/rounds.jsonl` (one record per global model it trained
   from: eval of that global on this site's held-out data, train loss, compute and
   exchange seconds, bytes up and down). Returns the records of this run."""
-  federation.check_federation_config(config, devices, site=name)
-  f = config.federation
-  root, signer = federation.party_trust(config, name, workdir, private_key)
-  urls = federation.bucket_urls(config, workdir)
-  retries = int(f.storage_retries)
-  own = buckets.Bucket(urls[name], max_retries=retries, credentials=credentials)
-  glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries, credentials=credentials)
-  own.check_writable()
-  site_dir = os.path.join(workdir, "sites", name)
-  os.makedirs(site_dir, exist_ok=True)
-  worker = SiteWorker(config, name, site_dir, devices=devices)
-  meta = worker.restore()
-  last_base = meta["base_round"] if meta else -1
-  if meta:
-    logging.info("site %s: resumed at step %d (trained from global round %d)", name,
-                 int(worker.state.step), last_base)
-  schema = federation.param_schema(config)  # Once, not per round.
+  site = _Site(config, name, workdir, devices, private_key, credentials)
+  worker, f = site.worker, config.federation
+  progress = Progress.from_meta(worker.restore())
+  if progress.base_round >= 0:
+    logging.info("site %s: resumed at step %d (%s)", name, int(worker.state.step), progress)
   records = []
-  out = open(os.path.join(site_dir, "rounds.jsonl"), "a")
-  replaying = True  # Until no update published before a lost checkpoint is left.
-  try:
-    while True:
-      t_wait = time.perf_counter()
-      g = _unsaved_base(own, glob, last_base) if replaying else None
-      replaying = g is not None
-      if replaying:
-        logging.info("site %s: its update trained from global round %d is committed but "
-                     "its checkpoint was lost; training that round again", name, g)
-      else:
-        g = _wait(f"a global round newer than {last_base} in {glob.url}",
-                  lambda: exchange.newer_global_round(glob, last_base), float(f.site_wait_s), float(f.poll_s))
-      wait_s = time.perf_counter() - t_wait
-      read0, t_read = glob.bytes_read, time.perf_counter()
-      params, moments, _ = exchange.read_global_round(glob, config, g, worker.trainer.param_shardings,
-                                             schema, root=root, last_round=last_base)
-      worker.adopt(params, moments)
-      read_s = time.perf_counter() - t_read
-      t_eval = time.perf_counter()
-      rec = {"site": name, "global_round": g, "wait_s": wait_s, "read_s": read_s,
-             "bytes_down": glob.bytes_read - read0}
-      if federation.evaluate_round(config, g):
-        rec.update(worker.evaluate(), eval_s=time.perf_counter() - t_eval)
-      if g >= int(f.rounds):
-        records.append(rec)
-        out.write(json.dumps(rec) + "\n")
-        break
-      rec.update(worker.train(int(f.inner_steps)))
-      write0, t_pub = own.bytes_written, time.perf_counter()
-      try:
-        sent = worker.encoded_update()
-      except ValueError:  # int8: a NaN or Inf leaves nothing to quantize.
-        raise exchange.diverged(name, g + 1) from None
-      exchange.publish_update(own, config, name, g + 1, g, sent, rec["tokens"],
-                     extra={"train_loss": rec["train_loss"], "step": rec["step"]},
-                     signer=signer)
-      rec.update(publish_s=time.perf_counter() - t_pub, bytes_up=own.bytes_written - write0)
-      worker.save({"base_round": g, "published_round": g + 1})
-      last_base = g
-      records.append(rec)
+  out = open(os.path.join(site.dir, "rounds.jsonl"), "a") if jax.process_index() == 0 else None
+
+  def record(rec: dict) -> None:
+    records.append(rec)
+    if out is not None:
       out.write(json.dumps(rec) + "\n")
       out.flush()
-      logging.info("site %s: round %d published (train loss %.4f)", name, g + 1,
-                   rec["train_loss"])
+
+  preempt = preemption.Preemption()
+  try:
+    while True:
+      read0, rec = site.glob.bytes_read, {"site": name}
+      if progress.published:  # Next phase: adopt a newer global round (params, moments).
+        g, rec["wait_s"] = site.next_round(progress.base_round)
+        t_read = time.perf_counter()
+        params, moments = site.read_global(g, progress.base_round)
+        worker.adopt(params, moments)
+        rec.update(global_round=g, read_s=time.perf_counter() - t_read)
+        if federation.evaluate_round(config, g):
+          t_eval = time.perf_counter()
+          rec.update(worker.evaluate(), eval_s=time.perf_counter() - t_eval)
+        progress = Progress(g, 0, False, [])
+      else:  # A preempted phase: its base again (verified), the trained state as restored.
+        params, _ = site.read_global(progress.base_round, progress.base_round)
+        worker.base = params
+        rec.update(global_round=progress.base_round, resumed_at_step=progress.steps_done)
+      rec["bytes_down"] = site.glob.bytes_read - read0
+      if progress.base_round >= int(f.rounds):
+        record(rec)
+        break
+      trained = worker.train(int(f.inner_steps) - progress.steps_done, preempt=preempt,
+                             losses=progress.losses)
+      progress.losses = trained.pop("losses")
+      progress.steps_done = len(progress.losses)
+      if trained.pop("preempted"):
+        worker.save(dataclasses.asdict(progress))
+        raise preemption.Preempted(trained["step"])
+      rec.update(trained)
+      write0, t_pub = site.own.bytes_written, time.perf_counter()
+      site.publish(progress, rec)
+      rec.update(publish_s=time.perf_counter() - t_pub,
+                 bytes_up=site.own.bytes_written - write0)
+      progress.published = True
+      worker.save(dataclasses.asdict(progress))
+      record(rec)
+      logging.info("site %s: round %d published (train loss %.4f)", name,
+                   progress.base_round + 1, rec["train_loss"])
   finally:
-    out.close()
+    preempt.close()
+    if out is not None:
+      out.close()
     worker.close()
   return records

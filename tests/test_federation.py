@@ -293,3 +293,59 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
   summary = report.summarize(config, sites, coord)
   assert summary["complete"]
   assert all(v["bytes_sent"] > 0 and v["bytes_received"] > 0 for v in summary["final"].values())
+
+
+def _two_device_args(extra):
+  """CLI overrides for two sites on 2-device meshes (fsdp over both devices)."""
+  return [*_override_args(extra), "--config.sites.cyrillic.mesh.data=0",
+          "--config.sites.cyrillic.mesh.fsdp=0", "--config.sites.cyrillic.mesh.tensor=0"]
+
+
+def _deploy(config, workdir, extra, processes, party_env):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  orchestrate.run_processes(config, str(workdir), _two_device_args(extra), env=env,
+                            processes=processes, party_env=party_env, progress=False,
+                            timeout_s=600)
+  return env
+
+
+def test_a_federation_of_multi_process_parties_is_its_simulation(tmp_path):
+  """Site latin runs as 2 processes x 1 device (its params sharded across them), site
+  cyrillic as 1 process x 2 devices, the coordinator as 2 merge workers: the global model
+  equals the in-process simulation's on 2 devices, the audit recomputes every round, and
+  latin publishes the same chunks as when it runs as 1 process x 2 devices."""
+  extra = MOMENTS
+  config = _config(extra=extra)
+  config.sites.cyrillic.mesh.data = config.sites.cyrillic.mesh.fsdp = 0
+  config.sites.cyrillic.mesh.tensor = 0
+  sim = simulate.simulate(config, str(tmp_path / "sim"), devices=jax.devices()[:2])
+
+  one_device = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  workdir = tmp_path / "deploy"
+  env = _deploy(config, workdir, extra, {"latin": 2, federation.COORDINATOR: 2},
+                {"latin": one_device, federation.COORDINATOR: one_device})
+  logs = workdir / "logs"
+  assert "process 1 of 2" in (logs / "latin.1.log").read_text()
+  glob = buckets.Bucket("file://" + str(workdir / "buckets" / "global"))
+  manifest = exchange.read_manifest(glob, exchange.global_prefix(2))
+  for name, want in sim["params"].items():
+    got = exchange.read_block(glob, exchange.data_prefix(exchange.global_prefix(2), manifest),
+                              f"params/{name}", manifest["arrays"][f"params/{name}"],
+                              tuple(slice(0, n) for n in want.shape))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
+  audit = subprocess.run(
+      [sys.executable, "-m", "launch.audit", *_two_device_args(extra), f"--workdir={workdir}",
+       "--round=-1", f"--public_keys_dir={workdir / 'keys'}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert audit.returncode == 0, audit.stderr[-2000:]
+  assert "audited 3 rounds: all bit-identical" in audit.stdout
+
+  # The same federation with latin as one process: latin's updates hold the same chunks.
+  single = tmp_path / "single"
+  _deploy(config, single, extra, None, None)
+  for r in (1, 2):
+    two, one = (exchange.read_manifest(buckets.Bucket("file://" + str(w / "buckets" / "latin")),
+                                       exchange.update_prefix(r)) for w in (workdir, single))
+    assert {n: rec["chunk_digests"] for n, rec in two["arrays"].items()} == \
+        {n: rec["chunk_digests"] for n, rec in one["arrays"].items()}, f"round {r}"

@@ -14,8 +14,10 @@ coordinator checks an update with `validate_update` before merging it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -128,10 +130,15 @@ def diverged(name: str, round_: int) -> ExchangeError:
 
 def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_round: int,
                    delta, tokens: int, extra: dict,
-                   signer: trust.Signer | None = None) -> dict:
+                   signer: trust.Signer | None = None, channel=None) -> dict:
   """Writes this site's update for `round_` (arrays, then the manifest signed by
   `signer`, then the commit marker, created last). `delta` is the pseudo-gradient, or
   the flat dict `SiteWorker.encoded_update` made of it (encoded once, not again).
+
+  A site of several processes passes its `distributed.Channel` and calls this on every
+  process: each writes the chunks of its own shards, their digests (and its shards'
+  sums of squares, for the declared norm) are gathered, process 0 signs the one manifest
+  and commits once every process's chunks are durable, and every process returns it.
 
   A round this site already committed (a restart after publishing) is kept as it is:
   committed data is never rewritten."""
@@ -150,15 +157,22 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
   # claim against what it reads); the simulation's function, so both clip alike. The norm
   # of the pseudo-gradient only: under shared moments, the first moments it also sends
   # are scaled by the same clip factor.
-  norm = outer_lib.update_norm({n: v for n, v in sent.items()
-                                if not n.startswith(MOMENT_PREFIX)})
-  if not np.isfinite(norm):
+  deltas = {n: v for n, v in sent.items() if not n.startswith(MOMENT_PREFIX)}
+  norm = outer_lib.update_norm(deltas) if channel is None else None
+  if norm is not None and not np.isfinite(norm):
     raise bad
   # Deterministic, so every process of a multi-process site writes the same attempt.
   attempt = store.new_attempt(f"{name}/{round_}/{base_round}")
   records = store.write_arrays(
       bucket, store.data_prefix(prefix, attempt),
       {n: v.codes if isinstance(v, quantize.Quantized) else v for n, v in sent.items()})
+  if channel is not None:  # Durable here on every process: combine, then commit.
+    key = f"publish/{round_}/{attempt}"
+    parts = channel.gather(key, {"records": _compact(records), "squares": _shard_squares(deltas)})
+    records = store.merge_records([_expand(p["records"]) for p in parts])
+    norm = _combined_norm([p["squares"] for p in parts])
+    if not np.isfinite(norm):
+      raise bad
   for n, v in sent.items():  # int8: the dequantization parameters, signed with the rest.
     if isinstance(v, quantize.Quantized):
       records[n] = dict(records[n], quant=v.params())
@@ -168,8 +182,64 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
       extra=dict(extra, update_norm=norm))
   if signer is not None:
     manifest = signer.sign(manifest)
-  store.write_manifest(bucket, prefix, manifest)
-  return manifest
+  if channel is None:
+    store.write_manifest(bucket, prefix, manifest)
+    return manifest
+  if jax.process_index() == 0:
+    store.write_manifest(bucket, prefix, manifest)
+  channel.broadcast(f"{key}/committed", store.manifest_digest(manifest))
+  committed = store.read_manifest(bucket, prefix)
+  if committed is None or store.manifest_digest(committed) != store.manifest_digest(manifest):
+    raise ExchangeError(f"site {name}: process {jax.process_index()} built another manifest "
+                        f"for round {round_} than the one committed")
+  return committed
+
+
+def _compact(records: dict[str, dict]) -> dict[str, dict]:
+  """A process's records with only the chunk digests it wrote (a small message)."""
+  return {n: dict(r, chunk_digests={str(i): d for i, d in enumerate(r["chunk_digests"])
+                                    if d is not None}, digest=None)
+          for n, r in records.items()}
+
+
+def _expand(records: dict[str, dict]) -> dict[str, dict]:
+  out = {}
+  for n, r in records.items():
+    grid = math.prod(-(-s // c) for s, c in zip(r["shape"], r["chunk_shape"]))
+    digests = [None] * grid
+    for i, d in r["chunk_digests"].items():
+      digests[int(i)] = d
+    out[n] = dict(r, chunk_digests=digests)
+  return out
+
+
+def _shard_squares(deltas: dict[str, Any]) -> dict[str, dict[str, float]]:
+  """Per leaf, the float64 sum of squares of each shard this process writes (replica 0),
+  keyed by the shard's start."""
+  out = {}
+  for n, v in deltas.items():
+    codes = v.codes if isinstance(v, quantize.Quantized) else v
+    parts = {}
+    for shard in codes.addressable_shards:
+      if shard.replica_id != 0:
+        continue
+      start = ",".join(str(sl.start or 0) for sl in shard.index)
+      data = np.asarray(shard.data)
+      parts[start] = (quantize.sum_squares(data, float(v.offset), float(v.scale))
+                      if isinstance(v, quantize.Quantized) else outer_lib.sum_squares(data))
+    out[n] = parts
+  return out
+
+
+def _combined_norm(per_process: list[dict[str, dict[str, float]]]) -> float:
+  """The update's L2 norm from every process's shard sums: leaves in name order, shards
+  in index order (the same sum on every process)."""
+  total = 0.0
+  for n in sorted({n for p in per_process for n in p}):
+    parts = {k: v for p in per_process for k, v in p.get(n, {}).items()}
+    for k in sorted(parts, key=lambda k: tuple(int(i) for i in k.split(",") if i)):
+      total += parts[k]
+  return math.sqrt(total)
 
 
 def validate_update(manifest: dict, config, site: str, round_: int, base_round: int,
