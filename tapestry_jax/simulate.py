@@ -69,7 +69,7 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   like = next(iter(workers.values())).trainer.param_shardings  # The params' structure.
   moments = federation.shared_moments(config)
   for g in range(int(f.rounds) + 1):
-    deltas, tokens, names = [], [], []
+    deltas, tokens, names, norms = [], [], [], []
     for name, w in workers.items():
       # Outer moments: a site also reads the global Adam moments (deployed: from the bucket).
       w.adopt(trees.unflatten(params, like), state if moments else None)
@@ -86,9 +86,11 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
           rec["dropped"] = True
         else:
           # What a deployed site sends (federation.update_dtype, encoded the same way).
+          sent = w.encoded_update()
+          norms.append(exchange.update_norm(sent))  # As the deployed site declares it.
           deltas.append({n: (dataclasses.replace(v, codes=jax.device_get(v.codes))
                              if isinstance(v, quantize.Quantized) else jax.device_get(v))
-                         for n, v in w.encoded_update().items()})
+                         for n, v in sent.items()})
           rec["bytes_up"] = sum(getattr(a, "codes", a).nbytes for a in deltas[-1].values())
           tokens.append(rec["tokens"])
           names.append(name)
@@ -99,10 +101,10 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
       break
     t0 = time.perf_counter()
     if deltas:
-      # Clip norms from the deltas in float64, as a deployed site computes the norm it
-      # declares: the coordinator then merges the same bits.
-      new_params, new_state = spec.outer_step(params, state, [exchange.as_update(d) for d in deltas],
-                                              spec.weights(tokens))
+      # Clipped by the norms the sites declare: the coordinator then merges the same bits.
+      new_params, new_state = spec.outer_step(
+          params, state, [exchange.as_update(d) for d in deltas], spec.weights(tokens),
+          norms=norms)
       params = {n: np.asarray(v) for n, v in new_params.items()}
       state = jax.device_get(new_state)
     logging.info("simulate: round %d merged from %s in %.2f s", g + 1, names,

@@ -158,7 +158,7 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
   # of the pseudo-gradient only: under shared moments, the first moments it also sends
   # are scaled by the same clip factor.
   deltas = {n: v for n, v in sent.items() if not n.startswith(MOMENT_PREFIX)}
-  norm = outer_lib.update_norm(deltas) if channel is None else None
+  norm = _combined_norm([_shard_squares(deltas)]) if channel is None else None
   if norm is not None and not np.isfinite(norm):
     raise bad
   # Deterministic, so every process of a multi-process site writes the same attempt.
@@ -213,18 +213,30 @@ def _expand(records: dict[str, dict]) -> dict[str, dict]:
   return out
 
 
+def update_norm(sent: dict[str, Any]) -> float:
+  """The norm a site declares for its update (`extra["update_norm"]`, what the per-site
+  clip scales by): of the pseudo-gradient only (not the first moments), in float64, as
+  the sum of every shard's squares (leaves in name order, shards in index order), so a
+  site of one or several processes and the simulation, on the same mesh, declare the
+  same number. This process's shards: the whole update in a single process."""
+  deltas = {n: v for n, v in sent.items() if not n.startswith(MOMENT_PREFIX)}
+  return _combined_norm([_shard_squares(deltas)])
+
+
 def _shard_squares(deltas: dict[str, Any]) -> dict[str, dict[str, float]]:
   """Per leaf, the float64 sum of squares of each shard this process writes (replica 0),
   keyed by the shard's start."""
   out = {}
   for n, v in deltas.items():
     codes = v.codes if isinstance(v, quantize.Quantized) else v
+    if isinstance(codes, jax.Array):
+      pieces = [(s.index, s.data) for s in codes.addressable_shards if s.replica_id == 0]
+    else:
+      pieces = [((), codes)]
     parts = {}
-    for shard in codes.addressable_shards:
-      if shard.replica_id != 0:
-        continue
-      start = ",".join(str(sl.start or 0) for sl in shard.index)
-      data = np.asarray(shard.data)
+    for index, data in pieces:
+      start = ",".join(str(sl.start or 0) for sl in index)
+      data = np.asarray(data)
       parts[start] = (quantize.sum_squares(data, float(v.offset), float(v.scale))
                       if isinstance(v, quantize.Quantized) else outer_lib.sum_squares(data))
     out[n] = parts
