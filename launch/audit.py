@@ -34,53 +34,20 @@ _PUBLIC_KEYS_DIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _print(report: dict) -> None:
-  r = report["round"]
-  verdict = "BIT-IDENTICAL" if report["identical"] else f"DIFFERS in {report['mismatches']}"
-  print(f"global round {r} of {report['federation']}: manifest {report['manifest_sha256'][:16]}"
-        f"..., arrays {report['arrays_sha256'][:16]}..., signature {report['signature']}")
-  if "base" in report:
-    print(f"  from global round {report['base']['round']} "
-          f"(manifest {report['base']['manifest_sha256'][:16]}...), outer "
-          f"{report['outer'].get('name')} lr {report['outer'].get('lr')}, merge "
-          f"{report['merge']}")
-  for i in report["inputs"]:
-    print(f"  input {i['site']:>12}: update {i['manifest_sha256'][:16]}..., arrays "
-          f"{i['arrays_sha256'][:16]}..., {i['tokens']} tokens, weight {i['weight']:.4f}, "
-          f"signature {i['signature']}  [{i['bucket']}]")
-  print(f"  recomputed {report['arrays']} arrays: {verdict}; stored chunks verified "
-        f"({report['stored_bytes_verified']} bytes)")
-
-
 def main(argv):
   del argv
-  from tapestry_jax import audit, buckets, exchange, federation, trust
+  from tapestry_jax import audit
 
   quiet_library_logs()
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  reports = []
   with exit_on_bad_input():
-    if _PUBLIC_KEYS_DIR.value:
-      trust.fill_public_keys(config, _PUBLIC_KEYS_DIR.value, federation.party_names(config))
-    if _ROUND.value >= 0:
-      rounds = [_ROUND.value]
-    else:
-      glob = buckets.Bucket(federation.bucket_urls(config, workdir)[federation.GLOBAL],
-                            credentials=_CREDENTIALS.value)
-      rounds = exchange.committed_rounds(glob, "global")
-      if not rounds:
-        raise exchange.ExchangeError(f"{glob.url} has no committed global round")
-    for r in rounds:
-      report = audit.audit_round(config, workdir, r, credentials=_CREDENTIALS.value)
-      _print(report)
-      reports.append(report)
+    reports = audit.audit_federation(
+        _CONFIG.value, _WORKDIR.value, None if _ROUND.value < 0 else [_ROUND.value],
+        credentials=_CREDENTIALS.value, public_keys_dir=_PUBLIC_KEYS_DIR.value, echo=print)
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w") as f:
       json.dump(reports, f, indent=1)
-  bad = [r["round"] for r in reports if not r["identical"]]
-  print(f"audited {len(reports)} rounds: " + ("all bit-identical" if not bad
-                                              else f"rounds {bad} differ"))
-  sys.exit(1 if bad else 0)
+  print(audit.verdict(reports))
+  sys.exit(0 if all(r["identical"] for r in reports) else 1)
 
 
 if __name__ == "__main__":

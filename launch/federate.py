@@ -12,10 +12,9 @@ held-out loss and bits per byte on each site's data with the site's own model, n
 the bytes each site sent and received. WORKDIR/summary.json has per-round records.
 """
 
-import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from launch.common import exit_on_bad_input, parse_flags, quiet_library_logs
@@ -33,41 +32,15 @@ _CREDENTIALS_DIR = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def config_args(argv: list[str]) -> list[str]:
-  """The --config and --config.* arguments, to hand unchanged to the child processes."""
-  out, it = [], iter(argv)
-  for a in it:
-    if a == "--config" or (a.startswith("--config.") and "=" not in a):
-      out += [a, next(it, "")]
-    elif a.startswith("--config=") or a.startswith("--config."):
-      out.append(a)
-  return out
-
-
 def main(argv):
   del argv
-  from tapestry_jax import federation, orchestrate, report, simulate
+  from tapestry_jax import orchestrate, report
 
   quiet_library_logs()
-  config, workdir = _CONFIG.value, _WORKDIR.value
   with exit_on_bad_input():
-    federation.check_federation_config(config)
-    if _MODE.value == "processes":
-      args = config_args(sys.argv[1:])
-      party_args = {}
-      if _CREDENTIALS_DIR.value:
-        party_args = {p: [f"--credentials={os.path.join(_CREDENTIALS_DIR.value, p)}"
-                          f".aws-credentials"] for p in federation.party_names(config)}
-      orchestrate.run_processes(config, workdir, args, party_args=party_args)
-      sites, coord = report.deployment_records(workdir, federation.site_names(config))
-    else:
-      sites, coord = simulate.simulate(config, workdir)["records"], None
-    alone = None
-    if config.federation.compare_alone:
-      logging.info("training every site alone with the same local compute")
-      alone = simulate.train_alone(config, workdir)
-  summary = report.summarize(config, sites, coord, alone=alone)
-  path = report.write(summary, workdir)
+    summary, path = orchestrate.run_federation(
+        _CONFIG.value, _WORKDIR.value, mode=_MODE.value, credentials_dir=_CREDENTIALS_DIR.value,
+        config_args=orchestrate.config_args_from(sys.argv[1:]))
   print(report.table(summary))
   print(f"wrote {path}")
 

@@ -18,6 +18,7 @@ merge:
 Round 0 (no inputs) is recomputed from the config: the initial params and outer state.
 The merge is deterministic (fixed site order, float32, fixed accumulation order), which
 is what makes 4 an equality, not a tolerance.
+`audit_federation` audits many rounds in turn (what `launch.audit` runs).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -179,3 +180,57 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
                      f"counts {tokens} with cap {cap} give {[float(w) for w in weights]}")
   report["outer"], report["merge"] = extra["outer"], settings
   return merge_lib.merge_round(spec, glob, base_prefix, base, inputs, weights, scratch, out)
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """One audited round as text: its provenance, every input, then the verdict."""
+  r = report["round"]
+  verdict = "BIT-IDENTICAL" if report["identical"] else f"DIFFERS in {report['mismatches']}"
+  lines = [f"global round {r} of {report['federation']}: manifest "
+           f"{report['manifest_sha256'][:16]}..., arrays {report['arrays_sha256'][:16]}..., "
+           f"signature {report['signature']}"]
+  if "base" in report:
+    lines.append(f"  from global round {report['base']['round']} "
+                 f"(manifest {report['base']['manifest_sha256'][:16]}...), outer "
+                 f"{report['outer'].get('name')} lr {report['outer'].get('lr')}, merge "
+                 f"{report['merge']}")
+  for i in report["inputs"]:
+    lines.append(f"  input {i['site']:>12}: update {i['manifest_sha256'][:16]}..., arrays "
+                 f"{i['arrays_sha256'][:16]}..., {i['tokens']} tokens, weight "
+                 f"{i['weight']:.4f}, signature {i['signature']}  [{i['bucket']}]")
+  lines.append(f"  recomputed {report['arrays']} arrays: {verdict}; stored chunks verified "
+               f"({report['stored_bytes_verified']} bytes)")
+  return "\n".join(lines)
+
+
+def audit_federation(config, workdir: str, rounds: Iterable[int] | None = None, *,
+                     credentials: str | None = None, public_keys_dir: str | None = None,
+                     echo: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+  """Audits global rounds `rounds` (None: every committed one) with `audit_round`.
+
+  `public_keys_dir` first fills the parties' keys missing from the config's trust root
+  (DIR/PARTY.pub; the config is changed). Each report goes to `echo` as text as soon as
+  its round is audited, so the rounds before one that cannot be checked stay shown.
+  Returns the reports; AuditError (or the trust or bucket error) when a round cannot be
+  checked, or when there is no committed round to audit."""
+  if public_keys_dir:
+    trust.fill_public_keys(config, public_keys_dir, federation.party_names(config))
+  if rounds is None:
+    glob = buckets.Bucket(federation.bucket_urls(config, workdir)[federation.GLOBAL],
+                          credentials=credentials)
+    rounds = exchange.committed_rounds(glob, "global")
+    if not rounds:
+      raise AuditError(f"{glob.url} has no committed global round")
+  reports = []
+  for r in rounds:
+    reports.append(audit_round(config, workdir, r, credentials=credentials))
+    if echo is not None:
+      echo(format_report(reports[-1]))
+  return reports
+
+
+def verdict(reports: list[dict[str, Any]]) -> str:
+  """The one-line outcome of `audit_federation`: all bit-identical, or which rounds differ."""
+  bad = [r["round"] for r in reports if not r["identical"]]
+  return f"audited {len(reports)} rounds: " + (
+      "all bit-identical" if not bad else f"rounds {bad} differ")

@@ -1,5 +1,6 @@
 """A whole federation on one machine: the coordinator and every site as separate
-processes that share nothing but the buckets (what `launch.federate` runs).
+processes that share nothing but the buckets, or simulated in this process (what
+`launch.federate` runs: `run_federation`).
 
 Each process gets the same config arguments, logs to `WORKDIR/logs/<party>.log`, and is
 watched: the console shows global rounds as the coordinator commits them, and if any
@@ -14,12 +15,16 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any, Sequence
 
+from absl import logging
 from tqdm import tqdm
 
 from tapestry_jax import federation
 from tapestry_jax import report
+from tapestry_jax import simulate
 from tapestry_jax import trust
+from tapestry_jax.validate import ConfigError
 
 
 class PartyFailed(RuntimeError):
@@ -116,3 +121,46 @@ def run_processes(config, workdir: str, config_args: list[str], *, env: dict | N
           os.killpg(proc.pid, signal.SIGKILL)
           proc.wait()
       log.close()
+
+
+def config_args_from(argv: Sequence[str]) -> list[str]:
+  """The --config and --config.* arguments of a command line, to hand unchanged to every
+  party's process (so each builds the same config)."""
+  out, it = [], iter(argv)
+  for a in it:
+    if a == "--config" or (a.startswith("--config.") and "=" not in a):
+      out += [a, next(it, "")]
+    elif a.startswith("--config=") or a.startswith("--config."):
+      out.append(a)
+  return out
+
+
+def run_federation(config, workdir: str, *, mode: str = "processes",
+                   config_args: Sequence[str] = (),
+                   credentials_dir: str | None = None) -> tuple[dict[str, Any], str]:
+  """Runs a whole federation on this machine and compares it with each site alone.
+
+  mode 'processes': the coordinator and one process per site (`run_processes`), each
+  started with `config_args` (the command line's, see `config_args_from`) and, with
+  `credentials_dir`, only its own DIR/PARTY.aws-credentials; 'simulate': every site in
+  this process. Then, if config.federation.compare_alone, every site is trained alone
+  with the same local compute. Returns the summary and the path it was written to,
+  WORKDIR/summary.json."""
+  if mode not in ("processes", "simulate"):
+    raise ConfigError(f"mode {mode!r} is not 'processes' or 'simulate'")
+  federation.check_federation_config(config)
+  if mode == "processes":
+    party_args = {}
+    if credentials_dir:
+      party_args = {p: [f"--credentials={os.path.join(credentials_dir, p)}.aws-credentials"]
+                    for p in federation.party_names(config)}
+    run_processes(config, workdir, list(config_args), party_args=party_args)
+    sites, coord = report.deployment_records(workdir, federation.site_names(config))
+  else:
+    sites, coord = simulate.simulate(config, workdir)["records"], None
+  alone = None
+  if config.federation.compare_alone:
+    logging.info("training every site alone with the same local compute")
+    alone = simulate.train_alone(config, workdir)
+  summary = report.summarize(config, sites, coord, alone=alone)
+  return summary, report.write(summary, workdir)

@@ -107,6 +107,10 @@ def test_a_dishonest_merge_signed_by_the_coordinator_is_caught(tmp_path):
   assert not report["identical"]
   assert "params/embed" in report["mismatches"]
   assert report["signature"].startswith("ok")  # Validly signed, and still caught.
+  assert "recomputed" in audit.format_report(report)
+  assert f"DIFFERS in {report['mismatches']}" in audit.format_report(report)
+  assert audit.verdict([dict(report, round=1, identical=True), report]) == \
+      "audited 2 rounds: rounds [2] differ"
 
 
 def test_a_round_naming_a_different_update_than_the_committed_one_cannot_be_audited(tmp_path):
@@ -129,6 +133,28 @@ def test_a_round_naming_a_different_update_than_the_committed_one_cannot_be_audi
   with pytest.raises(audit.AuditError, match=r"global round 1: manifest of 'coordinator' is "
                                              r"signed by unknown key"):
     audit.audit_round(config, str(tmp_path), 1)
+
+
+def test_audit_federation_audits_every_committed_round_and_shows_each(tmp_path):
+  config = _config()
+  latin = config.federation.trust.public_keys.latin
+  with pytest.raises(audit.AuditError, match=r"buckets/global has no committed global round"):
+    audit.audit_federation(config, str(tmp_path))
+  _federate(config, tmp_path)
+  config.federation.trust.public_keys.latin = ""  # Filled from the directory of .pub files.
+  shown = []
+  reports = audit.audit_federation(config, str(tmp_path), public_keys_dir=_KEYS,
+                                   echo=shown.append)
+  assert config.federation.trust.public_keys.latin == latin
+  assert [r["round"] for r in reports] == [0, 1, 2] and all(r["identical"] for r in reports)
+  assert shown == [audit.format_report(r) for r in reports]
+  assert shown[2].startswith("global round 2 of ") and shown[2].count("\n  input ") == 3
+  assert shown[2].endswith(" arrays: BIT-IDENTICAL; stored chunks verified "
+                           f"({reports[2]['stored_bytes_verified']} bytes)")
+  assert audit.verdict(reports) == "audited 3 rounds: all bit-identical"
+  assert [r["round"] for r in audit.audit_federation(config, str(tmp_path), [1])] == [1]
+  with pytest.raises(audit.AuditError, match=r"global round 7 .* is not committed"):
+    audit.audit_federation(config, str(tmp_path), [7])
 
 
 def test_launch_audit_prints_provenance_and_exits_0(tmp_path):

@@ -4,6 +4,7 @@ The deployment test starts real processes (a coordinator and two sites on differ
 meshes) that share nothing but file:// buckets, and checks that the global model after
 2 rounds equals the in-process simulation's.
 """
+import json
 import os
 import subprocess
 import sys
@@ -361,3 +362,52 @@ def test_a_federation_of_multi_process_parties_equals_its_single_process_deploym
                               f"params/{name}", manifest["arrays"][f"params/{name}"],
                               tuple(slice(0, n) for n in want.shape))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_config_args_from_keeps_the_config_arguments_for_the_parties():
+  argv = ["--config=fed.py:tiny", "--workdir=/tmp/x", "--config.federation.rounds=3",
+          "--config.train.seed", "7", "--config", "other.py", "--mode=simulate"]
+  assert orchestrate.config_args_from(argv) == [
+      "--config=fed.py:tiny", "--config.federation.rounds=3", "--config.train.seed", "7",
+      "--config", "other.py"]
+
+
+def test_run_federation_runs_the_parties_then_summarizes(tmp_path, monkeypatch):
+  """The processes mode's wiring (no processes started): every party gets the config
+  arguments and only its own credentials file; the sites alone join the summary."""
+  config = _config()
+  config.federation.compare_alone = True
+  calls = {}
+
+  def run_processes(config, workdir, config_args, *, party_args):
+    calls.update(workdir=workdir, config_args=config_args, party_args=party_args)
+  records = [{"site": s, "global_round": g, "eval_loss": 3.0 - g, "eval_bits_per_byte": 4.0,
+              "bytes_up": 10, "bytes_down": 20} for s in ("cyrillic", "latin") for g in (1, 2)]
+  coord = [{"round": g} for g in (1, 2)]
+  alone = {s: {"eval_loss": 2.5, "eval_bits_per_byte": 3.5} for s in ("cyrillic", "latin")}
+  monkeypatch.setattr(orchestrate, "run_processes", run_processes)
+  monkeypatch.setattr(report, "deployment_records", lambda workdir, names: (records, coord))
+  monkeypatch.setattr(simulate, "train_alone", lambda config, workdir: alone)
+
+  summary, path = orchestrate.run_federation(
+      config, str(tmp_path), config_args=("--config=fed.py:tiny",), credentials_dir="/creds")
+  assert calls == {"workdir": str(tmp_path), "config_args": ["--config=fed.py:tiny"],
+                   "party_args": {p: [f"--credentials=/creds/{p}.aws-credentials"]
+                                  for p in ("coordinator", "latin", "cyrillic")}}
+  assert summary == report.summarize(config, records, coord, alone=alone)
+  assert path == str(tmp_path / "summary.json") and json.load(open(path))["complete"]
+  assert summary["final"]["latin"]["alone"]["eval_loss"] == 2.5
+  with pytest.raises(ConfigError, match="mode 'threads'"):
+    orchestrate.run_federation(config, str(tmp_path), mode="threads")
+  config.federation.rounds = 0
+  with pytest.raises(ConfigError, match="federation.rounds=0"):
+    orchestrate.run_federation(config, str(tmp_path))
+
+
+def test_run_federation_simulated_writes_the_summary(tmp_path):
+  config = _config()
+  summary, path = orchestrate.run_federation(config, str(tmp_path), mode="simulate")
+  assert summary["complete"] and sorted(summary["final"]) == ["cyrillic", "latin"]
+  assert [r["round"] for r in summary["per_round"]] == [0, 1, 2]
+  assert "alone" not in summary["final"]["latin"]  # compare_alone is off.
+  assert json.load(open(path))["final"] == json.loads(json.dumps(summary["final"]))
