@@ -326,17 +326,21 @@ def test_a_federation_of_multi_process_parties_equals_its_single_process_deploym
   in-process simulation's on 2 devices (to float8 rounding: a delta a hair off a code
   boundary rounds to the next code)."""
   extra = {**MOMENTS, "data.shards": 2}  # The same batches on 1 or 2 processes.
-  config = _config(extra=extra)
-  config.sites.cyrillic.mesh.data = config.sites.cyrillic.mesh.fsdp = 0
-  config.sites.cyrillic.mesh.tensor = 0
+
+  def config_():  # A fresh one per run (a deployment fills in its own keys).
+    c = _config(extra=extra)
+    c.sites.cyrillic.mesh.data = c.sites.cyrillic.mesh.fsdp = c.sites.cyrillic.mesh.tensor = 0
+    return c
+
   one_device = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   workdir = tmp_path / "deploy"
-  env = _deploy(config, workdir, extra, {"latin": 2, federation.COORDINATOR: 2},
+  env = _deploy(config_(), workdir, extra, {"latin": 2, federation.COORDINATOR: 2},
                 {"latin": one_device, federation.COORDINATOR: one_device})
   logs = (workdir / "logs" / "latin.1.log").read_text()
   assert "process 1 of 2" in logs, logs[-2000:]
   single = tmp_path / "single"
-  _deploy(config, single, extra, None, None)
+  _deploy(config_(), single, extra, None, None)
+  config = config_()
 
   assert _global_digests(workdir) == _global_digests(single)
   assert sorted(_global_digests(workdir)) == [0, 1, 2]
