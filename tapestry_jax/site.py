@@ -156,9 +156,15 @@ class SiteWorker:
         self.state, m = self.trainer.train_step(self.state, batch)
         new_losses.append(m["loss"])
         step += 1
-        if preempt is not None and preempt.should_stop(step):
-          preempted = True
-          break
+        if preempt is not None:
+          # At most one step ahead of the device: JAX's preemption sync stops the job a
+          # step after the furthest step any process has called it with, so a host that
+          # dispatched the whole phase ahead would only stop after it.
+          if len(new_losses) > 1:
+            jax.block_until_ready(new_losses[-2])
+          if preempt.should_stop(step):
+            preempted = True
+            break
       losses = [*losses, *(float(x) for x in jax.device_get(new_losses))]
     return {"train_loss": float(np.mean(losses)), "train_loss_last": losses[-1],
             "tokens": len(losses) * self.tokens_per_step, "compute_s": time.perf_counter() - t0,

@@ -6,11 +6,15 @@ meshes) that share nothing but file:// buckets, and checks that the global model
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
+import portpicker
 import pytest
 
 from experiments.configs import federation as fed_config
@@ -415,3 +419,90 @@ def test_run_federation_simulated_writes_the_summary(tmp_path):
   assert [r["round"] for r in summary["per_round"]] == [0, 1, 2]
   assert "alone" not in summary["final"]["latin"]  # compare_alone is off.
   assert json.load(open(path))["final"] == json.loads(json.dumps(summary["final"]))
+
+
+def _pids(*needles: str) -> list[int]:
+  """Processes whose command line holds every one of `needles`."""
+  pids = []
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/cmdline", "rb") as f:
+          cmd = f.read().decode(errors="replace")
+      except OSError:
+        continue
+      if all(n in cmd for n in needles):
+        pids.append(int(entry))
+  return pids
+
+
+def test_a_multi_process_site_preempted_by_sigterm_resumes_bit_identically(tmp_path):
+  """SIGTERM to one process of 2-process site latin while it trains a round: both its
+  processes stop at one step, save a checkpoint mid-phase and exit 0 with one line; the
+  rerun finishes the phase and the federation, and every update and global round is
+  bit-identical to an uninterrupted run's."""
+  extra = {**MOMENTS, "data.shards": 2, "federation.inner_steps": 12}
+  one_device = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+  def config_():
+    c = _config(extra=extra)
+    c.sites.cyrillic.mesh.data = c.sites.cyrillic.mesh.fsdp = c.sites.cyrillic.mesh.tensor = 0
+    return c
+
+  ref = tmp_path / "ref"
+  _deploy(config_(), ref, extra, {"latin": 2}, {"latin": one_device})
+
+  workdir = tmp_path / "preempted"
+  config = config_()
+  failure = []
+
+  def federate():
+    try:
+      _deploy(config, workdir, extra, {"latin": 2}, {"latin": one_device})
+    except BaseException as e:  # noqa: BLE001  (reported by the test)
+      failure.append(e)
+
+  thread = threading.Thread(target=federate, daemon=True)
+  thread.start()
+  ckpts = workdir / "sites" / "latin" / "checkpoints"
+  glob = buckets.Bucket("file://" + str(workdir / "buckets" / "global"))
+  deadline = time.monotonic() + 300
+  # Round 1 published and its checkpoint landed, global round 1 out: latin trains round 2.
+  while not ((ckpts / "12").is_dir() and exchange.read_latest(glob) == 1):
+    assert time.monotonic() < deadline and not failure, failure
+    time.sleep(0.02)
+  [pid] = _pids("launch.site", "--site=latin", "--process_id=1", str(workdir))
+  os.kill(pid, signal.SIGTERM)
+  logs = workdir / "logs"
+  while not all("preempted at step" in (logs / f).read_text()
+                for f in ("latin.log", "latin.1.log")):
+    assert time.monotonic() < deadline and not failure, failure
+    time.sleep(0.1)
+  worker = site_lib.SiteWorker(config, "latin", str(workdir / "sites" / "latin"),
+                               devices=jax.devices()[:2])
+  meta = worker.restore()
+  worker.close()
+  assert meta["base_round"] == 1 and not meta["published"] and 0 < meta["steps_done"] <= 12, meta
+
+  # The rerun of latin's two processes, as its operator would start them again.
+  keys = [f"--config.federation.trust.public_keys.{p}={k}"
+          for p, k in config.federation.trust.public_keys.items()]
+  address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **one_device)
+  rerun = [subprocess.Popen(
+      [sys.executable, "-m", "launch.site", *_two_device_args(extra), *keys,
+       f"--workdir={workdir}", "--site=latin", f"--coordinator_address={address}",
+       "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in rerun]
+  assert [p.returncode for p in rerun] == [0, 0], [o[-2000:] for o in outs]
+  thread.join(300)
+  assert not thread.is_alive() and not failure, failure
+
+  assert _global_digests(workdir) == _global_digests(ref)
+  for r in (1, 2):
+    got, want = (exchange.read_manifest(buckets.Bucket(f"file://{w / 'buckets' / 'latin'}"),
+                                        exchange.update_prefix(r)) for w in (workdir, ref))
+    assert {n: rec["chunk_digests"] for n, rec in got["arrays"].items()} == \
+        {n: rec["chunk_digests"] for n, rec in want["arrays"].items()}, r
+    assert got["extra"]["train_loss"] == want["extra"]["train_loss"], r
