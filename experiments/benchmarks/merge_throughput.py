@@ -126,6 +126,9 @@ _CHILD = flags.DEFINE_string("merge_child", "", "Internal: run only the merge de
 _WORKERS = flags.DEFINE_list("workers", [], "Worker counts M (e.g. 1,2): merge with M "
                              "processes joined by jax.distributed (merge_workers.Workers), "
                              "each M in every repeat; '' = one merge_round child.")
+_PROFILE = flags.DEFINE_bool("profile", False, "With --workers: time each worker's stages "
+                              "(reads with their checks, chunk digests, merge_block, waits "
+                              "for writes) and print them.")
 _WORKER_ID = flags.DEFINE_integer("worker_id", -1, "Internal: this merge worker's process id "
                                   "(with --merge_child).")
 # The scaling estimate printed with --workers: one coordinator round of a big model.
@@ -308,6 +311,7 @@ def run_worker(spec_path: str, worker_id: int) -> None:
     return out
 
   merge_lib.merge_work = timed_merge_work
+  stages = _profile_stages() if spec["profile"] else {}
   workers = merge_workers.Workers(group)
   channel = distributed.Channel("benchmark") if m > 1 else None
   attempt = exchange.new_attempt()  # The leader's names the round's directory.
@@ -343,9 +347,39 @@ def run_worker(spec_path: str, worker_id: int) -> None:
       "peak_rss_merge_mib": _status_kib("VmHWM") / 1024 if reset else None,
       "peak_rss_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "bytes_read": glob.bytes_read + sum(b.bytes_read for b, _, _ in inputs),
-      "bytes_written": glob.bytes_written,
+      "bytes_written": glob.bytes_written, "stages_s": stages,
   }), flush=True)
   distributed.shutdown()
+
+
+def _profile_stages() -> dict[str, float]:
+  """Wraps the merge's stages in this process with timers; returns their running totals
+  in seconds, summed over threads (reads and digests run on many)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from tapestry_jax.exchange import blocks  # pylint: disable=import-outside-toplevel
+  totals = {"read_verify": 0.0, "digest": 0.0, "merge_block": 0.0, "wait_writes": 0.0}
+  lock = threading.Lock()
+
+  def timed(stage, fn, sync=False):
+    def wrapper(*args, **kwargs):
+      t = time.perf_counter()
+      out = fn(*args, **kwargs)
+      if sync:
+        jax.block_until_ready(out)
+      with lock:
+        totals[stage] += time.perf_counter() - t
+      return out
+    return wrapper
+
+  # Reads, digest checks and finiteness scans of one input block, on the merge's pool.
+  merge_lib._read_checked = timed("read_verify", merge_lib._read_checked)  # pylint: disable=protected-access
+  # Every chunk's BLAKE3, of reads (inside read_verify) and of writes.
+  blocks.chunk_digest = timed("digest", blocks.chunk_digest)
+  outer_lib.merge_block = timed("merge_block", outer_lib.merge_block, sync=True)
+  exchange.BlockWriter.wait = timed("wait_writes", exchange.BlockWriter.wait)
+  exchange.BlockWriter.wait_all = timed("wait_writes", exchange.BlockWriter.wait_all)
+  return totals
 
 
 # ------------------------------------------------------------------------- data
@@ -624,6 +658,7 @@ def summarize_workers(merges: dict[int, list[list[dict]]], input_bytes: int) -> 
         "jit_warmup_s": max(w["warmup_s"] for w in best),
         "bytes_read": sum(w["bytes_read"] for w in best),
         "bytes_written": sum(w["bytes_written"] for w in best),
+        "stages_s": [w["stages_s"] for w in best],
     }
   return out
 
@@ -650,6 +685,14 @@ def print_workers(cache: str, r: dict) -> None:
       f"M={m} {max(r[m]['peak_rss_merge_mib']):.0f} MiB" for m in ms)
         + f" (the largest worker's / M={ref}'s: "
         + ", ".join(f"{max(r[m]['peak_rss_merge_mib']) / peak_one:.2f}" for m in ms) + ")")
+  for m in ms:
+    for w, st in enumerate(r[m]["stages_s"]):
+      if st:
+        rest = r[m]["range_s"][w] - st["merge_block"] - st["wait_writes"]
+        print(f"{cache} M={m} worker {w}: own range {r[m]['range_s'][w]:.2f} s = merge_block "
+              f"{st['merge_block']:.2f} + waiting for writes {st['wait_writes']:.2f} + the "
+              f"rest {rest:.2f} (mostly waiting for reads); on the read threads, read + verify "
+              f"{st['read_verify']:.2f} s; chunk digests (reads and writes) {st['digest']:.2f} s")
   print(f"{cache} runs (s, CPU s of all workers): " + "; ".join(
       f"M={m} {[(round(a, 2), round(b, 2)) for a, b in r[m]['runs_s_cpu_s']]}" for m in ms))
 
@@ -767,7 +810,7 @@ def main(argv):
               "weights": [float(w) for w in weights],
               "out_prefix": exchange.global_prefix(out_round), "out_round": out_round,
               "max_block_bytes": max_block_bytes, "read_ahead": _READ_AHEAD.value,
-              "cache": cache}
+              "cache": cache, "profile": _PROFILE.value}
           if m:
             worker_merges[cache][m].append(run_merge_workers(spec, workdir, m))
           else:
