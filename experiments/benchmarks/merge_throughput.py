@@ -203,6 +203,19 @@ def _cpu_s() -> float:
   return t.user + t.system
 
 
+def _usage() -> dict[str, float]:
+  """This process's system CPU seconds and minor page faults so far, and the machine's
+  CPU stall time (/proc/pressure/cpu "some": time any task waited for a CPU), seconds."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  out = {"sys_s": r.ru_stime, "minor_faults": r.ru_minflt, "cpu_stall_s": 0.0}
+  try:
+    with open("/proc/pressure/cpu") as f:
+      out["cpu_stall_s"] = int(f.readline().rsplit("total=", 1)[1]) / 1e6
+  except (OSError, IndexError, ValueError):
+    pass
+  return out
+
+
 # ------------------------------------------------------------------------- the merge child
 
 def _tx(name: str):
@@ -331,7 +344,7 @@ def run_worker(spec_path: str, worker_id: int) -> None:
       channel.put("go", True)
   else:
     channel.get("go", 600)
-  cpu0, t0 = _cpu_s(), time.perf_counter()
+  cpu0, use0, t0 = _cpu_s(), _usage(), time.perf_counter()
   records = workers.merge("round", plan, glob, exchange.data_prefix(spec["out_prefix"], attempt),
                           read_ahead=spec["read_ahead"])
   if group.primary:
@@ -339,8 +352,11 @@ def run_worker(spec_path: str, worker_id: int) -> None:
         federation=FEDERATION, kind="global", round=spec["out_round"], author="global",
         attempt=attempt, base_round=0, tokens=0, arrays=records))
   merge_s, cpu_s = time.perf_counter() - t0, _cpu_s() - cpu0
+  use = {k: v - use0[k] for k, v in _usage().items()}
   print(json.dumps({
-      "worker": worker_id, "workers": m, "cache": spec["cache"], "merge_s": merge_s,
+      "worker": worker_id, "sys_s": use["sys_s"], "minor_faults": use["minor_faults"],
+      # The share of the merge's time in which some task on the machine waited for a CPU.
+      "cpu_stall_share": use["cpu_stall_s"] / merge_s, "workers": m, "cache": spec["cache"], "merge_s": merge_s,
       "cpu_s": cpu_s, "range_s": own.get("range_s", 0.0), "work_items": len(work),
       "range_bytes": sum(plan.work_bytes(k) for k in work), "warmup_s": warmup_s,
       "rss_after_imports_mib": rss_imports / 1024, "rss_before_merge_mib": rss_ready / 1024,
@@ -644,6 +660,11 @@ def summarize_workers(merges: dict[int, list[list[dict]]], input_bytes: int) -> 
         "mb_s": mb_s, "per_worker_mb_s": mb_s / m, f"speedup_vs_m{one[0]}": mb_s / one[1],
         "runs_s_cpu_s": [(run[0]["merge_s"], sum(w["cpu_s"] for w in run))
                          for run in merges[m]],
+        "median_s": sorted(run[0]["merge_s"] for run in merges[m])[len(merges[m]) // 2],
+        # Per run: the leader's CPU stall share, all workers' system CPU s and page faults.
+        "runs_cpu_stall_share": [run[0]["cpu_stall_share"] for run in merges[m]],
+        "runs_sys_s": [sum(w["sys_s"] for w in run) for run in merges[m]],
+        "runs_minor_faults": [sum(w["minor_faults"] for w in run) for run in merges[m]],
         # Each worker's own range in the fastest run: seconds, bytes read, MB/s.
         "range_s": [w["range_s"] for w in best],
         "range_mb_s": [w["range_bytes"] / w["range_s"] / MB if w["range_s"] else 0.0
@@ -693,8 +714,14 @@ def print_workers(cache: str, r: dict) -> None:
               f"{st['merge_block']:.2f} + waiting for writes {st['wait_writes']:.2f} + the "
               f"rest {rest:.2f} (mostly waiting for reads); on the read threads, read + verify "
               f"{st['read_verify']:.2f} s; chunk digests (reads and writes) {st['digest']:.2f} s")
-  print(f"{cache} runs (s, CPU s of all workers): " + "; ".join(
-      f"M={m} {[(round(a, 2), round(b, 2)) for a, b in r[m]['runs_s_cpu_s']]}" for m in ms))
+  print(f"{cache} runs (s, CPU s of all workers, of it system; minor page faults; share of "
+        f"the time some task on the machine waited for a CPU):")
+  for m in ms:
+    w = r[m]
+    print(f"  M={m}: median {w['median_s']:.2f} s; " + "; ".join(
+        f"{a:.2f} s, {b:.2f} CPU s ({sy:.2f} sys), {f / 1e3:.0f}k faults, stall {st:.0%}"
+        for (a, b), sy, f, st in zip(w["runs_s_cpu_s"], w["runs_sys_s"],
+                                     w["runs_minor_faults"], w["runs_cpu_stall_share"])))
 
 
 def scaling_estimate(worker_mb_s: float, outer_leaves: int) -> dict:
