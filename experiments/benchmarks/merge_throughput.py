@@ -13,11 +13,11 @@ bounded: 8 updates of 256 MiB each merge in under 1 GiB resident.
 Two page-cache states are measured (--cache=warm|cold|both, default both), each with its
 own raw-read baselines, merges and ratio, because they answer different questions:
   warm  every input byte is in the page cache (read once, untimed, before each repeat's
-        timed runs). Raw reads are then memory copies (~3-4 GB/s on 2 cores), so the
-        merge is CPU-bound, and what dominates it is the digest of every chunk read
-        (and written) that verification needs (BLAKE3, ~3-5 GB/s per core; it was sha256
-        at ~1.3 GB/s until the trust work; the digests are what signatures bind, so
-        they cannot be skipped). This isolates the merge's own CPU
+        timed runs). Raw reads are then memory copies, so the merge is CPU-bound: the
+        kernel's copies and page faults of its reads, the digest of every chunk read
+        and written (BLAKE3; the digests are what signatures bind, so they cannot be
+        skipped) and merge_block (--workers --profile splits them; docs/merge_workers.md).
+        This isolates the merge's own CPU
         cost: the ratio is the verification + merge overhead over a bare memory copy.
   cold  before EACH timed measurement (every raw-read variant, the verified read, every
         merge) dirty pages are flushed (os.sync) and the page cache is dropped (write 3
@@ -640,7 +640,7 @@ def summarize(runs: dict, merges: list[dict], input_bytes: int) -> dict:
 
 
 CACHE_TITLES = {
-    "warm": "WARM page cache (inputs cached; CPU-bound: the digest of every chunk dominates)",
+    "warm": "WARM page cache (inputs cached; CPU-bound)",
     "cold": "COLD page cache (os.sync + drop_caches before each run; storage throughput, "
             "what a coordinator reading fresh updates sees)",
 }
