@@ -148,7 +148,8 @@ def test_a_worker_killed_mid_merge_is_redone_bit_identically(tmp_path):
 
 
 
-def test_a_small_merge_block_commits_the_same_bits_and_audits_identically(tmp_path, monkeypatch):
+def test_a_small_merge_block_commits_the_same_bits_and_audits_identically(tmp_path,
+                                                                          monkeypatch):
   # 1 KiB chunks everywhere (the tiny model's arrays are otherwise one chunk each), so that
   # the block size decides how many blocks the merge has.
   write_arrays = exchange.write_arrays

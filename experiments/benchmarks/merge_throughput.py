@@ -356,7 +356,8 @@ def run_worker(spec_path: str, worker_id: int) -> None:
   print(json.dumps({
       "worker": worker_id, "sys_s": use["sys_s"], "minor_faults": use["minor_faults"],
       # The share of the merge's time in which some task on the machine waited for a CPU.
-      "cpu_stall_share": use["cpu_stall_s"] / merge_s, "workers": m, "cache": spec["cache"], "merge_s": merge_s,
+      "cpu_stall_share": use["cpu_stall_s"] / merge_s, "workers": m, "cache": spec["cache"],
+      "merge_s": merge_s,
       "cpu_s": cpu_s, "range_s": own.get("range_s", 0.0), "work_items": len(work),
       "range_bytes": sum(plan.work_bytes(k) for k in work), "warmup_s": warmup_s,
       "rss_after_imports_mib": rss_imports / 1024, "rss_before_merge_mib": rss_ready / 1024,
@@ -389,7 +390,8 @@ def _profile_stages() -> dict[str, float]:
     return wrapper
 
   # Reads, digest checks and finiteness scans of one input block, on the merge's pool.
-  merge_lib._read_checked = timed("read_verify", merge_lib._read_checked)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  merge_lib._read_checked = timed("read_verify", merge_lib._read_checked)
   # Every chunk's BLAKE3, of reads (inside read_verify) and of writes.
   blocks.chunk_digest = timed("digest", blocks.chunk_digest)
   outer_lib.merge_block = timed("merge_block", outer_lib.merge_block, sync=True)
