@@ -179,7 +179,8 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
     raise AuditError(f"global round {round_} records weights {recorded}; the signed token "
                      f"counts {tokens} with cap {cap} give {[float(w) for w in weights]}")
   report["outer"], report["merge"] = extra["outer"], settings
-  return merge_lib.merge_round(spec, glob, base_prefix, base, inputs, weights, scratch, out)
+  return merge_lib.merge_round(spec, glob, base_prefix, base, inputs, weights, scratch, out,
+                               max_block_bytes=merge_lib.block_bytes(f.get("merge_block_mib")))
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -70,6 +70,7 @@ class Coordinator:
     self.sites = {n: buckets.Bucket(urls[n], max_retries=retries, credentials=credentials)
                   for n in self.names}
     self.spec = federation.merge_spec(config)  # How every round is merged.
+    self.block_bytes = merge_lib.block_bytes(self.f.get("merge_block_mib"))  # Not the bits.
     self.schema = exchange.update_schema(config)  # What a site update must be.
     self.quorum = federation.quorum(config)
     self.dir = os.path.join(workdir, "coordinator")
@@ -278,7 +279,8 @@ class Coordinator:
     r = job["round"]
     inputs = [(self.sites[n], exchange.update_prefix(r), updates[n]) for n in job["sites"]]
     plan = merge_lib.plan_round(self.spec, self.glob, exchange.global_prefix(r - 1),
-                                base_manifest, inputs, job["weights"])
+                                base_manifest, inputs, job["weights"],
+                                max_block_bytes=self.block_bytes)
     out = exchange.data_prefix(exchange.global_prefix(r), job["attempt"])
     return self.workers.merge(str(job["seq"]), plan, self.glob, out)
 

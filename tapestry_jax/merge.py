@@ -75,6 +75,18 @@ from tapestry_jax.buckets import Bucket
 from tapestry_jax.exchange import ExchangeError
 
 DEFAULT_MAX_BLOCK_BYTES = 16 << 20
+
+
+def block_bytes(mib: float | None) -> int:
+  """A merge block size given in MiB (config `federation.merge_block_mib`) in bytes;
+  None is the default."""
+  if mib is None:
+    return DEFAULT_MAX_BLOCK_BYTES
+  if not float(mib) > 0:
+    raise ValueError(f"the merge block size must be > 0 MiB, got {mib!r}")
+  return max(1, int(float(mib) * 2**20))
+
+
 # Block sets read while another one merges. 0 still overlaps the reads of block i + 1
 # with the hashing and writing of block i; 1 also overlaps them with its merge, at the
 # cost of one more block set of memory. Reading and hashing dominate (the merge itself

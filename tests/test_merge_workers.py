@@ -3,7 +3,9 @@
 Real processes on localhost: the same committed site updates merged by 1, 2 and 4
 coordinator processes give bit-identical global rounds; a worker SIGKILLed mid-merge
 leaves the round uncommitted, and the restarted coordinator redoes it bit-identically.
+The merge block size (federation.merge_block_mib) does not change the bits either.
 """
+import functools
 import os
 import re
 import signal
@@ -16,8 +18,10 @@ import pytest
 
 import fed_fakes
 
+from tapestry_jax import audit
 from tapestry_jax import exchange
 from tapestry_jax import federation
+from tapestry_jax import merge as merge_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUNDS = 2
@@ -141,3 +145,36 @@ def test_a_worker_killed_mid_merge_is_redone_bit_identically(tmp_path):
   codes = _wait(_start(workdir, 2, 0.05))
   assert codes == [0, 0], [_log(workdir, i)[-2000:] for i in range(2)]
   assert _round_arrays(cfg, workdir) == want
+
+
+
+def test_a_small_merge_block_commits_the_same_bits_and_audits_identically(tmp_path,
+                                                                          monkeypatch):
+  # 1 KiB chunks everywhere (the tiny model's arrays are otherwise one chunk each), so that
+  # the block size decides how many blocks the merge has.
+  write_arrays = exchange.write_arrays
+  monkeypatch.setattr(exchange, "write_arrays", functools.partial(write_arrays,
+                                                                  max_chunk_bytes=1024))
+  plan_round, work_items = merge_lib.plan_round, []
+
+  def counting_plan_round(*args, **kwargs):
+    plan = plan_round(*args, **kwargs)
+    work_items.append(len(plan.work))
+    return plan
+
+  monkeypatch.setattr(merge_lib, "plan_round", counting_plan_round)
+  runs = {}
+  for mib in (16, 2 / 1024):  # The default, and 2 KiB blocks.
+    cfg = config(0.05)  # The outer clip sums per-block squares: the blocks must not show.
+    cfg.federation.merge_block_mib = mib
+    workdir = tmp_path / f"block_{mib}"
+    _publish_updates(cfg, workdir)
+    fed_fakes.coordinator(cfg, workdir).run()
+    runs[mib] = (cfg, workdir, _round_arrays(cfg, workdir), work_items[-1])
+  (big, _, want, big_items), (small, workdir, got, small_items) = runs.values()
+  assert small_items > 10 * big_items, (small_items, big_items)
+  assert got == want, "the merge block size changed the bits"
+  for r in range(1, ROUNDS + 1):
+    for c in (small, big):  # Audited with its own block size and with the default one.
+      report = audit.audit_round(c, str(workdir), r)
+      assert report["identical"], report["mismatches"]

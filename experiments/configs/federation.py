@@ -174,6 +174,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Cap on the tokens one site may claim per round, in tokens; 0 = the configured
   # inner_steps x global_batch_size x seq_len (a site cannot inflate its weight).
   f.weight_cap_tokens = 0
+  # The coordinator's merge reads, merges and writes blocks of at most this many MiB per
+  # input (whole chunks, so the bits do not depend on it); its memory is a few block sets
+  # per merge worker. 16 = merge.DEFAULT_MAX_BLOCK_BYTES.
+  f.merge_block_mib = 16.0
   # Rounds between evaluations of the global model on every site's held-out data (the
   # last round is always evaluated).
   f.eval_every = 5
