@@ -452,11 +452,13 @@ def _pids(*needles: str) -> list[int]:
 
 
 def test_a_multi_process_site_preempted_by_sigterm_resumes_bit_identically(tmp_path):
-  """SIGTERM to one process of 2-process site latin while it trains a round: both its
+  """SIGTERM to one process of 2-process site latin after its round-1 update: both its
   processes stop at one step, save a checkpoint mid-phase and exit 0 with one line; the
   rerun finishes the phase and the federation, and every update and global round is
   bit-identical to an uninterrupted run's."""
-  extra = {**MOMENTS, "data.shards": 2, "federation.inner_steps": 12}
+  # Three rounds: a SIGTERM that misses round 2's phase (a slow checkpoint, a loaded
+  # machine) stops the site at the first step of round 3's.
+  extra = {**MOMENTS, "data.shards": 2, "federation.inner_steps": 12, "federation.rounds": 3}
   one_device = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
   def config_():
@@ -497,7 +499,8 @@ def test_a_multi_process_site_preempted_by_sigterm_resumes_bit_identically(tmp_p
                                devices=jax.devices()[:2])
   meta = worker.restore()
   worker.close()
-  assert meta["base_round"] == 1 and not meta["published"] and 0 < meta["steps_done"] <= 12, meta
+  assert meta["base_round"] in (1, 2) and not meta["published"], meta
+  assert 0 < meta["steps_done"] <= 12, meta
 
   # The rerun of latin's two processes, as its operator would start them again.
   keys = [f"--config.federation.trust.public_keys.{p}={k}"
@@ -515,7 +518,8 @@ def test_a_multi_process_site_preempted_by_sigterm_resumes_bit_identically(tmp_p
   assert not thread.is_alive() and not failure, failure
 
   assert _global_digests(workdir) == _global_digests(ref)
-  for r in (1, 2):
+  assert sorted(_global_digests(workdir)) == [0, 1, 2, 3]
+  for r in (1, 2, 3):
     got, want = (exchange.read_manifest(buckets.Bucket(f"file://{w / 'buckets' / 'latin'}"),
                                         exchange.update_prefix(r)) for w in (workdir, ref))
     assert {n: rec["chunk_digests"] for n, rec in got["arrays"].items()} == \
