@@ -48,6 +48,10 @@ def expand_paths(paths: str, what: str) -> list[str]:
         m for m in glob.glob(os.path.expanduser(pattern), recursive=True)
         if os.path.isfile(m))
     if not matches:
+      if os.path.isdir(os.path.expanduser(pattern)):
+        suggestion = os.path.join(pattern.rstrip("/"), "*.txt")
+        raise DataError(f"{what}: {pattern!r} is a directory; give file globs, e.g. "
+                        f"{suggestion!r}")
       raise DataError(f"{what}: glob {pattern!r} matches no files")
     for m in matches:
       if m not in seen:

@@ -20,8 +20,11 @@ from tapestry_jax.buckets import BucketError
 from tapestry_jax.validate import ConfigError
 
 # TimeoutError: a site that gave up waiting for the coordinator's bucket.
+# NotADirectoryError, IsADirectoryError, PermissionError: a --workdir (or a path in the
+# config) that cannot be a directory or cannot be written.
 BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataError, FileNotFoundError, BucketError, TimeoutError)
+    ConfigError, DataError, FileNotFoundError, BucketError, TimeoutError, NotADirectoryError,
+    IsADirectoryError, PermissionError)
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -81,7 +84,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad flag or a
   `--config.a.b=value` override naming no field ends in one line, not a traceback."""
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+      # ml_collections loads the config file lazily, on first use: load it now, so that
+      # a missing or broken file is this one line, not a traceback from deep in a run.
+      # (A file that failed to load is a stand-in that raises on first attribute use.)
+      getattr(flags.FLAGS["config"].value, "keys")
+    return argv
+  except OSError as e:  # The config file cannot be read (missing, a directory, ...).
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    reason = re.sub(r"^\[Errno \d+\] ", "", lines[-1])
+    message = f"--config: cannot load the config file: {reason}"
   except flags.Error as e:
     message = str(e)
     if "Traceback (most recent call last)" in message:
@@ -109,7 +122,12 @@ def exit_on_bad_input():
   except Exception as e:  # noqa: BLE001
     if not isinstance(e, bad_input_errors()):
       raise
-    print(f"error: {e}", file=sys.stderr)
+    message = str(e)
+    if isinstance(e, OSError) and e.filename and e.strerror:
+      message = f"{e.strerror.lower()}: {e.filename}"
+      if isinstance(e, NotADirectoryError):
+        message += " (a part of that path is a file, not a directory)"
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -218,6 +218,7 @@ def audit_federation(config, workdir: str, rounds: Iterable[int] | None = None, 
     trust.fill_public_keys(config, public_keys_dir, federation.party_names(config))
   if rounds is None:
     glob = buckets.Bucket(federation.bucket_urls(config, workdir)[federation.GLOBAL],
+                          max_retries=int(config.federation.storage_retries),
                           credentials=credentials)
     rounds = exchange.committed_rounds(glob, "global")
     if not rounds:

@@ -224,18 +224,24 @@ def _prefix_successor(prefix: bytes) -> bytes:
   return bytes(p)
 
 
+# Retries of a failing GCS/S3 request unless a caller says otherwise (the federation's
+# parties pass federation.storage_retries, the same number by default).
+DEFAULT_MAX_RETRIES = 6
+
+
 class Bucket:
   """A storage bucket addressed by URL, with keys relative to the URL's prefix.
 
   `max_retries` bounds how often the GCS/S3 drivers retry a failing request, with
-  exponential backoff (None keeps TensorStore's default, which can wait many minutes on
-  an unreachable endpoint). `credentials` says where this party's S3 credentials come
+  exponential backoff from 0.2 s to at most 5 s between tries (DEFAULT_MAX_RETRIES: an
+  unreachable endpoint fails an operation in about 12 s; None keeps TensorStore's own
+  default, which waits many minutes). `credentials` says where this party's S3 credentials come
   from (see `credentials_spec`); each party passes its own.
   Counters `bytes_written`/`bytes_read` count payload bytes moved through this object,
   including arrays that exchange.py moves (uncompressed sizes, see `record_transfer`).
   """
 
-  def __init__(self, url: str, *, max_retries: int | None = None,
+  def __init__(self, url: str, *, max_retries: int | None = DEFAULT_MAX_RETRIES,
                credentials: str | None = None):
     self.url = url
     self._spec = kvstore_spec(url)
