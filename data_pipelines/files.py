@@ -8,6 +8,7 @@ place is what makes every file source hold out "the last `eval_fraction` of each
 
 import abc
 import glob
+import lzma
 import math
 import os
 from typing import Any
@@ -61,16 +62,19 @@ def expand_paths(paths: str, what: str) -> list[str]:
 
 
 def read_utf8(path: str) -> str:
-  """Reads a whole file as strict UTF-8.
+  """Reads a whole file as strict UTF-8 (a `.xz` file decompressed first).
 
   Raises:
-    DataError: naming the file and the byte offset of the first invalid byte.
+    DataError: naming the file and the byte offset of the first invalid byte, or why a
+      `.xz` file does not decompress.
   """
   try:
-    with open(path, "rb") as f:
+    with (lzma.open(path, "rb") if path.endswith(".xz") else open(path, "rb")) as f:
       data = f.read()
   except OSError as e:
     raise DataError(f"cannot read {path}: {e.strerror}") from e
+  except lzma.LZMAError as e:
+    raise DataError(f"cannot read {path}: not a valid .xz file ({e})") from e
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -83,7 +87,7 @@ def eval_cut_bytes(data: bytes, eval_fraction: float) -> int:
   """Byte offset where a file's eval part starts.
 
   The eval part is the last `eval_fraction` of the file's bytes, moved forward to the
-  next line start so no line is cut in two (the rule /work/shared/data/debref's README
+  next line start so no line is cut in two (the rule data_pipelines/corpora/debref/README.md
   prescribes, so every benchmark holds out the same text).
 
   Returns:

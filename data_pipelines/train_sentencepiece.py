@@ -4,7 +4,7 @@ Where it sits: offline, before training. Its output `PATH.model` is what
 `data.tokenizer_model` points at (with `data.tokenizer="sentencepiece"`).
 
   python -m data_pipelines.train_sentencepiece \
-      --input='../shared/data/debref/*.txt' --model_prefix=/tmp/debref_sp \
+      --input='data_pipelines/corpora/debref/*.txt.xz' --model_prefix=/tmp/debref_sp \
       --vocab_size=8000
 
 The model is trained so that the pipeline's contract holds: pad id 0 (the trainer masks

@@ -2,7 +2,7 @@
 
   python -m launch.train --config=experiments/configs/lm.py:tiny --workdir=/tmp/lm_tiny
   python -m launch.train --config=experiments/configs/lm.py:tiny --workdir=/tmp/lm_fr \
-      --config.data.source=text_files --config.data.paths=../shared/data/debref/fr.txt
+      --config.data.source=text_files --config.data.paths=data_pipelines/corpora/debref/fr.txt.xz
 
 Rerunning with the same --workdir resumes from its latest checkpoint. A site of many
 processes runs this same command on every process (README, "A site of many processes"):

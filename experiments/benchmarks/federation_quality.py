@@ -3,8 +3,8 @@
   python -m experiments.benchmarks.federation_quality \
       --config=experiments/configs/federation.py:debref --workdir=/tmp/fq
 
-On ../shared/data/debref with one language per site (the `debref` variant: en, fr, ja,
-id), three arms with the same per-site inner steps, batch and schedule, each evaluated
+On the embedded Debian Reference (data_pipelines/corpora/debref) with one language per
+site (the `debref` variant: en, fr, ja, id), three arms with the same per-site inner steps, batch and schedule, each evaluated
 on every site's held-out text (last 10% of each file):
   federated      the simulation of the configured federation (same math as deployment),
   data-parallel  one model, synchronous data parallelism over the union of the sites'
@@ -31,7 +31,7 @@ from it (`train.init_from`) with the same budget as above:
 
   python -m experiments.benchmarks.federation_quality \
       --config=experiments/configs/federation.py:debref --workdir=/tmp/fq_warm \
-      --base_paths=../shared/data/debref/de.txt,../shared/data/debref/es.txt,../shared/data/debref/zh-cn.txt
+      --base_paths=data_pipelines/corpora/debref/de.txt.xz,data_pipelines/corpora/debref/es.txt.xz,data_pipelines/corpora/debref/zh-cn.txt.xz
 """
 
 from __future__ import annotations

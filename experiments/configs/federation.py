@@ -7,7 +7,8 @@ Variants (optionally followed by /SITE,SITE,... to choose the sites):
   tiny    4 sites, one synthetic language each (non-IID), ~1M params; the README's main
           job, a few minutes on a laptop CPU. Sites: latin, cyrillic, greek, kana,
           devanagari, hangul (e.g. `tiny/latin,cyrillic`).
-  debref  4 sites, one language each of ../shared/data/debref (en, fr, ja, id); the
+  debref  4 sites, one language each of the embedded Debian Reference
+          (data_pipelines/corpora/debref: en, fr, ja, id); the
           quality benchmark's setting (byte-level, d=192, 3 layers, seq 128); any of
           en, fr, ja, id, de, es, zh-cn with e.g. `debref/en,fr,de,es,zh-cn`.
   small   4 synthetic sites on the ~20M `small` model.
@@ -25,11 +26,13 @@ Run:
   python -m launch.site --config=experiments/configs/federation.py:tiny --workdir=/tmp/fed \
       --site=latin
   # override a site's data or bucket:
-  ... --config.sites.latin.source=text_files --config.sites.latin.paths=../shared/data/debref/fr.txt
+  ... --config.sites.latin.source=text_files --config.sites.latin.paths=/data/fr/*.txt
   ... --config.sites.latin.bucket=s3://site-latin/tapestry?endpoint=http://127.0.0.1:8333
 """
 
 import ml_collections
+
+from data_pipelines import corpora
 from ml_collections.config_dict import placeholder
 
 from experiments.configs import lm
@@ -216,7 +219,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # --- the sites ------------------------------------------------------------------------
   c.sites = ml_collections.ConfigDict()
   for name in names:
-    c.sites[name] = (site(source="text_files", paths=f"../shared/data/debref/{name}.txt")
+    c.sites[name] = (site(source="text_files", paths=corpora.debref(name))
                      if variant == "debref" else site(name))
 
   # Measured (experiments/benchmarks/federation_quality.py, debref, 400 steps per site,

@@ -10,7 +10,7 @@ Run:
   python -m launch.train --config=experiments/configs/lm.py:tiny --workdir=/tmp/lm_tiny
   # real text, one language of the shared corpus:
   python -m launch.train --config=experiments/configs/lm.py:tiny --workdir=/tmp/lm_fr \
-      --config.data.source=text_files --config.data.paths=../shared/data/debref/fr.txt
+      --config.data.source=text_files --config.data.paths=data_pipelines/corpora/debref/fr.txt.xz
 """
 
 import ml_collections
