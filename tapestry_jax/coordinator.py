@@ -95,9 +95,9 @@ class Coordinator:
 
   def publish_initial(self) -> None:
     params, state = initial_round(self.config)
-    arrays = {f"params/{n}": a for n, a in params.items()}
-    for n, s in state.items():
-      arrays.update({f"outer/{n}/{k}": np.asarray(v) for k, v in outer_lib.state_leaves(s).items()})
+    arrays = exchange.global_arrays(params, {n: {k: np.asarray(v) for k, v in
+                                                 outer_lib.state_leaves(s).items()}
+                                             for n, s in state.items()})
     prefix = exchange.global_prefix(0)
     attempt = exchange.new_attempt()
     records = exchange.write_arrays(self.glob, exchange.data_prefix(prefix, attempt), arrays)

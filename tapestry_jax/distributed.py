@@ -188,10 +188,6 @@ def group() -> ProcessGroup:
   return ProcessGroup(jax.process_index(), jax.process_count(), "single")
 
 
-def is_primary() -> bool:
-  return jax.process_index() == 0
-
-
 def shutdown() -> None:
   """Leaves the job (every process, at the end of a clean run)."""
   global _GROUP
@@ -238,6 +234,3 @@ class Channel:
     """Every process's `value`, in process order, on every process."""
     self.put(f"{key}/{jax.process_index()}", value)
     return [self.get(f"{key}/{i}", timeout_s) for i in range(jax.process_count())]
-
-  def delete(self, key: str) -> None:
-    self._client.key_value_delete(f"{self._prefix}/{key}")

@@ -69,7 +69,6 @@ import numpy as np
 from tapestry_jax import exchange
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import outer_config
-from tapestry_jax import outer_config
 from tapestry_jax import quantize
 from tapestry_jax.buckets import Bucket
 from tapestry_jax.exchange import ExchangeError

@@ -26,32 +26,13 @@ from absl import logging
 from tapestry_jax import distributed
 from tapestry_jax import merge as merge_lib
 from tapestry_jax.buckets import Bucket
+from tapestry_jax import exchange
 from tapestry_jax.exchange import ExchangeError
 
 # Long waits (a round waits for the sites' training) are polled in slices of this.
 _POLL_S = 60.0
 # Fault injection for tests: a worker (not the leader) sleeps this long before it merges.
 _FAULT_DELAY = "TAPESTRY_FAULT_WORKER_MERGE_DELAY_S"
-
-
-def _compact(records: dict[str, dict]) -> dict[str, dict]:
-  """A partial record with only the digests this worker wrote (a small message)."""
-  return {n: dict(r, chunk_digests={str(i): d for i, d in enumerate(r["chunk_digests"])
-                                    if d is not None}, digest=None)
-          for n, r in records.items()}
-
-
-def _expand(records: dict[str, dict]) -> dict[str, dict]:
-  out = {}
-  for n, r in records.items():
-    grid = 1
-    for s, c in zip(r["shape"], r["chunk_shape"]):
-      grid *= -(-s // c)
-    digests = [None] * grid
-    for i, d in r["chunk_digests"].items():
-      digests[int(i)] = d
-    out[n] = dict(r, chunk_digests=digests)
-  return out
 
 
 def _bad_report(e: merge_lib.BadUpdate) -> dict:
@@ -118,7 +99,7 @@ class Workers:
     try:
       result = merge_lib.merge_work(plan, out, out_prefix, work, read_ahead=read_ahead,
                                     partial=True)
-      report = {"records": _compact(result.records), "site_squares": result.site_squares}
+      report = {"records": exchange.compact_records(result.records), "site_squares": result.site_squares}
       self.items_merged += len(work)
     except merge_lib.BadUpdate as e:
       report = _bad_report(e)
@@ -137,7 +118,7 @@ class Workers:
     _raise_first_bad(reports)
     if not self.leader:
       return {}
-    results = [merge_lib.RangeResult(_expand(r["records"]), r["site_squares"])
+    results = [merge_lib.RangeResult(exchange.expand_records(r["records"]), r["site_squares"])
                for r in reports]
     return merge_lib.finish_round(plan, results)
 

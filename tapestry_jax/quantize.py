@@ -1,7 +1,7 @@
 """One-byte pseudo-gradients: what a site sends with `federation.update_dtype` "int8" or
 "float8_e4m3fn"; either is 4x smaller than float32.
 
-  int8           INTELLECT-1's scheme (arXiv 2412.01152; `../shared/ALGORITHMS.md`): per
+  int8           INTELLECT-1's scheme (arXiv 2412.01152): per
                  tensor, values are clipped to mean +- 6 standard deviations and rounded
                  to one of 255 evenly spaced levels, an int8 code in [-127, 127]:
                    value = offset + scale * code, offset = mean(x), scale = 6 std(x) / 127

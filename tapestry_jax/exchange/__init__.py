@@ -19,7 +19,7 @@ from tapestry_jax.exchange.rounds import (
 from tapestry_jax.exchange.store import (
     COMMIT, DEFAULT_MAX_CHUNK_BYTES, FORMAT_VERSION, KINDS, LATEST, MANIFEST, CommitConflict,
     ExchangeError, check_schema, choose_chunk_shape, chunk_digest, combined_digest,
-    committed_rounds, data_prefix, global_prefix, make_manifest, manifest_digest,
+    compact_records, committed_rounds, data_prefix, expand_records, global_prefix, make_manifest, manifest_digest,
     merge_records, new_attempt, np_dtype, read_arrays, read_latest, read_manifest,
     round_prefix, uncommitted_attempts, update_prefix, write_arrays, write_latest,
     write_manifest)

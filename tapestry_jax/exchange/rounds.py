@@ -168,8 +168,9 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
       {n: v.codes if isinstance(v, quantize.Quantized) else v for n, v in sent.items()})
   if channel is not None:  # Durable here on every process: combine, then commit.
     key = f"publish/{round_}/{attempt}"
-    parts = channel.gather(key, {"records": _compact(records), "squares": _shard_squares(deltas)})
-    records = store.merge_records([_expand(p["records"]) for p in parts])
+    parts = channel.gather(key, {"records": store.compact_records(records),
+                                 "squares": _shard_squares(deltas)})
+    records = store.merge_records([store.expand_records(p["records"]) for p in parts])
     norm = _combined_norm([p["squares"] for p in parts])
     if not np.isfinite(norm):
       raise bad
@@ -193,24 +194,6 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
     raise ExchangeError(f"site {name}: process {jax.process_index()} built another manifest "
                         f"for round {round_} than the one committed")
   return committed
-
-
-def _compact(records: dict[str, dict]) -> dict[str, dict]:
-  """A process's records with only the chunk digests it wrote (a small message)."""
-  return {n: dict(r, chunk_digests={str(i): d for i, d in enumerate(r["chunk_digests"])
-                                    if d is not None}, digest=None)
-          for n, r in records.items()}
-
-
-def _expand(records: dict[str, dict]) -> dict[str, dict]:
-  out = {}
-  for n, r in records.items():
-    grid = math.prod(-(-s // c) for s, c in zip(r["shape"], r["chunk_shape"]))
-    digests = [None] * grid
-    for i, d in r["chunk_digests"].items():
-      digests[int(i)] = d
-    out[n] = dict(r, chunk_digests=digests)
-  return out
 
 
 def update_norm(sent: dict[str, Any]) -> float:

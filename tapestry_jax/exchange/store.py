@@ -310,6 +310,25 @@ def merge_records(per_process: Sequence[Mapping[str, dict]]) -> dict[str, dict]:
   return {name: _finish(rec) for name, rec in merged.items()}
 
 
+def compact_records(records: Mapping[str, dict]) -> dict[str, dict]:
+  """One writer's partial records with only the chunk digests it wrote, keyed by chunk
+  index (a small message to send to whoever combines them; `expand_records` undoes it)."""
+  return {n: dict(r, chunk_digests={str(i): d for i, d in enumerate(r["chunk_digests"])
+                                    if d is not None}, digest=None)
+          for n, r in records.items()}
+
+
+def expand_records(records: Mapping[str, dict]) -> dict[str, dict]:
+  """`compact_records`' output as `merge_records` takes it (None for other writers' chunks)."""
+  out = {}
+  for n, r in records.items():
+    digests: list[str | None] = [None] * math.prod(_grid(r["shape"], r["chunk_shape"]))
+    for i, d in r["chunk_digests"].items():
+      digests[int(i)] = d
+    out[n] = dict(r, chunk_digests=digests)
+  return out
+
+
 # --------------------------------------------------------------------------- zarr stores
 
 
