@@ -10,6 +10,15 @@ import json
 import os
 from typing import Any, Iterable
 
+from tapestry_jax import model as model_lib
+
+
+def data_parallel_bytes(config, steps: int) -> int:
+  """Bytes one site of data parallelism sends for `steps` optimizer steps: a float32
+  gradient of every parameter per step (what an all-reduce must move out of each site;
+  a ring all-reduce moves up to twice that)."""
+  return 4 * model_lib.count_params(model_lib.ModelConfig.from_config(config.model)) * steps
+
 
 def read_jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
@@ -52,6 +61,7 @@ def summarize(config, site_records: list[dict], coordinator_records: list[dict] 
   for rec in coordinator_records or []:
     by_round.setdefault(rec["round"], {"round": rec["round"], "sites": {}})["coordinator"] = rec
   final = {}
+  steps = int(config.federation.rounds) * int(config.federation.inner_steps)
   names = sorted({rec["site"] for rec in site_records})
   for name in names:
     recs = [r for r in site_records if r["site"] == name]
@@ -62,6 +72,7 @@ def summarize(config, site_records: list[dict], coordinator_records: list[dict] 
                       "eval_bits_per_byte": last["eval_bits_per_byte"]},
         "bytes_sent": sum(r.get("bytes_up", 0) for r in recs),
         "bytes_received": sum(r.get("bytes_down", 0) for r in recs),
+        "data_parallel_bytes_sent": data_parallel_bytes(config, steps),
         "compute_s": sum(r.get("compute_s", 0.0) for r in recs),
         "exchange_s": sum(_exchange_s(r) for r in recs),
     }
@@ -80,6 +91,14 @@ def _mib(n: float) -> str:
   return f"{n / 2**20:.2f} MiB"
 
 
+def _vs_dp(v: dict) -> str:
+  """What data parallelism would have sent for the same steps, and how many times more."""
+  dp = v.get("data_parallel_bytes_sent")
+  if not dp:
+    return "-"
+  return f"{_mib(dp)} ({dp / max(1, v['bytes_sent']):.1f}x)"
+
+
 def table(summary: dict[str, Any]) -> str:
   """The final comparison as a fixed-width text table."""
   final = summary["final"]
@@ -87,14 +106,14 @@ def table(summary: dict[str, Any]) -> str:
   head = ["site", "fed loss", "fed bpb"]
   for k in refs:
     head += [f"{k} loss", f"{k} bpb"]
-  head += ["sent", "received"]
+  head += ["sent", "received", "DP sends"]
   rows = [head]
   for name, v in final.items():
     row = [name, f"{v['federated']['eval_loss']:.4f}", f"{v['federated']['eval_bits_per_byte']:.4f}"]
     for k in refs:
       ref = v.get(k)
       row += [f"{ref['eval_loss']:.4f}", f"{ref['eval_bits_per_byte']:.4f}"] if ref else ["-", "-"]
-    row += [_mib(v["bytes_sent"]), _mib(v["bytes_received"])]
+    row += [_mib(v["bytes_sent"]), _mib(v["bytes_received"]), _vs_dp(v)]
     rows.append(row)
   if final:
     mean = lambda k, m: sum(v[k][m] for v in final.values() if k in v) / max(
@@ -104,7 +123,9 @@ def table(summary: dict[str, Any]) -> str:
     for k in refs:
       row += [f"{mean(k, 'eval_loss'):.4f}", f"{mean(k, 'eval_bits_per_byte'):.4f}"]
     row += [_mib(sum(v["bytes_sent"] for v in final.values())),
-            _mib(sum(v["bytes_received"] for v in final.values()))]
+            _mib(sum(v["bytes_received"] for v in final.values())),
+            _vs_dp({k: sum(v.get(k, 0) for v in final.values())
+                    for k in ("bytes_sent", "data_parallel_bytes_sent")})]
     rows.append(row)
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
