@@ -4,12 +4,12 @@ Every section of `lm.py` (model, data, train, mesh) is the per-site default; `fe
 holds the outer loop and `sites` says who takes part, with what data and which bucket.
 
 Variants (optionally followed by /SITE,SITE,... to choose the sites):
-  tiny    4 sites, one synthetic language each (non-IID), ~1M params; the README's main
-          job, a few minutes on a laptop CPU. Sites: latin, cyrillic, greek, kana,
+  tiny    4 sites, one synthetic language each (non-IID), ~1M params; tests and
+          throughput, a few minutes on a laptop CPU. Sites: latin, cyrillic, greek, kana,
           devanagari, hangul (e.g. `tiny/latin,cyrillic`).
   debref  4 sites, one language each of the embedded Debian Reference
-          (data_pipelines/corpora/debref: en, fr, ja, id); the
-          quality benchmark's setting (byte-level, d=192, 3 layers, seq 128); any of
+          (data_pipelines/corpora/debref: en, fr, ja, id); the README's main job and
+          the quality benchmark's setting (byte-level, d=192, 3 layers, seq 128); any of
           en, fr, ja, id, de, es, zh-cn with e.g. `debref/en,fr,de,es,zh-cn`.
   small   4 synthetic sites on the ~20M `small` model.
 The outer algorithm, at most one modifier (e.g. `debref+fedadam`, `tiny+fedavg/latin,greek`):
