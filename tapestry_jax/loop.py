@@ -7,8 +7,9 @@ and data position), and continues bit-for-bit as if never interrupted.
 Many processes (a site of many hosts): every process runs this same function; the data
 is `data.shards` streams split over the processes (the same global batches on any
 process count), every process writes its checkpoint shards, and process 0 alone writes
-metrics, config.json, final_metrics.json and the progress bar. A SIGTERM to any process
-(preemption.py) stops all of them at one agreed step with a checkpoint.
+metrics, config.json, final_metrics.json, the plots (plots.py) and the progress bar. A
+SIGTERM to any process (preemption.py) stops all of them at one agreed step with a
+checkpoint.
 
 Host/device overlap: step t is dispatched before step t-1's metrics are read, so the
 host never waits on the device except when a metrics line, an eval or a checkpoint is
@@ -31,6 +32,7 @@ import data_pipelines
 from tapestry_jax import checkpoint as checkpoint_lib
 from tapestry_jax import metrics as metrics_lib
 from tapestry_jax import model as model_lib
+from tapestry_jax import plots
 from tapestry_jax import preemption as preemption_lib
 from tapestry_jax import sharding
 from tapestry_jax import train as train_lib
@@ -153,4 +155,5 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None,
   if primary and stop_at_step is None and not preempted:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump({"step": step, **last}, f, indent=2)
+    plots.plot_run_or_warn(workdir)
   return {"step": step, "state": state, "preempted": preempted, **last}

@@ -21,6 +21,7 @@ from absl import logging
 from tqdm import tqdm
 
 from tapestry_jax import federation
+from tapestry_jax import plots
 from tapestry_jax import report
 from tapestry_jax import simulate
 from tapestry_jax import trust
@@ -163,4 +164,8 @@ def run_federation(config, workdir: str, *, mode: str = "processes",
     logging.info("training every site alone with the same local compute")
     alone = simulate.train_alone(config, workdir)
   summary = report.summarize(config, sites, coord, alone=alone)
-  return summary, report.write(summary, workdir)
+  path = report.write(summary, workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:  # For plots: the model's size.
+    f.write(config.to_json_best_effort(indent=2))
+  plots.plot_run_or_warn(workdir)
+  return summary, path

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from tapestry_jax import plots
 from tapestry_jax import report
 from tapestry_jax import simulate
 from tapestry_jax.validate import ConfigError
@@ -77,6 +78,7 @@ def run_sweep(config, runs: list[dict[str, Any]], workdir: str, *, alone: bool =
     rows.append(row)
     with open(os.path.join(workdir, "sweep.jsonl"), "a") as f:
       f.write(json.dumps(row) + "\n")
+  plots.plot_run_or_warn(workdir)
   return rows
 
 
