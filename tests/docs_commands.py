@@ -2,7 +2,7 @@
 
 A command is a line (with its `\\` continuations) in a ```bash block of `DOCS`. Each must
 match a rule in `RULES`: either it is RUN here with a tiny budget (extra flags appended,
-`/tmp/` paths moved into a scratch directory), or it is COVERED by named tests that run the
+`/tmp/` paths moved into one scratch directory), or it is COVERED by named tests that run the
 same entry point with the same kind of arguments (two parties that must run together, a
 cluster, a benchmark of many minutes). `tests/test_docs_commands.py` checks, in the
 default suite, that every command has a rule and every named test exists; `.ci/run` runs
@@ -47,6 +47,7 @@ class Run:
   steps, which .ci/run has done already, are dropped)."""
   extra: str = ""
   timeout_s: float = 300.0
+  after_runs: bool = False  # Reads what other commands wrote (e.g. launch.plot): run last.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,7 @@ RULES: list[tuple[str, Run | Covered]] = [
     (r"python -m launch\.sweep", Run("--config.federation.rounds=2 --config.federation.inner_steps=2 "
                                      "--config.federation.compare_alone=false")),
     (r"python -m launch\.keygen", Run()),
+    (r"python -m launch\.plot", Run(after_runs=True)),
     (r"python -m launch\.audit", Covered((
         "tests/test_audit.py::test_launch_audit_prints_provenance_and_exits_0",))),
     (r"python -m data_pipelines\.train_sentencepiece", Run()),
@@ -164,12 +166,15 @@ def run_all(root: str = ROOT, only: str = "") -> int:
   failures = []
   todo = [(c, rule(c)) for c in commands(root)]
   todo = [(c, r) for c, r in todo if isinstance(r, Run) and only in c.text]
+  todo.sort(key=lambda cr: cr[1].after_runs)
   # `python` in a command is this interpreter (its venv), as for a user who activated it.
   env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
   with tempfile.TemporaryDirectory(prefix="docs_commands_") as scratch:
     for n, (cmd, r) in enumerate(todo, 1):
-      line = runnable(cmd, os.path.join(scratch, str(n)), r)
-      os.makedirs(os.path.join(scratch, str(n), "home"), exist_ok=True)
+      # One scratch directory for all, as /tmp is for a user: a command may read what an
+      # earlier one wrote (launch.plot a workdir).
+      line = runnable(cmd, scratch, r)
+      os.makedirs(os.path.join(scratch, "home"), exist_ok=True)
       t0 = time.monotonic()
       try:
         proc = subprocess.run(["bash", "-c", line], cwd=root, env=env, capture_output=True, text=True,
