@@ -15,6 +15,9 @@ Data flow (grain, all steps deterministic and checkpointable):
   -> batch                          train: drop remainder; eval: zero-pad the last
   -> thread prefetch                overlaps host work with the device step
 
+`pack_documents` runs the same steps from "tokenize" on, as for eval, over documents
+the caller gives (no source, no shards).
+
 Iterator state is grain's: a few integers (document index, piece index, packed row),
 never buffers; restoring it replays the packing window and yields the same batches.
 """
@@ -139,7 +142,31 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_size:
   tokens = docs.map(functools.partial(
       _tokenize, tokenizer=tokenizer, pretokenized=source.pretokenized))
   _check_enough_tokens(tokens, seq_len, what)
-  train = split == "train"
+  return _packed_batches(tokens, data_cfg, train=split == "train", batch_size=batch_size,
+                         seed=seed, tokenizer=tokenizer)
+
+
+def pack_documents(documents: grain.MapDataset, data_cfg: ml_collections.ConfigDict, *,
+                   batch_size: int, tokenizer: tokenizers.Tokenizer,
+                   pretokenized: bool = False) -> grain.IterDataset:
+  """`documents` (str, or int32 ids if `pretokenized`) the way `make_dataset` treats an
+  eval split: one ordered pass, packed into rows of `data_cfg.seq_len`, the last batch
+  zero-padded to `batch_size`. For text no source holds (e.g. a whole file a model is
+  evaluated on, tapestry_jax/evaluate.py); a short text is fine (its row is padded), no
+  documents give no batches."""
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+  tokens = documents.map(functools.partial(
+      _tokenize, tokenizer=tokenizer, pretokenized=pretokenized))
+  return _packed_batches(tokens, data_cfg, train=False, batch_size=batch_size,
+                         seed=data_cfg.seed, tokenizer=tokenizer)
+
+
+def _packed_batches(tokens: grain.MapDataset, data_cfg: ml_collections.ConfigDict, *,
+                    train: bool, batch_size: int, seed: int,
+                    tokenizer: tokenizers.Tokenizer) -> grain.IterDataset:
+  """Tokenized documents -> (train: shuffled, repeated) pieces -> packed rows -> batches."""
+  seq_len = data_cfg.seq_len
   if train:
     # Shuffling the random-access dataset then repeating gives every epoch its own
     # permutation (grain reseeds per epoch), and the state is just an index.

@@ -212,41 +212,54 @@ def checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
-def restore_params(path: str, abstract_params):
-  """The params of the latest checkpoint step under `path` (`checkpoint_dir`), restored
-  onto the shardings of `abstract_params` (ShapeDtypeStructs, any mesh); the optimizer
-  state, step and data position of that run are not read. InitError, one line, if there
-  is no checkpoint or it does not hold these params."""
+def restore_params(path: str, abstract_params, *, step: int | None = None,
+                   what: str | None = None):
+  """The params of checkpoint `step` (default: the latest) under `path`
+  (`checkpoint_dir`), restored onto the shardings of `abstract_params`
+  (ShapeDtypeStructs, any mesh); the optimizer state, step and data position of that run
+  are not read. A federated site's checkpoint (its train state next to its error-feedback
+  residual) works too. InitError, one line starting with `what` (default
+  "train.init_from=PATH"), if there is no such checkpoint or it does not hold these
+  params."""
+  what = what or f"train.init_from={path!r}"
   directory = checkpoint_dir(path)
   if not os.path.isdir(directory):
-    raise InitError(f"train.init_from={path!r}: no such directory")
+    raise InitError(f"{what}: no such directory")
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
                                                       save_interval_steps=0),
       item_handlers=_item_handlers())
   try:
-    step = manager.latest_step()
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise InitError(f"{what}: no checkpoint in {directory} (a launch.train workdir or "
+                      f"its checkpoints/ directory)")
     if step is None:
-      raise InitError(f"train.init_from={path!r}: no checkpoint in {directory} (a "
-                      f"launch.train workdir or its checkpoints/ directory)")
-    target = {"params": abstract_params}
+      step = steps[-1]
+    elif step not in steps:
+      raise InitError(f"{what}: no checkpoint step {step} in {directory} (it has steps "
+                      f"{', '.join(map(str, steps))})")
     try:  # Orbax would read a slice of a bigger array: compare the stored shapes first.
-      stored = manager.item_metadata(step)["state"]["params"]
+      state = manager.item_metadata(step)["state"]
+      nested = "params" not in state and "train" in state  # A site's {"train", "residual"}.
+      stored = state["train"]["params"] if nested else state["params"]
       stored = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), dict(stored))
     except Exception as e:  # noqa: BLE001
-      raise InitError(f"train.init_from={path!r}: step {step} has no params: "
+      raise InitError(f"{what}: step {step} has no params: "
                       f"{str(e).splitlines()[0][:300]}") from None
     want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), abstract_params)
     if stored != want:
-      raise InitError(f"train.init_from={path!r}: step {step} holds params of another "
-                      f"model (names, shapes or dtypes differ from model.*)")
+      raise InitError(f"{what}: step {step} holds params of another model (names, shapes "
+                      f"or dtypes differ from model.*)")
+    target = {"train": {"params": abstract_params}} if nested else {"params": abstract_params}
     try:
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
           partial_restore=True)))
     except Exception as e:  # noqa: BLE001  (Orbax raises many types for a mismatch)
-      raise InitError(f"train.init_from={path!r}: step {step} does not hold this model's "
-                      f"params: {str(e).splitlines()[0][:300]}") from None
-    return restored["state"]["params"]
+      raise InitError(f"{what}: step {step} does not hold this model's params: "
+                      f"{str(e).splitlines()[0][:300]}") from None
+    state = restored["state"]
+    return state["train"]["params"] if nested else state["params"]
   finally:
     manager.close()

@@ -13,7 +13,8 @@
 The second is how a site builds its own derivative model on the shared base after (or
 during) a federation: `launch.train --config.train.init_from=s3://global/...`.
 Either way the params land directly in the run's shardings (any mesh); the optimizer
-state, step and data position start fresh.
+state, step and data position start fresh. `read_global_params` is also how
+`model_source` reads a global round to evaluate it.
 """
 
 from __future__ import annotations
@@ -42,16 +43,24 @@ def load(tcfg, abstract_params) -> Any:
   source = str(tcfg.get("init_from", "") or "")
   if not is_bucket(source):
     return checkpoint.restore_params(source, abstract_params)
-  return _from_global_bucket(source, int(tcfg.get("init_round", -1)),
-                             str(tcfg.get("init_public_key", "") or ""), abstract_params)
+  params, _ = read_global_params(source, int(tcfg.get("init_round", -1)),
+                                 str(tcfg.get("init_public_key", "") or ""), abstract_params)
+  return params
 
 
-def _from_global_bucket(url: str, round_: int, public_key: str, abstract_params) -> Any:
+def read_global_params(url: str, round_: int, public_key: str, abstract_params, *,
+                       where: str = "", key_setting: str = "train.init_public_key"
+                       ) -> tuple[Any, int]:
+  """(params, round) of committed global round `round_` (-1: the one LATEST names) of the
+  global bucket `url`, read into the shardings of `abstract_params`: the coordinator's
+  signature verified with `public_key` (else a warning naming `key_setting`), the schema
+  checked before anything is allocated, every chunk's digest as it is read. InitError,
+  one line starting with `where` (default "train.init_from=URL"), otherwise."""
   # Here, not at the top: the round protocol imports the federation config, which
   # validates site configs with this module.
   from tapestry_jax import exchange  # pylint: disable=import-outside-toplevel
 
-  where = f"train.init_from={url!r}"
+  where = where or f"train.init_from={url!r}"
   try:
     bucket = buckets.Bucket(url)
     if round_ < 0:
@@ -70,9 +79,9 @@ def _from_global_bucket(url: str, round_: int, public_key: str, abstract_params)
       except trust.TrustError as e:
         raise InitError(f"{where}: global round {round_}: {e}") from None
     else:
-      logging.warning("%s: train.init_public_key is not set, so who wrote global round %d "
-                      "is not verified (its chunks are still checked against its manifest)",
-                      where, round_)
+      logging.warning("%s: %s is not set, so who wrote global round %d is not verified "
+                      "(its chunks are still checked against its manifest)",
+                      where, key_setting, round_)
     flat = trees.flatten(abstract_params)
     schema = {f"params/{n}": (tuple(a.shape), str(a.dtype)) for n, a in flat.items()}
     params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
@@ -82,9 +91,10 @@ def _from_global_bucket(url: str, round_: int, public_key: str, abstract_params)
                                {f"params/{n}": a.sharding for n, a in flat.items()})
   except (exchange.ExchangeError, buckets.BucketError) as e:
     raise InitError(f"{where}: {e}") from None
-  logging.info("starting from global round %d of %s (federation %r)", round_, url,
+  logging.info("read global round %d of %s (federation %r)", round_, url,
                manifest.get("federation"))
-  return trees.unflatten({n[len("params/"):]: a for n, a in got.items()}, abstract_params)
+  return trees.unflatten({n[len("params/"):]: a for n, a in got.items()},
+                         abstract_params), round_
 
 
 def check(tcfg) -> None:

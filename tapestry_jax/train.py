@@ -231,12 +231,28 @@ def summarize_eval(sums: dict[str, float]) -> dict[str, float]:
           "eval_bits_per_byte": bpb, "eval_tokens": tokens}
 
 
-def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
-  """Runs the eval step over an iterable of host batches and summarises it."""
-  totals = None
+def eval_sums(trainer: Trainer, params, batches) -> dict[str, float]:
+  """The eval step's sums (loss_sum, tokens, bytes) over an iterable of host batches,
+  added up on the host in float64 (exact token counts at any size); batch t is
+  dispatched before batch t-1's sums are read. ValueError if there are no batches."""
+  totals: dict[str, float] = {}
+  pending = None
   for host_batch in batches:
     out = trainer.eval_step(params, trainer.shard_batch(host_batch))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  if totals is None:
+    if pending is not None:
+      _add_to(totals, pending)
+    pending = out
+  if pending is None:
     raise ValueError("evaluation got no batches (is the eval split empty?)")
-  return summarize_eval(jax.device_get(totals))
+  _add_to(totals, pending)
+  return totals
+
+
+def _add_to(totals: dict[str, float], device_sums) -> None:
+  for k, v in jax.device_get(device_sums).items():
+    totals[k] = totals.get(k, 0.0) + float(v)
+
+
+def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
+  """Runs the eval step over an iterable of host batches and summarises it."""
+  return summarize_eval(eval_sums(trainer, params, batches))

@@ -47,7 +47,10 @@ class Run:
   steps, which .ci/run has done already, are dropped)."""
   extra: str = ""
   timeout_s: float = 300.0
-  after_runs: bool = False  # Reads what other commands wrote (e.g. launch.plot): run last.
+  # Commands run in phase order: 1 reads what phase-0 commands wrote (launch.plot,
+  # launch.evaluate of a workdir), 2 what phase 1 wrote (an exported model).
+  phase: int = 0
+  subs: tuple[tuple[str, str], ...] = ()  # (documented, tiny-budget) text replacements
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +84,9 @@ RULES: list[tuple[str, Run | Covered]] = [
     (r"python -m launch\.sweep", Run("--config.federation.rounds=2 --config.federation.inner_steps=2 "
                                      "--config.federation.compare_alone=false")),
     (r"python -m launch\.keygen", Run()),
-    (r"python -m launch\.plot", Run(after_runs=True)),
+    (r"python -m launch\.plot", Run(phase=1)),
+    (r"python -m launch\.evaluate .*--model=hf:", Run(phase=2)),
+    (r"python -m launch\.evaluate", Run(phase=1, subs=(("@100", "@6"),))),
     (r"python -m launch\.audit", Covered((
         "tests/test_audit.py::test_launch_audit_prints_provenance_and_exits_0",))),
     (r"python -m data_pipelines\.train_sentencepiece", Run()),
@@ -158,6 +163,8 @@ def runnable(cmd: Command, scratch: str, r: Run) -> str:
   text = cmd.text
   if "pip install" in text:
     text = text.split("&&")[-1].strip()
+  for documented, tiny in r.subs:
+    text = text.replace(documented, tiny)
   text = f"{text} {r.extra}".strip()
   return text.replace("~/", scratch + "/home/").replace("/tmp/", scratch + "/")
 
@@ -166,7 +173,7 @@ def run_all(root: str = ROOT, only: str = "") -> int:
   failures = []
   todo = [(c, rule(c)) for c in commands(root)]
   todo = [(c, r) for c, r in todo if isinstance(r, Run) and only in c.text]
-  todo.sort(key=lambda cr: cr[1].after_runs)
+  todo.sort(key=lambda cr: cr[1].phase)
   # `python` in a command is this interpreter (its venv), as for a user who activated it.
   env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
   with tempfile.TemporaryDirectory(prefix="docs_commands_") as scratch:

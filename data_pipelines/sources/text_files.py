@@ -22,6 +22,16 @@ def split_paragraphs(text: str) -> list[str]:
   return [p for p in paragraphs if p.strip()]
 
 
+def text_documents(text: str, mode: str) -> list[str]:
+  """The documents of `text` under data.text_documents `mode`: its paragraphs, or the
+  whole text as one document ("files"; none if it is blank)."""
+  if mode == "paragraphs":
+    return split_paragraphs(text)
+  if mode == "files":
+    return [text] if text.strip() else []
+  raise DataError(f"unknown data.text_documents {mode!r}; expected paragraphs or files")
+
+
 @registry.register("text_files")
 class TextFilesSource(files.FileSource):
   """UTF-8 text files; eval is the last `eval_fraction` of each file's bytes."""
@@ -33,11 +43,5 @@ class TextFilesSource(files.FileSource):
     # The cut is just after a newline, so both halves are valid UTF-8.
     parts = (data[:cut].decode("utf-8"), data[cut:].decode("utf-8"))
     mode = self.data_cfg.text_documents
-    if mode == "paragraphs":
-      train, eval_ = (split_paragraphs(p) for p in parts)
-    elif mode == "files":
-      train, eval_ = ([p] if p.strip() else [] for p in parts)
-    else:
-      raise DataError(f"unknown data.text_documents {mode!r}; expected paragraphs or "
-                      "files")
+    train, eval_ = (text_documents(p, mode) for p in parts)
     return train, eval_
