@@ -12,6 +12,7 @@ held-out loss and bits per byte on each site's data with the site's own model, n
 the bytes each site sent and received. WORKDIR/summary.json has per-round records.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -42,7 +43,13 @@ def main(argv):
         _CONFIG.value, _WORKDIR.value, mode=_MODE.value, credentials_dir=_CREDENTIALS_DIR.value,
         config_args=orchestrate.config_args_from(sys.argv[1:]))
   print(report.table(summary))
-  print(f"wrote {path}")
+  print(f"wrote {path} and the plots {os.path.dirname(path)}/*.png")
+  with exit_on_bad_input():
+    samples = orchestrate.global_samples(_CONFIG.value, _WORKDIR.value)
+  print("one sample per site from the global model (prompt | continuation; temperature 0.7, "
+        "top-k 20):")
+  for name, (prompt, continuation) in samples.items():
+    print(f"  {name}: {prompt!r} | {continuation!r}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+import numpy as np
+
 from absl import logging
 from tqdm import tqdm
 
@@ -169,3 +171,31 @@ def run_federation(config, workdir: str, *, mode: str = "processes",
     f.write(config.to_json_best_effort(indent=2))
   plots.plot_run_or_warn(workdir)
   return summary, path
+
+
+def global_samples(config, workdir: str, *, prompt_tokens: int = 24, max_new_tokens: int = 48,
+                   temperature: float = 0.7, top_k: int = 20, seed: int = 0
+                   ) -> dict[str, tuple[str, str]]:
+  """One short sample per site from the federation's latest global model (its
+  coordinator's signature checked when the trust root has its key): site -> (prompt,
+  continuation), the prompt being the start of the site's first held-out document."""
+  from tapestry_jax import generate, loop, model_source  # pylint: disable=import-outside-toplevel
+
+  names = federation.site_names(config)
+  url = federation.bucket_urls(config, workdir)[federation.GLOBAL]
+  key = str(config.federation.trust.public_keys.get(federation.COORDINATOR, "") or "")
+  first = federation.site_config(config, names[0], reference=True)
+  g = model_source.load(url, config=first, public_key=key, name="global")
+  out = {}
+  for name in names:
+    batch = next(iter(loop.eval_batches(federation.site_config(config, name, reference=True))))
+    row = batch["inputs"][0][batch["segment_ids"][0] == 1]  # The row's first document.
+    n = min(prompt_tokens, len(row))
+    while n > 1 and g.tokenizer.decode(row[:n]).endswith("\ufffd"):
+      n -= 1  # Whole characters only (a byte-level prompt may end mid-character).
+    new = generate.generate(g.model_cfg, g.params, [np.asarray(row[:n])],
+                            max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, seed=seed, stop_ids=(g.tokenizer.eos_id,))[0]
+    out[name] = (g.tokenizer.decode(row[:n]), g.tokenizer.decode(new))
+  return out
+
