@@ -274,12 +274,13 @@ def _batched_dot(a, b, contract_a: int, contract_b: int):
                              preferred_element_type=jnp.float32)
 
 
-def _attention_scores(q_BxKxGLxDh, k_BxKxLxDh, bias_Bx1xLxL):
-  B, K, GL, Dh = q_BxKxGLxDh.shape
-  L = k_BxKxLxDh.shape[2]
-  s_BxKxGLxL = _batched_dot(q_BxKxGLxDh, k_BxKxLxDh, 3, 3) * (1.0 / math.sqrt(Dh))
-  s_BxKxGxLxL = s_BxKxGLxL.reshape(B, K, GL // L, L, L) + bias_Bx1xLxL[:, :, None]
-  return s_BxKxGxLxL.reshape(B, K, GL, L)
+def _attention_scores(q_BxKxGTxDh, k_BxKxSxDh, bias_Bx1xTxS):
+  """Scores of T queries against S keys (T = S in training, T < S against a KV cache)."""
+  B, K, GT, Dh = q_BxKxGTxDh.shape
+  T, S = bias_Bx1xTxS.shape[2:]
+  s_BxKxGTxS = _batched_dot(q_BxKxGTxDh, k_BxKxSxDh, 3, 3) * (1.0 / math.sqrt(Dh))
+  s_BxKxGxTxS = s_BxKxGTxS.reshape(B, K, GT // T, T, S) + bias_Bx1xTxS[:, :, None]
+  return s_BxKxGxTxS.reshape(B, K, GT, S)
 
 
 def _attention_fwd(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias_Bx1xLxL):
@@ -310,12 +311,12 @@ def grouped_attention(q_BxLxHxDh: jax.Array, k_BxLxKxDh: jax.Array, v_BxLxKxDh: 
 
 
 def _attention_bwd(res, do_BxLxHxDh):
-  q_, k_, v_, o_, lse_BxKxGL, bias_Bx1xLxL = res
-  L = k_.shape[2]
+  q_, k_, v_, o_, lse_BxKxGL, bias_Bx1xTxS = res
+  T, S = bias_Bx1xTxS.shape[2:]
   Dh = q_.shape[-1]
   K = k_.shape[1]
   do_ = _to_head_major(do_BxLxHxDh, K)
-  p_BxKxGLxL = jnp.exp(_attention_scores(q_, k_, bias_Bx1xLxL) - lse_BxKxGL[..., None])
+  p_BxKxGLxL = jnp.exp(_attention_scores(q_, k_, bias_Bx1xTxS) - lse_BxKxGL[..., None])
   dv_ = _batched_dot(p_BxKxGLxL.astype(q_.dtype), do_, 2, 2)
   dp_BxKxGLxL = _batched_dot(do_, v_, 3, 3)
   delta_BxKxGL = jnp.sum(do_.astype(jnp.float32) * o_.astype(jnp.float32), axis=-1)
@@ -324,39 +325,57 @@ def _attention_bwd(res, do_BxLxHxDh):
   dq_ = _batched_dot(ds_BxKxGLxL, k_, 3, 2)
   dk_ = _batched_dot(ds_BxKxGLxL, q_, 2, 2)
   dt = q_.dtype
-  return (_from_head_major(dq_.astype(dt), L), _from_head_major(dk_.astype(dt), L),
-          _from_head_major(dv_.astype(dt), L), jnp.zeros_like(bias_Bx1xLxL))
+  return (_from_head_major(dq_.astype(dt), T), _from_head_major(dk_.astype(dt), S),
+          _from_head_major(dv_.astype(dt), S), jnp.zeros_like(bias_Bx1xTxS))
 
 
 grouped_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _layer(cfg: ModelConfig, x_BxLxD, layer: Params, positions_BxL, mask_Bx1xLxL):
+def attention_inputs(cfg: ModelConfig, x_BxLxD: jax.Array, layer: Params,
+                     positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One layer's pre-norm queries, keys and values, rotated to `positions_BxL`."""
   cdt = _DTYPES[cfg.compute_dtype]
-  w = jax.tree.map(lambda p: p.astype(cdt), layer)
-
   h_BxLxD = rms_norm(x_BxLxD, layer["attn_norm"], cfg.norm_eps)
-  q_BxLxHxDh = _matmul(h_BxLxD, w["wq"])
-  k_BxLxKxDh = _matmul(h_BxLxD, w["wk"])
-  v_BxLxKxDh = _matmul(h_BxLxD, w["wv"])
+  q_BxLxHxDh = _matmul(h_BxLxD, layer["wq"].astype(cdt))
+  k_BxLxKxDh = _matmul(h_BxLxD, layer["wk"].astype(cdt))
+  v_BxLxKxDh = _matmul(h_BxLxD, layer["wv"].astype(cdt))
   q_BxLxHxDh = sharding.constrain(rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta),
                                   ("batch", "length", "act_heads", None))
   k_BxLxKxDh = sharding.constrain(rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta),
                                   ("batch", "length", "act_kv", None))
   v_BxLxKxDh = sharding.constrain(v_BxLxKxDh, ("batch", "length", "act_kv", None))
+  return q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh
+
+
+def attend(cfg: ModelConfig, q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
+           mask_Bx1xTxS: jax.Array) -> jax.Array:
+  """Grouped-query attention of T queries over S keys where `mask_Bx1xTxS` is True."""
   if cfg.attention == "auto" and jax.default_backend() == "cpu":
-    bias_Bx1xLxL = jnp.where(mask_Bx1xLxL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    o_BxLxHxDh = grouped_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias_Bx1xLxL)
-  else:
-    impl = None if cfg.attention == "auto" else cfg.attention
-    o_BxLxHxDh = jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
-                                              mask=mask_Bx1xLxL, implementation=impl)
-  attn_BxLxD = _matmul(o_BxLxHxDh, w["wo"])
+    bias_Bx1xTxS = jnp.where(mask_Bx1xTxS, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    return grouped_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, bias_Bx1xTxS)
+  impl = None if cfg.attention == "auto" else cfg.attention
+  return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_Bx1xTxS,
+                                      implementation=impl)
+
+
+def attention_output_and_mlp(cfg: ModelConfig, x_BxLxD: jax.Array, layer: Params,
+                             o_BxLxHxDh: jax.Array) -> jax.Array:
+  """The rest of a layer after attention: output projection, residual, MLP, residual."""
+  cdt = _DTYPES[cfg.compute_dtype]
+  attn_BxLxD = _matmul(o_BxLxHxDh, layer["wo"].astype(cdt))
   x_BxLxD = sharding.constrain(x_BxLxD + attn_BxLxD, ("batch", "length", "act_embed"))
 
   h_BxLxD = rms_norm(x_BxLxD, layer["mlp_norm"], cfg.norm_eps)
-  mlp_BxLxD = swiglu_mlp(h_BxLxD, w["w_gate"], w["w_up"], w["w_down"])
+  mlp_BxLxD = swiglu_mlp(h_BxLxD, layer["w_gate"].astype(cdt), layer["w_up"].astype(cdt),
+                         layer["w_down"].astype(cdt))
   return sharding.constrain(x_BxLxD + mlp_BxLxD, ("batch", "length", "act_embed"))
+
+
+def _layer(cfg: ModelConfig, x_BxLxD, layer: Params, positions_BxL, mask_Bx1xLxL):
+  q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh = attention_inputs(cfg, x_BxLxD, layer, positions_BxL)
+  o_BxLxHxDh = attend(cfg, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL)
+  return attention_output_and_mlp(cfg, x_BxLxD, layer, o_BxLxHxDh)
 
 
 _REMAT_POLICIES = {
@@ -393,6 +412,11 @@ def forward_embeddings(params: Params, x_BxLxD: jax.Array, positions_BxL: jax.Ar
     for i in range(cfg.n_layers):
       x_BxLxD, _ = body(x_BxLxD, jax.tree.map(lambda p: p[i], params["layers"]))
 
+  return output_logits(params, x_BxLxD, cfg)
+
+
+def output_logits(params: Params, x_BxLxD: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The last layer's output -> final norm -> fp32 logits_BxLxV."""
   x_BxLxD = rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps)
   unembed_DxV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
   logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(x_BxLxD.dtype))
