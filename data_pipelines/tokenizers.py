@@ -111,6 +111,10 @@ class SentencePieceTokenizer:
     specials = (self.pad_id, self.bos_id, self.eos_id)
     return self._sp.decode([int(i) for i in ids if int(i) not in specials])
 
+  def model_proto(self) -> bytes:
+    """The serialized SentencePiece model (the bytes of its .model file)."""
+    return self._sp.serialized_model_proto()
+
 
 def make_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
   """The tokenizer named by `data_cfg.tokenizer` ("byte" | "sentencepiece")."""

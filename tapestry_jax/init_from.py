@@ -8,7 +8,10 @@
                              site verifies it: the coordinator's signature with
                              `train.init_public_key` ("ed25519:...", the trust root's
                              `coordinator` key), the schema before anything is allocated,
-                             and every chunk's digest as it is read.
+                             and every chunk's digest as it is read;
+  hf:DIR                     a Hugging Face Llama directory (safetensors; `tapestry_jax.hf`),
+                             e.g. an open base model on disk or a `launch.export` output:
+                             every tensor's shape is checked against the run's model first.
 
 The second is how a site builds its own derivative model on the shared base after (or
 during) a federation: `launch.train --config.train.init_from=s3://global/...`.
@@ -22,25 +25,35 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 from absl import logging
 
 from tapestry_jax import buckets
 from tapestry_jax import checkpoint
+from tapestry_jax import hf
+from tapestry_jax import model as model_lib
 from tapestry_jax import trees
 from tapestry_jax import trust
 from tapestry_jax.checkpoint import InitError
 
 COORDINATOR = "coordinator"  # The author of global rounds (`federation.COORDINATOR`).
+HF = "hf:"  # The prefix of a Hugging Face directory.
 
 
 def is_bucket(init_from: str) -> bool:
   return "://" in init_from
 
 
+def is_hf(init_from: str) -> bool:
+  return init_from.startswith(HF)
+
+
 def load(tcfg, abstract_params) -> Any:
   """The params `tcfg.init_from` names, in the shardings of `abstract_params`
   (ShapeDtypeStructs). InitError (one line) for anything that cannot be used."""
   source = str(tcfg.get("init_from", "") or "")
+  if is_hf(source):
+    return _from_hf(source, abstract_params)
   if not is_bucket(source):
     return checkpoint.restore_params(source, abstract_params)
   params, _ = read_global_params(source, int(tcfg.get("init_round", -1)),
@@ -97,13 +110,52 @@ def read_global_params(url: str, round_: int, public_key: str, abstract_params, 
                          abstract_params), round_
 
 
+def _from_hf(source: str, abstract_params) -> Any:
+  """A HF Llama directory's params, cast to the run's dtypes and placed leaf by leaf in
+  its shardings, after every shape is compared with the run's model."""
+  where = f"train.init_from={source!r}"
+  directory = os.path.expanduser(source[len(HF):])
+  cfg = _hf_config(source)
+  stored = {n: tuple(s.shape) for n, s in trees.flatten(model_lib.param_specs(cfg)).items()}
+  want = trees.flatten(abstract_params)
+  if set(stored) != set(want):
+    raise InitError(f"{where}: the checkpoint has tie_word_embeddings="
+                    f"{str(cfg.tie_embeddings).lower()}, the run's model.tie_embeddings="
+                    f"{'unembed' not in want}")
+  for name, a in want.items():
+    if stored[name] != tuple(a.shape):
+      raise InitError(f"{where}: {name} has shape {stored[name]} in the checkpoint, the "
+                      f"run's model.* needs {tuple(a.shape)}")
+
+  def put(name: str, array):
+    a = want[name]
+    host = array.astype(a.dtype, copy=False)
+    return jax.make_array_from_callback(a.shape, a.sharding, lambda index: host[index])
+
+  try:
+    params = hf.load_params(directory, cfg, put)
+  except InitError as e:
+    raise InitError(f"{where}: {e}") from None
+  logging.info("starting from the Hugging Face model in %s", directory)
+  return trees.unflatten(trees.flatten(params), abstract_params)
+
+
+def _hf_config(source: str):
+  try:
+    return hf.load_config(os.path.expanduser(source[len(HF):]))
+  except InitError as e:
+    raise InitError(f"train.init_from={source!r}: {e}") from None
+
+
 def check(tcfg) -> None:
   """Up-front checks of the init fields (before anything compiles)."""
   source = str(tcfg.get("init_from", "") or "")
   key = str(tcfg.get("init_public_key", "") or "")
-  if source and not is_bucket(source) and not os.path.isdir(checkpoint.checkpoint_dir(source)):
+  if is_hf(source):
+    _hf_config(source)
+  elif source and not is_bucket(source) and not os.path.isdir(checkpoint.checkpoint_dir(source)):
     raise InitError(f"train.init_from={source!r}: no such directory (a launch.train "
-                    f"workdir, its checkpoints/, or a global bucket URL)")
+                    f"workdir, its checkpoints/, a global bucket URL, or hf:DIR)")
   if key and not is_bucket(source):
     raise InitError("train.init_public_key verifies a global round: it needs "
                     "train.init_from to be a global bucket URL")

@@ -64,6 +64,7 @@ class Covered:
 _FQ = (f"{_TINY_FED} --workdir=/tmp/fq")
 RULES: list[tuple[str, Run | Covered]] = [
     (r"pip install -e '\.\[test\]' && python -m pytest", Covered((".ci/run",))),
+    (r"^pip install", Covered((".ci/run",))),
     (r"python -m launch\.federate", Run(_TINY_FED)),
     (r"python -m launch\.(coordinator|site) .*--num_processes", Covered((
         "tests/test_federation.py::"
@@ -80,6 +81,7 @@ RULES: list[tuple[str, Run | Covered]] = [
         "tests/test_loop.py::test_init_from_a_federations_global_bucket_verifies_the_round",
         "tests/test_s3.py::"
         "test_a_federation_of_processes_runs_over_s3_each_party_with_its_own_credentials"))),
+    (r"python -m launch\.train .*init_from=hf:", Run(_TINY_TRAIN, phase=2)),
     (r"python -m launch\.train", Run(_TINY_TRAIN)),
     (r"python -m launch\.sweep", Run("--config.federation.rounds=2 --config.federation.inner_steps=2 "
                                      "--config.federation.compare_alone=false")),
@@ -87,6 +89,9 @@ RULES: list[tuple[str, Run | Covered]] = [
     (r"python -m launch\.plot", Run(phase=1)),
     (r"python -m launch\.evaluate .*--model=hf:", Run(phase=2)),
     (r"python -m launch\.evaluate", Run(phase=1, subs=(("@100", "@6"),))),
+    (r"python -m launch\.export", Run(phase=1, subs=(("@200", "@6"),))),
+    (r"python -m launch\.sample .*--model=hf:", Run(phase=2)),
+    (r"python -m launch\.sample", Run(phase=1)),
     (r"python -m launch\.audit", Covered((
         "tests/test_audit.py::test_launch_audit_prints_provenance_and_exits_0",))),
     (r"python -m data_pipelines\.train_sentencepiece", Run()),

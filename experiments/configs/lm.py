@@ -70,8 +70,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # launch.train workdir (or its checkpoints/), latest step; or a federation's global
   # bucket URL (file://, gs://, s3://), round init_round (-1 = LATEST), its coordinator's
   # signature verified with init_public_key ("ed25519:..."; empty = not verified, with a
-  # warning). The optimizer state, step and data position start fresh. In a federation:
-  # the base model every party starts from (global round 0, and the references).
+  # warning); or hf:DIR, a Hugging Face Llama directory (an open base model on disk, or a
+  # launch.export output). The optimizer state, step and data position start fresh. In a
+  # federation: the base model every party starts from (global round 0, and the references).
   t.init_from = ""
   t.init_round = -1
   t.init_public_key = ""
