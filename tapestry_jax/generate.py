@@ -153,3 +153,15 @@ def generate(model_cfg: model_lib.ModelConfig, params, prompts: Sequence[np.ndar
     stops = np.flatnonzero(np.isin(row, stop_ids))
     results.append(row[:stops[0] + 1] if stops.size else row)
   return results
+
+
+def complete(model_cfg: model_lib.ModelConfig, params, tokenizer, prompts: Sequence[str], *,
+             max_new_tokens: int, **sampling) -> list[str]:
+  """Text continuations of text `prompts`, each the start of a document (after BOS, as the
+  data pipeline starts documents in training); generation stops at the tokenizer's EOS.
+  `sampling`: `generate`'s temperature, top_k, top_p and seed."""
+  ids = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)]).astype(np.int32)
+         for p in prompts]
+  new = generate(model_cfg, params, ids, max_new_tokens=max_new_tokens,
+                 stop_ids=(tokenizer.eos_id,), **sampling)
+  return [tokenizer.decode(n) for n in new]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,6 +17,7 @@ from tapestry_jax import coordinator as coord_lib
 from tapestry_jax import evaluate
 from tapestry_jax import federation
 from tapestry_jax import loop
+from tapestry_jax import model
 from tapestry_jax import model_source
 from tapestry_jax import site as site_lib
 from tapestry_jax import trees
@@ -198,3 +200,38 @@ def test_cli_bad_model_spec_is_one_line_and_status_2(run, text_file):
   assert "Traceback" not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "no checkpoint step 7" in errors[0], proc.stderr[-2000:]
+
+
+def _sample(*args):
+  return subprocess.run([sys.executable, "-m", "launch.sample", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_sample_cli_is_greedy_and_deterministic_at_temperature_0(run):
+  workdir, _ = run
+  args = (f"--model={workdir}", "--prompt=Lo", "--prompt=A longer prompt", "--max_new_tokens=12")
+  first, again = _sample(*args), _sample(*args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert first.stdout == again.stdout
+  m = model_source.load(workdir)
+  want = [np.concatenate([[m.tokenizer.bos_id], m.tokenizer.encode(p)]).astype(np.int32)
+          for p in ("Lo", "A longer prompt")]
+  # The reference: argmax of the whole forward over the prefix, token by token.
+  for prompt, ids in zip(("Lo", "A longer prompt"), want):
+    seq = list(ids)
+    for _ in range(12):
+      L = len(seq)
+      logits = model.forward(m.params, jnp.asarray([seq]), jnp.arange(L)[None],
+                             jnp.ones((1, L), jnp.int32), m.model_cfg)
+      nxt = int(jnp.argmax(logits[0, -1]))
+      seq.append(nxt)
+      if nxt == m.tokenizer.eos_id:
+        break
+    text = prompt + m.tokenizer.decode(seq[len(ids):])
+    assert text + "\n---" in first.stdout
+
+
+def test_sample_cli_bad_model_is_one_line_and_status_2(tmp_path):
+  proc = _sample(f"--model={tmp_path}/nothing")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert len([l for l in proc.stderr.splitlines() if l.startswith("error:")]) == 1
