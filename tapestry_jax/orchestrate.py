@@ -178,7 +178,7 @@ def global_samples(config, workdir: str, *, prompt_tokens: int = 24, max_new_tok
                    ) -> dict[str, tuple[str, str]]:
   """One short sample per site from the federation's latest global model (its
   coordinator's signature checked when the trust root has its key): site -> (prompt,
-  continuation), the prompt being the start of the site's first held-out document."""
+  continuation), the prompt being the start of a held-out document of the site's."""
   from tapestry_jax import generate, loop, model_source  # pylint: disable=import-outside-toplevel
 
   names = federation.site_names(config)
@@ -189,9 +189,12 @@ def global_samples(config, workdir: str, *, prompt_tokens: int = 24, max_new_tok
   out = {}
   for name in names:
     batch = next(iter(loop.eval_batches(federation.site_config(config, name, reference=True))))
-    row = batch["inputs"][0][batch["segment_ids"][0] == 1]  # The row's first document.
-    n = min(prompt_tokens, len(row))
-    while n > 1 and g.tokenizer.decode(row[:n]).endswith("\ufffd"):
+    inputs, segments = np.asarray(batch["inputs"]), np.asarray(batch["segment_ids"])
+    starts = np.argwhere((inputs == g.tokenizer.bos_id) & (segments > 0))
+    r, c = starts[0] if len(starts) else (0, 0)  # A document's start (its BOS), if any.
+    row = inputs[r, c:][segments[r, c:] == segments[r, c]]
+    n = min(prompt_tokens + 1, len(row))
+    while n > 2 and g.tokenizer.decode(row[:n]).endswith("\ufffd"):
       n -= 1  # Whole characters only (a byte-level prompt may end mid-character).
     new = generate.generate(g.model_cfg, g.params, [np.asarray(row[:n])],
                             max_new_tokens=max_new_tokens, temperature=temperature,

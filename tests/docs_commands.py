@@ -97,6 +97,10 @@ RULES: list[tuple[str, Run | Covered]] = [
     (r"python -m data_pipelines\.train_sentencepiece", Run()),
     (r"python -m experiments\.benchmarks\.federation_quality .*--base_paths",
      Run(f"{_FQ} --base_steps=2", timeout_s=600)),
+    (r"python -m experiments\.benchmarks\.federation_quality .*\+fedadam",
+     Run("--config.federation.rounds=6 --config.federation.eval_every=3 "
+         "--config.train.eval_batches=2 --config.federation.outer.warmup_rounds=1 "
+         "--workdir=/tmp/fq", timeout_s=600)),
     (r"python -m experiments\.benchmarks\.federation_quality", Run(_FQ, timeout_s=600)),
     (r"python -m experiments\.benchmarks\.federation_overhead",
      Run("--inner_steps=2 --rounds=2 --workdir=/tmp/fo")),

@@ -40,6 +40,7 @@ import time
 
 import jax
 import numpy as np
+import tensorstore as ts
 from absl import app, flags
 
 from experiments.configs import federation as fed_config
@@ -72,7 +73,7 @@ def _raw_write(bucket: buckets.Bucket, prefix: str, arrays) -> dict:
     spec = {"driver": "zarr3", "kvstore": bucket.array_spec(exchange.store._array_key(prefix, name)),
             "metadata": dict(exchange.store._zarr_metadata(a.shape, a.dtype.name, chunk),
                              codecs=[{"name": "bytes", "configuration": {"endian": "little"}}])}
-    opens[name] = exchange.ts.open(spec, create=True, delete_existing=True,
+    opens[name] = ts.open(spec, create=True, delete_existing=True,
                                    context=bucket.context)
     records[name] = {"shape": list(a.shape), "dtype": a.dtype.name, "chunk_shape": list(chunk)}
   writes = [opens[n].result()[...].write(a) for n, a in arrays.items()]
