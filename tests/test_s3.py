@@ -23,10 +23,13 @@ import pytest
 from experiments.configs import federation as fed_config
 from tapestry_jax import buckets
 from tapestry_jax import coordinator as coord_lib
+from tapestry_jax import evaluate
 from tapestry_jax import exchange
 from tapestry_jax import federation
+from tapestry_jax import model_source
 from tapestry_jax import orchestrate
 from tapestry_jax import seaweed
+from tapestry_jax import trees
 from tapestry_jax import trust
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,6 +183,27 @@ def test_a_federation_of_processes_runs_over_s3_each_party_with_its_own_credenti
     root.verify(update, i["site"])
     assert exchange.manifest_digest(update) == i["manifest_sha256"]
   print(f"federation over S3: 2 rounds, 3 processes, {elapsed:.1f} s")
+
+  # launch.evaluate's loader reads global round 2 from S3, verified with the coordinator's
+  # key: the params the coordinator committed, and the same loss as evaluating those.
+  for k, v in s3.environment("coordinator").items():
+    monkeypatch.setenv(k, v)
+  key = config.federation.trust.public_keys.coordinator
+  got = model_source.load(config.federation.global_bucket + "@2", config=config, public_key=key)
+  flat = trees.flatten(got.params)
+  names = {f"params/{n}": a.sharding for n, a in flat.items()}
+  assert sorted(names) == sorted(k for k in manifest["arrays"] if k.startswith("params/"))
+  want = exchange.read_arrays(glob, exchange.global_prefix(2), dict(
+      manifest, arrays={k: manifest["arrays"][k] for k in names}), names)
+  for n, a in flat.items():
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(want[f"params/{n}"]))
+  text = tmp_path / "latin.txt"
+  text.write_text("Lomi bera tasu keno.\n\nAna seri tolu.\n")
+  data = evaluate.data_list([str(text)])
+  assert np.isfinite(evaluate.evaluate(got, data)["overall"]["loss"])
+  with pytest.raises(model_source.ModelSourceError, match="signature|signed"):
+    model_source.load(config.federation.global_bucket + "@2", config=config,
+                      public_key=config.federation.trust.public_keys.latin)
 
 
 # ------------------------------------------------------------------------- permissions
