@@ -235,3 +235,27 @@ def test_sample_cli_bad_model_is_one_line_and_status_2(tmp_path):
   proc = _sample(f"--model={tmp_path}/nothing")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert len([l for l in proc.stderr.splitlines() if l.startswith("error:")]) == 1
+
+
+def test_export_then_evaluate_and_sample_the_exported_directory(run, text_file, tmp_path):
+  """launch.export writes the run as a Hugging Face directory; evaluating and sampling
+  `hf:DIR` gives what the run itself gives (float32: the same params)."""
+  workdir, _ = run
+  out = tmp_path / "hf"
+  proc = subprocess.run([sys.executable, "-m", "launch.export", f"--model={workdir}",
+                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+  exported = model_source.load(f"hf:{out}")
+  original = model_source.load(workdir)
+  _same(exported.params, original.params)
+  data = evaluate.data_list([text_file])
+  # The same sequence length (an exported directory records none of the run's data).
+  want = evaluate.evaluate(original, data, seq_len=64)["overall"]
+  got = evaluate.evaluate(exported, data, seq_len=64)["overall"]
+  assert got["tokens"] == want["tokens"]
+  assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+  args = ("--prompt=Lo", "--max_new_tokens=8")
+  a, b = _sample(f"--model={workdir}", *args), _sample(f"--model=hf:{out}", *args)
+  assert a.returncode == 0 and b.returncode == 0, b.stderr[-3000:]
+  assert a.stdout == b.stdout
