@@ -227,8 +227,19 @@ def _pad_ylim(ax, values) -> None:
   ax.set_ylim(lo - pad, hi + pad)
 
 
+def _log_y(ax) -> None:
+  """A log y axis labelled with plain numbers (major and minor ticks)."""
+  from matplotlib.ticker import FormatStrFormatter
+
+  lo, hi = ax.get_ylim()
+  ax.set_yscale("log")
+  ax.set_ylim(max(lo, 1e-3), hi)
+  ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+  ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+
+
 def _mb(n: float) -> str:
-  return f"{n / 1e6:.3g} MB"
+  return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
 
 
 def _train_figures(workdir: str) -> dict[str, Any]:
@@ -282,8 +293,9 @@ def _federation_figures(workdir: str) -> dict[str, Any]:
   ax.legend(handles=handles, loc="upper right", ncols=2, fontsize="small")
   _pad_ylim(ax, [v for x in sites for v in per[x]["eval_loss"]] +
             [v for r in refs.values() for v in r["eval_loss"].values()])
+  _log_y(ax)  # The first rounds fall far; the sites differ, and meet the references, late.
   ax.set_xlabel("global round")
-  ax.set_ylabel("held-out loss on the site's data (nats/token)")
+  ax.set_ylabel("held-out loss on the site's data (nats/token, log scale)")
   ax.set_title(f"{name}: the global model on each site's held-out data ({budget})")
   out["federation_rounds.png"] = fig
 

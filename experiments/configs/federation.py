@@ -275,7 +275,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m = c.model
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff = 192, 3, 6, 6, 32, 512
     c.data.tokenizer = "byte"
-    f.rounds, f.inner_steps, f.eval_every = 80, 5, 20  # 400 inner steps per site.
+    f.rounds, f.inner_steps, f.eval_every = 80, 5, 8  # 400 inner steps per site.
     t.steps = f.rounds * f.inner_steps
   if variant == "small":
     t.global_batch_size = 16
