@@ -20,6 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file with get_sweep().")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and sweep.jsonl.")
 _ALONE = flags.DEFINE_bool("alone", True, "Also train each site alone for comparison.")
+_RUNS = flags.DEFINE_list("runs", [], "Only these runs of the sweep, by name (default: all).")
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
 
@@ -39,6 +40,8 @@ def main(argv):
   quiet_library_logs()
   with exit_on_bad_input():
     runs = _load_sweep(_SWEEP.value)
+    if _RUNS.value:
+      runs = sweep.select_runs(runs, _RUNS.value)
     rows = sweep.run_sweep(_CONFIG.value, runs, _WORKDIR.value, alone=_ALONE.value)
   print(sweep.table(rows))
 

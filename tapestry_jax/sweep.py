@@ -22,6 +22,15 @@ from tapestry_jax import simulate
 from tapestry_jax.validate import ConfigError
 
 
+def select_runs(runs: list[dict], names: list[str]) -> list[dict]:
+  """The runs named `names`, in the sweep's order; an unknown name is a ConfigError."""
+  unknown = sorted(set(names) - {r.get("name") for r in runs})
+  if unknown:
+    raise ConfigError(f"--runs: unknown run(s) {unknown}; the sweep has "
+                      f"{[r.get('name') for r in runs]}")
+  return [r for r in runs if r.get("name") in names]
+
+
 def apply_overrides(config, overrides: dict[str, Any]):
   """A copy of `config` with dotted-path overrides; unknown paths are a ConfigError."""
   c = config.copy_and_resolve_references()

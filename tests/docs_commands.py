@@ -83,8 +83,8 @@ RULES: list[tuple[str, Run | Covered]] = [
         "test_a_federation_of_processes_runs_over_s3_each_party_with_its_own_credentials"))),
     (r"python -m launch\.train .*init_from=hf:", Run(_TINY_TRAIN, phase=2)),
     (r"python -m launch\.train", Run(_TINY_TRAIN)),
-    (r"python -m launch\.sweep", Run("--config.federation.rounds=2 --config.federation.inner_steps=2 "
-                                     "--config.federation.compare_alone=false")),
+    # One run of the sweep (its own rounds and H), no alone references.
+    (r"python -m launch\.sweep", Run("--runs=H100 --noalone")),
     (r"python -m launch\.keygen", Run()),
     (r"python -m launch\.plot", Run(phase=1)),
     (r"python -m launch\.evaluate .*--model=hf:", Run(phase=2)),

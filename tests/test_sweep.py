@@ -49,3 +49,10 @@ def test_every_shipped_sweep_gives_valid_configs(module, base):
   assert len({r["name"] for r in runs}) == len(runs) > 1
   for run in runs:
     federation.check_federation_config(sweep.apply_overrides(base, run))
+
+
+def test_select_runs_keeps_the_named_runs_in_order_and_refuses_unknown_names():
+  runs = [{"name": "H10"}, {"name": "H25"}, {"name": "H50"}]
+  assert sweep.select_runs(runs, ["H50", "H10"]) == [{"name": "H10"}, {"name": "H50"}]
+  with pytest.raises(ConfigError, match=r"unknown run\(s\) \['H7'\]"):
+    sweep.select_runs(runs, ["H7"])
