@@ -41,15 +41,13 @@ def main(argv):
   with exit_on_bad_input():
     summary, path = orchestrate.run_federation(
         _CONFIG.value, _WORKDIR.value, mode=_MODE.value, credentials_dir=_CREDENTIALS_DIR.value,
-        config_args=orchestrate.config_args_from(sys.argv[1:]))
+        config_args=orchestrate.config_args_from(sys.argv[1:]), samples=True)
   print(report.table(summary))
   print(f"wrote {path} and the plots {os.path.dirname(path)}/*.png")
-  with exit_on_bad_input():
-    samples = orchestrate.global_samples(_CONFIG.value, _WORKDIR.value)
   print("one sample per site from the global model (prompt | continuation; temperature 0.7, "
         "top-k 20):")
-  for name, (prompt, continuation) in samples.items():
-    print(f"  {name}: {prompt!r} | {continuation!r}")
+  for name, s in summary["samples"].items():
+    print(f"  {name}: {s['prompt']!r} | {s['continuation']!r}")
 
 
 if __name__ == "__main__":

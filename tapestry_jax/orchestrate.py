@@ -17,15 +17,19 @@ import sys
 import time
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from absl import logging
 from tqdm import tqdm
 
+import data_pipelines
 from tapestry_jax import federation
+from tapestry_jax import model as model_lib
 from tapestry_jax import plots
 from tapestry_jax import report
 from tapestry_jax import simulate
+from tapestry_jax import trees
 from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
 
@@ -139,16 +143,17 @@ def config_args_from(argv: Sequence[str]) -> list[str]:
 
 
 def run_federation(config, workdir: str, *, mode: str = "processes",
-                   config_args: Sequence[str] = (),
-                   credentials_dir: str | None = None) -> tuple[dict[str, Any], str]:
+                   config_args: Sequence[str] = (), credentials_dir: str | None = None,
+                   samples: bool = False) -> tuple[dict[str, Any], str]:
   """Runs a whole federation on this machine and compares it with each site alone.
 
   mode 'processes': the coordinator and one process per site (`run_processes`), each
   started with `config_args` (the command line's, see `config_args_from`) and, with
   `credentials_dir`, only its own DIR/PARTY.aws-credentials; 'simulate': every site in
   this process. Then, if config.federation.compare_alone, every site is trained alone
-  with the same local compute. Returns the summary and the path it was written to,
-  WORKDIR/summary.json."""
+  with the same local compute. With `samples`, the summary also holds one short sample
+  per site from the final global model (`global_samples`). Returns the summary and the
+  path it was written to, WORKDIR/summary.json."""
   if mode not in ("processes", "simulate"):
     raise ConfigError(f"mode {mode!r} is not 'processes' or 'simulate'")
   federation.check_federation_config(config)
@@ -159,13 +164,18 @@ def run_federation(config, workdir: str, *, mode: str = "processes",
                     for p in federation.party_names(config)}
     run_processes(config, workdir, list(config_args), party_args=party_args)
     sites, coord = report.deployment_records(workdir, federation.site_names(config))
+    final_params = None  # Read back from the global bucket.
   else:
-    sites, coord = simulate.simulate(config, workdir)["records"], None
+    sim = simulate.simulate(config, workdir)
+    sites, coord, final_params = sim["records"], None, sim["params"]
   alone = None
   if config.federation.compare_alone:
     logging.info("training every site alone with the same local compute")
     alone = simulate.train_alone(config, workdir)
   summary = report.summarize(config, sites, coord, alone=alone)
+  if samples:
+    summary["samples"] = {n: {"prompt": p, "continuation": c} for n, (p, c) in
+                          global_samples(config, workdir, params=final_params).items()}
   path = report.write(summary, workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:  # For plots: the model's size.
     f.write(config.to_json_best_effort(indent=2))
@@ -173,19 +183,27 @@ def run_federation(config, workdir: str, *, mode: str = "processes",
   return summary, path
 
 
-def global_samples(config, workdir: str, *, prompt_tokens: int = 24, max_new_tokens: int = 48,
-                   temperature: float = 0.7, top_k: int = 20, seed: int = 0
-                   ) -> dict[str, tuple[str, str]]:
-  """One short sample per site from the federation's latest global model (its
-  coordinator's signature checked when the trust root has its key): site -> (prompt,
-  continuation), the prompt being the start of a held-out document of the site's."""
+def global_samples(config, workdir: str, *, params: dict[str, Any] | None = None,
+                   prompt_tokens: int = 24, max_new_tokens: int = 48, temperature: float = 0.7,
+                   top_k: int = 20, seed: int = 0) -> dict[str, tuple[str, str]]:
+  """One short sample per site from the federation's latest global model: site ->
+  (prompt, continuation), the prompt being the start of a held-out document of the
+  site's. The model is the global bucket's latest round (its coordinator's signature
+  checked when the trust root has its key), or `params` (a simulation's final global
+  params, by leaf name)."""
   from tapestry_jax import generate, loop, model_source  # pylint: disable=import-outside-toplevel
 
   names = federation.site_names(config)
-  url = federation.bucket_urls(config, workdir)[federation.GLOBAL]
-  key = str(config.federation.trust.public_keys.get(federation.COORDINATOR, "") or "")
   first = federation.site_config(config, names[0], reference=True)
-  g = model_source.load(url, config=first, public_key=key, name="global")
+  if params is None:
+    url = federation.bucket_urls(config, workdir)[federation.GLOBAL]
+    key = str(config.federation.trust.public_keys.get(federation.COORDINATOR, "") or "")
+    g = model_source.load(url, config=first, public_key=key, name="global")
+  else:
+    mcfg = model_lib.ModelConfig.from_config(config.model)
+    like = jax.eval_shape(lambda: model_lib.init_params(mcfg, jax.random.key(0)))
+    g = model_source.Loaded("global", mcfg, trees.unflatten(params, like),
+                            data_pipelines.make_tokenizer(first.data), first.data)
   out = {}
   for name in names:
     batch = next(iter(loop.eval_batches(federation.site_config(config, name, reference=True))))
