@@ -1,31 +1,34 @@
-"""`synthetic` source: six invented languages rendering one shared latent world.
+"""`synthetic` source: one invented language written in six scripts, about one shared world.
 
-Data flow: synthetic.seed -> `make_world` (concepts, topics and "facts", shared by every
-language) -> `latent_document` (per language, split and index: a topic and a sequence of
-latent clauses) -> `render_document` (the language's lexicon, morphology, word order,
-script and punctuation) -> text -> pipeline (tokenized like any text source).
+Data flow: synthetic.seed -> `make_world` (people, things, actions, cities and the facts
+that link them) and `make_vocabulary` (one word per meaning), both shared by every
+language -> `latent_document` (per language, split and index: a topic, a protagonist and
+a sequence of latent clauses) -> `render_document` (the shared grammar, written in the
+language's script) -> text -> pipeline (tokenized like any text source).
 
-Why this shape: federated sites hold non-IID data (different languages, scripts and
-topic mixes) that still rewards collaboration, because what is worth learning beyond
-the surface form is shared: which agents tend to do which actions to which entities,
-the attribute each entity usually has, which entities/places/actions co-occur in a
-topic, and discourse continuity (a clause's object often becomes the next subject).
-A few named agents are spelled the same in every language, as anchors.
+Why this shape: federated sites hold non-IID data (different scripts, hence different
+bytes, and different topic mixes), and federating them should still help, so what there
+is to learn is mostly shared. The languages share one grammar and one vocabulary of
+meanings: a word is a string of abstract syllables, and a language only chooses how to
+write each syllable (a transliteration, as Serbian is written in Latin and in Cyrillic
+letters). What real multilingual corpora spell the same in every script is spelled the
+same here too: people's names and cities (Latin letters) and dates (digits). Beyond the
+spelling, a model can learn the world: each person's birthday and home city, each
+agent's habits (actions and their usual objects, mostly other people), each thing's
+usual attribute, which people, things, actions and cities a topic brings together, and
+discourse continuity (a protagonist who recurs, an object that becomes the next
+subject). The facts are many and the script-specific vocabulary is small, so one
+site's data teaches the facts slowly while every site's data teaches the same facts.
 Nothing is copied from real text; everything is generated from the seed.
 
-The languages (`LANGUAGE_NAMES`, selectable by name or index):
-  0 latin       Latin letters, SVO, adjective before noun, no case, verb agrees with a
-                plural subject, tense suffix, prepositions, capitalised, "."
-  1 cyrillic    Cyrillic, SOV, adjective after noun, case suffixes, tense suffix,
-                agreement, prepositional place phrase first, copula last, "."
-  2 greek       Greek, VSO, articles, adjective after noun, case suffixes, tense
-                auxiliary after the verb, no verb agreement, prepositions, "."
-  3 devanagari  Devanagari consonants + vowel signs (3-byte UTF-8), SOV, case
-                particles, tense auxiliary, postpositions, place first, "।"
-  4 kana        hiragana syllables (3-byte UTF-8) with NO spaces between words, SOV,
-                particles, tense suffix, postpositions, place first, "。"
-  5 hangul      composed Hangul syllable blocks (3-byte UTF-8), OSV, particles, tense
-                suffix, postpositions, "."
+The languages (`LANGUAGE_NAMES`, selectable by name or index) differ in script, byte
+width, capitalisation, word spacing and punctuation (and in their topic mix):
+  0 latin       Latin letters (1 byte), capitalised sentences, "."
+  1 cyrillic    Cyrillic letters (2 bytes), capitalised sentences, "."
+  2 greek       Greek letters (2 bytes), capitalised sentences, "."
+  3 devanagari  consonants with vowel signs (3 bytes each), "।"
+  4 kana        hiragana syllables (3 bytes), NO spaces between words, "。"
+  5 hangul      composed Hangul syllable blocks (3 bytes), "."
 
 Everything is deterministic in (synthetic.seed, language, split, document index);
 a document takes well under a millisecond to generate, so documents are made on
@@ -46,24 +49,27 @@ from data_pipelines import files
 from data_pipelines import registry
 from data_pipelines.errors import DataError
 
-# Sizes of the latent world. Agents are entities that can be subjects of actions;
-# entities 0..NUM_AGENTS-1 are agents, the rest are things. The first NUM_NAMED agents
-# have proper names spelled identically in every language (Latin letters), like the
-# names and brands real multilingual corpora share: anchors for cross-lingual transfer.
-NUM_NAMED = 12
-NUM_AGENTS = 40
-NUM_ENTITIES = 100
-NUM_ACTIONS = 30
-NUM_ATTRIBUTES = 20
-NUM_PLACES = 16
+# Sizes of the latent world. Entities 0..NUM_AGENTS-1 are agents (can act); of those,
+# 0..NUM_PEOPLE-1 are people with proper names (spelled the same in every language),
+# the rest are agents named by common nouns ("the smith"); the others are things.
+NUM_PEOPLE = 160
+NUM_AGENTS = 176
+NUM_ENTITIES = 208
+NUM_ACTIONS = 16
+NUM_ATTRIBUTES = 12
+NUM_PLACES = 16  # Cities, with proper names spelled the same in every language.
 NUM_TOPICS = 8
+FIRST_YEAR, NUM_YEARS = 1900, 120  # People are born in FIRST_YEAR + [0, NUM_YEARS).
 
 # Generation probabilities (the "physics" of the world; shared by all languages).
-_P_COPULA = 0.2  # Clause is "ENTITY is ATTRIBUTE" instead of "AGENT ACTS ENTITY".
-_P_INTRINSIC = 0.85  # An attribute is the entity's own one (a learnable fact).
-_P_FAVOURED_ACTION = 0.6  # The agent's habitual actions vs the topic's actions.
-_P_FAVOURED_OBJECT = 0.7  # The agent's usual object for that action vs any.
-_P_CONTINUE = 0.5  # The previous object (if an agent) becomes the subject.
+_P_BIRTH = 0.25  # Clause is "PERSON was born on DATE in CITY" (two facts).
+_P_COPULA = 0.15  # Clause is "ENTITY is ATTRIBUTE".
+_P_INTRINSIC = 0.9  # An attribute is the entity's own one (a learnable fact).
+_P_PROTAGONIST = 0.5  # The subject is the document's protagonist.
+_P_CONTINUE = 0.4  # Else the previous object (if an agent) becomes the subject.
+_P_FAVOURED_ACTION = 0.7  # The agent's habitual actions vs the topic's actions.
+_P_FAVOURED_OBJECT = 0.7  # The agent's usual object for that action vs the topic's.
+_P_HOME = 0.8  # A person's place phrase is their home city.
 _P_ADJECTIVE = 0.25
 _P_PLACE = 0.3
 _P_PLURAL = 0.25
@@ -72,42 +78,45 @@ _SENTENCES_PER_LINE = 4  # A newline every 4 sentences gives documents line stru
 
 LANGUAGE_NAMES = ("latin", "cyrillic", "greek", "devanagari", "kana", "hangul")
 
+# The abstract syllable inventory: CONSONANTS x VOWELS, plus a word-final coda "n".
+# Each script writes the same syllable its own way (kana's rows fix the choice).
+CONSONANTS = "kstnhmrgzdbp"
+VOWELS = "aiueo"
+NUM_SYLLABLES = len(CONSONANTS) * len(VOWELS)
+
 
 class Script(NamedTuple):
-  """How a language spells syllables."""
+  """How a language writes abstract syllables: syllables[c * len(VOWELS) + v]."""
   syllables: tuple[str, ...]
-  # Word-final codas; for Hangul these are jamo offsets added to the last block.
-  codas: tuple[str, ...] | tuple[int, ...]
+  coda: str  # Appended to a word's last syllable ("" for Hangul: the block takes a final).
 
 
-def _alphabet(consonants: str, vowels: Sequence[str], codas: str) -> Script:
-  return Script(tuple(c + v for c in consonants for v in vowels), tuple(codas))
-
-
-def _devanagari() -> Script:
-  consonants = "कखगघचछजझटठडढतथदधनपफबभमयरलवशसह"
-  vowel_signs = ["", "\u093e", "\u093f", "\u0940", "\u0941", "\u0942", "\u0947",
-                 "\u0948", "\u094b", "\u094c"]  # inherent a, aa, i, ii, u, uu, e, ai, o, au
-  return _alphabet(consonants, vowel_signs, "\u0902")  # anusvara as coda
+def _alphabet(consonants: Sequence[str], vowels: Sequence[str], coda: str) -> Script:
+  assert len(consonants) == len(CONSONANTS) and len(vowels) == len(VOWELS)
+  return Script(tuple(c + v for c in consonants for v in vowels), coda)
 
 
 def _kana() -> Script:
-  kana = ("あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめも"
-          "やゆよらりるれろわがぎぐげござじずぜぞだでどばびぶべぼぱぴぷぺぽ")
-  return Script(tuple(kana), ("ん",))
+  rows = ("かきくけこ", "さしすせそ", "たちつてと", "なにぬねの", "はひふへほ", "まみむめも",
+          "らりるれろ", "がぎぐげご", "ざじずぜぞ", "だぢづでど", "ばびぶべぼ", "ぱぴぷぺぽ")
+  return Script(tuple("".join(rows)), "ん")
 
 
 def _hangul() -> Script:
   # Precomposed syllable = 0xAC00 + (initial * 21 + medial) * 28 + final.
-  blocks = tuple(chr(0xAC00 + (l * 21 + v) * 28) for l in range(19) for v in range(21))
-  return Script(blocks, (4, 8, 16, 1))  # finals n, l, m, g
+  initials = (15, 9, 16, 2, 18, 6, 5, 0, 12, 3, 7, 17)  # ㅋ ㅅ ㅌ ㄴ ㅎ ㅁ ㄹ ㄱ ㅈ ㄷ ㅂ ㅍ
+  medials = (0, 20, 13, 5, 8)  # ㅏ ㅣ ㅜ ㅔ ㅗ
+  return Script(tuple(chr(0xAC00 + (i * 21 + m) * 28) for i in initials for m in medials), "")
 
+
+_HANGUL_FINAL_N = 4  # Added to a block: final ㄴ, the coda.
 
 SCRIPTS = {
-    "latin": _alphabet("bdfghklmnprstvz", "aeiou", "nrsl"),
-    "cyrillic": _alphabet("бвгджзклмнпрстфхцчш", "аеиоуыэюя", "нрйл"),
-    "greek": _alphabet("βγδζθκλμνξπρστφχψ", "αεηιουω", "νρ"),
-    "devanagari": _devanagari(),
+    "latin": _alphabet(CONSONANTS, VOWELS, "n"),
+    "cyrillic": _alphabet("кстнхмргздбп", "аиуео", "н"),
+    "greek": _alphabet("κστνχμργζδβπ", "αιυεο", "ν"),
+    "devanagari": _alphabet("कसतनहमरगजदबप", ["", "\u093f", "\u0941", "\u0947", "\u094b"],
+                            "\u0902"),  # inherent a, i, u, e, o; anusvara as coda
     "kana": _kana(),
     "hangul": _hangul(),
 }
@@ -115,48 +124,20 @@ SCRIPTS = {
 
 @dataclasses.dataclass(frozen=True)
 class Grammar:
-  """A language's surface choices (its lexicon is generated from the world seed)."""
+  """A language's surface choices beyond its script (the grammar itself is shared)."""
   name: str
-  order: str  # Order of subject, verb, object: a permutation of "SVO".
-  adj_first: bool  # Adjective before the noun.
-  adj_agrees: bool  # Adjective takes the plural suffix too.
-  case: str  # "none" | "suffix" (on the noun) | "particle" (after the noun phrase).
-  article: bool  # Singular/plural article before noun phrases.
-  tense: str  # "suffix" on the verb | "aux" word after the verb.
-  verb_agrees: bool  # Verb takes a suffix for a plural subject.
-  adposition: str  # "pre" | "post" for the place phrase.
-  place_first: bool  # Place phrase opens the sentence (else closes it).
-  copula_last: bool  # "S ATTR COP" (else "S COP ATTR").
   capitalize: bool
   end: str  # Sentence-final punctuation.
   word_sep: str  # Between words ("" for kana: no spaces, like Japanese).
 
 
 GRAMMARS = (
-    Grammar("latin", "SVO", adj_first=True, adj_agrees=False, case="none",
-            article=False, tense="suffix", verb_agrees=True, adposition="pre",
-            place_first=False, copula_last=False, capitalize=True, end=".",
-            word_sep=" "),
-    Grammar("cyrillic", "SOV", adj_first=False, adj_agrees=True, case="suffix",
-            article=False, tense="suffix", verb_agrees=True, adposition="pre",
-            place_first=True, copula_last=True, capitalize=True, end=".",
-            word_sep=" "),
-    Grammar("greek", "VSO", adj_first=False, adj_agrees=True, case="suffix",
-            article=True, tense="aux", verb_agrees=False, adposition="pre",
-            place_first=False, copula_last=False, capitalize=True, end=".",
-            word_sep=" "),
-    Grammar("devanagari", "SOV", adj_first=True, adj_agrees=False, case="particle",
-            article=False, tense="aux", verb_agrees=False, adposition="post",
-            place_first=True, copula_last=True, capitalize=False, end="।",
-            word_sep=" "),
-    Grammar("kana", "SOV", adj_first=True, adj_agrees=False, case="particle",
-            article=False, tense="suffix", verb_agrees=False, adposition="post",
-            place_first=True, copula_last=True, capitalize=False, end="。",
-            word_sep=""),
-    Grammar("hangul", "OSV", adj_first=True, adj_agrees=False, case="particle",
-            article=False, tense="suffix", verb_agrees=False, adposition="post",
-            place_first=False, copula_last=True, capitalize=False, end=".",
-            word_sep=" "),
+    Grammar("latin", capitalize=True, end=".", word_sep=" "),
+    Grammar("cyrillic", capitalize=True, end=".", word_sep=" "),
+    Grammar("greek", capitalize=True, end=".", word_sep=" "),
+    Grammar("devanagari", capitalize=False, end="।", word_sep=" "),
+    Grammar("kana", capitalize=False, end="。", word_sep=""),
+    Grammar("hangul", capitalize=False, end=".", word_sep=" "),
 )
 assert tuple(g.name for g in GRAMMARS) == LANGUAGE_NAMES
 
@@ -175,6 +156,7 @@ def _sample(rng: random.Random, cdf: list[float]) -> int:
 @dataclasses.dataclass(frozen=True)
 class World:
   """The latent world every language talks about (shared across sites)."""
+  topic_person: list[list[float]]  # [topic] -> CDF over people (protagonists).
   topic_agent: list[list[float]]  # [topic] -> CDF over agents.
   topic_entity: list[list[float]]  # [topic] -> CDF over all entities.
   topic_action: list[list[float]]  # [topic] -> CDF over actions.
@@ -182,6 +164,8 @@ class World:
   agent_action: list[list[float]]  # [agent] -> CDF over its habitual actions.
   favoured_object: list[list[int]]  # [agent][action] -> usual object entity.
   attribute_of: list[int]  # [entity] -> its intrinsic attribute.
+  birthday: list[int]  # [person] -> the date they were born, as YYYYMMDD.
+  home: list[int]  # [person] -> their home city.
   language_topics: list[list[float]]  # [language] -> CDF over topics (non-IID mix).
   shared_topics: list[float]  # CDF over topics for parallel documents.
 
@@ -199,6 +183,7 @@ def make_world(seed: int) -> World:
   # Shift past the agent itself so nobody's usual object is themselves.
   favoured = favoured + (favoured >= np.arange(NUM_AGENTS)[:, None])
   return World(
+      topic_person=sparse(NUM_TOPICS, NUM_PEOPLE, 0.3),
       topic_agent=sparse(NUM_TOPICS, NUM_AGENTS, 0.3),
       topic_entity=sparse(NUM_TOPICS, NUM_ENTITIES, 0.3),
       topic_action=sparse(NUM_TOPICS, NUM_ACTIONS, 0.3),
@@ -206,94 +191,139 @@ def make_world(seed: int) -> World:
       agent_action=sparse(NUM_AGENTS, NUM_ACTIONS, 0.2),
       favoured_object=favoured.tolist(),
       attribute_of=rng.integers(0, NUM_ATTRIBUTES, size=NUM_ENTITIES).tolist(),
+      birthday=(10_000 * rng.integers(FIRST_YEAR, FIRST_YEAR + NUM_YEARS, size=NUM_PEOPLE)
+                + 100 * rng.integers(1, 13, size=NUM_PEOPLE)
+                + rng.integers(1, 29, size=NUM_PEOPLE)).tolist(),
+      home=rng.integers(0, NUM_PLACES, size=NUM_PEOPLE).tolist(),
       language_topics=sparse(len(LANGUAGE_NAMES), NUM_TOPICS, 1.0),
       shared_topics=_cdf(np.ones(NUM_TOPICS)),
   )
 
 
+class Word(NamedTuple):
+  """A word of the shared language: abstract syllables and whether it ends in the coda."""
+  syllables: tuple[int, ...]
+  coda: bool
+
+
+# The shared language's grammatical words and affixes.
+MORPHEMES = ("plural", "past", "present", "adposition", "copula", "born")
+
+
 @dataclasses.dataclass(frozen=True)
-class Lexicon:
-  """A language's words for the world's concepts and its grammatical morphemes."""
-  entities: tuple[str, ...]
-  actions: tuple[str, ...]
-  attributes: tuple[str, ...]
-  places: tuple[str, ...]
-  plural: str
-  subj_case: str
-  obj_case: str
-  past: str
-  present: str
-  verb_plural: str
-  article_sg: str
-  article_pl: str
-  adposition: str
-  copula: str
+class Vocabulary:
+  """The shared language's words for the world's concepts (one per meaning, all distinct)
+  and the proper names every script spells the same."""
+  names: tuple[str, ...]  # [person] -> proper name (Latin letters).
+  cities: tuple[str, ...]  # [place] -> proper name (Latin letters).
+  nouns: tuple[Word, ...]  # [entity - NUM_PEOPLE] -> common noun.
+  actions: tuple[Word, ...]
+  attributes: tuple[Word, ...]
+  morphemes: dict[str, Word]
 
 
-def _spell(script: Script, rng: random.Random, n_syllables: int, coda: bool) -> str:
-  word = "".join(rng.choice(script.syllables) for _ in range(n_syllables))
-  if coda:
-    final = rng.choice(script.codas)
-    # Hangul codas change the last block; other scripts append a letter.
-    word = (word[:-1] + chr(ord(word[-1]) + final) if isinstance(final, int)
-            else word + final)
-  return word
+def _proper_names(rng: random.Random, n: int, taken: set[str]) -> tuple[str, ...]:
+  # Consonants the shared syllables never use, so names stand out in Latin text too.
+  onsets, vowels, endings = "lvfwjyc", "aeiouy", ("", "", "l", "x", "th", "sh")
+  out = []
+  while len(out) < n:
+    name = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(2, 3)))
+    name = (name + rng.choice(endings)).capitalize()
+    if name not in taken:
+      taken.add(name)
+      out.append(name)
+  return tuple(out)
 
 
 @functools.lru_cache(maxsize=8)
-def shared_names(seed: int) -> tuple[str, ...]:
-  """Proper names of the NUM_NAMED named agents, the same in every language."""
-  rng = random.Random(f"names/{seed}")
-  names: list[str] = []
-  while len(names) < NUM_NAMED:
-    name = _spell(SCRIPTS["latin"], rng, rng.randint(2, 3), rng.random() < 0.5)
-    if name.capitalize() not in names:
-      names.append(name.capitalize())
-  return tuple(names)
+def make_vocabulary(seed: int) -> Vocabulary:
+  """The shared vocabulary of `seed`: the same meanings and syllables in every language."""
+  rng = random.Random(f"vocabulary/{seed}")
+  used: set[Word] = set()
 
-
-@functools.lru_cache(maxsize=64)
-def make_lexicon(seed: int, language: int) -> Lexicon:
-  """The words of `language` in the world of `seed`: all distinct, spelled in its script.
-
-  Entities 0..NUM_NAMED-1 are the shared proper names.
-  """
-  script = SCRIPTS[LANGUAGE_NAMES[language]]
-  rng = random.Random(f"lexicon/{seed}/{language}")
-  names = shared_names(seed)
-  used: set[str] = {n.lower() for n in names}  # Latin words must not collide with names.
-
-  def new_word(lo: int, hi: int, p_coda: float) -> str:
+  def new_word(lo: int, hi: int, p_coda: float) -> Word:
     while True:
-      word = _spell(script, rng, rng.randint(lo, hi), rng.random() < p_coda)
+      word = Word(tuple(rng.randrange(NUM_SYLLABLES) for _ in range(rng.randint(lo, hi))),
+                  rng.random() < p_coda)
       if word not in used:
         used.add(word)
         return word
 
   # Morphemes first and short (one syllable), like real function words and affixes.
-  morphemes = {k: new_word(1, 1, 0.3) for k in (
-      "plural", "subj_case", "obj_case", "past", "present", "verb_plural",
-      "article_sg", "article_pl", "adposition", "copula")}
+  morphemes = {k: new_word(1, 1, 0.3) for k in MORPHEMES}
+  taken: set[str] = set()
+  return Vocabulary(
+      names=_proper_names(rng, NUM_PEOPLE, taken),
+      cities=_proper_names(rng, NUM_PLACES, taken),
+      nouns=tuple(new_word(1, 2, 0.3) for _ in range(NUM_ENTITIES - NUM_PEOPLE)),
+      actions=tuple(new_word(1, 2, 0.3) for _ in range(NUM_ACTIONS)),
+      attributes=tuple(new_word(1, 2, 0.3) for _ in range(NUM_ATTRIBUTES)),
+      morphemes=morphemes)
+
+
+def spell(script: Script, word: Word) -> str:
+  """`word` written in `script`."""
+  text = "".join(script.syllables[s] for s in word.syllables)
+  if word.coda:
+    text = (text[:-1] + chr(ord(text[-1]) + _HANGUL_FINAL_N) if not script.coda
+            else text + script.coda)
+  return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Lexicon:
+  """A language's written words: the shared vocabulary spelled in its script."""
+  entities: tuple[str, ...]  # People's names, then common nouns.
+  actions: tuple[str, ...]
+  attributes: tuple[str, ...]
+  places: tuple[str, ...]  # City names (the same in every language).
+  plural: str
+  past: str
+  present: str
+  adposition: str
+  copula: str
+  born: str
+
+
+@functools.lru_cache(maxsize=64)
+def make_lexicon(seed: int, language: int) -> Lexicon:
+  """The words of `language` in the world of `seed`."""
+  script = SCRIPTS[LANGUAGE_NAMES[language]]
+  v = make_vocabulary(seed)
   return Lexicon(
-      entities=names + tuple(new_word(2, 3, 0.3) for _ in range(NUM_ENTITIES - NUM_NAMED)),
-      actions=tuple(new_word(2, 3, 0.3) for _ in range(NUM_ACTIONS)),
-      attributes=tuple(new_word(2, 3, 0.3) for _ in range(NUM_ATTRIBUTES)),
-      places=tuple(new_word(2, 3, 0.3) for _ in range(NUM_PLACES)),
-      **morphemes)
+      entities=v.names + tuple(spell(script, w) for w in v.nouns),
+      actions=tuple(spell(script, w) for w in v.actions),
+      attributes=tuple(spell(script, w) for w in v.attributes),
+      places=v.cities,
+      **{k: spell(script, w) for k, w in v.morphemes.items()})
+
+
+def shared_names(seed: int) -> tuple[str, ...]:
+  """Proper names of the people and the cities, spelled the same in every language."""
+  v = make_vocabulary(seed)
+  return v.names + v.cities
 
 
 class Clause(NamedTuple):
-  """One latent sentence. Attribute/place fields are -1 when absent."""
+  """One latent sentence. Attribute, place and date fields are -1 when absent.
+
+  verb >= 0: "subj verb obj [in place]"; verb == COPULA: "subj is attr";
+  verb == BIRTH: "subj was born on date in place".
+  """
   subj: int
   subj_plural: bool
   subj_attr: int
-  verb: int  # -1 for a copula clause ("subj is attr").
+  verb: int
   obj: int
   obj_plural: bool
   obj_attr: int
-  attr: int  # Predicate attribute of a copula clause, else -1.
+  attr: int
   place: int
   past: bool
+  date: int = -1  # YYYYMMDD of a birth clause.
+
+
+COPULA, BIRTH = -1, -2
 
 
 def latent_document(world: World, key: str, topic_cdf: list[float],
@@ -301,27 +331,41 @@ def latent_document(world: World, key: str, topic_cdf: list[float],
   """The latent clauses of one document; `key` seeds it deterministically."""
   rng = random.Random(key)
   topic = _sample(rng, topic_cdf)
+  protagonist = _sample(rng, world.topic_person[topic])
   past = rng.random() < 0.5
   prev_obj = -1
   clauses = []
 
   def plural(entity: int) -> bool:
-    return entity >= NUM_NAMED and rng.random() < _P_PLURAL  # Names are singular.
+    return entity >= NUM_PEOPLE and rng.random() < _P_PLURAL  # Names are singular.
 
   def attribute(entity: int) -> int:
     if rng.random() < _P_INTRINSIC:
       return world.attribute_of[entity]
     return rng.randrange(NUM_ATTRIBUTES)
 
+  def place(subj: int) -> int:
+    if subj < NUM_PEOPLE and rng.random() < _P_HOME:
+      return world.home[subj]
+    return _sample(rng, world.topic_place[topic])
+
   for _ in range(rng.randint(min_sentences, max_sentences)):
     if rng.random() < _P_TENSE_SWITCH:
       past = not past
-    if rng.random() < _P_COPULA:
+    kind = rng.random()
+    if kind < _P_BIRTH:
+      subj = protagonist if rng.random() < 0.5 else _sample(rng, world.topic_person[topic])
+      clauses.append(Clause(subj, False, -1, BIRTH, -1, False, -1, -1, world.home[subj],
+                            True, world.birthday[subj]))
+      continue
+    if kind < _P_BIRTH + _P_COPULA:
       subj = _sample(rng, world.topic_entity[topic])
-      clauses.append(Clause(subj, plural(subj), -1, -1, -1, False, -1,
+      clauses.append(Clause(subj, plural(subj), -1, COPULA, -1, False, -1,
                             attribute(subj), -1, past))
       continue
-    if 0 <= prev_obj < NUM_AGENTS and rng.random() < _P_CONTINUE:
+    if rng.random() < _P_PROTAGONIST:
+      subj = protagonist
+    elif 0 <= prev_obj < NUM_AGENTS and rng.random() < _P_CONTINUE:
       subj = prev_obj
     else:
       subj = _sample(rng, world.topic_agent[topic])
@@ -338,57 +382,34 @@ def latent_document(world: World, key: str, topic_cdf: list[float],
         subj_attr=attribute(subj) if rng.random() < _P_ADJECTIVE else -1,
         verb=verb, obj=obj, obj_plural=plural(obj),
         obj_attr=attribute(obj) if rng.random() < _P_ADJECTIVE else -1,
-        attr=-1,
-        place=_sample(rng, world.topic_place[topic]) if rng.random() < _P_PLACE else -1,
-        past=past))
+        attr=-1, place=place(subj) if rng.random() < _P_PLACE else -1, past=past))
     prev_obj = obj
   return clauses
 
 
-def _noun_phrase(g: Grammar, lex: Lexicon, entity: int, plural: bool, attr: int,
-                 case: str) -> list[str]:
+def _noun_phrase(lex: Lexicon, entity: int, plural: bool, attr: int) -> list[str]:
   noun = lex.entities[entity] + (lex.plural if plural else "")
-  if g.case == "suffix":
-    noun += case
-  words = [noun]
-  if attr >= 0:
-    adj = lex.attributes[attr] + (lex.plural if plural and g.adj_agrees else "")
-    words = [adj, noun] if g.adj_first else [noun, adj]
-  if g.article:
-    words.insert(0, lex.article_pl if plural else lex.article_sg)
-  if g.case == "particle":
-    words.append(case)
-  return words
-
-
-def _verb_phrase(g: Grammar, lex: Lexicon, stem: str, past: bool,
-                 plural_subject: bool) -> list[str]:
-  tense = lex.past if past else lex.present
-  verb = stem + (tense if g.tense == "suffix" else "")
-  if g.verb_agrees and plural_subject:
-    verb += lex.verb_plural
-  return [verb, tense] if g.tense == "aux" else [verb]
+  return [lex.attributes[attr], noun] if attr >= 0 else [noun]
 
 
 def render_clause(language: int, lex: Lexicon, c: Clause) -> str:
-  """One sentence of `language` expressing clause `c` (with final punctuation)."""
+  """One sentence of `language` expressing clause `c` (with final punctuation).
+
+  The grammar is shared: subject, verb with a tense suffix, then the object, attribute
+  or date, then "in PLACE"; adjectives precede nouns, a suffix marks plurals."""
   g = GRAMMARS[language]
-  subject = _noun_phrase(g, lex, c.subj, c.subj_plural, c.subj_attr, lex.subj_case)
-  if c.verb < 0:  # Copula clause.
-    verb = _verb_phrase(g, lex, lex.copula, c.past, c.subj_plural)
-    attr = [lex.attributes[c.attr]]
-    words = subject + (attr + verb if g.copula_last else verb + attr)
+  subject = _noun_phrase(lex, c.subj, c.subj_plural, c.subj_attr)
+  tense = lex.past if c.past else lex.present
+  if c.verb == BIRTH:
+    date = f"{c.date // 10_000}-{c.date // 100 % 100:02d}-{c.date % 100:02d}"  # ISO 8601
+    words = subject + [lex.born + tense, date]
+  elif c.verb == COPULA:
+    words = subject + [lex.copula + tense, lex.attributes[c.attr]]
   else:
-    parts = {
-        "S": subject,
-        "V": _verb_phrase(g, lex, lex.actions[c.verb], c.past, c.subj_plural),
-        "O": _noun_phrase(g, lex, c.obj, c.obj_plural, c.obj_attr, lex.obj_case),
-    }
-    words = [w for role in g.order for w in parts[role]]
-    if c.place >= 0:
-      place = lex.places[c.place]
-      phrase = [lex.adposition, place] if g.adposition == "pre" else [place, lex.adposition]
-      words = phrase + words if g.place_first else words + phrase
+    words = subject + [lex.actions[c.verb] + tense] + _noun_phrase(
+        lex, c.obj, c.obj_plural, c.obj_attr)
+  if c.place >= 0:
+    words += [lex.adposition, lex.places[c.place]]
   text = g.word_sep.join(words)
   if g.capitalize:
     text = text[0].upper() + text[1:]

@@ -258,9 +258,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # DiLoCo's paper setting: `+fedavg` and --config.federation.outer.name=nesterov
   # --config.federation.outer.lr=0.7 --config.federation.outer.momentum=0.9.
   # The base below is FedAvg (`+fedavg` keeps it); with no modifier the variant becomes
-  # shared moments at H=4 in float8 (`moments`). On the main job (tiny, 4 sites, 300 steps
-  # per site; held-out bpb, mean of 4 sites; each site alone 0.663): shared moments 0.850
-  # in float8 (127 MiB sent per site) and in float32 (507 MiB), FedAvg H=10 1.064 (101 MiB).
+  # shared moments at H=4 in float8 (`moments`). On tiny (4 synthetic sites, 300 steps
+  # per site; held-out bpb, mean of 4 sites; each site alone 1.091): shared moments 0.923
+  # in float8 (127 MiB sent per site) and in float32 (507 MiB), better than alone on every
+  # site; FedAvg H=10 1.147 (101 MiB). See docs/synthetic.md.
   f.outer.name, f.outer.lr, f.outer.momentum = "sgd", 1.0, 0.0
 
   t = c.train
