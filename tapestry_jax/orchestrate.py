@@ -167,7 +167,7 @@ def run_federation(config, workdir: str, *, mode: str = "processes",
     final_params = None  # Read back from the global bucket.
   else:
     sim = simulate.simulate(config, workdir)
-    sites, coord, final_params = sim["records"], None, sim["params"]
+    sites, coord, final_params = sim["records"], None, sim.get("params")
   alone = None
   if config.federation.compare_alone:
     logging.info("training every site alone with the same local compute")
