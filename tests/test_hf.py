@@ -272,7 +272,7 @@ def test_autotokenizer_encodes_our_byte_ids(tmp_path, transformers):
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_autotokenizer_encodes_our_sentencepiece_ids(tmp_path, transformers, corpus,
                                                      model_type):
-  model = train_sentencepiece.train([str(corpus)], str(tmp_path / "sp"), 1200,
+  model = train_sentencepiece.train([str(corpus)], str(tmp_path / "sp"), 700,
                                     model_type=model_type)
   ours = tokenizers_lib.SentencePieceTokenizer(model)
   out = tmp_path / "hf"
