@@ -138,7 +138,8 @@ def federation_series(summary: dict, config: dict | None = None) -> dict[str, An
   if config is not None:
     out["n_params"] = _n_params(config)
     out["update_dtype"] = config["federation"]["update_dtype"]
-    out["data_parallel_bytes"] = 4 * out["n_params"] * out["rounds"] * out["inner_steps"]
+    out["data_parallel_bytes"] = report.data_parallel_bytes(
+        config["model"], out["rounds"] * out["inner_steps"])
   dp_sent = {v.get("data_parallel_bytes_sent") for v in summary["final"].values()}
   if len(dp_sent) == 1 and None not in dp_sent:  # report.data_parallel_bytes, when recorded
     out["data_parallel_bytes"] = dp_sent.pop()

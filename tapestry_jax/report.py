@@ -10,14 +10,15 @@ import json
 import os
 from typing import Any, Iterable
 
-from tapestry_jax import model as model_lib
 
+def data_parallel_bytes(model_cfg, steps: int) -> int:
+  """Bytes one site of data parallelism sends for `steps` optimizer steps with the model
+  `model_cfg` (a config's `model` section, ConfigDict or dict): a float32 gradient of
+  every parameter per step (what an all-reduce must move out of each site; a ring
+  all-reduce moves up to twice that)."""
+  from tapestry_jax import model as model_lib  # pylint: disable=import-outside-toplevel
 
-def data_parallel_bytes(config, steps: int) -> int:
-  """Bytes one site of data parallelism sends for `steps` optimizer steps: a float32
-  gradient of every parameter per step (what an all-reduce must move out of each site;
-  a ring all-reduce moves up to twice that)."""
-  return 4 * model_lib.count_params(model_lib.ModelConfig.from_config(config.model)) * steps
+  return 4 * model_lib.count_params(model_lib.ModelConfig.from_config(model_cfg)) * steps
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -72,7 +73,7 @@ def summarize(config, site_records: list[dict], coordinator_records: list[dict] 
                       "eval_bits_per_byte": last["eval_bits_per_byte"]},
         "bytes_sent": sum(r.get("bytes_up", 0) for r in recs),
         "bytes_received": sum(r.get("bytes_down", 0) for r in recs),
-        "data_parallel_bytes_sent": data_parallel_bytes(config, steps),
+        "data_parallel_bytes_sent": data_parallel_bytes(config.model, steps),
         "compute_s": sum(r.get("compute_s", 0.0) for r in recs),
         "exchange_s": sum(_exchange_s(r) for r in recs),
     }

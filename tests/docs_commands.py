@@ -117,49 +117,47 @@ RULES: list[tuple[str, Run | Covered]] = [
 ]
 
 
+_SHELL = ("bash", "sh", "shell")
+
+
+def _fenced_lines(root: str):
+  """(path relative to root, line number, the block's language, line) for every line
+  inside a fenced code block of the docs."""
+  for pattern in DOCS:
+    for path in sorted(glob.glob(os.path.join(root, pattern))):
+      rel, in_block, lang = os.path.relpath(path, root), False, ""
+      with open(path) as f:
+        for i, line in enumerate(f.read().splitlines(), 1):
+          if line.startswith("```"):
+            in_block, lang = not in_block, line[3:].strip()
+          elif in_block:
+            yield rel, i, lang, line
+
+
 def commands(root: str = ROOT) -> list[Command]:
   """Every command in a ```bash block of the docs."""
   out = []
-  for pattern in DOCS:
-    for path in sorted(glob.glob(os.path.join(root, pattern))):
-      rel = os.path.relpath(path, root)
-      with open(path) as f:
-        lines = f.read().splitlines()
-      in_bash = in_block = False
-      pending, start = "", 0
-      for i, line in enumerate(lines, 1):
-        if line.startswith("```"):
-          in_block = not in_block
-          in_bash = in_block and line[3:].strip() in ("bash", "sh", "shell")
-          continue
-        if not in_bash:
-          continue
-        text = re.sub(r"(^|\s)#.*$", "", line).rstrip()  # shell comments
-        if not pending:
-          start = i
-        if text.endswith("\\"):
-          pending += text[:-1].strip() + " "
-          continue
-        text = (pending + text.strip()).strip()
-        pending = ""
-        if text and not text.startswith("...") and not re.match(r"^(done|for |wait)", text):
-          out.append(Command(rel, start, text))
+  pending, start = "", 0
+  for rel, i, lang, line in _fenced_lines(root):
+    if lang not in _SHELL:
+      continue
+    text = re.sub(r"(^|\s)#.*$", "", line).rstrip()  # shell comments
+    if not pending:
+      start = i
+    if text.endswith("\\"):
+      pending += text[:-1].strip() + " "
+      continue
+    text = (pending + text.strip()).strip()
+    pending = ""
+    if text and not text.startswith("...") and not re.match(r"^(done|for |wait)", text):
+      out.append(Command(rel, start, text))
   return out
 
 
 def untagged_commands(root: str = ROOT) -> list[str]:
   """`python -m` lines in fenced blocks that are not tagged bash (they would escape)."""
-  found = []
-  for pattern in DOCS:
-    for path in sorted(glob.glob(os.path.join(root, pattern))):
-      in_block, lang = False, ""
-      with open(path) as f:
-        for i, line in enumerate(f, 1):
-          if line.startswith("```"):
-            in_block, lang = not in_block, line[3:].strip()
-          elif in_block and lang not in ("bash", "sh", "shell") and "python -m " in line:
-            found.append(f"{os.path.relpath(path, root)}:{i}")
-  return found
+  return [f"{rel}:{i}" for rel, i, lang, line in _fenced_lines(root)
+          if lang not in _SHELL and "python -m " in line]
 
 
 def rule(cmd: Command) -> Run | Covered | None:

@@ -148,7 +148,7 @@ def test_the_data_parallel_reference_is_plotted_where_it_exists(tmp_path):
                              [np.mean([v["eval_loss"] for v in dp.values()])])
   steps = int(c.federation.rounds) * int(c.federation.inner_steps)
   x = _line(figs["federation_bytes.png"], "data_parallel/bytes")[0]
-  assert x[0] == report.data_parallel_bytes(c, steps)
+  assert x[0] == report.data_parallel_bytes(c.model, steps)
   assert len(plots.plot_run(str(tmp_path))) == 3
 
 
