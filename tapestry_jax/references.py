@@ -24,6 +24,12 @@ from tapestry_jax import simulate
 
 RECIPE_VERSION = 1
 KINDS = ("alone", "data_parallel")
+# Train fields a reference's result does not depend on: the references train without
+# checkpoints, progress bars or evaluations on the way (`simulate.train_alone`, `simulate.
+# train_data_parallel`), so a federation's round length (checkpoint_every = H) does not
+# split the cache.
+_IRRELEVANT = ("checkpoint_every", "keep_checkpoints", "async_checkpoints", "progress_bar",
+               "eval_every", "log_every")
 
 
 def default_cache_dir() -> str:
@@ -38,8 +44,10 @@ def recipe(config, kind: str) -> dict[str, Any]:
     raise ValueError(f"unknown reference {kind!r}; one of {', '.join(KINDS)}")
   sites = {}
   for name in sorted(federation.site_names(config)):
-    c = federation.site_config(config, name, reference=True)
-    sites[name] = {k: c[k].to_dict() for k in ("model", "data", "train", "mesh")}
+    c = federation.site_config(config, name, reference=True).to_dict()
+    for key in _IRRELEVANT:  # A reference neither checkpoints nor evaluates on the way.
+      c["train"].pop(key, None)
+    sites[name] = {k: c[k] for k in ("model", "data", "train", "mesh")}
   return {"kind": kind, "sites": sites, "version": RECIPE_VERSION, "jax": jax.__version__,
           "devices": [jax.default_backend(), jax.device_count()]}
 

@@ -11,6 +11,8 @@ Variants (optionally followed by /SITE,SITE,... to choose the sites):
           (data_pipelines/corpora/debref: en, fr, ja, id); the README's main job and
           the quality benchmark's setting (byte-level, d=192, 3 layers, seq 128); any of
           en, fr, ja, id, de, es, zh-cn with e.g. `debref/en,fr,de,es,zh-cn`.
+  debref2k  debref at 2,000 inner steps per site (5x the budget, 10 evaluations): the
+          communication benchmark's setting (issue 15, docs/communication.md).
   small   4 synthetic sites on the ~20M `small` model.
 The outer algorithm, at most one modifier (e.g. `debref+fedadam`, `tiny+fedavg/latin,greek`):
   +moments  shared Adam moments at H=4 with the same steps, float8 updates (see `moments`);
@@ -133,8 +135,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                      f"{', '.join('+' + m for m in MODIFIERS)} (each sets the outer algorithm)")
   if modifiers:  # "debref+fedadam/en,fr": the site list may follow the modifier.
     chosen = chosen or modifiers[-1].partition("/")[2]
-  if variant not in ("tiny", "debref", "small"):
-    raise ValueError(f"unknown federation config variant {variant!r}; known: tiny, debref, small")
+  if variant not in ("tiny", "debref", "debref2k", "small"):
+    raise ValueError(f"unknown federation config variant {variant!r}; known: tiny, debref, "
+                     f"debref2k, small")
+  long_budget = variant == "debref2k"
+  variant = "debref" if long_budget else variant
   available = DEBREF_SITES if variant == "debref" else SYNTHETIC_SITES
   names = [n.strip() for n in chosen.split(",") if n.strip()] if chosen else list(available[:4])
   unknown = sorted(set(names) - set(available))
@@ -221,6 +226,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   for name in names:
     c.sites[name] = (site(source="text_files", paths=corpora.debref(name))
                      if variant == "debref" else site(name))
+  if long_budget:
+    f.id = "tapestry-debref2k"
 
   # Measured (experiments/benchmarks/federation_quality.py, debref, 400 steps per site,
   # held-out bpb, mean of 4 sites; data parallelism 2.740, each site alone 2.898): FedAvg
@@ -277,6 +284,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff = 192, 3, 6, 6, 32, 512
     c.data.tokenizer = "byte"
     f.rounds, f.inner_steps, f.eval_every = 80, 5, 8  # 400 inner steps per site.
+    if long_budget:
+      f.rounds, f.eval_every = 400, 40  # 2,000 inner steps per site.
     t.steps = f.rounds * f.inner_steps
   if variant == "small":
     t.global_batch_size = 16
