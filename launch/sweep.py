@@ -4,7 +4,8 @@
       --sweep=experiments/sweeps/inner_steps.py --workdir=/tmp/sweep_h
 
 Each run of the sweep file's `get_sweep()` is simulated (all sites in this process) and
-compared with its sites trained alone; rows go to WORKDIR/sweep.jsonl and a table.
+compared with its sites trained alone (and, with --data_parallel, with data parallelism;
+both cached by recipe, see --reference_cache); rows go to WORKDIR/sweep.jsonl and a table.
 """
 
 import importlib.util
@@ -20,6 +21,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep file with get_sweep().")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and sweep.jsonl.")
 _ALONE = flags.DEFINE_bool("alone", True, "Also train each site alone for comparison.")
+_DP = flags.DEFINE_bool("data_parallel", False, "Also train data parallelism over the union "
+                        "of the sites' data (same tokens) for comparison.")
+_CACHE = flags.DEFINE_string(
+    "reference_cache", None, "Directory caching the references by their exact recipe "
+    "(tapestry_jax.references): runs that differ only in federation settings share them; "
+    "default $XDG_CACHE_HOME/tapestry_jax/references; '' = compute them for every run.")
 _RUNS = flags.DEFINE_list("runs", [], "Only these runs of the sweep, by name (default: all).")
 flags.mark_flags_as_required(["config", "sweep", "workdir"])
 
@@ -35,14 +42,17 @@ def _load_sweep(path: str) -> list[dict]:
 
 def main(argv):
   del argv
-  from tapestry_jax import sweep
+  from tapestry_jax import references, sweep
 
   quiet_library_logs()
   with exit_on_bad_input():
     runs = _load_sweep(_SWEEP.value)
     if _RUNS.value:
       runs = sweep.select_runs(runs, _RUNS.value)
-    rows = sweep.run_sweep(_CONFIG.value, runs, _WORKDIR.value, alone=_ALONE.value)
+    rows = sweep.run_sweep(_CONFIG.value, runs, _WORKDIR.value, alone=_ALONE.value,
+                           data_parallel=_DP.value, reference_cache=(
+                               references.default_cache_dir() if _CACHE.value is None
+                               else _CACHE.value))
   print(sweep.table(rows))
 
 

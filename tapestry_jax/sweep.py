@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from tapestry_jax import plots
+from tapestry_jax import references
 from tapestry_jax import report
 from tapestry_jax import simulate
 from tapestry_jax.validate import ConfigError
@@ -59,8 +60,13 @@ def apply_overrides(config, overrides: dict[str, Any]):
   return c
 
 
-def run_sweep(config, runs: list[dict[str, Any]], workdir: str, *, alone: bool = True) -> list[dict]:
-  """Simulates every run; returns one row per run with the mean final metrics."""
+def run_sweep(config, runs: list[dict[str, Any]], workdir: str, *, alone: bool = True,
+              data_parallel: bool = False, reference_cache: str | None = None) -> list[dict]:
+  """Simulates every run; returns one row per run with the mean final metrics.
+
+  `alone` / `data_parallel`: also the references (`tapestry_jax.references`), cached in
+  `reference_cache` by their recipe ('' or None: computed for every run), so runs that
+  differ only in their outer settings share them."""
   rows = []
   for i, run in enumerate(runs):
     name = run.get("name", f"run{i}")
@@ -72,18 +78,26 @@ def run_sweep(config, runs: list[dict[str, Any]], workdir: str, *, alone: bool =
     run_dir = os.path.join(workdir, name)
     logging.info("sweep: run %s %s", name, {k: v for k, v in run.items() if k != "name"})
     sim = simulate.simulate(c, run_dir, drop=(lambda r, s: drops[(r, s)]) if p else None)
-    ref = simulate.train_alone(c, run_dir) if alone else None
-    summary = report.summarize(c, sim["records"], alone=ref)
+    refs = {kind: references.reference(c, kind, run_dir, reference_cache)
+            for kind, on in (("alone", alone), ("data_parallel", data_parallel)) if on}
+    summary = report.summarize(c, sim["records"], alone=refs.get("alone"),
+                               data_parallel=refs.get("data_parallel"))
     report.write(summary, run_dir)
     fin = summary["final"].values()
     row = {"name": name, "overrides": {k: v for k, v in run.items() if k != "name"},
            "eval_loss": float(np.mean([v["federated"]["eval_loss"] for v in fin])),
            "eval_bits_per_byte": float(np.mean([v["federated"]["eval_bits_per_byte"] for v in fin])),
-           "bytes_sent": int(sum(v["bytes_sent"] for v in fin))}
-    if ref:
-      row["alone_eval_loss"] = float(np.mean([v["alone"]["eval_loss"] for v in fin]))
-      row["alone_eval_bits_per_byte"] = float(np.mean([v["alone"]["eval_bits_per_byte"]
-                                                       for v in fin]))
+           "bytes_sent": int(sum(v["bytes_sent"] for v in fin)),
+           "bytes_received": int(sum(v["bytes_received"] for v in fin)),
+           "data_parallel_bytes": int(sum(v["data_parallel_bytes_sent"] for v in fin))}
+    for kind in refs:
+      row[f"{kind}_eval_loss"] = float(np.mean([v[kind]["eval_loss"] for v in fin]))
+      row[f"{kind}_eval_bits_per_byte"] = float(np.mean([v[kind]["eval_bits_per_byte"]
+                                                         for v in fin]))
+    if "data_parallel" in refs:  # The mean and worst site of federated / data-parallel - 1.
+      ratios = [v["federated"]["eval_loss"] / v["data_parallel"]["eval_loss"] - 1 for v in fin]
+      row["vs_data_parallel_mean"] = float(np.mean(ratios))
+      row["vs_data_parallel_worst"] = float(np.max(ratios))
     rows.append(row)
     with open(os.path.join(workdir, "sweep.jsonl"), "a") as f:
       f.write(json.dumps(row) + "\n")
@@ -92,10 +106,20 @@ def run_sweep(config, runs: list[dict[str, Any]], workdir: str, *, alone: bool =
 
 
 def table(rows: list[dict]) -> str:
-  head = ["run", "fed loss", "fed bpb", "alone bpb", "sent MiB", "overrides"]
+  """The rows as a fixed-width table: bits per byte, the references', the loss against
+  data parallelism's (mean and worst site), and the array bytes sent and read per site
+  against data parallelism's (a float32 gradient per step each way)."""
+  head = ["run", "fed loss", "fed bpb", "alone bpb", "DP bpb", "vs DP mean", "vs DP worst",
+          "sent x", "read x", "overrides"]
+  opt = lambda r, k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
+  ratio = lambda r, k: f"{r['data_parallel_bytes'] / max(1, r[k]):.1f}" if r.get(k) else "-"  # noqa: E731
   body = [[r["name"], f"{r['eval_loss']:.4f}", f"{r['eval_bits_per_byte']:.4f}",
-           f"{r['alone_eval_bits_per_byte']:.4f}" if "alone_eval_bits_per_byte" in r else "-",
-           f"{r['bytes_sent'] / 2**20:.1f}", json.dumps(r["overrides"])] for r in rows]
+           opt(r, "alone_eval_bits_per_byte", "{:.4f}"),
+           opt(r, "data_parallel_eval_bits_per_byte", "{:.4f}"),
+           opt(r, "vs_data_parallel_mean", "{:+.2%}"), opt(r, "vs_data_parallel_worst", "{:+.2%}"),
+           ratio(r, "bytes_sent") if "data_parallel_bytes" in r else "-",
+           ratio(r, "bytes_received") if "data_parallel_bytes" in r else "-",
+           json.dumps(r["overrides"])] for r in rows]
   widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-  fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths))
+  fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths))  # noqa: E731
   return "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(r) for r in body])
