@@ -2,8 +2,8 @@
 import pytest
 
 from experiments.configs import federation as fed_config
-from experiments.sweeps import (data_split, dropped_sites, inner_steps, moments, num_sites,
-                                outer_optimizer)
+from experiments.sweeps import (communication, data_split, dropped_sites, inner_steps, moments,
+                                num_sites, outer_optimizer)
 from tapestry_jax import federation
 from tapestry_jax import sweep
 from tapestry_jax.validate import ConfigError
@@ -42,7 +42,7 @@ def test_variants_default_to_shared_moments_in_float8():
 @pytest.mark.parametrize("module, base", [
     (data_split, "tiny+fedavg"), (dropped_sites, "tiny+fedavg"), (inner_steps, "tiny+fedavg"),
     (num_sites, "tiny+fedavg"),
-    (outer_optimizer, "tiny+fedavg"), (moments, "tiny")])
+    (outer_optimizer, "tiny+fedavg"), (moments, "tiny"), (communication, "debref2k")])
 def test_every_shipped_sweep_gives_valid_configs(module, base):
   base = fed_config.get_config(base)
   runs = module.get_sweep()
