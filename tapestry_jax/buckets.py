@@ -12,14 +12,18 @@ Accepted URLs:
   memory://name                                    in-process store, for tests
   gs://bucket/prefix                               Google Cloud Storage
   s3://bucket/prefix?endpoint=URL&region=REGION    S3 or an S3-compatible store
+Any of the URL forms may add `max_mbps=N` to its query (`file:///dir?max_mbps=100`): the
+bucket then emulates a WAN link of N megabit/s per direction (see `Bucket`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
+import time
 import urllib.parse
 import uuid
 from typing import Any
@@ -36,7 +40,13 @@ os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
 import tensorstore as ts  # noqa: E402  (after the defaults above)
 
 ACCEPTED_FORMS = ("file:///abs/dir (or a plain path), memory://name, gs://bucket/prefix, "
-                  "s3://bucket/prefix?endpoint=http://host:port&region=us-east-1")
+                  "s3://bucket/prefix?endpoint=http://host:port&region=us-east-1, any of "
+                  "them with ?max_mbps=N (or &max_mbps=N)")
+
+# The query option that throttles a bucket (megabits per second, per direction), and the
+# burst its token bucket allows: small, so that a transfer of a few MiB is paced.
+THROTTLE_OPTION = "max_mbps"
+THROTTLE_BURST_BYTES = 64 * 1024
 
 # One context for every bucket of the process: `memory://name` must reach the same
 # store from every Bucket (and every zarr array opened through one), and sharing it
@@ -112,10 +122,40 @@ def _clean_prefix(url: str, path: str) -> str:
   return "/".join(parts) + "/" if parts else ""
 
 
+def _split_throttle(url: str, query: str) -> tuple[str, float | None]:
+  """(`query` without its max_mbps item, the rate it asks for in megabit/s or None)."""
+  items = [item for item in query.split("&") if item]
+  mine = [item for item in items
+          if urllib.parse.unquote_plus(item.partition("=")[0]) == THROTTLE_OPTION]
+  if not mine:
+    return query, None
+  if len(mine) > 1:
+    raise _bad_url(url, f"{THROTTLE_OPTION} is given {len(mine)} times")
+  value = urllib.parse.unquote_plus(mine[0].partition("=")[2])
+  try:
+    rate = float(value)
+  except ValueError:
+    rate = math.nan
+  if not (math.isfinite(rate) and rate > 0):
+    raise _bad_url(url, f"{THROTTLE_OPTION} must be a positive, finite number of megabit/s, "
+                        f"got {value!r}")
+  return "&".join(item for item in items if item not in mine), rate
+
+
+def max_mbps(url: str) -> float | None:
+  """The link rate (megabit/s per direction) that a bucket URL's `max_mbps` asks for, or
+  None (unthrottled). BucketError for a malformed URL or a bad value."""
+  kvstore_spec(url)
+  if "://" not in url:
+    return None
+  return _split_throttle(url, urllib.parse.urlsplit(url).query)[1]
+
+
 def kvstore_spec(url: str) -> dict[str, Any]:
   """The TensorStore kvstore spec (a JSON dict) for a bucket URL.
 
-  The spec's `path` always ends with '/', so keys are appended as sub-paths.
+  The spec's `path` always ends with '/', so keys are appended as sub-paths. A
+  `max_mbps` query item is checked and left out (it is the Bucket's, not TensorStore's).
   Raises BucketError for an unknown scheme or a malformed URL.
   """
   if not isinstance(url, str) or not url.strip():
@@ -129,20 +169,22 @@ def kvstore_spec(url: str) -> dict[str, Any]:
     return {"driver": "file", "path": os.path.abspath(os.path.expanduser(url)).rstrip("/") + "/"}
   parts = urllib.parse.urlsplit(url)
   scheme = parts.scheme.lower()
+  if scheme in ("file", "memory", "gs", "s3"):
+    parts = parts._replace(query=_split_throttle(url, parts.query)[0])
   if parts.fragment:
     raise _bad_url(url, "it has a '#' fragment")
   if scheme == "file":
     if parts.netloc not in ("", "localhost"):
       raise _bad_url(url, "a file URL needs an absolute path, file:///abs/dir")
     if parts.query:
-      raise _bad_url(url, "file URLs take no query")
+      raise _bad_url(url, f"file URLs take no query but {THROTTLE_OPTION}")
     path = urllib.parse.unquote(parts.path)
     if not path.startswith("/") or path.strip("/") == "":
       raise _bad_url(url, "a file URL needs an absolute directory below /")
     return {"driver": "file", "path": "/" + _clean_prefix(url, path)}
   if scheme == "memory":
     if parts.query:
-      raise _bad_url(url, "memory URLs take no query")
+      raise _bad_url(url, f"memory URLs take no query but {THROTTLE_OPTION}")
     name = _clean_prefix(url, parts.netloc + parts.path)
     if not name:
       raise _bad_url(url, "a memory URL needs a name, memory://name")
@@ -155,10 +197,11 @@ def kvstore_spec(url: str) -> dict[str, Any]:
             "path": _clean_prefix(url, urllib.parse.unquote(parts.path))}
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
     if scheme == "gs" and query:
-      raise _bad_url(url, "gs URLs take no query")
+      raise _bad_url(url, f"gs URLs take no query but {THROTTLE_OPTION}")
     for key, values in query.items():
       if key not in _S3_QUERY_KEYS:
-        raise _bad_url(url, f"unknown query parameter {key!r} (s3 takes endpoint and region)")
+        raise _bad_url(url, f"unknown query parameter {key!r} (s3 takes endpoint, region "
+                            f"and {THROTTLE_OPTION})")
       if len(values) != 1 or not values[0]:
         raise _bad_url(url, f"query parameter {key!r} needs exactly one non-empty value")
       spec[_S3_QUERY_KEYS[key]] = values[0]
@@ -224,6 +267,50 @@ def _prefix_successor(prefix: bytes) -> bytes:
   return bytes(p)
 
 
+class Throttle:
+  """A token bucket of `bytes_per_s` with a burst of `burst_bytes`, shared by threads.
+
+  `wait(n)` reserves n bytes and sleeps the calling thread until they fit under the rate;
+  a reservation may exceed the burst (it then waits for the debt), so the bytes whose
+  waits have ended t seconds after the throttle was made never exceed burst + rate * t."""
+
+  def __init__(self, bytes_per_s: float, burst_bytes: int = THROTTLE_BURST_BYTES):
+    self.bytes_per_s, self.burst_bytes = float(bytes_per_s), int(burst_bytes)
+    self._tokens = float(burst_bytes)
+    self._last = time.monotonic()
+    self._lock = threading.Lock()
+
+  def wait(self, nbytes: int) -> float:
+    """Blocks until `nbytes` more may move; returns the seconds slept."""
+    if nbytes <= 0:
+      return 0.0
+    with self._lock:
+      now = time.monotonic()
+      self._tokens = min(float(self.burst_bytes),
+                         self._tokens + (now - self._last) * self.bytes_per_s)
+      self._last = now
+      self._tokens -= nbytes
+      delay = -self._tokens / self.bytes_per_s if self._tokens < 0 else 0.0
+    if delay > 0:  # Outside the lock: later callers queue behind this debt, not the lock.
+      time.sleep(delay)
+    return delay
+
+
+# (kvstore spec, megabit/s) -> (writes' throttle, reads' throttle): Buckets with the same
+# URL in one process share their link.
+_THROTTLES: dict[tuple[str, float], tuple[Throttle, Throttle]] = {}
+_THROTTLE_LOCK = threading.Lock()
+
+
+def _link_throttles(spec: dict[str, Any], mbps: float) -> tuple[Throttle, Throttle]:
+  key = (json.dumps(spec, sort_keys=True), mbps)
+  with _THROTTLE_LOCK:
+    if key not in _THROTTLES:
+      rate = mbps * 1e6 / 8
+      _THROTTLES[key] = (Throttle(rate), Throttle(rate))
+    return _THROTTLES[key]
+
+
 # Retries of a failing GCS/S3 request unless a caller says otherwise (the federation's
 # parties pass federation.storage_retries, the same number by default).
 DEFAULT_MAX_RETRIES = 6
@@ -239,6 +326,14 @@ class Bucket:
   from (see `credentials_spec`); each party passes its own.
   Counters `bytes_written`/`bytes_read` count payload bytes moved through this object,
   including arrays that exchange.py moves (uncompressed sizes, see `record_transfer`).
+
+  A URL with `max_mbps=N` in its query emulates a WAN link of N megabit/s per direction
+  for the party using the bucket: every counted transfer (`read`, `write`, `create`, and
+  the arrays exchange.py moves) waits in the calling thread, when it is counted, until the
+  bytes moved in that direction fit under N (a token bucket, `Throttle`, with a 64 KiB
+  burst); reads and writes are limited separately. Buckets with the same URL in one
+  process share one link; other processes (other parties) have their own. `url` keeps the
+  option, so the parties a federation starts get it through their config.
   """
 
   def __init__(self, url: str, *, max_retries: int | None = DEFAULT_MAX_RETRIES,
@@ -254,6 +349,9 @@ class Bucket:
     self.bytes_written = 0
     self.bytes_read = 0
     self._lock = threading.Lock()
+    self.max_mbps = max_mbps(url)
+    self._throttles = (None if self.max_mbps is None
+                       else _link_throttles(self._spec, self.max_mbps))
     try:
       self._kv = ts.KvStore.open(self._spec, context=self.context).result()
     except Exception as e:  # noqa: BLE001  (TensorStore raises ValueError for everything)
@@ -271,10 +369,15 @@ class Bucket:
                        f"{describe_error(exc)}")
 
   def record_transfer(self, *, written: int = 0, read: int = 0) -> None:
-    """Adds bytes moved outside `read`/`write` (exchange.py's zarr arrays) to the counters."""
+    """Adds bytes moved to the counters (`read`/`write` call it, exchange.py for its zarr
+    arrays); with `max_mbps`, waits until they fit under the link's rate."""
     with self._lock:
       self.bytes_written += int(written)
       self.bytes_read += int(read)
+    if self._throttles is not None:
+      up, down = self._throttles
+      up.wait(int(written))
+      down.wait(int(read))
 
   def read(self, key: str) -> bytes | None:
     """The value stored at `key`, or None if there is none."""

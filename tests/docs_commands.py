@@ -102,8 +102,14 @@ RULES: list[tuple[str, Run | Covered]] = [
          "--config.train.eval_batches=2 --config.federation.outer.warmup_rounds=1 "
          "--workdir=/tmp/fq", timeout_s=600)),
     (r"python -m experiments\.benchmarks\.federation_quality", Run(_FQ, timeout_s=600)),
+    # Through 20 Mbit/s buckets: about 4 minutes on a loaded 2-core machine.
+    (r"python -m experiments\.benchmarks\.federation_overhead .*--max_mbps",
+     Run("--inner_steps=2 --rounds=2 --workdir=/tmp/fo", timeout_s=600)),
     (r"python -m experiments\.benchmarks\.federation_overhead",
      Run("--inner_steps=2 --rounds=2 --workdir=/tmp/fo")),
+    # Reads what the federation_overhead command before it wrote (--json_out).
+    (r"python -m experiments\.benchmarks\.utilization_model .*--check", Run(phase=1)),
+    (r"python -m experiments\.benchmarks\.utilization_model", Run()),
     (r"python -m experiments\.benchmarks\.merge_throughput",
      Run("--sites=2 --update_mib=2 --repeats=1 --workdir=/tmp/mt")),
     (r"python -m experiments\.benchmarks\.trust_overhead",

@@ -2,6 +2,7 @@
 
   python -m experiments.benchmarks.federation_overhead          # 2 tiny sites, H=100, 3 rounds
   python -m experiments.benchmarks.federation_overhead --sites=4 --rounds=4 --eval
+  python -m experiments.benchmarks.federation_overhead --max_mbps=100  # over emulated WAN links
 
 Target (issue 3): with H=100 on file:// buckets, time spent outside inner steps
 (exchange, merge, waiting) is at most 5% of a round.
@@ -25,6 +26,9 @@ What runs:
        site), other = the rest (checkpoint save, logging, and the up-to-poll_s offset
        between the coordinator publishing a round and a site seeing it, which makes
        single rounds' "other" slightly negative at times; it cancels over rounds).
+     The steady-state summary (and --json_out) gives each site's exchange fraction
+     (read_s + publish_s over its rounds), step time and bytes up/down per round, which
+     `utilization_model --check` compares with the model's prediction.
      Round 1 also holds process start-up and compilation: it is shown but left out of the
      steady-state figures (rounds 2..R).
   3. Baselines, measured in this process after the federation has finished (nothing else
@@ -35,6 +39,9 @@ What runs:
      From them, the overhead of an uncontended round:
        (read + publish + merge + polling) / (inner alone + read + publish + merge + polling),
      polling being federation.poll_s (two hops, each half a poll on average).
+With --max_mbps=X every bucket (each site's and the global one) is
+file://WORKDIR/buckets/NAME?max_mbps=X: each party reads and writes each bucket through an
+emulated link of X megabit/s per direction (tapestry_jax/buckets.py), the baselines too.
 On a machine with fewer cores than processes (2 cores here), the site processes compete
 for the CPU: their inner steps run slower than alone, and a site waits for the slowest
 one, which is contention, not exchange. The exchange overhead (read + publish + merge) is
@@ -67,20 +74,34 @@ _TIMEOUT = flags.DEFINE_float("timeout_s", 1800, "Give up on the deployed run af
 _WORKDIR = flags.DEFINE_string("workdir", "", "Federation directory ('' = a new dir under /tmp).")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep --workdir at the end.")
 _JSON = flags.DEFINE_string("json_out", "", "Also write the results here.")
+_MBPS = flags.DEFINE_float("max_mbps", 0.0, "Emulated WAN link of every bucket, megabit/s "
+                           "per direction (the buckets' ?max_mbps=); 0 = unthrottled.")
 
 CONFIG_PATH = "experiments/configs/federation.py"
 
 
-def _config_and_args():
+def _throttled(url: str) -> str:
+  """`url` with --max_mbps as its bucket option (unchanged when it is 0)."""
+  return f"{url}?max_mbps={_MBPS.value!r}" if _MBPS.value else url
+
+
+def _config_and_args(workdir: str):
   """The federation config (for this process) and the same as --config arguments (for
   the child processes)."""
   names = (fed_config.DEBREF_SITES if _PRESET.value == "debref"
            else fed_config.SYNTHETIC_SITES)[:_SITES.value]
   if len(names) < _SITES.value or _SITES.value < 1:
     raise app.UsageError(f"--sites must be between 1 and {len(names)} for {_PRESET.value}")
+  if not _MBPS.value >= 0 or _MBPS.value == float("inf"):
+    raise app.UsageError(f"--max_mbps must be a finite number >= 0, got {_MBPS.value}")
   variant = f"{_PRESET.value}/{','.join(names)}"
   overrides = {"federation.inner_steps": _INNER.value, "federation.rounds": _ROUNDS.value,
                "federation.compare_alone": False}
+  if _MBPS.value:  # The default locations (federation.bucket_urls), throttled.
+    base = os.path.join(os.path.abspath(workdir), "buckets")
+    for name in names:
+      overrides[f"sites.{name}.bucket"] = _throttled("file://" + os.path.join(base, name))
+    overrides["federation.global_bucket"] = _throttled("file://" + os.path.join(base, "global"))
   if not _EVAL.value:
     overrides["federation.eval_every"] = _ROUNDS.value + 1
   for item in _OVERRIDES.value:
@@ -113,7 +134,8 @@ def _rows(site_recs: list[dict], coord_recs: list[dict], names: list[str]) -> li
       row = {"round": r, "site": name, "round_s": T, "compute_s": rec["compute_s"],
              "read_s": rec["read_s"], "publish_s": rec["publish_s"],
              "eval_s": rec.get("eval_s", 0.0), "wait_s": nxt["wait_s"], "merge_s": c["merge_s"],
-             "coordinator_wait_s": c["wait_s"]}
+             "coordinator_wait_s": c["wait_s"], "bytes_up": rec.get("bytes_up", 0),
+             "bytes_down": rec.get("bytes_down", 0)}
       row["other_s"] = T - sum(row[k] for k in ("compute_s", "read_s", "publish_s", "eval_s",
                                                 "wait_s"))
       rows.append(row)
@@ -138,7 +160,8 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
   out: dict = {"sites": {}}
   for name in names:
     worker = site_lib.SiteWorker(config, name, os.path.join(workdir, "alone", name))
-    scratch = buckets.Bucket("file://" + os.path.join(workdir, "alone", "buckets", name))
+    scratch = buckets.Bucket(_throttled("file://" + os.path.join(workdir, "alone", "buckets",
+                                                                 name)))
     # One untimed round first: it compiles the train step, the delta and the reads, as
     # round 1 of the deployment did.
     for timed, round_ in ((False, R - 1), (True, R)):
@@ -167,7 +190,8 @@ def _alone(config, workdir: str, names: list[str]) -> dict:
     root.verify(manifest, name)
     inputs.append((b, prefix, manifest))
   weights = spec.weights([m["tokens"] for _, _, m in inputs])
-  scratch = buckets.Bucket("file://" + os.path.join(workdir, "alone", "buckets", "global"))
+  scratch = buckets.Bucket(_throttled("file://" + os.path.join(workdir, "alone", "buckets",
+                                                               "global")))
   for attempt in range(2):  # The first call compiles merge_block for these shapes.
     t0 = time.perf_counter()
     data = exchange.new_attempt()
@@ -191,9 +215,14 @@ def _pct(x: float) -> str:
 def main(argv):
   del argv
   from tapestry_jax import orchestrate, report  # pylint: disable=import-outside-toplevel
-  config, args = _config_and_args()
-  names = list(config.sites.keys())
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="federation_overhead_", dir="/tmp")
+  try:
+    config, args = _config_and_args(workdir)
+  except app.UsageError:
+    if not _WORKDIR.value:
+      os.rmdir(workdir)
+    raise
+  names = list(config.sites.keys())
   load0 = os.getloadavg()
   try:
     t0 = time.perf_counter()
@@ -215,7 +244,9 @@ def main(argv):
   poll = float(config.federation.poll_s)
   print(f"deployed federation: {len(names)} sites {names} ({_PRESET.value}), H={_INNER.value}, "
         f"{_ROUNDS.value} rounds, coordinator + {len(names)} site processes on "
-        f"{os.cpu_count()} CPUs, file:// buckets, {alone['bytes_per_update'] / 2**20:.2f} MiB "
+        f"{os.cpu_count()} CPUs, file:// buckets"
+        f"{f' throttled to {_MBPS.value:g} Mbit/s per direction' if _MBPS.value else ''}, "
+        f"{alone['bytes_per_update'] / 2**20:.2f} MiB "
         f"per update; {deployed_s:.0f} s in all; evaluation of "
         f"{'every round' if _EVAL.value else 'rounds 0 and R only'}")
   head = (f"{'round':>5} {'site':>10} {'T_r s':>7} {'inner':>7} {'exchange':>9} {'eval':>7} "
@@ -253,12 +284,20 @@ def main(argv):
          "other_fraction": tot["other_s"] / total,
          "inner_s_federated_mean": tot["compute_s"] / n, "inner_s_alone": a["compute_s"],
          "slow_down": tot["compute_s"] / n / a["compute_s"],
-         "alone": a, "uncontended_overhead_fraction": uncontended}
+         "alone": a, "uncontended_overhead_fraction": uncontended,
+         "step_s_mean": tot["compute_s"] / n / _INNER.value,
+         "bytes_up_per_round": sum(r["bytes_up"] for r in mine) / n,
+         "bytes_down_per_round": sum(r["bytes_down"] for r in mine) / n}
     summary["sites"][name] = s
     print(f"{name:>10} {_pct(s['outside_inner_fraction']):>14} {_pct(s['exchange_fraction']):>9} "
           f"{_pct(s['exchange_plus_merge_fraction']):>7} {_pct(s['waiting_fraction']):>8} "
           f"{s['inner_s_federated_mean']:12.2f} {a['compute_s']:14.2f} {s['slow_down']:9.2f}x "
           f"{_pct(uncontended):>12}")
+  for name, s in summary["sites"].items():
+    print(f"{name}: exchange (read + publish) {_pct(s['exchange_fraction']).strip()} of a round "
+          f"of {s['round_s_mean']:.2f} s; step {s['step_s_mean']:.3f} s; per round "
+          f"{s['bytes_up_per_round'] / 2**20:.2f} MiB up, {s['bytes_down_per_round'] / 2**20:.2f} "
+          f"MiB down")
   for name, a in alone["sites"].items():
     print(f"alone, {name}: {_INNER.value} inner steps {a['compute_s']:.2f} s, read of the last "
           f"global round {a['read_s']:.3f} s, publish of an update {a['publish_s']:.3f} s")
@@ -276,6 +315,7 @@ def main(argv):
         f"({'met' if worst_unc <= 0.05 else 'NOT met'}); load average {load0[0]:.1f} -> "
         f"{load1[0]:.1f} on {os.cpu_count()} CPUs")
   summary.update({"preset": _PRESET.value, "site_names": names, "inner_steps": _INNER.value,
+                  "max_mbps": _MBPS.value or None,
                   "rounds": _ROUNDS.value, "eval_every_round": _EVAL.value, "poll_s": poll,
                   "deployed_s": deployed_s, "rows": rows, "coordinator": coord_recs,
                   "merge_s_alone": merge_alone, "merge_s_deployed_mean": merge_fed,
