@@ -18,6 +18,8 @@ EVALS = 5  # Evaluations of the global model per run (and the last round).
 
 def _m(h: int, name: str = "", **kw):
   """Shared moments at H=`h` for the whole budget."""
+  if STEPS % h:
+    raise ValueError(f"H={h} does not divide the {STEPS} steps of the budget")
   rounds = STEPS // h
   return {"name": name or f"m{h}", "federation.inner_steps": h, "federation.rounds": rounds,
           "federation.eval_every": max(1, rounds // EVALS), **kw}
@@ -28,6 +30,6 @@ def get_sweep():
       _m(4),
       _m(8),
       _m(16),
-      _m(32),
+      _m(40),
       _m(16, "m16_float32", **{"federation.update_dtype": "float32"}),
   ]
