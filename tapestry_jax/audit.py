@@ -12,7 +12,8 @@ merge:
   3. the weights: recomputed from the signed token counts and the recorded cap;
   4. the merge: `merge.merge_round` on exactly those inputs into a scratch bucket (every
      chunk it reads is checked against its writer's signed digests), and the result's
-     chunk digests compared with the round's: equal digests mean bit-identical arrays;
+     chunk digests compared with the round's: equal digests mean bit-identical arrays
+     (with downloads on, the encoded download too);
   5. the stored arrays of the round itself, read back and checked against its digests.
 
 Round 0 (no inputs) is recomputed from the config: the initial params and outer state.
@@ -172,7 +173,8 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
   # The spec the round records, through the coordinator's own path (federation.merge_spec).
   spec = outer_config.RoundMergeSpec.from_config(
       extra["outer"], settings.get("robust"),
-      weight_cap=settings.get("weight_cap_tokens") or federation.weight_cap(config))
+      weight_cap=settings.get("weight_cap_tokens") or federation.weight_cap(config),
+      download=settings.get("download"))
   cap = spec.weight_cap
   weights = spec.weights(tokens)
   if [float(w) for w in weights] != recorded:

@@ -6,7 +6,9 @@ update is verified before a value of it is used: the author's signature against 
 trust root, freshness (its round, and the global round it was trained from), its schema
 against the model (before anything is allocated), then, while it streams through the
 merge, the digest of every chunk and the finiteness of every value. A round is published
-as arrays (params and outer state) in an attempt directory of its own, a manifest naming
+as arrays (params and outer state; with `federation.download_dtype` on, also the round's
+encoded update, which sites holding the previous round read instead) in an attempt
+directory of its own, a manifest naming
 its inputs (by manifest digest) signed with the coordinator's key, a commit marker
 created last with a create-only write (so of two coordinators racing on a round exactly
 one commits), then the LATEST pointer. A restarted coordinator finds the last committed
@@ -130,8 +132,12 @@ class Coordinator:
   def merge_settings(self) -> dict:
     """What besides the inputs decides the merge (recorded in each round for audits)."""
     robust = self.f.get("robust")
-    return {"weight_cap_tokens": int(self.spec.weight_cap),
-            "robust": robust.to_dict() if robust is not None else None}
+    settings = {"weight_cap_tokens": int(self.spec.weight_cap),
+                "robust": robust.to_dict() if robust is not None else None}
+    download = federation.download(self.config)
+    if download is not None:  # Recorded only when on: older rounds read as off.
+      settings["download"] = download
+    return settings
 
   def _log_late(self) -> None:
     """Logs, once each, updates that were committed after their round had closed."""

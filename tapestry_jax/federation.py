@@ -160,7 +160,19 @@ def merge_spec(config) -> outer_config_lib.RoundMergeSpec:
   outer clip), from the sections every global manifest records (`outer_config(config)`,
   `federation.robust`), so an audit rebuilds the same spec from them."""
   return outer_config_lib.RoundMergeSpec.from_config(
-      outer_config(config), config.federation.get("robust"), weight_cap=weight_cap(config))
+      outer_config(config), config.federation.get("robust"), weight_cap=weight_cap(config),
+      download=download(config))
+
+
+def download(config) -> dict | None:
+  """`{"dtype", "block"}` of the rounds' encoded downloads (`federation.download_dtype`,
+  `download_block`), what every global manifest records; None when off (float32: sites
+  read the whole float32 round)."""
+  f = config.federation
+  dtype = f.get("download_dtype", "float32")
+  if dtype == "float32":
+    return None
+  return {"dtype": dtype, "block": f.get("download_block", quantize.DEFAULT_BLOCK)}
 
 
 def shared_moments(config) -> bool:
@@ -187,6 +199,9 @@ def error_feedback(config) -> bool:
 # float8_e4m3fn (a quarter: per-tensor scaled codes, `tapestry_jax.quantize`). The
 # coordinator merges in float32.
 UPDATE_DTYPES = ("float32", "bfloat16", *quantize.DTYPES)
+# What sites read of each global round: float32 (the whole round) or block-scaled codes of
+# its update (`federation.download_dtype`, `quantize.BlockFormat`).
+DOWNLOAD_DTYPES = ("float32", *quantize.BLOCK_DTYPES)
 
 
 def check_federation_config(config, devices: list[jax.Device] | None = None,
@@ -216,6 +231,13 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
                       f"got {f.update_dtype!r}")
   if int(f.weight_cap_tokens) < 0:
     raise ConfigError(f"federation.weight_cap_tokens={f.weight_cap_tokens} must be >= 0")
+  if f.get("download_dtype", "float32") not in DOWNLOAD_DTYPES:
+    raise ConfigError(f"federation.download_dtype must be one of {', '.join(DOWNLOAD_DTYPES)}; "
+                      f"got {f.download_dtype!r}")
+  if download(config) is not None:
+    problem = quantize.check_block(**download(config))
+    if problem:
+      raise ConfigError(f"federation.download_block: {problem}")
   try:
     outer_config_lib.make_outer_optimizer(outer_config(config))
   except ValueError as e:

@@ -49,6 +49,13 @@ int8 and float8 updates (`tapestry_jax.quantize`) are read as their codes (float
 checked for NaN codes like any float) and dequantized inside
 `outer.merge_block` with the offset and scale of their signed records; their norms are
 summed from the codes' histograms.
+
+Downloads (`RoundMergeSpec.download`, `federation.download_dtype`): each merged block also
+yields the round's encoded download (`outer.Download`: block-scaled codes along the last
+axis), written beside the params as `exchange.down_key` arrays, and the params (under
+shared moments, the moments) written are the canonical ones, the previous round plus the
+decoded download. Merge blocks are cut along the last axis only at multiples of the code
+block (`exchange.common_blocks(..., last_multiple=)`), so each holds whole code blocks.
 """
 
 from __future__ import annotations
@@ -211,14 +218,16 @@ def plan_round(spec: outer_config.RoundMergeSpec, glob: Bucket, base_prefix: str
   outer_lib.check_update_count(spec.aggregator, spec.trim, len(inputs))
   scales, norms = _clip_scales(inputs, spec.clip_norm, declared_norms)
   arrays = base_manifest["arrays"]
-  params = [_plan_param(spec.tx, glob, base_prefix, arrays, n, inputs, max_block_bytes)
-            for n in exchange.params_of(base_manifest)]
+  last_multiple = spec.download.block if spec.download is not None else 1
+  params = [_plan_param(spec.tx, glob, base_prefix, arrays, n, inputs, max_block_bytes,
+                        last_multiple) for n in exchange.params_of(base_manifest)]
   work = [(i, b) for i, p in enumerate(params) for b in range(len(p.blocks))]
   return RoundPlan(spec, glob, base_prefix, inputs, weights, scales, norms, params, work)
 
 
 def _plan_param(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
-                inputs: Sequence[tuple[Bucket, str, Mapping]], max_block_bytes: int) -> ParamPlan:
+                inputs: Sequence[tuple[Bucket, str, Mapping]], max_block_bytes: int,
+                last_multiple: int = 1) -> ParamPlan:
   prec = arrays[exchange.param_key(name)]
   top = exchange.outer_key(name, "")
   leaf_names = sorted(k[len(top):] for k in arrays if k.startswith(top))
@@ -239,7 +248,7 @@ def _plan_param(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
   whole = {l: arrays[exchange.outer_key(name, l)] for l in leaf_names if not blockable[l]}
   records = [base.record, *(s.record for _, s in state), *(s.record for s in deltas),
              *(s.record for s in moments)]
-  chunk, blocks = exchange.common_blocks(records, max_block_bytes)
+  chunk, blocks = exchange.common_blocks(records, max_block_bytes, last_multiple=last_multiple)
   return ParamPlan(name, base, state, deltas, moments, whole, tuple(chunk), tuple(blocks))
 
 
@@ -343,6 +352,9 @@ class _ParamIO:
     self.stores: list[Any] = []
     self.whole: dict[str, np.ndarray] = {}
     self.writers: dict[str, exchange.BlockWriter] = {}
+    # (download on) {array name: writer} of the download's codes and scales.
+    self.down_writers: dict[str, exchange.BlockWriter] = {}
+    self.scale_keys: set[str] = set()  # Which of them hold scales.
 
   def open_sources(self) -> None:
     """Opens every input array (once); a site's missing or damaged array refuses that
@@ -374,6 +386,23 @@ class _ParamIO:
     self.writers["params"] = exchange.BlockWriter(
         out, out_prefix, exchange.param_key(p.name), base.record["shape"],
         exchange.np_dtype(base.record["dtype"]), p.chunk, hasher=hasher)
+
+  def open_down_writers(self, out: Bucket, out_prefix: str, hasher,
+                        fmt: quantize.BlockFormat, parts: Sequence[str]) -> None:
+    """Writers of the download's codes (chunked like the params) and scales."""
+    shape = self.p.base.record["shape"]
+    for part in parts:
+      self.down_writers[exchange.down_key(part, self.p.name)] = exchange.BlockWriter(
+          out, out_prefix, exchange.down_key(part, self.p.name), shape,
+          exchange.np_dtype(fmt.dtype), self.p.chunk, hasher=hasher)
+      key = exchange.down_key(part, self.p.name, scales=True)
+      self.scale_keys.add(key)
+      self.down_writers[key] = exchange.BlockWriter(
+          out, out_prefix, key, quantize.scales_shape(shape, fmt.block), np.float32,
+          quantize.scales_shape(self.p.chunk, fmt.block), hasher=hasher)
+
+  def all_writers(self) -> list[exchange.BlockWriter]:
+    return [*self.writers.values(), *self.down_writers.values()]
 
   def site_block(self, j: int, fut) -> np.ndarray:
     """The block read by `fut` (`_read_checked` of site source j), or the BadUpdate that
@@ -499,6 +528,8 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
   # result, so every site block is scanned as it is read.
   scan_inputs = plan.spec.aggregator != "mean"
   coef_K = plan.coefficients()
+  fmt = plan.spec.download
+  parts = exchange.DOWN_PARTS if plan.spec.shared_moments else exchange.DOWN_PARTS[:1]
   with concurrent.futures.ThreadPoolExecutor(max_workers=n_sources + 2) as pool:
 
     def start(pi: int, i: int):
@@ -508,6 +539,8 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
         io = ios[pi] = _ParamIO(plan.params[pi])
         io.open_sources()
         io.open_writers(out, out_prefix, pool)
+        if fmt is not None:
+          io.open_down_writers(out, out_prefix, pool, fmt, parts)
       p, idx = io.p, io.p.blocks[i]
       shape = tuple(s.stop - s.start for s in idx)
       raws, futs = [], []
@@ -555,11 +588,11 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
       deltas, moments = updates[:n_sites], updates[n_sites:] or None
       state = outer_lib.state_from_leaves(plan.spec.tx, g,
                                           {**io.whole, **dict(zip(p.leaves, leaf_blocks))})
-      new_g, new_state, finite = outer_lib.merge_block(
+      new_g, new_state, *down, finite = outer_lib.merge_block(
           outer_lib.leaf_optimizer(plan.spec.tx, p.name), g, state, deltas, plan.weights,
           scales=plan.scales, aggregator=plan.spec.aggregator, trim=plan.spec.trim,
           moments=moments,
-          with_finite=True)
+          with_finite=True, download=fmt)
       if not bool(finite):  # Raises, naming the update to refuse.
         _refuse_non_finite(p, i, host, coef_K)
       del host
@@ -569,7 +602,12 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
       new_g = _own(np.asarray(new_g), raws)
       new_leaves = {l: _own(np.asarray(v), raws)
                     for l, v in outer_lib.state_leaves(new_state).items()}
-      del state, new_state, blocks, g, leaf_blocks, deltas, moments, updates
+      new_down = {}
+      for part, codes in (zip(parts, down[0]) if down else ()):
+        new_down[exchange.down_key(part, p.name)] = _own(np.asarray(codes.codes), raws)
+        new_down[exchange.down_key(part, p.name, scales=True)] = _own(np.asarray(codes.scales),
+                                                                      raws)
+      del state, new_state, blocks, g, leaf_blocks, deltas, moments, updates, down
       if site_squares is not None:
         site_squares.append([f.result() for f in squares])
       buffers.give(raws)
@@ -577,6 +615,9 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
       writes.append((io.writers["params"], io.writers["params"].write(idx, new_g), n))
       for leaf in p.leaves:
         writes.append((io.writers[leaf], io.writers[leaf].write(idx, new_leaves[leaf]), n))
+      for key, x in new_down.items():
+        where = quantize.scales_index(idx, fmt.block) if key in io.scale_keys else idx
+        writes.append((io.down_writers[key], io.down_writers[key].write(where, x), n))
       if i == 0:
         for leaf, r in p.whole_records.items():
           io.writers[leaf].write(tuple(slice(0, s) for s in r["shape"]), new_leaves[leaf])
@@ -596,7 +637,7 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
       # Nothing of this attempt is committed; let its writes land before the caller
       # may redo the merge into the same prefix (a late write would overwrite the redo's).
       for io in ios.values():
-        for writer in io.writers.values():
+        for writer in io.all_writers():
           writer.wait_all(ignore_errors=True)
       raise
     records = {}
@@ -605,6 +646,10 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
         key = (exchange.param_key(io.p.name) if leaf == "params"
                else exchange.outer_key(io.p.name, leaf))
         records[key] = writer.finish(partial=partial)
+      for key, writer in io.down_writers.items():
+        records[key] = writer.finish(partial=partial)
+        if key not in io.scale_keys:
+          records[key]["block"] = fmt.block  # Signed with the rest: how to decode the codes.
   return RangeResult(records, site_squares)
 
 
@@ -641,7 +686,8 @@ def merge_round(spec: outer_config.RoundMergeSpec, glob: Bucket, base_prefix: st
   """Merges `inputs` ((site bucket, round prefix, manifest), in the fixed merge order)
   into the global round's attempt directory `out_prefix` (`exchange.data_prefix`) in
   this process: plan -> (outer clip: norm pass) -> merge -> records. Returns the new
-  round's array records (`params/<name>` and `outer/<name>/<leaf>`). Manifests must
+  round's array records (`params/<name>` and `outer/<name>/<leaf>`; with
+  `spec.download`, also the download's `exchange.down_key` arrays). Manifests must
   already be schema-checked. `read_ahead` block sets are read while one merges.
 
   `spec` holds the outer optimizer and the robust settings. With `spec.clip_norm` > 0

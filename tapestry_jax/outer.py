@@ -58,14 +58,33 @@ class SharedMoments(NamedTuple):
     return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
                                   nu=jax.tree.map(jnp.copy, zeros))
 
+  def decays(self) -> tuple[np.float32, np.float32]:
+    """(b1^H, b2^H) in float32: how much of the old moments a round keeps."""
+    return np.float32(self.b1 ** self.steps), np.float32(self.b2 ** self.steps)
+
+  def gradient(self, m, mu):
+    """The round's mean gradient g from the merged first moment `m` and the old `mu`."""
+    c1, _ = self.decays()
+    return (m - c1 * mu) / (np.float32(1) - c1)
+
   def update(self, merged, state, params=None):
     del params
     delta, m = merged
-    c1, c2 = np.float32(self.b1 ** self.steps), np.float32(self.b2 ** self.steps)
-    g = (m - c1 * state.mu) / (np.float32(1) - c1)
+    g = self.gradient(m, state.mu)
+    _, c2 = self.decays()
     nu = c2 * state.nu + (np.float32(1) - c2) * (g * g)
     return (jnp.float32(-self.lr) * delta,
             optax.ScaleByAdamState(count=state.count + self.steps, mu=m, nu=nu))
+
+
+class Download(NamedTuple):
+  """One parameter's part of a global round's download (`federation.download_dtype`):
+  the encoded update of its params and, under shared moments, the encoded mean gradient
+  of the round (`quantize.BlockCodes` each). The round's global state is DEFINED as the
+  previous one plus the decoded download (`download_step`), so a site holding the
+  previous round rebuilds it bit for bit from these few bytes."""
+  update: Any
+  grad: Any = None
 
 
 def global_moments(outer_state: Mapping[str, Any]) -> tuple[int, dict, dict]:
@@ -283,19 +302,58 @@ def _all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _merge_block_jit(tx, aggregator, trim, quantized, quantized_m, with_finite, global_block,
-                     state_block, deltas, moments, coef_K, dequant_Kx2, dequant_m):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _merge_block_jit(tx, aggregator, trim, quantized, quantized_m, with_finite, download,
+                     global_block, state_block, deltas, moments, coef_K, dequant_Kx2, dequant_m):
   """merge_block's jitted body; `moments` None (no first moments) or the sites' blocks,
-  in which case `tx.update` gets the merged `Update`."""
+  in which case `tx.update` gets the merged `Update`. With a `download` format, the
+  exact new global is followed by the round's encoded `Download`."""
   merged = _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2)
   if moments is not None:
     merged = Update(merged, _aggregate(aggregator, trim, quantized_m, moments, coef_K, dequant_m))
   updates, new_state = tx.update(merged, state_block, global_block)
   new_global = optax.apply_updates(global_block, updates)
+  out = (new_global, new_state)
+  if download is not None:
+    grad = (download.encode(tx.gradient(merged.mu, state_block.mu))
+            if isinstance(tx, SharedMoments) else None)
+    out += (Download(download.encode(updates), grad),)
   if with_finite:
-    return new_global, new_state, _all_finite(merged, new_global, new_state)
-  return new_global, new_state
+    out += (_all_finite(merged, new_global, new_state),)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _download_jit(fmt, tx, params, update, mu, nu, grad):
+  new = (params.astype(jnp.float32) + fmt.decode(*update)).astype(params.dtype)
+  if tx is None:
+    return new, None, None, _all_finite(new)
+  c1, c2 = tx.decays()
+  g = fmt.decode(*grad)
+  mu = c1 * mu + (np.float32(1) - c1) * g
+  nu = c2 * nu + (np.float32(1) - c2) * (g * g)
+  return new, mu, nu, _all_finite(new, mu, nu)
+
+
+def download_step(fmt: quantize.BlockFormat, tx, params, down: Download, state=None):
+  """(params, state, finite) of the next global round of one parameter (a whole leaf or
+  a block of it, on any devices) from this round's `params` and the next round's `down`:
+  params + decode(update); under shared moments (`tx` a `SharedMoments`, `state` this
+  round's `ScaleByAdamState`) also mu <- b1^H mu + (1 - b1^H) g, nu <- b2^H nu +
+  (1 - b2^H) g^2 and count + H, with g = decode(grad) (else `state` is returned as
+  given). `finite`: whether every new value is finite (a jax bool).
+
+  The one jitted function the coordinator's merge, the simulation and the sites apply a
+  download with, so all of them compute the same bits (one program: XLA cannot fuse the
+  multiply-adds differently in one of them)."""
+  if not isinstance(tx, SharedMoments):
+    new, _, _, finite = _download_jit(fmt, None, params, tuple(down.update), None, None, None)
+    return new, state, finite
+  if down.grad is None or state is None:
+    raise ValueError("a shared-moments download needs the round's gradient and the moments")
+  new, mu, nu, finite = _download_jit(fmt, tx, params, tuple(down.update), state.mu, state.nu,
+                                      tuple(down.grad))
+  return new, optax.ScaleByAdamState(count=state.count + tx.steps, mu=mu, nu=nu), finite
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -357,7 +415,8 @@ def merged_clip_scale(norm: float, clip_norm: float) -> np.float32:
 def merge_block(tx: optax.GradientTransformation, global_block, state_block,
                 deltas: Sequence[Any], weights, *, scales=None, aggregator: str = "mean",
                 trim: int = 0, moments: Sequence[Any] | None = None,
-                with_finite: bool = False) -> tuple[Any, ...]:
+                with_finite: bool = False,
+                download: quantize.BlockFormat | None = None) -> tuple[Any, ...]:
   """One outer step on one block (a whole leaf, or rows of it): returns (new_global, new_state).
 
   The merged pseudo-gradient (float32, fixed order) is the mean sum_k weights[k] *
@@ -374,7 +433,12 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
   `with_finite`: also return, third, whether the merged values, the new global block and
   the new state are all finite (a jax bool from the same jitted call). With the mean, a
   NaN or Inf in any site's block propagates into the merged values, so the flag covers
-  the inputs too; it also catches finite values whose merge overflows float32."""
+  the inputs too; it also catches finite values whose merge overflows float32.
+
+  `download` (`federation.download_dtype` on): returns (new_global, new_state, down, ...)
+  where `down` is the round's encoded `Download` of the block and new_global (under
+  shared moments, new_state's moments too) is the canonical global: this block plus the
+  decoded download (`download_step`); other optimizers keep their exact state."""
   shape = tuple(np.shape(global_block))
   trim_ = int(trim) if aggregator == "trimmed_mean" else 0
   quantized, deltas, coef_K, dequant_Kx2 = _block_args(
@@ -388,16 +452,26 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
       raise ValueError(f"got {len(deltas)} deltas but {len(moments)} first moments")
     quantized_m, moments, _, dequant_m = _block_args(moments, weights, scales, aggregator,
                                                      trim, shape)
-  return _merge_block_jit(tx, aggregator, trim_, quantized, quantized_m, bool(with_finite),
-                          global_block, state_block, deltas, moments, coef_K, dequant_Kx2,
-                          dequant_m)
+  out = _merge_block_jit(tx, aggregator, trim_, quantized, quantized_m, bool(with_finite),
+                         download, global_block, state_block, deltas, moments, coef_K,
+                         dequant_Kx2, dequant_m)
+  if download is None:
+    return out
+  _, new_state, down, *finite = out
+  new_global, state, ok = download_step(download, tx, global_block, down, state_block)
+  if isinstance(tx, SharedMoments):
+    new_state = state
+  if with_finite:
+    return new_global, new_state, down, jnp.logical_and(finite[0], ok)
+  return new_global, new_state, down
 
 
 def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Mapping[str, Any],
                updates: Sequence[Any], weights, *, clip_norm: float = 0.0,
                aggregator: str = "mean", trim: int = 0,
                norms: Sequence[float] | None = None,
-               outer_clip_norm: float = 0.0) -> tuple[Any, dict[str, Any]]:
+               outer_clip_norm: float = 0.0,
+               download: quantize.BlockFormat | None = None) -> tuple[Any, ...]:
   """The whole-tree outer step: `merge_block` on every leaf.
 
   `updates` are the sites' `Update`s (a bare pseudo-gradient is one without `mu`); their
@@ -407,8 +481,10 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
   weighted mean). With `clip_norm` > 0 site k is scaled by min(1, clip_norm / norms[k]),
   `norms` defaulting to each delta's `update_norm`; with `outer_clip_norm` > 0 the merged
   pseudo-gradient is scaled by `merged_clip_scale` of its global norm. Returns (new params,
-  new per-leaf state). Leaf by leaf is what the streaming coordinator computes, so
-  simulation and deployment agree bit for bit."""
+  new per-leaf state) and, with a `download` format, third the round's {name: `Download`}
+  (the new params, and under shared moments the moments, are then the canonical ones,
+  `merge_block`). Leaf by leaf is what the streaming coordinator computes, so simulation
+  and deployment agree bit for bit."""
   updates = [u if isinstance(u, Update) else Update(u) for u in updates]
   check_update_count(aggregator, trim, len(updates))
   moments = isinstance(tx, SharedMoments)
@@ -435,10 +511,14 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
                   for name in sorted(flat_g))
     factor = merged_clip_scale(math.sqrt(squares), outer_clip_norm)
     scales = (np.ones(len(flat_d), np.float32) if scales is None else scales) * factor
-  new_params, new_state = {}, {}
+  new_params, new_state, downs = {}, {}, {}
   for name, g in flat_g.items():
-    new_params[name], new_state[name] = merge_block(
+    new_params[name], new_state[name], *down = merge_block(
         leaf_optimizer(tx, name), g, outer_state[name], [d[name] for d in flat_d], weights,
         scales=scales, aggregator=aggregator, trim=trim,
-        moments=None if flat_m is None else [m[name] for m in flat_m])
+        moments=None if flat_m is None else [m[name] for m in flat_m], download=download)
+    if down:
+      downs[name] = down[0]
+  if download is not None:
+    return trees.unflatten(new_params, global_params), new_state, downs
   return trees.unflatten(new_params, global_params), new_state

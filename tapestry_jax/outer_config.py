@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import quantize
 
 OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam", "none", "moments")
 
@@ -308,6 +309,9 @@ class RoundMergeSpec:
   aggregator: str = "mean"  # robust.aggregator, one of outer.AGGREGATORS.
   trim: int = 1  # robust.trim: sites dropped at each end per coordinate by trimmed_mean.
   outer_clip_norm: float = 0.0  # outer.clip_norm: clip of the merged update's norm, 0 = off.
+  # federation.download_dtype / download_block: the round's encoded download (the new
+  # global is the old one plus its decoded update, `outer.download_step`); None = off.
+  download: quantize.BlockFormat | None = None
 
   def __post_init__(self):
     clip_norm, aggregator, trim = _check_robust(self.clip_norm, self.aggregator, self.trim)
@@ -318,17 +322,26 @@ class RoundMergeSpec:
       raise ValueError(f"weight cap must be > 0 (or None for no cap); got {cap!r}")
     if self.shared_moments and outer_clip_norm:
       raise ValueError("the outer clip is not supported with shared moments (outer.name moments)")
+    if self.download is not None and not isinstance(self.download, quantize.BlockFormat):
+      raise ValueError(f"download must be a quantize.BlockFormat or None; got {self.download!r}")
     for key, value in (("clip_norm", clip_norm), ("aggregator", aggregator), ("trim", trim),
                        ("outer_clip_norm", outer_clip_norm)):
       object.__setattr__(self, key, value)
 
   @classmethod
-  def from_config(cls, outer, robust=None, *, weight_cap: int | None = None) -> "RoundMergeSpec":
+  def from_config(cls, outer, robust=None, *, weight_cap: int | None = None,
+                  download: Mapping | None = None) -> "RoundMergeSpec":
     """The spec of an outer section (`default_outer_config()` fields), a robust section
-    (`default_robust_config()` fields; None or absent fields: its defaults) and a token
-    weight cap (None: no cap). Raises ValueError naming the bad field."""
+    (`default_robust_config()` fields; None or absent fields: its defaults), a token
+    weight cap (None: no cap) and a download format ({"dtype", "block"}, what a global
+    manifest records; None: off). Raises ValueError naming the bad field."""
+    fmt = None
+    if download is not None:
+      if not isinstance(download, Mapping) or set(download) != {"dtype", "block"}:
+        raise ValueError(f"download must be {{'dtype': ..., 'block': ...}}; got {download!r}")
+      fmt = quantize.BlockFormat(download["dtype"], download["block"])
     return cls(make_outer_optimizer(outer), weight_cap=weight_cap,
-               outer_clip_norm=outer_clip(outer), **robust_kwargs(robust))
+               outer_clip_norm=outer_clip(outer), download=fmt, **robust_kwargs(robust))
 
   @property
   def shared_moments(self) -> bool:
@@ -343,8 +356,9 @@ class RoundMergeSpec:
                  updates: Sequence[Any], weights, *,
                  norms: Sequence[float] | None = None) -> tuple[Any, dict[str, Any]]:
     """`outer.outer_step` with this spec's optimizer and settings: the whole-array merge
-    that `merge.merge_round(spec, ...)` computes block by block."""
+    that `merge.merge_round(spec, ...)` computes block by block. With `download`, also
+    returns the round's {name: `outer.Download`}, third."""
     return outer_lib.outer_step(self.tx, global_params, outer_state, updates, weights,
                                 clip_norm=self.clip_norm, aggregator=self.aggregator,
                                 trim=self.trim, norms=norms,
-                                outer_clip_norm=self.outer_clip_norm)
+                                outer_clip_norm=self.outer_clip_norm, download=self.download)

@@ -20,13 +20,16 @@ the dequantized values (`sum_squares`), which is what clipping bounds.
 
 A site quantizes on its own devices (`quantize`, jitted; the codes keep the delta's
 sharding, so each process writes only its own shards).
+
+Block-scaled codes (the last section: `encode_blocks`, `decode_blocks`, `BlockFormat`) are
+what a site READS with `federation.download_dtype`: one scale per block of the last axis.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -143,3 +146,125 @@ def sum_squares(codes, offset: float, scale: float) -> float:
   used = counts > 0  # 0 * NaN would be NaN: only codes that occur count.
   counts, values = counts[used], values[used]
   return float(np.dot(counts, values * values))
+
+
+# ------------------------------------------------------------------ block-scaled codes
+# What a site READS each round with `federation.download_dtype` (the encoded update of the
+# global state, `outer.Download`): one-byte codes with one float32 absmax scale per block
+# of `block` contiguous elements along the LAST axis (the first block starts at index 0,
+# the last may be shorter; a scalar is one block). Row-local, so any row-block of an array
+# (the coordinator's streaming merge) encodes on its own, and a merge block whose
+# last-axis bounds are multiples of `block` holds whole code blocks:
+#   value = scale * code,  scale = max|x over the block| / BLOCK_MAX[dtype]  (1 if all 0)
+# A 4-bit format is one more `BLOCK_MAX` entry (its codes then need packing to be stored).
+
+DEFAULT_BLOCK = 128
+MAX_BLOCK = 1 << 20
+# The largest code magnitude of each block-scaled dtype (the absmax maps to it).
+BLOCK_MAX = {DTYPE: float(LEVELS), FP8: FP8_MAX}
+BLOCK_DTYPES = tuple(BLOCK_MAX)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFormat:
+  """A block-scaled code setting, checked when built (ValueError): `dtype` codes with one
+  scale per `block` elements. Hashable: jitted code takes it as a static argument."""
+  dtype: str
+  block: int = DEFAULT_BLOCK
+
+  def __post_init__(self):
+    problem = check_block(self.dtype, self.block)
+    if problem:
+      raise ValueError(problem)
+    object.__setattr__(self, "block", int(self.block))
+
+  def encode(self, x) -> "BlockCodes":
+    return encode_blocks(x, self.dtype, self.block)
+
+  def decode(self, codes, scales):
+    return decode_blocks(codes, scales, self.block)
+
+
+class BlockCodes(NamedTuple):
+  """One array as block-scaled codes: `codes` (the array's shape, a `BLOCK_DTYPES` dtype)
+  and float32 `scales` (`scales_shape(codes.shape, block)`). A pytree."""
+  codes: Any
+  scales: Any
+
+
+def check_block(dtype: str, block: Any) -> str | None:
+  """What is wrong with a block-scaled code setting (None if nothing)."""
+  if dtype not in BLOCK_MAX:
+    return f"block-scaled codes must be one of {', '.join(BLOCK_DTYPES)}; got {dtype!r}"
+  if (isinstance(block, bool) or not isinstance(block, (int, np.integer))
+      or not 1 <= block <= MAX_BLOCK):
+    return f"the code block must be an integer in [1, {MAX_BLOCK}] elements; got {block!r}"
+  return None
+
+
+def scales_shape(shape, block: int) -> tuple[int, ...]:
+  """The shape of the scales of an array of `shape`: the last axis in blocks of `block`."""
+  shape = tuple(int(s) for s in shape)
+  return shape[:-1] + (-(-shape[-1] // int(block)),) if shape else ()
+
+
+def scales_index(index: tuple[slice, ...], block: int) -> tuple[slice, ...]:
+  """The scales of a block `index` (explicit slices) of an array: its last-axis bounds
+  must be multiples of `block` or the array's end."""
+  if not index:
+    return ()
+  last = index[-1]
+  return tuple(index[:-1]) + (slice(last.start // block, -(-last.stop // block)),)
+
+
+def _blocked(x, block: int):
+  """`x` (rank >= 1) zero-padded to whole blocks, shaped (..., blocks, block)."""
+  n = x.shape[-1]
+  nb = -(-n // block)
+  pad = [(0, 0)] * (x.ndim - 1) + [(0, nb * block - n)]
+  return jnp.pad(x, pad).reshape(*x.shape[:-1], nb, block)
+
+
+def encode_blocks(x, dtype: str, block: int) -> BlockCodes:
+  """`x` as block-scaled `dtype` codes (jnp; traceable, so it runs inside the merge's
+  jit). A block that is all zero gets scale 1; one whose scale would not be a normal
+  float32 (values below ~1e-36) is all code 0 with scale 1."""
+  x = jnp.asarray(x, jnp.float32)
+  flat = x.reshape(1) if x.ndim == 0 else x
+  top = np.float32(BLOCK_MAX[dtype])
+  xb = _blocked(flat, block)
+  raw = jnp.max(jnp.abs(xb), axis=-1) / top
+  # (raw < tiny, not raw > 0: a NaN or Inf block keeps a NaN or Inf scale, which decodes
+  # to non-finite values that the merge's finiteness check refuses.)
+  scales = jnp.where(raw < np.finfo(np.float32).tiny, np.float32(1), raw)
+  y = jnp.clip(xb / scales[..., None], -top, top)
+  codes = (jnp.round(y).astype(jnp.int8) if dtype == DTYPE else y.astype(jnp.dtype(dtype)))
+  codes = codes.reshape(*flat.shape[:-1], xb.shape[-2] * block)[..., :flat.shape[-1]]
+  return BlockCodes(codes.reshape(x.shape), scales.reshape(scales_shape(x.shape, block)))
+
+
+def decode_blocks(codes, scales, block: int):
+  """float32 values of block-scaled codes (jnp; traceable): code * its block's scale,
+  one rounding per element, so any program computes the same bits."""
+  x = codes.astype(jnp.float32)
+  if x.ndim == 0:
+    return x * scales
+  s = jnp.repeat(scales, block, axis=-1, total_repeat_length=scales.shape[-1] * block)
+  return x * s[..., :x.shape[-1]]
+
+
+def check_scales(scales: np.ndarray, dtype: str) -> str | None:
+  """What is wrong with stored block scales for `dtype` codes (None if nothing): each
+  must be finite, > 0 and small enough that every code decodes to a finite float32."""
+  s = np.asarray(scales)
+  if s.dtype != np.float32:
+    return f"scales are {s.dtype}, not float32"
+  if s.size == 0:
+    return None
+  bad = ~(np.isfinite(s) & (s > 0))
+  if bad.any():
+    return f"{int(bad.sum())} scales are not finite numbers > 0 (e.g. {s[bad].flat[0]!r})"
+  limit = np.finfo(np.float32).max / np.float32(BLOCK_MAX[dtype] + 1)
+  if float(s.max()) > limit:
+    return f"scale {float(s.max())!r} decodes {dtype} codes beyond float32's range"
+  return None

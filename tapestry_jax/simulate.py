@@ -68,14 +68,20 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   log = open(os.path.join(workdir, "simulation.jsonl"), "a")  # Records as they come.
   like = next(iter(workers.values())).trainer.param_shardings  # The params' structure.
   moments = federation.shared_moments(config)
+  download = None  # (federation.download_dtype on) the last round's {name: outer.Download}.
   for g in range(int(f.rounds) + 1):
     deltas, tokens, names, norms = [], [], [], []
     for name, w in workers.items():
-      # Outer moments: a site also reads the global Adam moments (deployed: from the bucket).
-      w.adopt(trees.unflatten(params, like), state if moments else None)
-      # Bytes are the raw array bytes a deployment would move (no bucket here).
-      down = [*params.values(), *(jax.tree.leaves(state) if moments else [])]
-      rec = {"site": name, "global_round": g, "bytes_down": sum(a.nbytes for a in down)}
+      # As a deployed site (site.read_global): holding round g - 1, it applies round g's
+      # download; else it reads the whole round (under outer moments, the global Adam
+      # moments too). Bytes are the raw array bytes a deployment would read (no bucket).
+      if download is not None and w.holds(g - 1):
+        w.adopt(*w.next_global(download), round_=g)
+        read = jax.tree.leaves(download)
+      else:
+        w.adopt(trees.unflatten(params, like), state if moments else None, round_=g)
+        read = [*params.values(), *(jax.tree.leaves(state) if moments else [])]
+      rec = {"site": name, "global_round": g, "bytes_down": sum(a.nbytes for a in read)}
       if federation.evaluate_round(config, g):
         rec.update(w.evaluate())
       if g < int(f.rounds):
@@ -100,13 +106,15 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
     if g == int(f.rounds):
       break
     t0 = time.perf_counter()
+    download = None
     if deltas:
       # Clipped by the norms the sites declare: the coordinator then merges the same bits.
-      new_params, new_state = spec.outer_step(
+      new_params, new_state, *down = spec.outer_step(
           params, state, [exchange.as_update(d) for d in deltas], spec.weights(tokens),
           norms=norms)
       params = {n: np.asarray(v) for n, v in new_params.items()}
       state = jax.device_get(new_state)
+      download = jax.device_get(down[0]) if down else None
     logging.info("simulate: round %d merged from %s in %.2f s", g + 1, names,
                  time.perf_counter() - t0)
   log.close()

@@ -7,7 +7,9 @@ site's, `outer.SharedMoments`), train H inner steps, and produce the pseudo-grad
 `global - local` (under "moments", with the site's first moment).
 `run_site` is the deployed loop: it reads committed global rounds from the coordinator's
 bucket straight into this site's mesh, after verifying the coordinator's signature and
-refusing a round that goes backwards (rollback); publishes each update, signed with the
+refusing a round that goes backwards (rollback); with `federation.download_dtype` on, only
+a round's small encoded download when it holds the previous round (`read_global`). It
+publishes each update, signed with the
 site's key, to the site's OWN bucket (arrays, manifest, commit marker last); and
 checkpoints after every publish. A killed site resumes from its last checkpoint without
 skipping or repeating data: if it was killed after committing an update but before that
@@ -39,6 +41,7 @@ from tapestry_jax import federation
 from tapestry_jax import loop
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import preemption
+from tapestry_jax import quantize
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
 
@@ -64,6 +67,12 @@ class SiteWorker:
         seed=self.config.data.seed)
     self.state = trainer.init_state(int(t.seed))
     self.base = None  # The global params the current inner phase started from.
+    # Downloads (federation.download_dtype): the round `base` is (None: unknown) and,
+    # under shared moments, copies of that round's global moments {name: Adam state}
+    # (the train state's own are trained on): what the next round's download applies to.
+    self.downloads = federation.download(config) is not None and not reference
+    self.base_round: int | None = None
+    self.base_moments: dict[str, optax.ScaleByAdamState] | None = None
     self._ckpt = None
     self._delta = jax.jit(outer_lib.pseudo_gradient, out_shardings=trainer.param_shardings)
     # Error feedback (federation.error_feedback, for bfloat16 / int8 updates): what
@@ -117,16 +126,20 @@ class SiteWorker:
 
   # ---------------------------------------------------------------- rounds
 
-  def adopt(self, params, moments: dict[str, Any] | None = None) -> None:
+  def adopt(self, params, moments: dict[str, Any] | None = None,
+            round_: int | None = None) -> None:
     """Replaces the params by the global model (any host or device arrays), keeping the
     optimizer state, step, PRNG key and data position; remembers it as the base.
 
     `moments` (outer "moments" only): the global outer state, {param name: its state
     leaves "count", "mu", "nu"} (or `outer.SharedMoments` states); they replace the
-    inner AdamW's moments and the step count its bias correction and lr schedule use."""
+    inner AdamW's moments and the step count its bias correction and lr schedule use.
+    `round_`: which global round this is exactly (with downloads on, the next round's
+    download then applies to it, `holds`); None: not known to be one."""
     shardings = self.trainer.param_shardings
     params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
     self.base = params
+    self.base_round, self.base_moments = None, None
     state = self.state.replace(params=jax.tree.map(jnp.copy, params))
     if moments is not None:
       count, mu, nu = outer_lib.global_moments(moments)
@@ -136,10 +149,57 @@ class SiteWorker:
       put = lambda flat: trees.unflatten(  # noqa: E731
           {n: jax.device_put(jnp.asarray(flat[n], jnp.float32), s)
            for n, s in flat_shardings.items()}, shardings)
+      mu, nu = put(mu), put(nu)
+      if self.downloads and round_ is not None:  # Copies: training donates the state's.
+        self.base_moments = {n: optax.ScaleByAdamState(count=count, mu=jnp.copy(m),
+                                                       nu=jnp.copy(v))
+                             for (n, m), v in zip(trees.flatten(mu).items(),
+                                                  trees.flatten(nu).values())}
       state = state.replace(opt_state=outer_lib.set_adam_state(
-          state.opt_state, put(mu), put(nu),
+          state.opt_state, mu, nu,
           lambda: jax.device_put(jnp.asarray(count, jnp.int32), self.trainer.replicated)))
+    if self.downloads and round_ is not None and (
+        moments is not None or not federation.shared_moments(self.config_full)):
+      self.base_round = int(round_)
     self.state = state
+
+  def holds(self, round_: int) -> bool:
+    """Whether this site holds global round `round_` exactly (its params and, under
+    shared moments, its moments), so that round `round_` + 1's download applies to it."""
+    return self.downloads and self.base is not None and self.base_round == round_
+
+  def next_global(self, down: dict[str, outer_lib.Download]) -> tuple[Any, dict | None]:
+    """Global round `base_round` + 1 from the round this site holds and that round's
+    download {param name: `outer.Download`} (host or device arrays; read and checked by
+    `exchange.read_global_download`): (params, moments or None), as `adopt` takes them.
+    The coordinator computes the round with the same jitted `outer.download_step`, so
+    they are its float32 arrays bit for bit. ExchangeError, with this site's state
+    untouched, if a value comes out non-finite."""
+    if self.base_round is None:
+      raise RuntimeError(f"site {self.name}: next_global() without a global round held")
+    spec = federation.merge_spec(self.config_full)
+    flat_shardings = trees.flatten(self.trainer.param_shardings)
+    flat_base = trees.flatten(self.base)
+    if sorted(down) != sorted(flat_base):
+      raise ValueError(f"site {self.name}: the download does not match the params")
+    put = lambda c, s: quantize.BlockCodes(  # noqa: E731
+        jax.device_put(c.codes, s), jax.device_put(c.scales, self.trainer.replicated))
+    params, moments, ok = {}, {}, []
+    for n, d in down.items():
+      s = flat_shardings[n]
+      d = outer_lib.Download(put(d.update, s), None if d.grad is None else put(d.grad, s))
+      state = None if self.base_moments is None else self.base_moments[n]
+      params[n], state, finite = outer_lib.download_step(spec.download, spec.tx, flat_base[n],
+                                                         d, state)
+      ok.append(finite)
+      if state is not None:
+        moments[n] = {"count": state.count, "mu": state.mu, "nu": state.nu}
+    bad = [n for n, f in zip(down, ok) if not bool(f)]
+    if bad:
+      raise exchange.ExchangeError(
+          f"site {self.name}: the download of global round {self.base_round + 1} decodes to "
+          f"non-finite values in {bad[:3]}; refusing it")
+    return trees.unflatten(params, self.trainer.param_shardings), moments or None
 
   def train(self, steps: int, *, preempt: preemption.Preemption | None = None,
             losses: Sequence[float] = ()) -> dict[str, Any]:
@@ -310,10 +370,8 @@ class _Site:
 
   def read_global(self, g: int, last_base: int):
     """Global round `g`, verified: (params, moments or None) on this site's mesh."""
-    params, moments, _ = exchange.read_global_round(
-        self.glob, self.config, g, self.worker.trainer.param_shardings, self.schema,
-        root=self.root, last_round=last_base)
-    return params, moments
+    return read_global(self.worker, self.glob, g, self.schema, root=self.root,
+                       last_round=last_base)
 
   def publish(self, progress: Progress, rec: dict) -> None:
     g = progress.base_round
@@ -324,6 +382,24 @@ class _Site:
     exchange.publish_update(self.own, self.config, self.name, g + 1, g, sent, rec["tokens"],
                             extra={"train_loss": rec["train_loss"], "step": rec["step"]},
                             signer=self.signer, channel=self.channel)
+
+
+def read_global(worker: SiteWorker, glob: buckets.Bucket, round_: int, schema=None, *,
+                root=None, last_round: int | None = None) -> tuple[Any, dict | None]:
+  """Global round `round_` as `worker` adopts it, verified: (params, moments or None) on
+  its mesh. With downloads on and `worker` holding round `round_` - 1 exactly, only the
+  round's download is read (`exchange.read_global_download`) and applied
+  (`SiteWorker.next_global`); otherwise (the first round, after a restart, after
+  missing a round) the whole float32 round (`exchange.read_global_round`)."""
+  shardings = worker.trainer.param_shardings
+  if round_ >= 1 and worker.holds(round_ - 1):
+    down, _ = exchange.read_global_download(glob, worker.config_full, round_, shardings,
+                                            worker.trainer.replicated, schema, root=root,
+                                            last_round=last_round)
+    return worker.next_global(down)
+  params, moments, _ = exchange.read_global_round(glob, worker.config_full, round_, shardings,
+                                                  schema, root=root, last_round=last_round)
+  return params, moments
 
 
 def run_site(config, name: str, workdir: str, *, devices=None, private_key: str | None = None,
@@ -361,7 +437,7 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
         g, rec["wait_s"] = site.next_round(progress.base_round)
         t_read = time.perf_counter()
         params, moments = site.read_global(g, progress.base_round)
-        worker.adopt(params, moments)
+        worker.adopt(params, moments, round_=g)
         rec.update(global_round=g, read_s=time.perf_counter() - t_read)
         if federation.evaluate_round(config, g):
           t_eval = time.perf_counter()

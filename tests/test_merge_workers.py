@@ -29,10 +29,10 @@ ROUNDS = 2
 _DRIVER = """
 import sys
 from tapestry_jax import distributed
-address, n, pid, workdir, heartbeat, clip = sys.argv[1:7]
+address, n, pid, workdir, heartbeat, clip, download = sys.argv[1:8]
 group = distributed.initialize(address, int(n), int(pid), heartbeat_timeout_s=int(heartbeat))
 import test_merge_workers
-cfg = test_merge_workers.config(float(clip))
+cfg = test_merge_workers.config(float(clip), download)
 coordinator = test_merge_workers.fed_fakes.coordinator(cfg, workdir)
 records = coordinator.run()
 print("process", group.process_id, "merged", coordinator.workers.items_merged, flush=True)
@@ -40,11 +40,11 @@ distributed.shutdown()
 """
 
 
-def config(clip: float):
+def config(clip: float, download: str = "float32"):
   """The fake federation under DiLoCo's Nesterov; `clip` > 0 also clips each site's update
   (declared norms checked against the values) and the merged pseudo-gradient (a global
-  norm reduced across the workers)."""
-  c = fed_fakes.config(rounds=ROUNDS)
+  norm reduced across the workers); `download` is federation.download_dtype."""
+  c = fed_fakes.config(rounds=ROUNDS, download_dtype=download)
   c.federation.outer.name = "nesterov"
   c.federation.robust.clip_norm = clip
   c.federation.outer.clip_norm = clip / 2
@@ -58,7 +58,7 @@ def _publish_updates(cfg, workdir) -> None:
 
 
 def _start(workdir, n: int, clip: float, *, heartbeat: int = 100,
-           env_extra=None) -> list[subprocess.Popen]:
+           env_extra=None, download: str = "float32") -> list[subprocess.Popen]:
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
   script = _DRIVER
   env = dict(os.environ, JAX_PLATFORMS="cpu", TAPESTRY_TEST_KEYS=fed_fakes.KEYS,
@@ -66,7 +66,7 @@ def _start(workdir, n: int, clip: float, *, heartbeat: int = 100,
              PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), **(env_extra or {}))
   logs = [open(os.path.join(workdir, f"coordinator_{i}.log"), "w") for i in range(n)]
   return [subprocess.Popen([sys.executable, "-c", script, address, str(n), str(i), str(workdir),
-                            str(heartbeat), str(clip)], env=env, stdout=logs[i], stderr=subprocess.STDOUT,
+                            str(heartbeat), str(clip), download], env=env, stdout=logs[i], stderr=subprocess.STDOUT,
                            cwd=ROOT) for i in range(n)]
 
 
@@ -98,18 +98,21 @@ def _round_arrays(cfg, workdir) -> dict[int, dict[str, str]]:
   return out
 
 
-@pytest.mark.parametrize("clip", [0.0, 0.05])
-def test_one_two_and_four_workers_commit_bit_identical_rounds(tmp_path, clip):
-  cfg = config(clip)
+@pytest.mark.parametrize("clip, download", [(0.0, "float32"), (0.05, "float32"),
+                                            (0.0, "int8")])
+def test_one_two_and_four_workers_commit_bit_identical_rounds(tmp_path, clip, download):
+  """(With downloads on, the encoded downloads are written by the workers too.)"""
+  cfg = config(clip, download)
   one = tmp_path / "one"
   _publish_updates(cfg, one)
   fed_fakes.coordinator(cfg, one).run()
   want = _round_arrays(cfg, one)
   assert sorted(want) == list(range(ROUNDS + 1))
+  assert any(n.startswith(exchange.DOWN) for n in want[1]) == (download != "float32")
   for n in (2, 4):
     workdir = tmp_path / f"m{n}"
     _publish_updates(cfg, workdir)
-    codes = _wait(_start(workdir, n, clip))
+    codes = _wait(_start(workdir, n, clip, download=download))
     assert codes == [0] * n, [_log(workdir, i)[-2000:] for i in range(n)]
     assert _round_arrays(cfg, workdir) == want, f"{n} workers merged other bits"
     # Every process merged a share of the blocks.

@@ -192,14 +192,18 @@ class BlockWriter:
     self._pending = []
 
 
-def common_blocks(records: Sequence[Mapping], max_block_bytes: int):
+def common_blocks(records: Sequence[Mapping], max_block_bytes: int, *, last_multiple: int = 1):
   """(block chunk shape, blocks): blocks aligned to every record's chunk grid, grouped
   along the leading axis up to `max_block_bytes`. An array with no elements is one
-  (empty) block, so that its records are still written."""
+  (empty) block, so that its records are still written. `last_multiple`: the blocks'
+  bounds along the last axis are also multiples of it (or the array's end), e.g. so
+  that they hold whole blocks of block-scaled codes."""
   shape = tuple(records[0]["shape"])
   if not shape:
     return (), [()]
-  step = tuple(max(1, min(s, math.lcm(*(int(r["chunk_shape"][d]) for r in records))))
+  last = len(shape) - 1
+  step = tuple(max(1, min(s, math.lcm(*(int(r["chunk_shape"][d]) for r in records),
+                                      int(last_multiple) if d == last else 1)))
                for d, s in enumerate(shape))
   if 0 in shape:
     return step, [tuple(slice(0, s) for s in shape)]

@@ -7,8 +7,13 @@ Built on `store` (committed rounds of named arrays). The layout of a round's arr
   global (the global bucket, `store.global_prefix(r)`):
     params/NAME         the global parameter NAME (float32)
     outer/NAME/LEAF     the outer optimizer's state leaf LEAF of NAME
+    down/PART/NAME      (rounds >= 1 with federation.download_dtype on) the round's encoded
+    down/PART_scale/NAME  download of NAME (`outer.Download`): block-scaled codes and their
+                        float32 scales, PART "update" (the params' update) or, under shared
+                        moments, "grad" (the round's mean gradient)
 A site publishes with `publish_update` and reads a global round with `read_global_round`
-(the coordinator's signature, freshness, schema and every chunk's digest checked); the
+(the coordinator's signature, freshness, schema and every chunk's digest checked), or,
+holding the previous round, only its download with `read_global_download`; the
 coordinator checks an update with `validate_update` before merging it.
 """
 
@@ -50,6 +55,18 @@ def outer_key(name: str, leaf: str) -> str:
 def moment_key(name: str) -> str:
   """The update's array holding the site's first moment of parameter `name`."""
   return MOMENT_PREFIX + name
+
+
+DOWN = "down/"
+DOWN_PARTS = ("update", "grad")  # The fields of `outer.Download`.
+
+
+def down_key(part: str, name: str, scales: bool = False) -> str:
+  """The global round's array holding the codes (or `scales`) of download part `part`
+  ("update" or "grad") of parameter `name`."""
+  if part not in DOWN_PARTS:
+    raise ValueError(f"unknown download part {part!r}; one of {DOWN_PARTS}")
+  return f"{DOWN}{part}{'_scale' if scales else ''}/{name}"
 
 
 def as_update(sent: dict[str, Any]) -> outer_lib.Update:
@@ -272,6 +289,28 @@ def validate_update(manifest: dict, config, site: str, round_: int, base_round: 
 # --------------------------------------------------------------------------- global rounds
 
 
+def download_parts(config) -> tuple[str, ...]:
+  """The `outer.Download` fields a global round's download holds: the params' update
+  and, under shared moments, the round's mean gradient."""
+  return DOWN_PARTS if federation.shared_moments(config) else DOWN_PARTS[:1]
+
+
+def download_schema(config, schema=None) -> dict[str, tuple]:
+  """Array name -> (shape, dtype) of a global round's download (`down_key` names) under
+  `federation.download_dtype`: codes shaped like each parameter, float32 scales one per
+  `federation.download_block` elements of its last axis."""
+  settings = federation.download(config)
+  if settings is None:
+    raise ValueError("federation.download_dtype is float32: global rounds have no download")
+  out = {}
+  for n, (shape, _) in (schema or federation.param_schema(config)).items():
+    for part in download_parts(config):
+      out[down_key(part, n)] = (shape, settings["dtype"])
+      out[down_key(part, n, scales=True)] = (quantize.scales_shape(shape, settings["block"]),
+                                             "float32")
+  return out
+
+
 def read_global_manifest(bucket, prefix: str, root: trust.TrustRoot | None) -> dict:
   """The manifest of committed global round `prefix`, its coordinator's signature
   verified with `root` (None: unsigned federation). ExchangeError if it is not committed
@@ -300,6 +339,21 @@ def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
   round `round_` of this federation and not older than `last_round` (the newest global
   this site has adopted: a rollback is refused), and its schema, before anything is
   allocated. Every chunk is checked against the signed digests as it is read."""
+  prefix = store.global_prefix(round_)
+  manifest = _global_manifest(bucket, config, round_, root, last_round)
+  schema = {f"params/{n}": v for n, v in (schema or federation.param_schema(config)).items()}
+  params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
+                                           if k.startswith("params/")})
+  store.check_schema(params_manifest, schema)
+  flat_shardings = {f"params/{n}": s for n, s in trees.flatten(shardings).items()}
+  flat = store.read_arrays(bucket, prefix, params_manifest, flat_shardings)
+  params = trees.unflatten({n[len("params/"):]: a for n, a in flat.items()}, shardings)
+  return params, manifest
+
+
+def _global_manifest(bucket: buckets.Bucket, config, round_: int, root, last_round) -> dict:
+  """Global round `round_`'s manifest: signature, federation, round and no rollback
+  checked (`read_global`)."""
   if last_round is not None and round_ < last_round:
     raise RollbackError(f"{bucket.url}: global round {round_} is older than round "
                         f"{last_round}, which this site already trained from; refusing "
@@ -311,14 +365,59 @@ def read_global(bucket: buckets.Bucket, config, round_: int, shardings,
       manifest.get("federation") != fid:
     raise ExchangeError(
         f"{bucket.url}/{prefix}: manifest is not global round {round_} of federation {fid!r}")
-  schema = {f"params/{n}": v for n, v in (schema or federation.param_schema(config)).items()}
-  params_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
-                                           if k.startswith("params/")})
-  store.check_schema(params_manifest, schema)
-  flat_shardings = {f"params/{n}": s for n, s in trees.flatten(shardings).items()}
-  flat = store.read_arrays(bucket, prefix, params_manifest, flat_shardings)
-  params = trees.unflatten({n[len("params/"):]: a for n, a in flat.items()}, shardings)
-  return params, manifest
+  return manifest
+
+
+def read_global_download(bucket: buckets.Bucket, config, round_: int, shardings,
+                         scale_sharding, schema=None, root: trust.TrustRoot | None = None,
+                         last_round: int | None = None) -> tuple[dict[str, Any], dict]:
+  """The download of committed global round `round_` >= 1 (what a site holding round
+  `round_` - 1 reads instead of the whole round): ({param name: `outer.Download`},
+  manifest). Verified like `read_global` (signature, federation, round, no rollback),
+  and: the round is merged from round `round_` - 1, its download arrays match
+  `download_schema` and the configured block (before anything is read), every chunk its
+  digest, and every scale is finite, > 0 and decodes its codes within float32. Codes go
+  into `shardings` (a params pytree of shardings), scales into `scale_sharding`. What
+  the codes decode to is checked where they are applied (`outer.download_step`'s flag)."""
+  settings = federation.download(config)
+  if settings is None:
+    raise ValueError("federation.download_dtype is float32: global rounds have no download")
+  prefix = store.global_prefix(round_)
+  manifest = _global_manifest(bucket, config, round_, root, last_round)
+  where = f"{bucket.url}/{prefix}"
+  if round_ < 1 or manifest.get("base_round") != round_ - 1:
+    raise ExchangeError(f"{where}: global round {round_} is not merged from round "
+                        f"{round_ - 1} (base round {manifest.get('base_round')!r}); it has "
+                        f"no download from it")
+  expected = download_schema(config, schema)
+  down_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
+                                         if k.startswith(DOWN)})
+  store.check_schema(down_manifest, expected)
+  parts = download_parts(config)
+  names = list(trees.flatten(shardings))
+  for key in (down_key(part, n) for n in names for part in parts):
+    block = down_manifest["arrays"][key].get("block")
+    if block != settings["block"]:
+      raise ExchangeError(f"{where}: array {key!r} is coded in blocks of {block!r}, "
+                          f"federation.download_block is {settings['block']}")
+  flat_shardings = {}
+  for n, s in trees.flatten(shardings).items():
+    for part in parts:
+      flat_shardings[down_key(part, n)] = s
+      flat_shardings[down_key(part, n, scales=True)] = scale_sharding
+  flat = store.read_arrays(bucket, prefix, down_manifest, flat_shardings)
+  out = {}
+  for n in names:
+    fields = {}
+    for part in parts:
+      scales = flat[down_key(part, n, scales=True)]
+      problem = quantize.check_scales(np.asarray(scales.addressable_shards[0].data),
+                                      settings["dtype"])
+      if problem:
+        raise ExchangeError(f"{where}: array {down_key(part, n, scales=True)!r}: {problem}")
+      fields[part] = quantize.BlockCodes(flat[down_key(part, n)], scales)
+    out[n] = outer_lib.Download(**fields)
+  return out, manifest
 
 
 def read_global_moments(bucket: buckets.Bucket, config, round_: int, manifest: dict,
