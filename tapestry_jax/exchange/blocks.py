@@ -192,15 +192,21 @@ class BlockWriter:
     self._pending = []
 
 
-def common_blocks(records: Sequence[Mapping], max_block_bytes: int):
-  """(block chunk shape, blocks): blocks aligned to every record's chunk grid, grouped
-  along the leading axis up to `max_block_bytes`. An array with no elements is one
-  (empty) block, so that its records are still written."""
+def common_blocks(records: Sequence[Mapping], max_block_bytes: int, *, whole_rows: bool = False):
+  """(block chunk shape, blocks): blocks of the first record's array aligned to every
+  record's chunk grid, grouped along the leading axis up to `max_block_bytes`. An array
+  with no elements is one (empty) block, so that its records are still written.
+
+  `whole_rows`: every block spans the last axis whole and is aligned to the chunks of the
+  other axes only, where the records must agree in shape (their last axes may differ:
+  the codes of a row, `update_codecs`); a block of another record spans its own last
+  axis whole."""
   shape = tuple(records[0]["shape"])
   if not shape:
     return (), [()]
+  lead = len(shape) - 1 if whole_rows else len(shape)
   step = tuple(max(1, min(s, math.lcm(*(int(r["chunk_shape"][d]) for r in records))))
-               for d, s in enumerate(shape))
+               for d, s in enumerate(shape[:lead])) + (max(1, shape[-1]),) * (lead < len(shape))
   if 0 in shape:
     return step, [tuple(slice(0, s) for s in shape)]
   itemsize = np_dtype(records[0]["dtype"]).itemsize
