@@ -22,6 +22,7 @@ from tapestry_jax import outer_config as outer_config_lib
 from tapestry_jax import quantize
 from tapestry_jax import trees
 from tapestry_jax import trust
+from tapestry_jax import update_codecs
 from tapestry_jax import validate
 from tapestry_jax.validate import ConfigError
 
@@ -188,17 +189,33 @@ def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
   return {n: (tuple(a.shape), str(a.dtype)) for n, a in trees.flatten(abstract).items()}
 
 
-def error_feedback(config) -> bool:
-  """Whether sites carry what encoding lost into their next update (`federation.
-  error_feedback`; nothing is lost, so nothing is carried, in float32)."""
+def update_spec(config) -> update_codecs.UpdateSpec:
+  """How sites encode what they send (`federation.update_dtype`, `moment_dtype`,
+  `quant_block`, `topk_density`), checked: ConfigError naming the bad field."""
   f = config.federation
-  return bool(f.get("error_feedback", False)) and f.get("update_dtype", "float32") != "float32"
+  try:
+    return update_codecs.UpdateSpec(
+        dtype=f.get("update_dtype", "float32"), moment_dtype=f.get("moment_dtype", ""),
+        block=f.get("quant_block", update_codecs.DEFAULT_BLOCK),
+        density=f.get("topk_density", 0.0))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def error_feedback(config) -> bool:
+  """Whether sites carry what encoding lost from their pseudo-gradients into their next
+  one: `federation.error_feedback` (nothing is lost, so nothing is carried, in float32
+  without top-k), and always with top-k (`federation.topk_density` > 0)."""
+  f = config.federation
+  return update_spec(config).error_feedback or (
+      bool(f.get("error_feedback", False)) and f.get("update_dtype", "float32") != "float32")
 
 
 # What sites send: float32, bfloat16 (half the bytes, rounded by XLA), int8 or
-# float8_e4m3fn (a quarter: per-tensor scaled codes, `tapestry_jax.quantize`). The
-# coordinator merges in float32.
-UPDATE_DTYPES = ("float32", "bfloat16", *quantize.DTYPES)
+# float8_e4m3fn (a quarter: per-tensor scaled codes, `tapestry_jax.quantize`), int4 or
+# float4_e2m1fn (block-scaled 4-bit codes, `tapestry_jax.update_codecs`). The coordinator
+# merges in float32.
+UPDATE_DTYPES = update_codecs.DTYPES
 # What sites read of each global round: float32 (the whole round) or block-scaled codes of
 # its update (`federation.download_dtype`, `quantize.BlockFormat`).
 DOWNLOAD_DTYPES = ("float32", *quantize.BLOCK_DTYPES)
@@ -226,9 +243,7 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
     raise ConfigError("federation.deadline_s must be >= 0, round_timeout_s and poll_s > 0")
   if int(f.storage_retries) < 0:
     raise ConfigError(f"federation.storage_retries={f.storage_retries} must be >= 0")
-  if f.get("update_dtype", "float32") not in UPDATE_DTYPES:
-    raise ConfigError(f"federation.update_dtype must be one of {', '.join(UPDATE_DTYPES)}; "
-                      f"got {f.update_dtype!r}")
+  update_spec(config)  # update_dtype, moment_dtype, quant_block, topk_density
   if int(f.weight_cap_tokens) < 0:
     raise ConfigError(f"federation.weight_cap_tokens={f.weight_cap_tokens} must be >= 0")
   if f.get("download_dtype", "float32") not in DOWNLOAD_DTYPES:
@@ -250,12 +265,14 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
     if int(f.outer.get("steps_per_round") or f.inner_steps) != int(f.inner_steps):
       raise ConfigError(f"federation.outer.steps_per_round={f.outer.steps_per_round} must be "
                         f"federation.inner_steps={f.inner_steps} (or 0) with outer moments")
-    if error_feedback(config):
-      raise ConfigError("federation.error_feedback is not supported with outer moments")
     for name in ([site] if site is not None else names):
       if site_config(config, name).train.get("optimizer", "adamw") != "adamw":
         raise ConfigError(f"site {name!r}: outer moments shares the sites' AdamW moments; "
                           f"its inner optimizer must be adamw (federation.inner.optimizer)")
+  elif f.get("moment_dtype", ""):
+    raise ConfigError(f"federation.moment_dtype={f.moment_dtype!r} is for the first moments "
+                      f"sites send under outer moments (federation.outer.name=moments); "
+                      f"set it to '' with outer {f.outer.get('name')!r}")
   for name in ([site] if site is not None else names):
     try:
       validate.check_site_config(site_config(config, name), devices)

@@ -48,7 +48,13 @@ too), and the outer step takes both. The outer clip is refused there.
 int8 and float8 updates (`tapestry_jax.quantize`) are read as their codes (float8's
 checked for NaN codes like any float) and dequantized inside
 `outer.merge_block` with the offset and scale of their signed records; their norms are
-summed from the codes' histograms.
+summed from the codes' histograms. Block-scaled 4-bit and top-k updates
+(`tapestry_jax.update_codecs`) are read as their codes with their scales and indices
+(companion arrays, `exchange.companion_key`) in blocks of whole rows, every input's
+chunks of the other axes tiling them; each scales block is checked (finite, > 0, every
+code decoding within float32) and each indices block (in range, strictly increasing in a
+row) as it is read, a bad one refusing that site's update (BadUpdate) before anything
+merged from it is written; they are decoded inside `outer.merge_block`.
 
 Downloads (`RoundMergeSpec.download`, `federation.download_dtype`): each merged block also
 yields the round's encoded download (`outer.Download`: block-scaled codes along the last
@@ -77,6 +83,7 @@ from tapestry_jax import exchange
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import outer_config
 from tapestry_jax import quantize
+from tapestry_jax import update_codecs
 from tapestry_jax.buckets import Bucket
 from tapestry_jax.exchange import ExchangeError
 
@@ -132,11 +139,29 @@ class NonFiniteUpdate(BadUpdate):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """One stored array a merge reads block by block."""
+  """One stored array a merge reads block by block; a site's part of a coded leaf says
+  its `role` (`update_codecs.CODES`, `SCALES`, `INDICES`), the leaf's `codec` and the
+  parameter's `cols` (what its blocks are checked against)."""
   bucket: Bucket
   prefix: str  # the round's data prefix (its committed attempt)
   name: str
   record: Mapping
+  role: str = update_codecs.CODES
+  codec: Any = None  # update_codecs.LeafCodec of a site's leaf
+  cols: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteLeaf:
+  """One site's pseudo-gradient (or first moment) of one parameter: its stored parts
+  (codes first, then their scales and indices, if any) and how it is coded."""
+  site: int  # position in the merge order
+  codec: update_codecs.LeafCodec
+  parts: tuple[Source, ...]
+
+  @property
+  def main(self) -> Source:
+    return self.parts[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +170,12 @@ class ParamPlan:
   name: str
   base: Source  # the previous global round's params
   state: tuple[tuple[str, Source], ...]  # its blockable outer-state leaves (sorted)
-  deltas: tuple[Source, ...]  # each site's update, in merge order
-  moments: tuple[Source, ...]  # (shared moments) each site's first moment, else ()
+  deltas: tuple[SiteLeaf, ...]  # each site's update, in merge order
+  moments: tuple[SiteLeaf, ...]  # (shared moments) each site's first moment, else ()
   whole_records: Mapping[str, Mapping]  # outer-state leaves read whole (Adam's count)
   chunk: tuple[int, ...]  # the output chunk shape (every input's chunks tile it)
   blocks: tuple[tuple[slice, ...], ...]
+  rows: bool = False  # blocks span whole rows (some site sends block or top-k codes)
 
   @property
   def leaves(self) -> list[str]:
@@ -157,16 +183,40 @@ class ParamPlan:
 
   @property
   def sources(self) -> list[Source]:
-    """Every block-wise input: the global ones (base, state), then the sites' ones."""
-    return [self.base, *(src for _, src in self.state), *self.deltas, *self.moments]
+    """Every block-wise input: the global ones (base, state), then the sites' parts
+    (deltas', then first moments')."""
+    return [self.base, *(src for _, src in self.state),
+            *(src for leaf in self.site_leaves for src in leaf.parts)]
+
+  @property
+  def site_leaves(self) -> tuple[SiteLeaf, ...]:
+    return (*self.deltas, *self.moments)
 
   @property
   def num_global(self) -> int:
     return 1 + len(self.state)
 
+  @property
+  def num_delta_sources(self) -> int:
+    """Sources of the deltas (they follow the global ones)."""
+    return sum(len(leaf.parts) for leaf in self.deltas)
+
   def site(self, j: int) -> int:
     """The site (position in the merge order) of site source j of `sources`."""
-    return (j - self.num_global) % len(self.deltas)
+    j -= self.num_global
+    for leaf in self.site_leaves:
+      if j < len(leaf.parts):
+        return leaf.site
+      j -= len(leaf.parts)
+    raise IndexError(f"{self.name}: no site source {j}")
+
+  def index(self, j: int, i: int) -> tuple[slice, ...]:
+    """Block i of source j: `blocks[i]`, whose last axis spans source j's own when
+    blocks are whole rows."""
+    idx = self.blocks[i]
+    if not self.rows:
+      return idx
+    return (*idx[:-1], slice(0, int(self.sources[j].record["shape"][-1])))
 
 
 @dataclasses.dataclass
@@ -189,10 +239,14 @@ class RoundPlan:
 
   def work_bytes(self, k: int) -> int:
     """Bytes read for work item k (its blocks of every input)."""
-    p = self.params[self.work[k][0]]
-    idx = p.blocks[self.work[k][1]]
-    n = math.prod(s.stop - s.start for s in idx)
-    return sum(n * exchange.np_dtype(src.record["dtype"]).itemsize for src in p.sources)
+    pi, i = self.work[k]
+    return sum(_block_nbytes(self.params[pi], j, i) for j in range(len(self.params[pi].sources)))
+
+
+def _block_nbytes(p: ParamPlan, j: int, i: int) -> int:
+  """Bytes of block i of source j of `p`."""
+  n = math.prod(s.stop - s.start for s in p.index(j, i))
+  return n * exchange.np_dtype(p.sources[j].record["dtype"]).itemsize
 
 
 @dataclasses.dataclass
@@ -239,17 +293,58 @@ def _plan_param(tx, glob: Bucket, base_prefix: str, arrays: Mapping, name: str,
   state = tuple((l, Source(glob, base_prefix, exchange.outer_key(name, l),
                            arrays[exchange.outer_key(name, l)]))
                 for l in leaf_names if blockable[l])
-  deltas = tuple(Source(b, p, name, m["arrays"][name]) for b, p, m in inputs)
+  shape = tuple(prec["shape"])
+  deltas = tuple(_site_leaf(k, b, p, m, name, shape) for k, (b, p, m) in enumerate(inputs))
   moments = ()
   if isinstance(tx, outer_lib.SharedMoments):
     key = exchange.moment_key(name)
-    moments = tuple(Source(b, p, key, m["arrays"][key]) for b, p, m in inputs)
+    moments = tuple(_site_leaf(k, b, p, m, key, shape) for k, (b, p, m) in enumerate(inputs))
   base = Source(glob, base_prefix, exchange.param_key(name), prec)
   whole = {l: arrays[exchange.outer_key(name, l)] for l in leaf_names if not blockable[l]}
-  records = [base.record, *(s.record for _, s in state), *(s.record for s in deltas),
-             *(s.record for s in moments)]
-  chunk, blocks = exchange.common_blocks(records, max_block_bytes, last_multiple=last_multiple)
-  return ParamPlan(name, base, state, deltas, moments, whole, tuple(chunk), tuple(blocks))
+  rows = any(leaf.codec.kind in (update_codecs.BLOCK, update_codecs.TOPK)
+             for leaf in (*deltas, *moments))
+  records = [base.record, *(s.record for _, s in state),
+             *(src.record for leaf in (*deltas, *moments) for src in leaf.parts)]
+  chunk, blocks = exchange.common_blocks(records, max_block_bytes, whole_rows=rows,
+                                         last_multiple=last_multiple)
+  return ParamPlan(name, base, state, deltas, moments, whole, tuple(chunk), tuple(blocks),
+                   rows)
+
+
+def _site_leaf(k: int, bucket: Bucket, prefix: str, manifest: Mapping, name: str,
+               shape: tuple[int, ...]) -> SiteLeaf:
+  """Site k's array `name` (a pseudo-gradient or first moment of a parameter of
+  `shape`) and its companions, as its record's codec lays them out; BadUpdate if they
+  do not (the schema check refuses that first; this keeps the merge safe without it)."""
+  arrays = manifest["arrays"]
+  where = f"update {prefix} in bucket {bucket.url}"
+
+  def refuse(key: str, why: str) -> BadUpdate:
+    return BadUpdate(f"{where}: array {key!r} {why}", index=k, name=key, reason=f"{key} {why}")
+
+  rec = arrays.get(name)
+  if not isinstance(rec, Mapping) or "dtype" not in rec or "shape" not in rec:
+    raise refuse(name, "is missing or has no shape and dtype")
+  quant = rec.get("quant")
+  if isinstance(quant, Mapping) and "codec" in quant:
+    problem = update_codecs.check_quant(quant, str(rec["dtype"]))
+    if problem:
+      raise refuse(name, f"has a bad codec: {problem}")
+  codec = update_codecs.LeafCodec.from_record(rec)
+  if codec.kind in (update_codecs.BLOCK, update_codecs.TOPK) and not shape:
+    raise refuse(name, f"is coded ({quant!r}) but its parameter is a scalar")
+  parts = []
+  for role, layout in codec.layout(shape).items():
+    key = exchange.companion_key(role, name)
+    r = arrays.get(key)
+    want = (tuple(layout[0]), str(layout[1]))
+    got = ((tuple(r["shape"]), str(r.get("dtype")))
+           if isinstance(r, Mapping) and isinstance(r.get("shape"), list) else None)
+    if got != want:
+      raise refuse(key, f"is {got and f'{got[1]}{list(got[0])}' or 'missing'}; codec "
+                        f"{quant!r} of {name!r} needs {want[1]}{list(want[0])}")
+    parts.append(Source(bucket, prefix, key, r, role, codec, shape[-1] if shape else 0))
+  return SiteLeaf(k, codec, tuple(parts))
 
 
 def split_work(plan: RoundPlan, num_workers: int) -> list[range]:
@@ -296,19 +391,22 @@ def _own(x: np.ndarray, buffers: Sequence[np.ndarray]) -> np.ndarray:
   return x.copy() if any(np.may_share_memory(x, b) for b in buffers) else x
 
 
-def _read_checked(bucket: Bucket, prefix: str, name: str, record: Mapping,
-                  index: tuple[slice, ...], store, out: np.ndarray, *,
-                  check_finite: bool) -> tuple[np.ndarray, bool]:
-  """`exchange.read_block` into `out` (every chunk's digest checked), and whether all of
-  its values are finite (True when not `check_finite`). Runs on the merge's pool, so
-  the finiteness scans of a block set's inputs run in parallel, right after each read,
-  instead of one after another on the merging thread."""
-  block = exchange.read_block(bucket, prefix, name, record, index, store=store, out=out)
+def _read_checked(src: Source, index: tuple[slice, ...], store, out: np.ndarray | None, *,
+                  check_finite: bool) -> tuple[np.ndarray, bool, str | None]:
+  """`exchange.read_block` of `src` into `out` (every chunk's digest checked), whether
+  all of its values are finite (True when not `check_finite`), and what is wrong with
+  it if it is a site's scales or indices (None if nothing). Runs on the merge's pool,
+  so the scans of a block set's inputs run in parallel, right after each read, instead
+  of one after another on the merging thread."""
+  block = exchange.read_block(src.bucket, src.prefix, src.name, src.record, index,
+                              store=store, out=out)
+  problem = (src.codec.check_part(src.role, block, src.cols)
+             if src.role != update_codecs.CODES else None)
   if not check_finite:
-    return block, True
+    return block, True, problem
   flat = block.reshape(-1)  # In slices: a small, cache-resident mask instead of a whole one.
   return block, all(bool(np.isfinite(flat[i:i + _FINITE_SLICE]).all())
-                    for i in range(0, flat.size, _FINITE_SLICE))
+                    for i in range(0, flat.size, _FINITE_SLICE)), problem
 
 
 def declared_norm(manifest: Mapping) -> Any:
@@ -406,13 +504,18 @@ class _ParamIO:
 
   def site_block(self, j: int, fut) -> np.ndarray:
     """The block read by `fut` (`_read_checked` of site source j), or the BadUpdate that
-    refuses that site's update (corrupt, unreadable or non-finite)."""
+    refuses that site's update (corrupt, unreadable, non-finite, or bad scales or
+    indices)."""
     src = self.p.sources[j]
     try:
-      block, ok = fut.result()
+      block, ok, problem = fut.result()
     except ExchangeError as e:
       raise BadUpdate(str(e), index=self.p.site(j), name=src.name,
                       reason=f"unreadable or corrupt: {e}") from None
+    if problem is not None:
+      raise BadUpdate(f"update {src.prefix} in bucket {src.bucket.url}: array {src.name!r}: "
+                      f"{problem}", index=self.p.site(j), name=src.name,
+                      reason=f"{src.name}: {problem}")
     if not ok:
       raise NonFiniteUpdate(f"update {src.prefix} in bucket {src.bucket.url}: array "
                             f"{src.name!r} has non-finite values (NaN or Inf)",
@@ -440,15 +543,10 @@ def _refuse_non_finite(p: ParamPlan, i: int, host: Sequence[np.ndarray], coef_K)
                             f"{src.name!r} has non-finite values (NaN or Inf)",
                             index=p.site(j), name=src.name)
   largest = []
-  for j in range(p.num_global, len(host)):
-    q = sources[j].record.get("quant")
-    x = host[j].astype(np.float64)
-    if q is not None:
-      x = q["offset"] + q["scale"] * x
-    k = p.site(j)
-    largest.append((float(np.abs(x).max(initial=0.0)) * abs(float(coef_K[k])), k, j))
-  _, k, j = max(largest)
-  src = sources[j]
+  for n, (leaf, x) in enumerate(zip(p.site_leaves, _as_updates(p, host[p.num_global:]))):
+    largest.append((update_codecs.max_abs(x) * abs(float(coef_K[leaf.site])), leaf.site, n))
+  _, k, n = max(largest)
+  src = p.site_leaves[n].main
   raise BadUpdate(f"update {src.prefix} in bucket {src.bucket.url}: merging array "
                   f"{src.name!r} overflows float32 in {where} (its values are finite but the "
                   f"largest there; clip the updates' norm with robust.clip_norm)", index=k,
@@ -456,12 +554,17 @@ def _refuse_non_finite(p: ParamPlan, i: int, host: Sequence[np.ndarray], coef_K)
 
 
 def _as_updates(p: ParamPlan, blocks: Sequence[Any]) -> list[Any]:
-  """Site blocks as the outer math takes them (quantized codes with their parameters)."""
-  site_sources = p.sources[p.num_global:]
-  out = []
-  for b, src in zip(blocks, site_sources):
-    q = src.record.get("quant")
-    out.append(b if q is None else quantize.Quantized(b, q["offset"], q["scale"]))
+  """Site blocks (in `sources` order, from the first site source; the deltas' alone
+  will do) as the outer math takes them, one per site leaf: arrays, per-tensor codes
+  with their parameters, or block / top-k codes with their scales and indices."""
+  out, j = [], 0
+  shape = tuple(p.base.record["shape"])
+  for leaf in p.site_leaves:
+    if j >= len(blocks):
+      break
+    parts = {src.role: b for src, b in zip(leaf.parts, blocks[j:j + len(leaf.parts)])}
+    out.append(leaf.codec.leaf(parts, shape, leaf.main.record.get("quant")))
+    j += len(leaf.parts)
   return out
 
 
@@ -478,11 +581,10 @@ def norm_squares(plan: RoundPlan, work: range) -> list[float]:
       p = plan.params[pi]
       io = ios.setdefault(pi, _ParamIO(p))
       io.open_sources()
-      first, idx = p.num_global, p.blocks[i]
-      futs = [pool.submit(_read_checked, src.bucket, src.prefix, src.name, src.record, idx,
-                          store, None, check_finite=_can_be_non_finite(src.record))
-              for src, store in zip(p.sources[first:first + n_sites],
-                                    io.stores[first:first + n_sites])]
+      first, stop = p.num_global, p.num_global + p.num_delta_sources
+      futs = [pool.submit(_read_checked, p.sources[j], p.index(j, i), io.stores[j], None,
+                          check_finite=_can_be_non_finite(p.sources[j].record))
+              for j in range(first, stop)]
       try:
         deltas = _as_updates(p, [io.site_block(first + j, f) for j, f in enumerate(futs)])
       except BadUpdate as e:
@@ -516,9 +618,8 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
     return RangeResult({}, [] if plan.norms else None)
   ios: dict[int, _ParamIO] = {}
   n_sources = max(len(plan.params[pi].sources) for pi, _ in items)
-  capacity = max(math.prod(s.stop - s.start for s in plan.params[pi].blocks[i])
-                 * exchange.np_dtype(src.record["dtype"]).itemsize
-                 for pi, i in items for src in plan.params[pi].sources)
+  capacity = max(_block_nbytes(plan.params[pi], j, i)
+                 for pi, i in items for j in range(len(plan.params[pi].sources)))
   buffers = _Buffers((read_ahead + 1) * n_sources, max(1, capacity))
   writes: collections.deque = collections.deque()  # (writer, future, item number)
   site_squares: list[list[float]] | None = [] if plan.norms else None
@@ -541,14 +642,14 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
         io.open_writers(out, out_prefix, pool)
         if fmt is not None:
           io.open_down_writers(out, out_prefix, pool, fmt, parts)
-      p, idx = io.p, io.p.blocks[i]
-      shape = tuple(s.stop - s.start for s in idx)
+      p = io.p
       raws, futs = [], []
       for j, (src, store) in enumerate(zip(p.sources, io.stores)):
-        raw, view = buffers.take(shape, exchange.np_dtype(src.record["dtype"]))
+        idx = p.index(j, i)
+        raw, view = buffers.take(tuple(s.stop - s.start for s in idx),
+                                 exchange.np_dtype(src.record["dtype"]))
         raws.append(raw)
-        futs.append(pool.submit(_read_checked, src.bucket, src.prefix, src.name, src.record,
-                                idx, store, view,
+        futs.append(pool.submit(_read_checked, src, idx, store, view,
                                 check_finite=(j >= p.num_global and scan_inputs
                                               and _can_be_non_finite(src.record))))
       return raws, futs
@@ -567,18 +668,16 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
       p = io.p
       raws, futs = reading.popleft()
       first, n_sites = p.num_global, len(p.deltas)
-      # Every site's block is verified (digests) before a value of it is merged, and
-      # found finite before anything merged from it is written.
+      # Every site's block is verified (digests, scales, indices) before a value of it is
+      # merged, and found finite before anything merged from it is written.
       host = [fut.result()[0] if j < first else io.site_block(j, fut)
               for j, fut in enumerate(futs)]
       # Squares are summed on the pool while this block merges; the buffers stay
       # untouched until the sums are in.
       squares = []
       if site_squares is not None:
-        for h, src in zip(host[first:first + n_sites], p.deltas):
-          q = src.record.get("quant")
-          squares.append(pool.submit(outer_lib.sum_squares, h) if q is None else
-                         pool.submit(quantize.sum_squares, h, q["offset"], q["scale"]))
+        squares = [pool.submit(update_codecs.sum_squares, d)
+                   for d in _as_updates(p, host[first:first + p.num_delta_sources])]
       # On CPU, device_put uses the aligned buffers without copying them (jnp.asarray,
       # inside state_from_leaves, would copy).
       blocks = [jax.device_put(h) for h in host]

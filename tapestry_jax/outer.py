@@ -23,6 +23,7 @@ import optax
 
 from tapestry_jax import quantize
 from tapestry_jax import trees
+from tapestry_jax import update_codecs
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 
@@ -243,9 +244,8 @@ def update_norm(delta) -> float:
 
 
 def _leaf_sum_squares(x) -> float:
-  if isinstance(x, quantize.Quantized):  # The norm of what the merge dequantizes.
-    return quantize.sum_squares(jax.device_get(x.codes), x.offset, x.scale)
-  return sum_squares(jax.device_get(x))
+  # Coded leaves: the norm of what the merge decodes.
+  return update_codecs.sum_squares(update_codecs.to_host(x))
 
 
 def clip_scales(norms: Sequence[float], clip_norm: float) -> np.ndarray:
@@ -264,11 +264,14 @@ def clip_scales(norms: Sequence[float], clip_norm: float) -> np.ndarray:
 
 
 def _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2):
-  """The merged pseudo-gradient of one block, in float32 (traced inside the jits below)."""
-  def value(k):  # Site k's delta in float32 (codes: offset + scale * code).
+  """The merged pseudo-gradient of one block, in float32 (traced inside the jits below).
+  `quantized[k]`: how site k's block is coded (`_block_args`)."""
+  def value(k):  # Site k's delta in float32 (codes: offset + scale * code, or decoded).
     d = deltas[k]
-    if quantized[k]:
+    if quantized[k] == _AFFINE:
       return quantize.dequantize(d, dequant_Kx2[k, 0], dequant_Kx2[k, 1])
+    if quantized[k] is not None:  # Block-scaled or top-k codes, as {role: array}.
+      return update_codecs.decode(quantized[k], d)
     return d.astype(jnp.float32)
 
   # mean: delta = sum_k coef_k * delta_k, coef = weight * clip scale. Fixed accumulation
@@ -361,13 +364,24 @@ def _aggregate_jit(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2):
   return _aggregate(aggregator, trim, quantized, deltas, coef_K, dequant_Kx2)
 
 
+_AFFINE = "affine"  # A `quantize.Quantized` block: codes, their offset and scale traced.
+
+
 def _block_args(deltas: Sequence[Any], weights, scales, aggregator: str, trim: int, shape):
-  """(quantized flags, codes or arrays, float32 coefficients, dequantization table) of
-  one block's site deltas, checked."""
-  quantized = tuple(isinstance(d, quantize.Quantized) for d in deltas)
-  dequant_Kx2 = np.array([(d.offset, d.scale) if q else (0, 1)
+  """(per site: how it is coded, static; its arrays; float32 coefficients, the
+  dequantization table of per-tensor codes) of one block's site deltas, checked. A
+  site's coding is None (a float array), `_AFFINE` (per-tensor codes) or the `key()` of
+  block-scaled or top-k codes, whose arrays go as {role: array}."""
+  for k, d in enumerate(deltas):
+    if tuple(update_codecs.shape_of(d)) != shape:
+      raise ValueError(f"delta {k} has shape {tuple(update_codecs.shape_of(d))}, the block "
+                       f"has {shape}")
+  quantized = tuple(_AFFINE if isinstance(d, quantize.Quantized)
+                    else d.key() if isinstance(d, update_codecs.CODED) else None for d in deltas)
+  dequant_Kx2 = np.array([(d.offset, d.scale) if q == _AFFINE else (0, 1)
                           for d, q in zip(deltas, quantized)], np.float32).reshape(-1, 2)
-  deltas = tuple(d.codes if q else d for d, q in zip(deltas, quantized))
+  deltas = tuple(d.codes if q == _AFFINE else d.parts() if q is not None else d
+                 for d, q in zip(deltas, quantized))
   weights_K = np.asarray(weights, np.float32).reshape(-1)
   if not deltas:
     raise ValueError("merge_block needs at least one site delta")
@@ -378,9 +392,6 @@ def _block_args(deltas: Sequence[Any], weights, scales, aggregator: str, trim: i
   if scales_K.size != weights_K.size:
     raise ValueError(f"got {len(deltas)} deltas but {scales_K.size} clip scales")
   check_update_count(aggregator, trim, len(deltas))
-  for k, d in enumerate(deltas):
-    if tuple(np.shape(d)) != shape:
-      raise ValueError(f"delta {k} has shape {tuple(np.shape(d))}, the block has {shape}")
   # float32 products on the host: a scale of 1 leaves each weight's bits as they were.
   coef_K = weights_K * scales_K if aggregator == "mean" else scales_K
   return quantized, deltas, coef_K, dequant_Kx2
@@ -392,7 +403,7 @@ def aggregate_block(deltas: Sequence[Any], weights, *, scales=None, aggregator: 
   outer optimizer: the outer clip needs its norm first."""
   if not deltas:
     raise ValueError("aggregate_block needs at least one site delta")
-  shape = tuple(np.shape(getattr(deltas[0], "codes", deltas[0])))
+  shape = update_codecs.shape_of(deltas[0])
   quantized, deltas, coef_K, dequant_Kx2 = _block_args(deltas, weights, scales, aggregator,
                                                        trim, shape)
   return _aggregate_jit(aggregator, int(trim) if aggregator == "trimmed_mean" else 0,
@@ -423,8 +434,9 @@ def merge_block(tx: optax.GradientTransformation, global_block, state_block,
   scales[k] * deltas[k] (not renormalized after clipping), or per coordinate the trimmed
   mean (`trim` dropped at each end) or the median of scales[k] * deltas[k], which ignore
   `weights`. `scales` are the per-site clip scales (default all 1); a delta may be a
-  `quantize.Quantized` block. Then `tx.update` and `optax.apply_updates`, jitted once per
-  `tx` object, aggregator, trim and block shape; for an elementwise `tx`, merging
+  `quantize.Quantized`, `update_codecs.BlockCoded` or `update_codecs.TopK` block (rows
+  of a leaf), decoded inside the jit. Then `tx.update` and `optax.apply_updates`, jitted
+  once per `tx` object, aggregator, trim and block shape; for an elementwise `tx`, merging
   row-blocks is bit-identical to merging the whole array.
 
   `moments` (required exactly for `SharedMoments`): the sites' first-moment blocks,
@@ -513,12 +525,16 @@ def outer_step(tx: optax.GradientTransformation, global_params, outer_state: Map
     scales = (np.ones(len(flat_d), np.float32) if scales is None else scales) * factor
   new_params, new_state, downs = {}, {}, {}
   for name, g in flat_g.items():
-    new_params[name], new_state[name], *down = merge_block(
+    # With the finiteness flag, unused here, so that this is the coordinator's program:
+    # XLA:CPU contracts products and sums into FMAs as it fuses, and the flag changes the
+    # fusion (with decoded 4-bit or top-k codes, the last bit of the merge).
+    new_params[name], new_state[name], *rest = merge_block(
         leaf_optimizer(tx, name), g, outer_state[name], [d[name] for d in flat_d], weights,
         scales=scales, aggregator=aggregator, trim=trim,
-        moments=None if flat_m is None else [m[name] for m in flat_m], download=download)
-    if down:
-      downs[name] = down[0]
+        moments=None if flat_m is None else [m[name] for m in flat_m], with_finite=True,
+        download=download)
+    if download is not None:
+      downs[name] = rest[0]
   if download is not None:
     return trees.unflatten(new_params, global_params), new_state, downs
   return trees.unflatten(new_params, global_params), new_state

@@ -14,7 +14,6 @@ Records have the same fields as the deployed site's `rounds.jsonl`, so one repor
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -29,9 +28,9 @@ import data_pipelines
 from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import loop
-from tapestry_jax import quantize
 from tapestry_jax import site as site_lib
 from tapestry_jax import trees
+from tapestry_jax import update_codecs
 from tapestry_jax.coordinator import initial_round
 
 
@@ -94,10 +93,9 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
           # What a deployed site sends (federation.update_dtype, encoded the same way).
           sent = w.encoded_update()
           norms.append(exchange.update_norm(sent))  # As the deployed site declares it.
-          deltas.append({n: (dataclasses.replace(v, codes=jax.device_get(v.codes))
-                             if isinstance(v, quantize.Quantized) else jax.device_get(v))
-                         for n, v in sent.items()})
-          rec["bytes_up"] = sum(getattr(a, "codes", a).nbytes for a in deltas[-1].values())
+          deltas.append({n: update_codecs.to_host(v) for n, v in sent.items()})
+          # Every array stored: codes, their scales and top-k indices.
+          rec["bytes_up"] = sum(a.nbytes for a in exchange.stored_arrays(deltas[-1]).values())
           tokens.append(rec["tokens"])
           names.append(name)
       records.append(rec)

@@ -75,9 +75,9 @@ class SiteWorker:
     self.base_moments: dict[str, optax.ScaleByAdamState] | None = None
     self._ckpt = None
     self._delta = jax.jit(outer_lib.pseudo_gradient, out_shardings=trainer.param_shardings)
-    # Error feedback (federation.error_feedback, for bfloat16 / int8 updates): what
-    # encoding lost from this site's updates so far, added to its next one. Part of the
-    # site's checkpoint, so a restarted site sends the same updates.
+    # Error feedback (federation.error_feedback for lossy update dtypes, always with
+    # top-k): what encoding lost from this site's pseudo-gradients so far, added to its
+    # next one. Part of the site's checkpoint, so a restarted site sends the same updates.
     self.error_feedback = federation.error_feedback(config) and not reference
     self.residual = (jax.tree.map(lambda p, s: jnp.zeros(p.shape, jnp.float32, device=s),
                                   self.state.params, trainer.param_shardings)
@@ -238,24 +238,24 @@ class SiteWorker:
       return self._delta(self.base, self.state.params)
 
   def encoded_update(self) -> dict[str, Any]:
-    """This round's update as it is sent (`exchange.encode_update` of `delta()`, a flat
-    dict). With error feedback, the residual is added first, and what the encoding loses
-    of that sum becomes the next residual: over rounds, the site sends all of its
-    updates. Call once per round."""
-    delta = self.delta()
-    if federation.shared_moments(self.config_full):
-      mu = optax.tree_utils.tree_get(self.state.opt_state, "mu")
-      sent = exchange.encode_update(delta, self.config_full)
-      sent.update({exchange.moment_key(n): v for n, v in
-                   exchange.encode_update(mu, self.config_full).items()})
-      return sent
-    if self.residual is None:
-      return exchange.encode_update(delta, self.config_full)
+    """This round's update as it is sent (`exchange.encode_update` of `delta()`, and
+    under shared moments of the first moment too, a flat dict). With error feedback
+    (`federation.error_feedback`, always with top-k), the residual is added to the
+    pseudo-gradient first, and what the encoding loses of that sum becomes the next
+    residual: over rounds, the site sends all of its pseudo-gradients (first moments are
+    sent as they are). Call once per round."""
+    x = self.delta()
     with jax.set_mesh(self.mesh):
-      x = self._carry(delta, self.residual)
-      sent = exchange.encode_update(x, self.config_full)
-      decoded = trees.unflatten(exchange.decode_update(sent), x)
-      self.residual = self._lost(x, decoded)
+      if self.residual is not None:
+        x = self._carry(x, self.residual)
+      flat = trees.flatten(x)
+      if federation.shared_moments(self.config_full):
+        mu = optax.tree_utils.tree_get(self.state.opt_state, "mu")
+        flat.update({exchange.moment_key(n): v for n, v in trees.flatten(mu).items()})
+      sent = exchange.encode_update(flat, self.config_full)
+      if self.residual is not None:
+        decoded = exchange.decode_update({n: sent[n] for n in trees.flatten(x)})
+        self.residual = self._lost(x, trees.unflatten(decoded, x))
     return sent
 
   def evaluate(self, params=None) -> dict[str, float]:
@@ -377,7 +377,7 @@ class _Site:
     g = progress.base_round
     try:
       sent = self.worker.encoded_update()
-    except ValueError:  # int8: a NaN or Inf leaves nothing to quantize.
+    except ValueError:  # Coded: a NaN or Inf leaves nothing to quantize.
       raise exchange.diverged(self.name, g + 1) from None
     exchange.publish_update(self.own, self.config, self.name, g + 1, g, sent, rec["tokens"],
                             extra={"train_loss": rec["train_loss"], "step": rec["step"]},

@@ -57,3 +57,11 @@ def test_an_unreachable_bucket_fails_in_bounded_time(tmp_path):
                        f"http://127.0.0.1:{port}", timeout=300)
   assert "cannot reach endpoint" in line and "6 retry attempts failed" in line, line
   assert seconds < 60, seconds
+
+
+def test_a_bad_update_codec_setting_is_one_line(tmp_path):
+  line, _ = _run("launch.federate", "--config=experiments/configs/federation.py:tiny",
+                 f"--workdir={tmp_path}", "--config.federation.topk_density=1.5",
+                 "--mode=simulate")
+  assert line == ("error: federation.topk_density must be 0 (off) or a fraction in (0, 1]; "
+                  "got 1.5"), line

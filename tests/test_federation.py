@@ -73,6 +73,14 @@ MOMENTS = {
     "federation.robust.clip_norm": 1e-2,
 }
 
+# Shared moments with top-k pseudo-gradients (the 10% largest of every row, their values
+# as block-scaled float4, their column indices; 1-D leaves dense float4 in blocks of 64)
+# and error feedback; first moments sent dense in float8.
+TOPK = {
+    **MOMENTS, "federation.update_dtype": "float4_e2m1fn", "federation.quant_block": 64,
+    "federation.topk_density": 0.1, "federation.moment_dtype": "float8_e4m3fn",
+}
+
 
 def _config(tmp_path=None, extra=None):
   c = fed_config.get_config("tiny+fedavg/latin,cyrillic")
@@ -180,9 +188,11 @@ def test_int8_updates_schema_and_encoding():
     exchange.encode_update({"w": np.array([1.0, np.nan], np.float32)}, c)
 
 
-def test_error_feedback_sends_every_update_over_the_rounds_and_is_checkpointed(tmp_path):
-  c = _config(extra=INT8)
-  assert federation.error_feedback(c)  # for int8 and bfloat16 updates, when asked for
+@pytest.mark.parametrize("extra", [INT8, TOPK], ids=["int8", "topk_moments"])
+def test_error_feedback_sends_every_update_over_the_rounds_and_is_checkpointed(tmp_path, extra):
+  c = _config(extra=extra)
+  # For lossy updates when asked for; always with top-k, under shared moments too.
+  assert federation.error_feedback(c)
   w = site_lib.SiteWorker(c, "latin", str(tmp_path / "w"))
   total, sent_total = {}, {}
   for _ in range(3):
@@ -199,7 +209,7 @@ def test_error_feedback_sends_every_update_over_the_rounds_and_is_checkpointed(t
     np.testing.assert_allclose(sent_total[n] + residual[n], total[n], rtol=0, atol=1e-6,
                                err_msg=n)
     lost = max(lost, float(np.abs(residual[n]).max()))
-  assert lost > 0  # int8 did lose something, which is carried
+  assert lost > 0  # encoding did lose something, which is carried
   w.save({"base_round": 2, "published_round": 3})
   w.close()
   again = site_lib.SiteWorker(c, "latin", str(tmp_path / "w"))
@@ -229,8 +239,8 @@ def test_site_config_applies_the_site_overrides():
   assert c.data.synthetic.languages == "all"  # The shared section is not modified.
 
 
-@pytest.mark.parametrize("extra", [None, FEDADAM, INT8, MOMENTS],
-                         ids=["fedavg", "fedadam", "int8", "moments"])
+@pytest.mark.parametrize("extra", [None, FEDADAM, INT8, MOMENTS, TOPK],
+                         ids=["fedavg", "fedadam", "int8", "moments", "topk_moments"])
 def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
   config = _config(extra=extra)
   sim = simulate.simulate(config, str(tmp_path / "sim"))
@@ -263,6 +273,19 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
       assert len(update["arrays"]) == 2 * len(federation.param_schema(config))
       assert update["extra"]["update_norm"] > MOMENTS["federation.robust.clip_norm"]
       assert all(f"inner_mu/{n}" in update["arrays"] for n in sim["params"])
+    if extra is TOPK:  # 2-D leaves: k values of every row, their indices and row scales.
+      arrays = update["arrays"]
+      assert arrays["unembed"]["quant"] == {"codec": "topk", "values": "float4_e2m1fn",
+                                            "k": 38}
+      assert arrays["codec_indices/unembed"]["shape"] == [128, 38]
+      assert arrays["final_norm"]["quant"] == {"codec": "float4_e2m1fn", "block": 64}
+      assert arrays["inner_mu/unembed"]["dtype"] == "float8_e4m3fn"
+      # The simulation counts every array sent: the bytes the deployed site stored.
+      stored = sum(int(np.prod(r["shape"])) * exchange.np_dtype(r["dtype"]).itemsize
+                   for r in arrays.values())
+      [simulated] = [r["bytes_up"] for r in sim["records"]
+                     if r["site"] == i["site"] and r["global_round"] == 1]
+      assert simulated == stored
   if extra is not None:  # The audit recomputes every round from the signed inputs.
     audit = subprocess.run(
         [sys.executable, "-m", "launch.audit", *_override_args(extra), f"--workdir={workdir}",
@@ -276,7 +299,7 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
                               manifest["arrays"][f"params/{name}"],
                               tuple(slice(0, n) for n in want.shape))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
-  if extra is MOMENTS:  # The global moments too: the sites continue from them.
+  if extra in (MOMENTS, TOPK):  # The global moments too: the sites continue from them.
     for name, st in sim["outer_state"].items():
       for leaf in ("mu", "nu"):
         got = exchange.read_block(glob, exchange.data_prefix(exchange.global_prefix(2), manifest),

@@ -10,6 +10,7 @@ from tapestry_jax import outer
 from tapestry_jax import outer_config
 from tapestry_jax.outer_config import RoundMergeSpec
 from tapestry_jax import quantize
+from tapestry_jax import update_codecs
 from tapestry_jax.buckets import Bucket
 
 # A scalar, an empty array, a vector, rows that no chunk size divides, and a 3-D array.
@@ -19,7 +20,9 @@ SHAPES = {"a": (), "b": (0, 5), "c": (7,), "d": (37, 6), "e": (5, 3, 4)}
 def _round(tmp_path, tx, rng, quantized=None):
   """A committed global round 0 (params + outer state) and three site updates, each
   written with different chunk sizes so that merge blocks span several chunks
-  (`quantized`: as int8 or float8 codes, their records carrying the dequantization)."""
+  (`quantized`: as int8 or float8 codes, their records carrying the dequantization, or
+  as an `update_codecs.UpdateSpec` encodes them: block-scaled or top-k codes with their
+  scales and indices)."""
   glob = Bucket(str(tmp_path / "global"))
   params = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
   arrays = {f"params/{n}": p for n, p in params.items()}
@@ -41,16 +44,19 @@ def _round(tmp_path, tx, rng, quantized=None):
     if isinstance(tx, outer.SharedMoments):  # The site's first moments travel along.
       delta.update({ex.MOMENT_PREFIX + n: rng.standard_normal(s).astype(np.float32)
                     for n, s in SHAPES.items()})
-    if quantized:
+    if isinstance(quantized, update_codecs.UpdateSpec):
+      delta = {n: update_codecs.to_host(quantized.leaf_codec(
+          d.shape, n.startswith(ex.MOMENT_PREFIX)).encode(d)) for n, d in delta.items()}
+    elif quantized:
       delta = {n: quantize.quantize(d, quantized) for n, d in delta.items()}
       delta = {n: quantize.Quantized(np.asarray(q.codes), q.offset, q.scale)
                for n, q in delta.items()}
     attempt = ex.new_attempt()
     records = ex.write_arrays(bucket, ex.data_prefix(ex.update_prefix(1), attempt),
-                              {n: getattr(d, "codes", d) for n, d in delta.items()},
-                              max_chunk_bytes=chunk_bytes)
-    if quantized:
-      records = {n: dict(r, quant=delta[n].params()) for n, r in records.items()}
+                              ex.stored_arrays(delta), max_chunk_bytes=chunk_bytes)
+    for n, d in delta.items():
+      if isinstance(d, update_codecs.CODED):
+        records[n] = dict(records[n], quant=d.params())
     ex.write_manifest(bucket, ex.update_prefix(1), ex.make_manifest(
         federation="t", kind="update", round=1, author=f"s{k}", attempt=attempt,
         arrays=records, base_round=0, tokens=1))
@@ -313,3 +319,128 @@ def test_read_block_into_a_buffer_through_an_open_store(tmp_path):
   with pytest.raises(ex.ExchangeError, match="corrupt"):
     ex.read_block(bucket, "r", "a", bad, (slice(0, 4), slice(0, 6)),
                   out=np.zeros((4, 6), np.float32))
+
+
+# Block-scaled 4-bit and top-k codes (`update_codecs`): blocks of 4 elements, so SHAPES'
+# rows hold one or two; top-k keeps half of every row (d: 3 of 6, e: 2 of 4).
+SPECS = {
+    "int4": update_codecs.UpdateSpec("int4", block=4),
+    "float4": update_codecs.UpdateSpec("float4_e2m1fn", block=4),
+    "topk_float32": update_codecs.UpdateSpec("float32", density=0.5),
+    "topk_int4": update_codecs.UpdateSpec("int4", "float8_e4m3fn", block=4, density=0.5),
+    "topk_float4": update_codecs.UpdateSpec("float4_e2m1fn", "int4", block=4, density=0.5),
+}
+FEDAVG = {"name": "sgd", "lr": 1.0, "momentum": 0.0}
+
+
+@pytest.mark.parametrize("outer_name, aggregator", [("fedavg", "mean"), ("nesterov", "median"),
+                                                    ("moments", "mean")])
+@pytest.mark.parametrize("codes", SPECS)
+def test_coded_updates_merge_bit_identically_and_clip_by_their_decoded_norm(
+    tmp_path, codes, outer_name, aggregator):
+  """merge_round on row-blocks of codes, scales and indices == outer_step on whole leaves,
+  bit for bit (FedAvg, DiLoCo's Nesterov, shared moments with first moments sent dense)."""
+  tx = outer_config.make_outer_optimizer(FEDAVG) if outer_name == "fedavg" else _outer(outer_name)
+  glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(7),
+                                               quantized=SPECS[codes])
+  arrays = inputs[0][2]["arrays"]
+  assert {a["quant"].get("codec") for a in arrays.values() if "quant" in a} >= (
+      {"topk"} if "topk" in codes else {SPECS[codes].dtype})
+  norms = [outer.update_norm(d.delta) for d in deltas]  # what each site declares
+  clip = sorted(norms)[1]  # clips one site
+  weights = outer.cap_weights([1, 2, 3], None)
+  want_params, want_state = outer.outer_step(tx, params, state, deltas, weights,
+                                             clip_norm=clip, aggregator=aggregator)
+  base = ex.read_manifest(glob, ex.global_prefix(0))
+  spec = RoundMergeSpec(tx, clip_norm=clip, aggregator=aggregator)
+  for r, max_block_bytes in enumerate((64, 1 << 20)):
+    prefix = ex.data_prefix(ex.global_prefix(1 + r), ex.new_attempt())
+    records = merge.merge_round(spec, glob, ex.global_prefix(0), base, inputs, weights, glob,
+                                prefix, max_block_bytes=max_block_bytes, declared_norms=norms)
+    _assert_stored(glob, prefix, records, want_params, want_state)
+  # A norm declared from the float update, not from the decoded codes, is caught.
+  lie = list(norms)
+  lie[2] *= 1.01
+  with pytest.raises(merge.BadUpdate, match="declared norm") as e:
+    merge.merge_round(spec, glob, ex.global_prefix(0), base, inputs, weights, glob,
+                      ex.data_prefix(ex.global_prefix(3), ex.new_attempt()), declared_norms=lie)
+  assert e.value.index == 2
+
+
+def test_topk_updates_under_the_outer_clip_stay_bit_identical(tmp_path):
+  tx = outer_config.make_outer_optimizer({"name": "adam", "eps": 1e-8})
+  glob, inputs, params, state, deltas = _round(tmp_path, tx, np.random.default_rng(8),
+                                               quantized=SPECS["topk_int4"])
+  weights = outer.cap_weights([1, 2, 3], None)
+  merged = {n: np.asarray(outer.aggregate_block([d.delta[n] for d in deltas], weights))
+            for n in SHAPES}
+  clip = np.sqrt(sum(float(np.sum(np.square(m, dtype=np.float64))) for m in merged.values())) / 3
+  want_params, want_state = outer.outer_step(tx, params, state, deltas, weights,
+                                             outer_clip_norm=clip)
+  prefix = ex.data_prefix(ex.global_prefix(1), ex.new_attempt())
+  records = merge.merge_round(RoundMergeSpec(tx, outer_clip_norm=clip), glob, ex.global_prefix(0),
+                              ex.read_manifest(glob, ex.global_prefix(0)), inputs, weights, glob,
+                              prefix, max_block_bytes=64)
+  _assert_stored(glob, prefix, records, want_params, want_state)
+
+
+def _recoded(site_input, edit):
+  """`_rewritten` keeping the codes' records ("quant"): hostile values a site signs."""
+  bucket, prefix, manifest = _rewritten(site_input, edit)
+  quant = {n: r["quant"] for n, r in site_input[2]["arrays"].items() if "quant" in r}
+  return bucket, prefix, dict(manifest, arrays={
+      n: dict(r, **({"quant": quant[n]} if n in quant else {}))
+      for n, r in manifest["arrays"].items()})
+
+
+def _set(name, index, value):
+  return lambda a: a[name].__setitem__(index, value)
+
+
+@pytest.mark.parametrize("codes, edit, reason", [
+    ("topk_int4", _set("codec_indices/d", (30, 2), 6), "column index 6 is out of range for 6"),
+    ("topk_int4", _set("codec_indices/e", (4, 2, 1), 0), "not strictly increasing"),
+    ("topk_float32", lambda a: a["codec_indices/d"].__setitem__(
+        (5,), a["codec_indices/d"][5, ::-1].copy()), "not strictly increasing"),
+    ("topk_int4", _set("codec_scales/d", (36, 0), np.nan), "scales hold NaN or Inf"),
+    ("int4", _set("codec_scales/d", (2, 1), np.inf), "scales hold NaN or Inf"),
+    ("float4", _set("codec_scales/c", (1,), -1.0), "scales must be > 0"),
+    ("int4", _set("codec_scales/e", (4, 2, 0), 0.0), "scales must be > 0"),
+    ("topk_int4", _set("codec_scales/d", (0, 0), 3e38), "decodes beyond float32"),
+    ("topk_float32", _set("d", (9, 1), np.nan), "non-finite values in array d"),
+], ids=["index_out_of_range", "duplicate_index", "unsorted_indices", "nan_scale", "inf_scale",
+        "negative_scale", "zero_scale", "huge_scale", "nan_value"])
+@pytest.mark.parametrize("aggregator", ["mean", "median"])
+def test_hostile_codes_refuse_their_update_naming_the_site(tmp_path, codes, edit, reason,
+                                                           aggregator):
+  tx = outer_config.make_outer_optimizer({"name": "nesterov"})
+  glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(9), quantized=SPECS[codes])
+  inputs[1] = _recoded(inputs[1], edit)
+  with pytest.raises(merge.BadUpdate) as e:
+    _merge(tx, glob, inputs, [0.3, 0.3, 0.4], aggregator=aggregator)
+  assert e.value.index == 1 and reason in e.value.reason, e.value.reason
+  assert "bucket" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_codes_laid_out_unlike_their_codec_refuse_their_update_at_planning(tmp_path):
+  """Without a schema check: a missing or mis-shaped companion, or a record naming
+  another block size than its scales hold, refuses that site before anything is read."""
+  tx = outer_config.make_outer_optimizer({"name": "sgd"})
+  glob, inputs, *_ = _round(tmp_path, tx, np.random.default_rng(10), quantized=SPECS["topk_int4"])
+  bucket, prefix, manifest = inputs[2]
+  cases = [
+      ({n: r for n, r in manifest["arrays"].items() if n != "codec_indices/d"},
+       "'codec_indices/d' is missing"),
+      (dict(manifest["arrays"], **{"codec_scales/c": manifest["arrays"]["codec_scales/d"]}),
+       r"'codec_scales/c' is float32\[37, 1\]; codec .* needs float32\[2\]"),
+      (dict(manifest["arrays"], c=dict(manifest["arrays"]["c"],
+                                       quant={"codec": "int4", "block": 2})),
+       r"'codec_scales/c' is float32\[2\]; .* needs float32\[4\]"),
+      (dict(manifest["arrays"], c=dict(manifest["arrays"]["c"],
+                                       quant={"codec": "int4", "block": 0})), "bad codec"),
+  ]
+  for arrays, match in cases:
+    with pytest.raises(merge.BadUpdate, match=match) as e:
+      _merge(tx, glob, [*inputs[:2], (bucket, prefix, dict(manifest, arrays=arrays))],
+             [0.3, 0.3, 0.4])
+    assert e.value.index == 2

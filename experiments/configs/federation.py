@@ -170,13 +170,31 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   f.global_bucket = ""
   # dtype of the pseudo-gradients sites send: float32; bfloat16 (half the bytes); int8
   # (a quarter: INTELLECT-1's per-tensor codes, mean +- 6 std in 255 levels, with the
-  # offset and scale in the signed manifest; tapestry_jax/quantize.py); or float8_e4m3fn
-  # (a quarter: per-tensor scaled float8, logarithmic levels). The coordinator merges in
-  # float32 whatever was sent. Streaming DiLoCo sends even 4-bit floats.
+  # offset and scale in the signed manifest; tapestry_jax/quantize.py); float8_e4m3fn
+  # (a quarter: per-tensor scaled float8, logarithmic levels); int4 or float4_e2m1fn
+  # (4 bits and a float32 scale per quant_block elements of a row: 0.53 bytes per
+  # parameter at 128; int4 in [-7, 7], float4 +-{0, .5, 1, 1.5, 2, 3, 4, 6} like
+  # Streaming DiLoCo's; tapestry_jax/update_codecs.py). The coordinator merges in float32
+  # whatever was sent. A scalar leaf goes as float32 with 4-bit dtypes.
   f.update_dtype = "float32"
-  # Error feedback for bfloat16 / int8 updates: each site adds what encoding lost from its
-  # earlier updates to the next one (a residual kept in its checkpoint), so over rounds
-  # nothing is lost, only delayed (as in EF-SGD and 1-bit Adam). Off: on debref it changed
+  # int4 / float4_e2m1fn: elements per float32 scale, contiguous along a leaf's last axis
+  # (blocks never cross rows), an integer >= 1. Smaller blocks: finer scales, more bytes.
+  f.quant_block = 128
+  # Top-k sparsification of the pseudo-gradient: 0 = off, else a fraction in (0, 1]: of
+  # every row (last axis) of a leaf with 2 or more axes, the k = max(1, round(density x
+  # cols)) entries of largest magnitude are sent, as update_dtype (4-bit, int8 and float8
+  # values with one float32 scale per row) with their column indices (uint16 up to 65536
+  # columns, else uint32); a leaf where k = cols, or of fewer axes, is sent dense. Turns
+  # on error feedback (what top-k drops is carried into the next update).
+  f.topk_density = 0.0
+  # Under outer moments: the dtype of the first moments sites send (dense, never top-k;
+  # the coordinator recovers the round's mean gradient from their mean); "" =
+  # update_dtype. Must be "" with other outer optimizers.
+  f.moment_dtype = ""
+  # Error feedback for lossy updates (bfloat16, int8, float8, 4-bit; always on with
+  # top-k; under outer moments for the pseudo-gradient only): each site adds what encoding
+  # lost from its earlier updates to the next one (a residual kept in its checkpoint), so
+  # over rounds nothing is lost, only delayed (as in EF-SGD and 1-bit Adam). Off: on debref it changed
   # nothing for FedAvg H=5 int8 (2.9691 vs 2.9689 bpb) and was slightly worse for FedAdam
   # H=1 int8 (2.801 vs 2.795: the outer Adam gets stale bursts), at a model-sized residual.
   f.error_feedback = False

@@ -12,11 +12,12 @@ Other modules import this package and use the names below, nothing private.
 from tapestry_jax.exchange.blocks import (BlockWriter, common_blocks, iter_blocks, open_array,
                                           read_block)
 from tapestry_jax.exchange.rounds import (
-    DOWN, DOWN_PARTS, MOMENT_PREFIX, OUTER, PARAMS, RollbackError, as_update, decode_update,
-    diverged, down_key, download_parts, download_schema, encode_update, global_arrays,
-    moment_key, newer_global_round, outer_key, param_key, params_of, publish_update,
-    read_global, read_global_download, read_global_manifest, read_global_moments,
-    read_global_round, update_norm, update_schema, validate_update)
+    COMPANION_PREFIXES, DOWN, DOWN_PARTS, MOMENT_PREFIX, OUTER, PARAMS, RollbackError,
+    as_update, companion_key, decode_update, diverged, down_key, download_parts,
+    download_schema, encode_update, global_arrays, moment_key, newer_global_round, outer_key,
+    param_key, params_of, publish_update, read_global, read_global_download,
+    read_global_manifest, read_global_moments, read_global_round, stored_arrays, update_norm,
+    update_schema, validate_update)
 from tapestry_jax.exchange.store import (
     COMMIT, DEFAULT_MAX_CHUNK_BYTES, FORMAT_VERSION, KINDS, LATEST, MANIFEST, CommitConflict,
     ExchangeError, check_schema, choose_chunk_shape, chunk_digest, combined_digest,

@@ -192,19 +192,29 @@ class BlockWriter:
     self._pending = []
 
 
-def common_blocks(records: Sequence[Mapping], max_block_bytes: int, *, last_multiple: int = 1):
-  """(block chunk shape, blocks): blocks aligned to every record's chunk grid, grouped
-  along the leading axis up to `max_block_bytes`. An array with no elements is one
-  (empty) block, so that its records are still written. `last_multiple`: the blocks'
-  bounds along the last axis are also multiples of it (or the array's end), e.g. so
-  that they hold whole blocks of block-scaled codes."""
+def common_blocks(records: Sequence[Mapping], max_block_bytes: int, *, whole_rows: bool = False,
+                  last_multiple: int = 1):
+  """(block chunk shape, blocks): blocks of the first record's array aligned to every
+  record's chunk grid, grouped along the leading axis up to `max_block_bytes`. An array
+  with no elements is one (empty) block, so that its records are still written.
+
+  `whole_rows`: every block spans the last axis whole and is aligned to the chunks of the
+  other axes only, where the records must agree in shape (their last axes may differ:
+  the codes of a row, `update_codecs`); a block of another record spans its own last
+  axis whole. `last_multiple` (otherwise): the blocks' bounds along the last axis are
+  also multiples of it (or the array's end), e.g. so that they hold whole blocks of
+  block-scaled codes (`quantize.BlockFormat`)."""
   shape = tuple(records[0]["shape"])
   if not shape:
     return (), [()]
   last = len(shape) - 1
-  step = tuple(max(1, min(s, math.lcm(*(int(r["chunk_shape"][d]) for r in records),
-                                      int(last_multiple) if d == last else 1)))
-               for d, s in enumerate(shape))
+  if whole_rows:
+    step = tuple(max(1, min(s, math.lcm(*(int(r["chunk_shape"][d]) for r in records))))
+                 for d, s in enumerate(shape[:last])) + (max(1, shape[-1]),)
+  else:
+    step = tuple(max(1, min(s, math.lcm(*(int(r["chunk_shape"][d]) for r in records),
+                                        int(last_multiple) if d == last else 1)))
+                 for d, s in enumerate(shape))
   if 0 in shape:
     return step, [tuple(slice(0, s) for s in shape)]
   itemsize = np_dtype(records[0]["dtype"]).itemsize

@@ -3,7 +3,12 @@
 Built on `store` (committed rounds of named arrays). The layout of a round's arrays:
   update (a site's bucket, `store.update_prefix(r)`):
     NAME                the pseudo-gradient of parameter NAME, in federation.update_dtype
-    inner_mu/NAME       (shared moments) the site's first moment of NAME, encoded alike
+                        (its codes, or top-k values, for `update_codecs`' codecs; the
+                        record's "quant" says which codec)
+    inner_mu/NAME       (shared moments) the site's first moment of NAME, in
+                        federation.moment_dtype, dense
+    codec_scales/X      the float32 scales of array X's block-scaled or top-k codes
+    codec_indices/X     the column indices of array X's top-k values
   global (the global bucket, `store.global_prefix(r)`):
     params/NAME         the global parameter NAME (float32)
     outer/NAME/LEAF     the outer optimizer's state leaf LEAF of NAME
@@ -33,6 +38,7 @@ from tapestry_jax import outer as outer_lib
 from tapestry_jax import quantize
 from tapestry_jax import trees
 from tapestry_jax import trust
+from tapestry_jax import update_codecs
 from tapestry_jax.exchange import blocks, store
 from tapestry_jax.exchange.store import ExchangeError
 
@@ -40,6 +46,9 @@ PARAMS = "params/"
 OUTER = "outer/"
 # A site's first moment of parameter NAME (shared moments) travels as MOMENT_PREFIX + NAME.
 MOMENT_PREFIX = "inner_mu/"
+# The companion arrays of a coded array X (`update_codecs`): its scales and indices.
+COMPANION_PREFIXES = {update_codecs.SCALES: "codec_scales/",
+                      update_codecs.INDICES: "codec_indices/"}
 
 
 def param_key(name: str) -> str:
@@ -69,6 +78,19 @@ def down_key(part: str, name: str, scales: bool = False) -> str:
   return f"{DOWN}{part}{'_scale' if scales else ''}/{name}"
 
 
+def companion_key(role: str, name: str) -> str:
+  """The update's array holding the `role` part (`update_codecs.SCALES`, `INDICES`) of
+  coded array `name` (its codes keep `name`; role `update_codecs.CODES` is `name`)."""
+  return name if role == update_codecs.CODES else COMPANION_PREFIXES[role] + name
+
+
+def stored_arrays(sent: dict[str, Any]) -> dict[str, Any]:
+  """Every array an encoded update stores, by name: codes under the leaf's own name,
+  their scales and indices under `companion_key` names (what is written and counted)."""
+  return {companion_key(role, n): a for n, v in sent.items()
+          for role, a in update_codecs.stored(v).items()}
+
+
 def as_update(sent: dict[str, Any]) -> outer_lib.Update:
   """A sent update's flat arrays (first moments under `moment_key` names) as the typed
   `outer.Update` the outer math takes."""
@@ -94,48 +116,53 @@ def params_of(manifest: dict) -> list[str]:
 
 
 def update_schema(config) -> dict[str, tuple]:
-  """Leaf name -> (shape, dtype) every site update must match: the model's shapes, with
-  floating leaves in `federation.update_dtype` (what sites send; the coordinator merges
-  in float32 whatever they sent). int8 / float8 leaves are (shape, dtype, True): quantized, so
-  their records must carry the dequantization parameters (`store.check_schema`)."""
-  dtype = config.federation.get("update_dtype", "float32")
+  """Array name -> (shape, dtype) or (shape, dtype, quant) every site update must match:
+  per parameter, the arrays its codec sends (`federation.update_spec`, `update_codecs.
+  LeafCodec.layout`): floating leaves as federation.update_dtype (cast, per-tensor codes
+  whose records must carry their offset and scale, or block / top-k codes whose records
+  must name exactly their codec, with their scales and indices), first moments in
+  federation.moment_dtype. The coordinator merges in float32 whatever sites sent."""
+  spec = federation.update_spec(config)
   out = {}
   params = federation.param_schema(config)
-  if federation.shared_moments(config):  # The site's first moment of each parameter, sent alike.
-    params.update({MOMENT_PREFIX + n: v for n, v in params.items()})
-  for n, (shape, d) in params.items():
+  taken = sorted(n for n in params for p in (MOMENT_PREFIX, *COMPANION_PREFIXES.values())
+                 if n.startswith(p) or n == p.rstrip("/"))
+  if taken:
+    raise ExchangeError(f"parameter names {taken} collide with the update's array names "
+                        f"({MOMENT_PREFIX}..., {', '.join(COMPANION_PREFIXES.values())}...)")
+  leaves = [(n, shape, d, False) for n, (shape, d) in params.items()]
+  if federation.shared_moments(config):  # The site's first moment of each parameter.
+    leaves += [(MOMENT_PREFIX + n, shape, d, True) for n, (shape, d) in params.items()]
+  for n, shape, d, moment in leaves:
     # jnp.issubdtype: numpy's does not count bfloat16 (an ml_dtypes type) as floating.
     if not jnp.issubdtype(store.np_dtype(d), jnp.floating):
       out[n] = (shape, d)
-    elif dtype in quantize.DTYPES:
-      out[n] = (shape, dtype, True)
-    else:
-      out[n] = (shape, dtype)
+      continue
+    for role, layout in spec.leaf_codec(shape, moment).layout(shape).items():
+      out[companion_key(role, n)] = layout
   return out
 
 
 def encode_update(delta, config) -> dict[str, Any]:
-  """A site's pseudo-gradient as it is sent, on the site's devices: a flat {name: leaf}
-  dict with floating leaves in `federation.update_dtype`: cast by XLA (round to nearest
-  even) or, for int8 and float8, `quantize.Quantized` codes. What the site publishes and
-  the simulation merges. ValueError for a quantized update with NaN or Inf values."""
-  dtype = config.federation.get("update_dtype", "float32")
+  """A site's update as it is sent, on the site's devices: a flat {name: leaf} dict
+  (first moments under `moment_key` names) with floating leaves encoded by their codec
+  (`federation.update_spec`): cast by XLA (round to nearest even), or `quantize.Quantized`,
+  `update_codecs.BlockCoded` or `update_codecs.TopK` codes. Encoded leaves pass as they
+  are. What the site publishes and the simulation merges. ValueError for coded values
+  with NaN or Inf."""
+  spec = federation.update_spec(config)
   out = {}
   for name, x in trees.flatten(delta).items():
-    if isinstance(x, quantize.Quantized) or not jnp.issubdtype(x.dtype, jnp.floating):
+    if isinstance(x, update_codecs.CODED) or not jnp.issubdtype(x.dtype, jnp.floating):
       out[name] = x  # Already encoded (e.g. by `site.SiteWorker.encoded_update`), or not float.
-    elif dtype in quantize.DTYPES:
-      out[name] = quantize.quantize(x, dtype)
     else:
-      out[name] = x.astype(jnp.dtype(dtype))
+      out[name] = spec.leaf_codec(np.shape(x), name.startswith(MOMENT_PREFIX)).encode(x)
   return out
 
 
 def decode_update(sent: dict[str, Any]) -> dict[str, Any]:
   """float32 values of an encoded update (`encode_update`'s output), on its devices."""
-  return {n: (quantize.dequantize(v.codes, v.offset, v.scale) if isinstance(v, quantize.Quantized)
-              else v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v)
-          for n, v in sent.items()}
+  return {n: update_codecs.decode_leaf(v) for n, v in sent.items()}
 
 
 def diverged(name: str, round_: int) -> ExchangeError:
@@ -180,9 +207,7 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
     raise bad
   # Deterministic, so every process of a multi-process site writes the same attempt.
   attempt = store.new_attempt(f"{name}/{round_}/{base_round}")
-  records = store.write_arrays(
-      bucket, store.data_prefix(prefix, attempt),
-      {n: v.codes if isinstance(v, quantize.Quantized) else v for n, v in sent.items()})
+  records = store.write_arrays(bucket, store.data_prefix(prefix, attempt), stored_arrays(sent))
   if channel is not None:  # Durable here on every process: combine, then commit.
     key = f"publish/{round_}/{attempt}"
     parts = channel.gather(key, {"records": store.compact_records(records),
@@ -191,8 +216,8 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
     norm = _combined_norm([p["squares"] for p in parts])
     if not np.isfinite(norm):
       raise bad
-  for n, v in sent.items():  # int8: the dequantization parameters, signed with the rest.
-    if isinstance(v, quantize.Quantized):
+  for n, v in sent.items():  # Codes: their codec's parameters, signed with the rest.
+    if isinstance(v, update_codecs.CODED):
       records[n] = dict(records[n], quant=v.params())
   manifest = store.make_manifest(
       federation=config.federation.id, kind="update", round=round_, author=name,
@@ -225,22 +250,45 @@ def update_norm(sent: dict[str, Any]) -> float:
 
 def _shard_squares(deltas: dict[str, Any]) -> dict[str, dict[str, float]]:
   """Per leaf, the float64 sum of squares of each shard this process writes (replica 0),
-  keyed by the shard's start."""
+  keyed by the shard's start. A block or top-k coded leaf's codes are sharded by rows
+  (their last axis whole), like their scales and indices: each row shard is summed with
+  its own scales and indices."""
   out = {}
   for n, v in deltas.items():
-    codes = v.codes if isinstance(v, quantize.Quantized) else v
+    parts = update_codecs.stored(v)
+    codes = parts[update_codecs.CODES]
     if isinstance(codes, jax.Array):
       pieces = [(s.index, s.data) for s in codes.addressable_shards if s.replica_id == 0]
     else:
       pieces = [((), codes)]
-    parts = {}
+    sums = {}
     for index, data in pieces:
       start = ",".join(str(sl.start or 0) for sl in index)
       data = np.asarray(data)
-      parts[start] = (quantize.sum_squares(data, float(v.offset), float(v.scale))
-                      if isinstance(v, quantize.Quantized) else outer_lib.sum_squares(data))
-    out[n] = parts
+      if isinstance(v, quantize.Quantized):
+        sums[start] = quantize.sum_squares(data, float(v.offset), float(v.scale))
+      elif isinstance(v, update_codecs.CODED):
+        shard = {role: _rows(a, tuple(index)[:-1]) for role, a in parts.items()
+                 if role != update_codecs.CODES}
+        shard[update_codecs.CODES] = data
+        sums[start] = update_codecs.sum_squares(update_codecs.codec_of(v).leaf(shard, v.shape))
+      else:
+        sums[start] = outer_lib.sum_squares(data)
+    out[n] = sums
   return out
+
+
+def _rows(a, lead: tuple[slice, ...]) -> np.ndarray:
+  """The rows `lead` (slices of the leading axes, () = all) of a companion array, from
+  a shard held here (any replica: every process sums the rows of the codes it writes)."""
+  if not isinstance(a, jax.Array) or not lead:
+    return np.asarray(a)[lead]
+  key = [sl.start or 0 for sl in lead]
+  for s in a.addressable_shards:
+    if [sl.start or 0 for sl in tuple(s.index)[:-1]] == key:
+      return np.asarray(s.data)
+  raise ValueError(f"no shard of rows {lead} here; codes and their scales and indices must "
+                   f"be sharded alike (by rows)")
 
 
 def _combined_norm(per_process: list[dict[str, dict[str, float]]]) -> float:

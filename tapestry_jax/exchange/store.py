@@ -50,6 +50,7 @@ import numpy as np
 import tensorstore as ts
 
 from tapestry_jax import quantize
+from tapestry_jax import update_codecs
 from tapestry_jax.buckets import Bucket, BucketError, check_key, describe_error
 
 FORMAT_VERSION = 2
@@ -266,8 +267,11 @@ def _record_problems(name: str, rec: Any) -> list[str]:
     return [f"{name!r}: chunk digests are incomplete or not 64 hex digits"]
   if rec["digest"] != combined_digest(digests):
     return [f"{name!r}: record digest does not match its chunk digests"]
-  if "quant" in rec:  # A quantized (int8 / float8) update leaf (`tapestry_jax.quantize`).
-    problem = quantize.check_params(rec["quant"], str(rec["dtype"]))
+  if "quant" in rec:  # A coded update leaf (`tapestry_jax.quantize`, `update_codecs`).
+    quant = rec["quant"]
+    problem = (update_codecs.check_quant(quant, str(rec["dtype"]))
+               if isinstance(quant, Mapping) and "codec" in quant
+               else quantize.check_params(quant, str(rec["dtype"])))
     if problem:
       return [f"{name!r}: {problem}"]
   return []
@@ -813,12 +817,13 @@ def uncommitted_attempts(bucket: Bucket, prefix: str) -> list[str]:
   return sorted(a for a in found if _ATTEMPT.match(a) and a != committed)
 
 
-def _expected_shape_dtype(spec) -> tuple[tuple[int, ...], np.dtype, bool]:
+def _expected_shape_dtype(spec) -> tuple[tuple[int, ...], np.dtype, Any]:
   if hasattr(spec, "shape") and hasattr(spec, "dtype"):
     return tuple(spec.shape), np.dtype(spec.dtype), False
   shape, dtype, *quantized = spec
   dtype = np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-  return tuple(shape), dtype, bool(quantized and quantized[0])
+  quant = quantized[0] if quantized else False
+  return tuple(shape), dtype, quant if isinstance(quant, Mapping) else bool(quant)
 
 
 def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
@@ -827,7 +832,9 @@ def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
 
   `expected` maps name -> (shape, dtype), (shape, dtype, quantized) or anything with
   .shape/.dtype (arrays, jax.ShapeDtypeStruct). A quantized array's record must carry its
-  dequantization parameters ("quant", `tapestry_jax.quantize`); any other must not.
+  dequantization parameters ("quant"): any valid per-tensor ones (`tapestry_jax.quantize`)
+  when `quantized` is True, exactly `quantized` when it is a dict (the codec of block or
+  top-k codes, `tapestry_jax.update_codecs`); any other array's record must not.
   Raises ExchangeError listing every problem.
   """
   records = manifest.get("arrays") if isinstance(manifest, Mapping) else None
@@ -860,6 +867,12 @@ def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
                       f"quantization parameters ('quant')")
     elif not quantized and "quant" in rec:
       problems.append(f"{name!r}: not a quantized array, but its record has 'quant'")
+    elif isinstance(quantized, Mapping) and dict(rec["quant"]) != dict(quantized):
+      problems.append(f"{name!r}: its record declares codec {rec['quant']!r}, expected "
+                      f"{dict(quantized)!r}")
+    elif quantized is True and "codec" in rec["quant"]:
+      problems.append(f"{name!r}: its record declares codec {rec['quant']!r}, expected "
+                      f"per-tensor {dtype.name} codes (offset and scale)")
   if problems:
     shown = "; ".join(problems[:10])
     more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
