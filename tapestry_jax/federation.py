@@ -141,14 +141,16 @@ def evaluate_round(config, round_: int) -> bool:
 
 
 def outer_config(config) -> dict:
-  """`federation.outer` as a plain dict with `decay_rounds` 0 resolved to
-  `federation.rounds`: what the coordinator builds its optimizer from and records in
-  every global manifest (so an audit rebuilds the same schedule)."""
+  """`federation.outer` as a plain dict with `decay_rounds` and `total_rounds` 0
+  resolved to `federation.rounds`: what the coordinator builds its optimizer from and
+  records in every global manifest (so an audit rebuilds the same schedules)."""
   f = config.federation
   out = outer_config_lib.default_outer_config().to_dict()
   out.update(f.outer.to_dict())
   if not out.get("decay_rounds"):
     out["decay_rounds"] = int(f.rounds)
+  if not out.get("total_rounds"):
+    out["total_rounds"] = int(f.rounds)
   if out.get("name") == "moments":  # The sites' AdamW decays, per inner step, and H.
     out["b1"], out["b2"] = float(config.train.b1), float(config.train.b2)
     if not out.get("steps_per_round"):
@@ -266,9 +268,11 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
       raise ConfigError(f"federation.outer.steps_per_round={f.outer.steps_per_round} must be "
                         f"federation.inner_steps={f.inner_steps} (or 0) with outer moments")
     for name in ([site] if site is not None else names):
-      if site_config(config, name).train.get("optimizer", "adamw") != "adamw":
+      inner = site_config(config, name).train.get("optimizer", "adamw")
+      if inner != "adamw":
         raise ConfigError(f"site {name!r}: outer moments shares the sites' AdamW moments; "
-                          f"its inner optimizer must be adamw (federation.inner.optimizer)")
+                          f"its inner optimizer must be adamw (federation.inner.optimizer), "
+                          f"not {inner}")
   elif f.get("moment_dtype", ""):
     raise ConfigError(f"federation.moment_dtype={f.moment_dtype!r} is for the first moments "
                       f"sites send under outer moments (federation.outer.name=moments); "

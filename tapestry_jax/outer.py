@@ -126,6 +126,33 @@ def leaf_optimizer(tx, name: str):
   return tx
 
 
+class ScheduledTraceState(NamedTuple):
+  """`scheduled_trace`'s state: the outer steps taken and the momentum buffer."""
+  count: jax.Array  # int32 scalar
+  trace: Any
+
+
+def scheduled_trace(momentum: Callable[[jax.Array], jax.Array],
+                    nesterov: bool) -> optax.GradientTransformation:
+  """`optax.trace` (heavy-ball or Nesterov momentum) whose decay is `momentum(count)`, a
+  schedule of the outer steps taken (the outer momentum's warmup and decay). Elementwise,
+  and its only state besides the per-parameter trace is a scalar count, so a parameter
+  merged block by block gets the same bits as merged whole."""
+  def init(params):
+    return ScheduledTraceState(count=jnp.zeros([], jnp.int32),
+                               trace=optax.tree.zeros_like(params))
+
+  def update(updates, state, params=None):
+    del params
+    decay = jnp.asarray(momentum(state.count), jnp.float32)
+    updates, trace = optax.trace(decay, nesterov=nesterov).update(
+        updates, optax.TraceState(trace=state.trace))
+    return updates, ScheduledTraceState(count=optax.safe_increment(state.count),
+                                        trace=trace.trace)
+
+  return optax.GradientTransformation(init, update)
+
+
 def min_updates(aggregator: str, trim: int) -> int:
   """The fewest updates `aggregator` can merge: 2 * trim + 1 for trimmed_mean, else 1."""
   return 2 * int(trim) + 1 if aggregator == "trimmed_mean" else 1

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -42,6 +44,21 @@ def default_outer_config() -> ml_collections.ConfigDict:
       lr=0.7,
       # Momentum decay for nesterov and sgd, in [0, 1); 0 with sgd means no momentum.
       momentum=0.9,
+      # nesterov and sgd: rounds over which the momentum rises linearly from
+      # momentum_start (in round 1) to momentum (from round momentum_warmup_rounds + 1 on),
+      # Pier's momentum warmup; 0 = off (the momentum is `momentum` from round 1).
+      momentum_warmup_rounds=0,
+      # The momentum of round 1 under momentum_warmup_rounds, in [0, 1).
+      momentum_start=0.0,
+      # nesterov and sgd: the last rounds of the run over which the momentum falls
+      # linearly from momentum to momentum_end (reached in the last round, total_rounds),
+      # Pier's momentum decay; 0 = off. At most total_rounds - momentum_warmup_rounds.
+      momentum_decay_rounds=0,
+      # The momentum of the last round under momentum_decay_rounds, in [0, 1).
+      momentum_end=0.0,
+      # The run's length in rounds (outer steps), where momentum_decay_rounds ends; in a
+      # federation config 0 = federation.rounds (see federation.outer_config).
+      total_rounds=0,
       # Adam first-moment decay, in [0, 1).
       b1=0.9,
       # Adam second-moment decay, in [0, 1).
@@ -127,6 +144,42 @@ def _outer_schedule(cfg, lr: float):
                                optax.constant_schedule(lr)], [warmup])
 
 
+def momentum_schedule(cfg) -> Callable[[Any], jax.Array] | None:
+  """The nesterov / sgd momentum as a float32 function of the outer steps taken (0 in
+  round 1), or None when it is constant (momentum_warmup_rounds and momentum_decay_rounds
+  0). Warmup: momentum_start + (momentum - momentum_start) * t / warmup for t < warmup.
+  Decay: momentum + (momentum_end - momentum) * (t - begin + 1) / decay from t = begin =
+  total_rounds - decay on, so the last round (t = total_rounds - 1) has momentum_end.
+  Raises ValueError naming the bad field."""
+  momentum = _get(cfg, "momentum")
+  momentum = _number("momentum", 0.0 if momentum is None else momentum, 0.0, 1.0,
+                     lo_open=False, hi_open=True)
+  warmup = _count(cfg, "momentum_warmup_rounds", 0)
+  decay = _count(cfg, "momentum_decay_rounds", 0)
+  if not (warmup or decay):
+    return None
+  start = _number("momentum_start", _get(cfg, "momentum_start"), 0.0, 1.0, lo_open=False,
+                  hi_open=True)
+  end = _number("momentum_end", _get(cfg, "momentum_end"), 0.0, 1.0, lo_open=False,
+                hi_open=True)
+  total = _count(cfg, "total_rounds", 0)
+  if decay and warmup + decay > total:
+    raise ValueError(f"outer.momentum_warmup_rounds={warmup} + momentum_decay_rounds={decay} "
+                     f"must be at most outer.total_rounds={total} (the run's rounds; in a "
+                     f"federation config 0 = federation.rounds).")
+  begin = total - decay
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    m = jnp.full_like(t, momentum)
+    if warmup:
+      m = jnp.where(t < warmup, start + (momentum - start) * (t / warmup), m)
+    if decay:
+      m = jnp.where(t >= begin, momentum + (end - momentum) * ((t - begin + 1) / decay), m)
+    return m
+  return schedule
+
+
 def make_outer_optimizer(cfg) -> optax.GradientTransformation:
   """The outer optimizer named by `cfg.name`, fed with the weighted pseudo-gradient as gradient.
 
@@ -142,6 +195,10 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
   name = _get(cfg, "name")
   if name not in OUTER_OPTIMIZERS:
     raise ValueError(f"outer.name must be one of {', '.join(OUTER_OPTIMIZERS)}; got {name!r}.")
+  if name not in ("nesterov", "sgd"):
+    for key in ("momentum_warmup_rounds", "momentum_decay_rounds"):
+      if _count(cfg, key, 0):
+        raise ValueError(f"outer.{key} is a nesterov and sgd setting; set it to 0 for {name}.")
   if name == "none":
     # new = global - sum_k w_k (global - local_k) = sum_k w_k local_k when the weights sum to 1.
     return optax.scale(-1.0)
@@ -157,6 +214,10 @@ def make_outer_optimizer(cfg) -> optax.GradientTransformation:
     momentum = _get(cfg, "momentum")
     momentum = 0.0 if momentum is None else momentum  # None reads as "no momentum"
     momentum = _number("momentum", momentum, 0.0, 1.0, lo_open=False, hi_open=True)
+    schedule = momentum_schedule(cfg)
+    if schedule is not None:  # optax.sgd's chain, its trace's decay following the schedule.
+      return optax.chain(outer_lib.scheduled_trace(schedule, nesterov=name == "nesterov"),
+                         optax.scale_by_learning_rate(lr))
     if name == "nesterov":
       return optax.sgd(lr, momentum=momentum, nesterov=True)
     return optax.sgd(lr, momentum=momentum or None)

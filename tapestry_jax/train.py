@@ -33,9 +33,11 @@ class TrainState:
   rng: jax.Array  # uint32[2] raw PRNG key, saved with the state for exact resume
 
 
-def make_schedule(tcfg) -> optax.Schedule:
-  """Learning-rate schedule: linear warmup, then cosine, warmup-stable-decay or constant."""
-  peak, warmup, total = float(tcfg.lr), int(tcfg.warmup_steps), int(tcfg.steps)
+def make_schedule(tcfg, peak: float | None = None) -> optax.Schedule:
+  """Learning-rate schedule: linear warmup, then cosine, warmup-stable-decay or constant,
+  peaking at `peak` (default `tcfg.lr`; Muon's matrices use `tcfg.muon_lr`)."""
+  peak = float(tcfg.lr if peak is None else peak)
+  warmup, total = int(tcfg.warmup_steps), int(tcfg.steps)
   end = peak * float(tcfg.min_lr_ratio)
   if tcfg.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end)
@@ -82,13 +84,67 @@ def initial_params(model_cfg: model_lib.ModelConfig, seed: int, tcfg=None):
       jnp.asarray(seed, jnp.uint32))
 
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "muon")
+MUON_LR = 0.02  # Keller Jordan's Muon lr (with its width scaling): the train.muon_lr default.
+MUON_MOMENTUM = 0.95  # Keller Jordan's Muon momentum (Nesterov): train.muon_momentum's default.
 
 
-def make_optimizer(tcfg) -> optax.GradientTransformation:
+def muon_dimension_numbers(model_cfg: model_lib.ModelConfig):
+  """Which leaves Muon orthogonalizes, and how: a params-shaped tree holding, for each
+  hidden matrix (a leaf under `layers` with a matrix per layer), the `MuonDimensionNumbers`
+  that split it at its `embed` axis into (inputs, outputs) with the leading `layers` axis
+  a batch axis, so every layer's matrix is orthogonalized on its own (wq: D x H*Dh,
+  wo: H*Dh x D); None for the embeddings, the output layer and the norm scales, which
+  AdamW updates (as in Muon's and MuLoCo's recipes)."""
+  def dims(axes):
+    if axes[0] != "layers" or len(axes) < 3:
+      return None
+    e = axes.index("embed")
+    if e == 1:  # The residual stream in: embed x (heads, head_dim) or embed x mlp.
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=(1,),
+                                                output_axis=tuple(range(2, len(axes))))
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=tuple(range(1, e)),
+                                              output_axis=(e,))
+  return jax.tree.map(dims, model_lib.logical_axes(model_cfg),
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _muon(tcfg, model_cfg: model_lib.ModelConfig) -> optax.GradientTransformation:
+  """Muon on the hidden matrices (`muon_dimension_numbers`), the AdamW recipe on the rest.
+
+  The matrices take optax.contrib.muon (Nesterov momentum `muon_momentum`, 5 Newton-Schulz
+  steps, width scaling sqrt(max(1, fan_out / fan_in))) on `make_schedule` peaking at
+  `muon_lr`, and decay as under AdamW: by lr(t) x weight_decay per step (optax's muon
+  multiplies its decay by its own lr, so it gets weight_decay x lr / muon_lr). The other
+  leaves take exactly the `adamw` optimizer (b1, b2, eps, decay sparing norm scales), not
+  optax muon's own Adam fallback (Nesterov Adam, decaying every leaf)."""
+  muon_lr = float(tcfg.get("muon_lr", MUON_LR))
+  momentum = float(tcfg.get("muon_momentum", MUON_MOMENTUM))
+  if not (math.isfinite(muon_lr) and muon_lr > 0):
+    raise ValueError(f"train.muon_lr must be > 0; got {muon_lr!r}")
+  if not 0 <= momentum < 1:
+    raise ValueError(f"train.muon_momentum must be in [0, 1); got {momentum!r}")
+  dims = muon_dimension_numbers(model_cfg)
+  is_dims = lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+  labels = jax.tree.map(lambda d: "adamw" if d is None else "muon", dims, is_leaf=is_dims)
+  muon = optax.contrib.muon(make_schedule(tcfg, muon_lr), beta=momentum,
+                            weight_decay=float(tcfg.weight_decay) * float(tcfg.lr) / muon_lr,
+                            muon_weight_dimension_numbers=dims)
+  return optax.partition({"muon": muon, "adamw": _adamw(tcfg)}, labels)
+
+
+def _adamw(tcfg) -> optax.GradientTransformation:
+  return optax.adamw(make_schedule(tcfg), b1=float(tcfg.b1), b2=float(tcfg.b2),
+                     eps=float(tcfg.eps), weight_decay=float(tcfg.weight_decay),
+                     mask=_decay_mask)
+
+
+def make_optimizer(tcfg, model_cfg: model_lib.ModelConfig | None = None
+                   ) -> optax.GradientTransformation:
   """Global-norm clipping followed by `tcfg.optimizer` on `make_schedule`: AdamW (the
-  default), or plain SGD (the inner optimizer of FedAdam-style federations, whose
-  adaptivity lives in the outer optimizer)."""
+  default), plain SGD (the inner optimizer of FedAdam-style federations, whose
+  adaptivity lives in the outer optimizer) or Muon on the hidden matrices of the model
+  `model_cfg` with AdamW on the rest (`_muon`; MuLoCo's inner optimizer)."""
   name = tcfg.get("optimizer", "adamw")
   if name not in OPTIMIZERS:
     raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
@@ -96,11 +152,28 @@ def make_optimizer(tcfg) -> optax.GradientTransformation:
           else optax.identity())
   if name == "sgd":
     return optax.chain(clip, optax.sgd(make_schedule(tcfg)))
-  return optax.chain(
-      clip,
-      optax.adamw(make_schedule(tcfg), b1=float(tcfg.b1), b2=float(tcfg.b2), eps=float(tcfg.eps),
-                  weight_decay=float(tcfg.weight_decay), mask=_decay_mask),
-  )
+  if name == "muon":
+    if model_cfg is None:
+      raise ValueError("train.optimizer muon needs the model config (which leaves are matrices)")
+    return optax.chain(clip, _muon(tcfg, model_cfg))
+  return optax.chain(clip, _adamw(tcfg))
+
+
+def _state_shardings(abstract_opt, abstract_params, param_shardings, replicated):
+  """The optimizer state's shardings: a leaf whose key path ends with a parameter's path
+  and has its shape (a moment, a trace) is sharded like that parameter; step counts and
+  the rest are replicated. (optax.tree_map_params cannot trace optax.contrib.muon.)"""
+  params = {tuple(path): (a.shape, sh) for (path, a), sh in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_shardings))}
+  depth = {len(path) for path in params}
+
+  def pick(path, leaf):
+    for n in depth:
+      shape, sh = params.get(tuple(path[-n:]), (None, None))
+      if shape == leaf.shape:
+        return sh
+    return replicated
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
 class Trainer:
@@ -114,15 +187,14 @@ class Trainer:
     self.mesh = mesh
     self.microbatches = int(tcfg.microbatches)
     self.schedule = make_schedule(tcfg)
-    self.optimizer = make_optimizer(tcfg)
+    self.optimizer = make_optimizer(tcfg, model_cfg)
 
     self.param_shardings = model_lib.param_shardings(model_cfg, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abstract_params = jax.eval_shape(lambda: model_lib.init_params(model_cfg, jax.random.key(0)))
     abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
-    opt_shardings = optax.tree_map_params(
-        self.optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
-        transform_non_params=lambda _: replicated)
+    opt_shardings = _state_shardings(abstract_opt, abstract_params, self.param_shardings,
+                                     replicated)
     self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
                                       opt_state=opt_shardings, rng=replicated)
     self.batch_sharding = sharding.named_sharding(mesh, ("batch", "length"))

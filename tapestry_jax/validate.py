@@ -65,6 +65,10 @@ def check_site_config(config, devices: list[jax.Device] | None = None) -> tuple[
                       f"got {t.optimizer!r}")
   if t.warmup_steps < 0 or t.lr <= 0:
     raise ConfigError(f"train.lr={t.lr} must be > 0 and train.warmup_steps={t.warmup_steps} >= 0")
+  try:
+    train_lib.make_optimizer(t, mcfg)  # The optimizer's own settings (e.g. train.muon_lr).
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   for name in ("log_every", "checkpoint_every"):
     if t[name] <= 0:
       raise ConfigError(f"train.{name}={t[name]} must be positive")

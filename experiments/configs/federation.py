@@ -224,11 +224,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # rounds; every field is commented in outer_config.default_outer_config.
   f.outer = outer_config.default_outer_config()
   # What the federated sites' inner optimizer changes in `train` (unset = train's value;
-  # e.g. `+fedadam`: plain SGD, lr 1, constant). `train` itself stays the recipe that the
-  # references (each site alone, data parallelism) train with.
+  # e.g. `+fedadam`: plain SGD, lr 1, constant; MuLoCo: optimizer muon, with muon_lr).
+  # `train` itself stays the recipe that the references (each site alone, data
+  # parallelism) train with.
   f.inner = ml_collections.ConfigDict(dict(
       optimizer=placeholder(str), lr=placeholder(float), schedule=placeholder(str),
-      warmup_steps=placeholder(int), grad_clip=placeholder(float)))
+      warmup_steps=placeholder(int), grad_clip=placeholder(float),
+      muon_lr=placeholder(float)))
   # launch.federate also trains every site alone with the same local compute and reports
   # the federated model against it.
   f.compare_alone = True

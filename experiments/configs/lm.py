@@ -54,7 +54,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.steps = 200  # Optimizer steps in the whole run (the schedule's length).
   t.global_batch_size = 16  # Sequences per step, across all devices and processes.
   t.microbatches = 1  # Gradient accumulation: the global batch is split into this many.
-  t.optimizer = "adamw"  # adamw | sgd (no momentum, no weight decay; b1/b2/eps unused).
+  # adamw | sgd (no momentum, no weight decay; b1/b2/eps unused) | muon (Muon on the hidden
+  # matrices, one per layer, on the same schedule peaking at muon_lr; AdamW with `lr`
+  # on the embeddings, output layer and norm scales: tapestry_jax/train.py _muon).
+  t.optimizer = "adamw"
   t.lr = 3e-3  # Peak learning rate.
   t.schedule = "cosine"  # cosine | wsd (warmup-stable-decay) | constant (after warmup).
   t.warmup_steps = 20  # Linear warmup from 0 to `lr`.
@@ -64,6 +67,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   t.b1 = 0.9  # AdamW beta1.
   t.b2 = 0.95  # AdamW beta2.
   t.eps = 1e-8  # AdamW epsilon.
+  # muon only: peak lr of the hidden matrices (Keller Jordan's 0.02, with Muon's width
+  # scaling sqrt(max(1, fan_out / fan_in))); they decay as under AdamW (lr x weight_decay).
+  t.muon_lr = 0.02
+  t.muon_momentum = 0.95  # muon only: Nesterov momentum of the matrices' updates, in [0, 1).
   t.grad_clip = 1.0  # Global-norm clipping threshold; 0 = off.
   t.seed = 0  # Parameter-init and training PRNG seed.
   # Start from existing params instead of a random init (tapestry_jax/init_from.py): a
