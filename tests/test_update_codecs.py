@@ -290,3 +290,13 @@ def test_the_schema_check_refuses_wrong_companions_and_codecs(tmp_path):
   with pytest.raises(ex.ExchangeError, match="uint8, not int8|expected per-tensor"):
     ex.check_schema({"arrays": {"m": dict(i8["m"], quant={"codec": "int4", "block": 8})}},
                     {"m": ((6, 8), "int8", True)})
+
+
+def test_the_codecs_sweep_applies_to_debref():
+  from experiments.sweeps import codecs as codecs_sweep
+  from tapestry_jax import sweep
+  for run in codecs_sweep.get_sweep():
+    c = sweep.apply_overrides(fed_config.get_config("debref"), run)
+    spec = federation.update_spec(c)
+    assert spec.dtype == run["federation.update_dtype"]
+    assert spec.density == run.get("federation.topk_density", 0.0)
