@@ -83,6 +83,10 @@ RULES: list[tuple[str, Run | Covered]] = [
         "test_a_federation_of_processes_runs_over_s3_each_party_with_its_own_credentials"))),
     (r"python -m launch\.train .*init_from=hf:", Run(_TINY_TRAIN, phase=2)),
     (r"python -m launch\.train", Run(_TINY_TRAIN)),
+    # The communication sweep's runs are 2,000 steps per site: its configs are checked.
+    (r"python -m launch\.sweep .*communication\.py", Covered((
+        "tests/test_sweep.py::test_every_shipped_sweep_gives_valid_configs",
+        "tests/test_references.py"))),
     # One run of the sweep (its own rounds and H), no alone references.
     (r"python -m launch\.sweep", Run("--runs=H100 --noalone")),
     (r"python -m launch\.keygen", Run()),
@@ -101,6 +105,8 @@ RULES: list[tuple[str, Run | Covered]] = [
      Run("--config.federation.rounds=6 --config.federation.eval_every=3 "
          "--config.train.eval_batches=2 --config.federation.outer.warmup_rounds=1 "
          "--workdir=/tmp/fq", timeout_s=600)),
+    (r"python -m experiments\.benchmarks\.federation_quality .*--seeds=3",
+     Run(f"{_FQ} --seeds=2", timeout_s=900)),
     (r"python -m experiments\.benchmarks\.federation_quality", Run(_FQ, timeout_s=600)),
     # Through 20 Mbit/s buckets: about 4 minutes on a loaded 2-core machine.
     (r"python -m experiments\.benchmarks\.federation_overhead .*--max_mbps",

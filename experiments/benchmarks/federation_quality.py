@@ -183,15 +183,15 @@ def main(argv):
       config.data.seed, config.train.seed = seed0[0] + s, seed0[1] + s
       runs.append(_arms(config, os.path.join(workdir, f"seed{s}") if s else workdir, cache))
     config.data.seed, config.train.seed = seed0
-    measured = None
+    measured, t_bytes = None, 0.0
     if _MEASURE_BYTES.value and not _BASE_PATHS.value:
       t0 = time.perf_counter()
       measured = _measured_bytes(config, workdir)
-      runs[0]["seconds"]["bytes"] = time.perf_counter() - t0
+      t_bytes = time.perf_counter() - t0
   summary = runs[0]
   if len(runs) > 1:
     summary = _mean_over_seeds(runs)
-  summary["seconds"]["base"] = t_base
+  summary["seconds"].update(base=t_base, bytes=t_bytes)
   if _BASE_PATHS.value:
     summary["base"] = {"paths": _BASE_PATHS.value, "steps": _BASE_STEPS.value,
                        "init_from": config.train.init_from}
