@@ -16,6 +16,10 @@ STEPS = 2000  # Inner steps per site (debref2k).
 EVALS = 5  # Evaluations of the global model per run (and the last round).
 
 
+F4_D8 = {"federation.update_dtype": "float4_e2m1fn",
+         "federation.download_dtype": "float8_e4m3fn"}
+
+
 def _m(h: int, name: str = "", **kw):
   """Shared moments at H=`h` for the whole budget."""
   if STEPS % h:
@@ -32,4 +36,8 @@ def get_sweep():
       _m(16),
       _m(40),
       _m(16, "m16_float32", **{"federation.update_dtype": "float32"}),
+      # 4-bit updates and float8 downloads: 1.11 bytes per parameter sent, 2.11 read a round.
+      _m(20, "m20_f4_d8", **F4_D8),
+      _m(25, "m25_f4_d8", **F4_D8),
+      _m(40, "m40_f4_d8", **F4_D8),
   ]
