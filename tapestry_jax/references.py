@@ -4,8 +4,9 @@ Each site alone and data parallelism over the union of the sites' data
 (`simulate.train_alone`, `simulate.train_data_parallel`) do not depend on the outer
 algorithm, so a sweep over outer settings pays for them once: their results are stored
 in `CACHE_DIR/KIND-KEY.json`, where KEY is the sha256 of everything that decides them
-(every site's reference config: model, data, train, mesh; the reference kind; the jax
-version; `RECIPE_VERSION`, bumped when the code changes what a reference computes).
+(every site's reference config: model, data with its files' contents instead of their
+paths, train, mesh; the reference kind; the jax version; `RECIPE_VERSION`, bumped when
+the code changes what a reference computes).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any, Callable
 
 import jax
 from absl import logging
+
+from data_pipelines import files as data_files
+from data_pipelines.errors import DataError
 
 from tapestry_jax import federation
 from tapestry_jax import simulate
@@ -47,9 +51,29 @@ def recipe(config, kind: str) -> dict[str, Any]:
     c = federation.site_config(config, name, reference=True).to_dict()
     for key in _IRRELEVANT:  # A reference neither checkpoints nor evaluates on the way.
       c["train"].pop(key, None)
+    if c["data"].get("paths"):  # The files' contents, not where this checkout keeps them.
+      c["data"]["paths"] = _contents(c["data"]["paths"])
     sites[name] = {k: c[k] for k in ("model", "data", "train", "mesh")}
   return {"kind": kind, "sites": sites, "version": RECIPE_VERSION, "jax": jax.__version__,
           "devices": [jax.default_backend(), jax.device_count()]}
+
+
+def _contents(paths: str) -> list[str]:
+  """The sha256 of every file `paths` (data.paths globs) names, in the data's order; the
+  globs themselves when they match nothing (the reference then fails with the data
+  pipeline's own error)."""
+  try:
+    files = data_files.expand_paths(paths, "data.paths")
+  except DataError:
+    return [paths]
+  out = []
+  for path in files:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    out.append(h.hexdigest())
+  return out
 
 
 def key(config, kind: str) -> str:

@@ -56,3 +56,20 @@ def test_a_damaged_or_foreign_entry_is_recomputed_and_no_cache_stores_nothing(tm
   references.reference(c, "alone", str(tmp_path), "")
   references.reference(c, "alone", str(tmp_path), "")
   assert len(calls) == 5
+
+
+def test_the_key_follows_the_files_contents_not_their_paths(tmp_path, monkeypatch):
+  _counting(monkeypatch)
+  texts = {"a": "one two three\n\nfour five\n" * 50, "b": "six seven\n\neight nine\n" * 50}
+  configs = []
+  for where in ("x", "y"):
+    c = fed_config.get_config("tiny/latin,greek")
+    for site, text in zip(("latin", "greek"), texts.values()):
+      path = tmp_path / where / f"{site}.txt"
+      path.parent.mkdir(exist_ok=True)
+      path.write_text(text)
+      c.sites[site].source, c.sites[site].paths = "text_files", str(path)
+    configs.append(c)
+  assert references.key(configs[0], "alone") == references.key(configs[1], "alone")
+  (tmp_path / "y" / "latin.txt").write_text(texts["a"] + "ten\n")
+  assert references.key(configs[0], "alone") != references.key(configs[1], "alone")
