@@ -213,6 +213,12 @@ def error_feedback(config) -> bool:
       bool(f.get("error_feedback", False)) and f.get("update_dtype", "float32") != "float32")
 
 
+def overlap_steps(config) -> int:
+  """Inner steps a site trains from what it sent while the exchange runs, before it
+  adopts the next global round (`federation.overlap_steps`, tau; 0 = off)."""
+  return int(config.federation.get("overlap_steps", 0))
+
+
 # What sites send: float32, bfloat16 (half the bytes, rounded by XLA), int8 or
 # float8_e4m3fn (a quarter: per-tensor scaled codes, `tapestry_jax.quantize`), int4 or
 # float4_e2m1fn (block-scaled 4-bit codes, `tapestry_jax.update_codecs`). The coordinator
@@ -246,6 +252,10 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
   if int(f.storage_retries) < 0:
     raise ConfigError(f"federation.storage_retries={f.storage_retries} must be >= 0")
   update_spec(config)  # update_dtype, moment_dtype, quant_block, topk_density
+  tau = f.get("overlap_steps", 0)
+  if isinstance(tau, bool) or not isinstance(tau, int) or not 0 <= tau <= int(f.inner_steps):
+    raise ConfigError(f"federation.overlap_steps={tau!r} must be an integer from 0 (off) to "
+                      f"federation.inner_steps={f.inner_steps}")
   if int(f.weight_cap_tokens) < 0:
     raise ConfigError(f"federation.weight_cap_tokens={f.weight_cap_tokens} must be >= 0")
   if f.get("download_dtype", "float32") not in DOWNLOAD_DTYPES:

@@ -109,6 +109,23 @@ def set_adam_state(opt_state, mu, nu, count: Callable[[], Any]):
       lambda path, x: count() if getattr(path[-1], "name", None) == "count" else x, opt_state)
 
 
+def carry_progress(global_, now, sent, decay, nonnegative: bool = False):
+  """`decay * global + (now - decay * sent)` leaf by leaf, in float32, cast to the
+  global's dtypes: the progress a site made since it sent its update (federation.
+  overlap_steps) moved onto the global model that update went into. For params `decay`
+  is 1; for an Adam moment it is b^tau, which makes the result the moment tau steps from
+  the global one with the site's own gradients (`now - b^tau sent` is exactly what those
+  steps added). `nonnegative` floors the result at 0 (the second moment, against
+  rounding)."""
+  d = jnp.asarray(decay, jnp.float32)
+
+  def leaf(g, n, s):
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    x = d * f32(g) + (f32(n) - d * f32(s))
+    return (jnp.maximum(x, 0.0) if nonnegative else x).astype(jnp.asarray(g).dtype)
+  return jax.tree.map(leaf, global_, now, sent)
+
+
 class MaskedDecay(NamedTuple):
   """The outer AdamW when weight decay skips some leaves: `init`/`update` decay, and
   `no_decay` (the same AdamW and state, without decay) is what `leaf_optimizer` picks for

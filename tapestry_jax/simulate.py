@@ -56,7 +56,10 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   """Runs `federation.rounds` rounds in-process; returns params, outer state and records.
 
   `drop(round, site) -> bool` drops that site's update from that round (a site that
-  missed a round adopts the next global model, as a deployed late site does)."""
+  missed a round adopts the next global model, as a deployed late site does).
+  With `federation.overlap_steps` (tau) a site that sent an update first trains tau steps
+  from it, then adopts the next global round, carrying that progress onto it if its update
+  went into it, as a deployed site does."""
   federation.check_federation_config(config, devices)
   f = config.federation
   workers = _workers(config, workdir, devices)
@@ -68,24 +71,33 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   like = next(iter(workers.values())).trainer.param_shardings  # The params' structure.
   moments = federation.shared_moments(config)
   download = None  # (federation.download_dtype on) the last round's {name: outer.Download}.
+  names = []  # The sites whose updates went into the current global round.
   for g in range(int(f.rounds) + 1):
-    deltas, tokens, names, norms = [], [], [], []
+    merged, deltas, tokens, names, norms = names, [], [], [], []
     for name, w in workers.items():
+      ahead = {"losses": [], "compute_s": 0.0}
+      if w.sent is not None:  # federation.overlap_steps: train on before adopting.
+        ahead = w.train(w.overlap_steps)
+      carry = w.sent is not None and name in merged
       # As a deployed site (site.read_global): holding round g - 1, it applies round g's
       # download; else it reads the whole round (under outer moments, the global Adam
       # moments too). Bytes are the raw array bytes a deployment would read (no bucket).
       if download is not None and w.holds(g - 1):
-        w.adopt(*w.next_global(download), round_=g)
+        w.adopt(*w.next_global(download), round_=g, carry=carry)
         read = jax.tree.leaves(download)
       else:
-        w.adopt(trees.unflatten(params, like), state if moments else None, round_=g)
+        w.adopt(trees.unflatten(params, like), state if moments else None, round_=g,
+                carry=carry)
         read = [*params.values(), *(jax.tree.leaves(state) if moments else [])]
       rec = {"site": name, "global_round": g, "bytes_down": sum(a.nbytes for a in read)}
+      if ahead["losses"]:
+        rec.update(overlap_steps=len(ahead["losses"]), carried=carry)
       if federation.evaluate_round(config, g):
-        rec.update(w.evaluate())
+        rec.update(w.evaluate(w.base))
       if g < int(f.rounds):
-        stats = w.train(int(f.inner_steps))
+        stats = w.train(int(f.inner_steps) - len(ahead["losses"]), losses=ahead["losses"])
         del stats["losses"], stats["preempted"]  # A simulation is never preempted.
+        stats["compute_s"] += ahead["compute_s"]
         rec.update(stats)
         if drop is not None and drop(g + 1, name):
           rec["dropped"] = True
@@ -98,6 +110,8 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
           rec["bytes_up"] = sum(a.nbytes for a in exchange.stored_arrays(deltas[-1]).values())
           tokens.append(rec["tokens"])
           names.append(name)
+        if w.overlap_steps and g + 1 < int(f.rounds):
+          w.keep_sent()  # Sent (or, dropped, sent too late): what the next steps start from.
       records.append(rec)
       log.write(json.dumps(rec) + "\n")
       log.flush()

@@ -46,6 +46,10 @@ from tapestry_jax import train as train_lib
 from tapestry_jax import trees
 
 
+# The key in a checkpoint's meta that says it holds what the last update was sent from.
+_SENT_SAVED = "sent_saved"
+
+
 class SiteWorker:
   """One site's compiled trainer, data iterator, train state and round bookkeeping."""
 
@@ -86,6 +90,13 @@ class SiteWorker:
                           out_shardings=trainer.param_shardings)
     self._lost = jax.jit(lambda x, sent: jax.tree.map(jnp.subtract, x, sent),
                          out_shardings=trainer.param_shardings)
+    # federation.overlap_steps: what this site's last update was sent from (params and,
+    # under shared moments, the Adam moments), while its next phase's first steps train
+    # on before the global round that update went into arrives; None otherwise.
+    self.overlap_steps = 0 if reference else federation.overlap_steps(config)
+    self.sent = None
+    self._carry_over = jax.jit(outer_lib.carry_progress, static_argnames="nonnegative",
+                               out_shardings=trainer.param_shardings)
 
   # ---------------------------------------------------------------- checkpoints
 
@@ -103,20 +114,33 @@ class SiteWorker:
     step = self.checkpointer.latest_step()
     if step is None:
       return None
+    meta = self.checkpointer.restore_meta(step)
+    with_sent = meta is not None and bool(meta.pop(_SENT_SAVED, False))
     abstract = self.trainer.abstract_state()
-    if self.residual is None:
+    if self.residual is None and not with_sent:
       self.state = self.checkpointer.restore(step, abstract, self.train_iter)
-    else:
-      target = {"train": abstract, "residual": jax.tree.map(
+      return meta
+    target = {"train": abstract}
+    if self.residual is not None:
+      target["residual"] = jax.tree.map(
           lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding),
-          abstract.params)}
-      restored = self.checkpointer.restore(step, target, self.train_iter)
-      self.state, self.residual = restored["train"], restored["residual"]
-    return self.checkpointer.restore_meta(step)
+          abstract.params)
+    if with_sent:
+      target["sent"] = self._sent_of(abstract)
+    restored = self.checkpointer.restore(step, target, self.train_iter)
+    self.state = restored["train"]
+    self.residual = restored.get("residual")
+    self.sent = restored.get("sent")
+    return meta
 
   def save(self, meta: dict) -> None:
-    state = (self.state if self.residual is None
-             else {"train": self.state, "residual": self.residual})
+    """Checkpoints the train state, data position and `meta`, with the error-feedback
+    residual and what the last update was sent from (`keep_sent`) when there are any."""
+    extra = {k: v for k, v in (("residual", self.residual), ("sent", self.sent))
+             if v is not None}
+    state = {"train": self.state, **extra} if extra else self.state
+    if self.sent is not None:
+      meta = {**meta, _SENT_SAVED: True}
     self.checkpointer.save(int(self.state.step), state, self.train_iter, force=True, meta=meta)
 
   def close(self) -> None:
@@ -126,8 +150,22 @@ class SiteWorker:
 
   # ---------------------------------------------------------------- rounds
 
+  def _sent_of(self, state) -> dict[str, Any]:
+    """What `keep_sent` keeps of `state` (arrays or their abstract values)."""
+    sent = {"params": state.params}
+    if federation.shared_moments(self.config_full):
+      for k in ("mu", "nu"):
+        sent[k] = optax.tree_utils.tree_get(state.opt_state, k)
+    return sent
+
+  def keep_sent(self) -> None:
+    """Remembers the params (under shared moments also the Adam moments) this site's
+    update was just sent from, L: the next `adopt(..., carry=True)` moves the progress
+    made since then onto the global round that update went into."""
+    self.sent = jax.tree.map(jnp.copy, self._sent_of(self.state))
+
   def adopt(self, params, moments: dict[str, Any] | None = None,
-            round_: int | None = None) -> None:
+            round_: int | None = None, *, carry: bool = False) -> None:
     """Replaces the params by the global model (any host or device arrays), keeping the
     optimizer state, step, PRNG key and data position; remembers it as the base.
 
@@ -135,12 +173,28 @@ class SiteWorker:
     leaves "count", "mu", "nu"} (or `outer.SharedMoments` states); they replace the
     inner AdamW's moments and the step count its bias correction and lr schedule use.
     `round_`: which global round this is exactly (with downloads on, the next round's
-    download then applies to it, `holds`); None: not known to be one."""
+    download then applies to it, `holds`); None: not known to be one.
+
+    `carry` (federation.overlap_steps tau, after `keep_sent`): the site trained tau steps
+    on from what it sent (L) while the exchange ran, and keeps that progress: params <-
+    G + (now - L); under moments, the moments those tau steps would have given from the
+    global ones, mu <- b1^tau mu_G + (mu_now - b1^tau mu_L) and likewise nu with b2
+    (`outer.carry_progress`), and the count <- count_G + tau (the site's own count, so
+    the bias correction and lr schedule stand where they would). Without it, what was
+    kept is dropped and the global round is taken as it is."""
+    sent, self.sent = self.sent, None
+    if carry and sent is None:
+      raise ValueError(f"site {self.name}: adopt(carry=True) without keep_sent()")
     shardings = self.trainer.param_shardings
     params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
     self.base = params
     self.base_round, self.base_moments = None, None
-    state = self.state.replace(params=jax.tree.map(jnp.copy, params))
+    if carry:
+      with jax.set_mesh(self.mesh):
+        new = self._carry_over(params, self.state.params, sent["params"], np.float32(1))
+    else:
+      new = jax.tree.map(jnp.copy, params)
+    state = self.state.replace(params=new)
     if moments is not None:
       count, mu, nu = outer_lib.global_moments(moments)
       flat_shardings = trees.flatten(shardings)
@@ -155,6 +209,13 @@ class SiteWorker:
                                                        nu=jnp.copy(v))
                              for (n, m), v in zip(trees.flatten(mu).items(),
                                                   trees.flatten(nu).values())}
+      if carry:
+        now, t, tau = self._sent_of(state), self.config.train, self.overlap_steps
+        with jax.set_mesh(self.mesh):
+          mu = self._carry_over(mu, now["mu"], sent["mu"], np.float32(float(t.b1) ** tau))
+          nu = self._carry_over(nu, now["nu"], sent["nu"], np.float32(float(t.b2) ** tau),
+                                nonnegative=True)
+        count = int(count) + tau
       state = state.replace(opt_state=outer_lib.set_adam_state(
           state.opt_state, mu, nu,
           lambda: jax.device_put(jnp.asarray(count, jnp.int32), self.trainer.replicated)))
@@ -305,11 +366,13 @@ class Progress:
   """Where a site stands, saved as the `meta` of every checkpoint it writes: the global
   round its current inner phase trains from, the inner steps of that phase done (and
   their losses), and whether that phase's update is published. A fresh site has
-  published 'round -1'."""
+  published 'round -1'. `ahead` (published, federation.overlap_steps): the losses of the
+  next phase's steps trained from what was sent, before its global round is adopted."""
   base_round: int = -1
   steps_done: int = 0
   published: bool = True
   losses: list[float] = dataclasses.field(default_factory=list)
+  ahead: list[float] = dataclasses.field(default_factory=list)
 
   @classmethod
   def from_meta(cls, meta: dict | None) -> "Progress":
@@ -369,9 +432,14 @@ class _Site:
     return decision["round"], time.perf_counter() - t0
 
   def read_global(self, g: int, last_base: int):
-    """Global round `g`, verified: (params, moments or None) on this site's mesh."""
-    return read_global(self.worker, self.glob, g, self.schema, root=self.root,
-                       last_round=last_base)
+    """Global round `g`, verified: (params, moments or None, manifest) on this site's
+    mesh."""
+    return _read_global(self.worker, self.glob, g, self.schema, root=self.root,
+                        last_round=last_base)
+
+  def merged_into(self, manifest: dict) -> bool:
+    """Whether this site's update is one of the inputs of the global round `manifest`."""
+    return self.name in [i.get("site") for i in manifest["extra"].get("inputs", [])]
 
   def publish(self, progress: Progress, rec: dict) -> None:
     g = progress.base_round
@@ -391,15 +459,20 @@ def read_global(worker: SiteWorker, glob: buckets.Bucket, round_: int, schema=No
   round's download is read (`exchange.read_global_download`) and applied
   (`SiteWorker.next_global`); otherwise (the first round, after a restart, after
   missing a round) the whole float32 round (`exchange.read_global_round`)."""
+  return _read_global(worker, glob, round_, schema, root=root, last_round=last_round)[:2]
+
+
+def _read_global(worker: SiteWorker, glob: buckets.Bucket, round_: int, schema=None, *,
+                 root=None, last_round: int | None = None) -> tuple[Any, dict | None, dict]:
+  """`read_global`, and the round's verified manifest."""
   shardings = worker.trainer.param_shardings
   if round_ >= 1 and worker.holds(round_ - 1):
-    down, _ = exchange.read_global_download(glob, worker.config_full, round_, shardings,
-                                            worker.trainer.replicated, schema, root=root,
-                                            last_round=last_round)
-    return worker.next_global(down)
-  params, moments, _ = exchange.read_global_round(glob, worker.config_full, round_, shardings,
-                                                  schema, root=root, last_round=last_round)
-  return params, moments
+    down, manifest = exchange.read_global_download(
+        glob, worker.config_full, round_, shardings, worker.trainer.replicated, schema,
+        root=root, last_round=last_round)
+    return (*worker.next_global(down), manifest)
+  return exchange.read_global_round(glob, worker.config_full, round_, shardings, schema,
+                                    root=root, last_round=last_round)
 
 
 def run_site(config, name: str, workdir: str, *, devices=None, private_key: str | None = None,
@@ -414,7 +487,11 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
   process stops at one step, saves a checkpoint and raises `preemption.Preempted`.
   Writes `WORKDIR/sites/NAME/rounds.jsonl` (one record per global model it trained
   from: eval of that global on this site's held-out data, train loss, compute and
-  exchange seconds, bytes up and down). Returns the records of this run."""
+  exchange seconds, bytes up and down; wait_s is the wait for it that was exposed,
+  round_trip_s the seconds from publishing the update before it to finding it, hidden_s
+  their difference, the part spent on the checkpoint and the steps ahead; with
+  federation.overlap_steps also overlap_steps, carried, ahead_s). Returns the records of
+  this run."""
   site = _Site(config, name, workdir, devices, private_key, credentials)
   worker, f = site.worker, config.federation
   progress = Progress.from_meta(worker.restore())
@@ -429,24 +506,46 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
       out.write(json.dumps(rec) + "\n")
       out.flush()
 
+  def overlaps(p: Progress) -> bool:  # Train ahead of the global round after `p`'s?
+    return worker.overlap_steps > 0 and p.published and 0 <= p.base_round < int(f.rounds) - 1
+
+  if overlaps(progress) and worker.sent is None and not progress.ahead:
+    worker.keep_sent()  # Checkpointed right after a publish: its state is what was sent.
+  t_sent = None  # When this run last published an update (perf_counter).
   preempt = preemption.Preemption()
   try:
     while True:
       read0, rec = site.glob.bytes_read, {"site": name}
       if progress.published:  # Next phase: adopt a newer global round (params, moments).
-        g, rec["wait_s"] = site.next_round(progress.base_round)
+        ahead, ahead_s = worker.sent is not None, 0.0
+        if ahead and len(progress.ahead) < worker.overlap_steps:  # Hides the exchange.
+          trained = worker.train(worker.overlap_steps - len(progress.ahead), preempt=preempt,
+                                 losses=progress.ahead)
+          progress.ahead, ahead_s = trained["losses"], trained["compute_s"]
+          if trained["preempted"]:
+            worker.save(dataclasses.asdict(progress))
+            raise preemption.Preempted(trained["step"])
+        g, rec["wait_s"] = site.next_round(progress.base_round)  # Exposed at step tau.
+        if t_sent is not None:  # The exchange behind the checkpoint and the steps ahead.
+          rec["round_trip_s"] = time.perf_counter() - t_sent
+          rec["hidden_s"] = rec["round_trip_s"] - rec["wait_s"]
         t_read = time.perf_counter()
-        params, moments = site.read_global(g, progress.base_round)
-        worker.adopt(params, moments, round_=g)
+        params, moments, manifest = site.read_global(g, progress.base_round)
+        # Carried only onto the round this site's update went into.
+        carry = ahead and g == progress.base_round + 1 and site.merged_into(manifest)
+        worker.adopt(params, moments, round_=g, carry=carry)
         rec.update(global_round=g, read_s=time.perf_counter() - t_read)
+        if ahead:
+          rec.update(overlap_steps=len(progress.ahead), carried=carry, ahead_s=ahead_s)
         if federation.evaluate_round(config, g):
           t_eval = time.perf_counter()
-          rec.update(worker.evaluate(), eval_s=time.perf_counter() - t_eval)
-        progress = Progress(g, 0, False, [])
+          rec.update(worker.evaluate(worker.base), eval_s=time.perf_counter() - t_eval)
+        progress = Progress(g, len(progress.ahead), False, progress.ahead)
       else:  # A preempted phase: its base again (verified), the trained state as restored.
-        params, _ = site.read_global(progress.base_round, progress.base_round)
+        params, _, _ = site.read_global(progress.base_round, progress.base_round)
         worker.base = params
         rec.update(global_round=progress.base_round, resumed_at_step=progress.steps_done)
+        ahead_s = 0.0
       rec["bytes_down"] = site.glob.bytes_read - read0
       if progress.base_round >= int(f.rounds):
         record(rec)
@@ -458,13 +557,16 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
       if trained.pop("preempted"):
         worker.save(dataclasses.asdict(progress))
         raise preemption.Preempted(trained["step"])
+      trained["compute_s"] += ahead_s  # The phase's steps, those ahead included.
       rec.update(trained)
       write0, t_pub = site.own.bytes_written, time.perf_counter()
       site.publish(progress, rec)
-      rec.update(publish_s=time.perf_counter() - t_pub,
-                 bytes_up=site.own.bytes_written - write0)
+      t_sent = time.perf_counter()
+      rec.update(publish_s=t_sent - t_pub, bytes_up=site.own.bytes_written - write0)
       progress.published = True
       worker.save(dataclasses.asdict(progress))
+      if overlaps(progress):
+        worker.keep_sent()
       record(rec)
       logging.info("site %s: round %d published (train loss %.4f)", name,
                    progress.base_round + 1, rec["train_loss"])

@@ -85,9 +85,9 @@ SITE_OVERRIDES = {
 }
 
 
-def _site_config():
+def _site_config(overlap_steps: int = 0):
   c = fed_config.get_config("tiny+fedavg/latin")
-  for k, v in SITE_OVERRIDES.items():
+  for k, v in {**SITE_OVERRIDES, "federation.overlap_steps": overlap_steps}.items():
     *path, last = k.split(".")
     node = c
     for p in path:
@@ -103,6 +103,7 @@ class _SiteProcess:
   def __init__(self, config, workdir, run: int):
     args = [f"--config={ROOT}/experiments/configs/federation.py:tiny+fedavg/latin",
             *[f"--config.{k}={v}" for k, v in SITE_OVERRIDES.items()],
+            f"--config.federation.overlap_steps={config.federation.overlap_steps}",
             *[f"--config.federation.trust.public_keys.{p}={k}"
               for p, k in config.federation.trust.public_keys.items()],
             f"--workdir={workdir}", "--site=latin"]
@@ -154,7 +155,8 @@ def _checkpoints(site_dir) -> list[int]:
   return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
 
 
-def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("overlap_steps", [0, 12], ids=["no_overlap", "overlap"])
+def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path, overlap_steps):
   """Must not be lost: the site's data position (no batch skipped or trained twice from
   another position), its train state, and the federation's result. A site SIGKILLed
   (a) while training a round and (b) right after its update's COMMIT appears, while its
@@ -163,8 +165,10 @@ def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path):
   the right data position: each committed update, the final global model, the final
   train state and the next batch of its data equal an uninterrupted run's bit for bit;
   every update is accepted (named in the global round's inputs); tokens add up to
-  rounds x H x batch x seq_len."""
-  config = _site_config()
+  rounds x H x batch x seq_len. With federation.overlap_steps (tau=12 of H=24), kill (a)
+  lands in the steps the site trains ahead of global round 1 from what it sent, and
+  (b)'s replay carries them onto global round 2 again."""
+  config = _site_config(overlap_steps)
   f = config.federation
   rounds, h = int(f.rounds), int(f.inner_steps)
   tokens_per_round = h * int(config.train.global_batch_size) * int(config.data.seq_len)
@@ -249,8 +253,13 @@ def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path):
   ref = site_lib.SiteWorker(config, "latin", str(tmp_path / "ref"))
   weights = outer.cap_weights([tokens_per_round], federation.weight_cap(config))
   for g in range(rounds):
-    ref.adopt(trees.unflatten(params, ref.trainer.param_shardings))
-    ref.train(h)
+    ahead = overlap_steps if g > 0 else 0  # Trained from what it sent, then carried.
+    if ahead:
+      ref.train(ahead)
+    ref.adopt(trees.unflatten(params, ref.trainer.param_shardings), carry=ahead > 0)
+    ref.train(h - ahead)
+    if overlap_steps and g + 1 < rounds:
+      ref.keep_sent()
     delta = trees.flatten(jax.device_get(ref.delta()))
     got = _read_arrays(own, exchange.update_prefix(g + 1), updates[g + 1])
     for name, want in delta.items():

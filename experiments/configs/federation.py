@@ -210,6 +210,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   f.download_dtype = "float32"
   # Elements per scale of the encoded download, along the last axis (>= 1).
   f.download_block = 128
+  # Overlapped outer updates (tau; Streaming DiLoCo's overlap, "eager updates"): after
+  # sending its update a site trains the first tau of its next H inner steps on from what it
+  # sent, then adopts the next global round keeping that progress (params: global + local
+  # progress; shared moments: the moments tau steps from the global ones would give), so
+  # up to tau steps of compute hide the exchange. It adopts at exactly step tau (waiting
+  # there if the round is late), so the result does not depend on timing; a site whose
+  # update missed that round takes it as it is. 0 = off (wait idle for the global round);
+  # 1..H. Quality cost on debref: docs/federation.md.
+  f.overlap_steps = 0
   # Cap on the tokens one site may claim per round, in tokens; 0 = the configured
   # inner_steps x global_batch_size x seq_len (a site cannot inflate its weight).
   f.weight_cap_tokens = 0
