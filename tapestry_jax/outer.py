@@ -265,18 +265,10 @@ def cap_weights(tokens: Sequence[int], cap: int | None) -> np.ndarray:
 
 
 # Elements per float64 slice when summing squares: bounds the temporary copy to 8 MiB.
-_NORM_SLICE = 1 << 20
-
-
 def sum_squares(x) -> float:
-  """sum(x ** 2) of one array in float64, in slices of `_NORM_SLICE` elements (so a big
-  leaf needs no float64 copy of itself)."""
-  flat = np.asarray(x).reshape(-1)
-  total = 0.0
-  for i in range(0, flat.size, _NORM_SLICE):
-    part = flat[i:i + _NORM_SLICE].astype(np.float64)
-    total += float(np.dot(part, part))
-  return total
+  """sum(x ** 2) of one array in float64, in slices (so a big leaf needs no float64 copy
+  of itself): `update_codecs.dense_sum_squares`, the one place this sum is taken."""
+  return update_codecs.dense_sum_squares(x)
 
 
 def update_norm(delta) -> float:

@@ -342,17 +342,23 @@ def values(leaf, rows: slice | None = None) -> np.ndarray:
   return _values_np(as2d(leaf.values), leaf.codec, leaf.k, as2d(leaf.scales), leaf.k)
 
 
+def dense_sum_squares(x) -> float:
+  """sum(x ** 2) of one plain array in float64, in slices of `_ROWS_SLICE` elements (so a
+  big leaf needs no float64 copy of itself); `outer.sum_squares` is this."""
+  flat = np.asarray(x).reshape(-1)
+  total = 0.0
+  for i in range(0, flat.size, _ROWS_SLICE):
+    part = flat[i:i + _ROWS_SLICE].astype(np.float64)
+    total += float(np.dot(part, part))
+  return total
+
+
 def sum_squares(leaf) -> float:
   """sum(decoded ** 2) of a host leaf of any kind, in float64 (in row slices)."""
   if isinstance(leaf, quantize.Quantized):
     return quantize.sum_squares(leaf.codes, leaf.offset, leaf.scale)
   if not isinstance(leaf, (BlockCoded, TopK)):
-    flat = np.asarray(leaf).reshape(-1)
-    total = 0.0
-    for i in range(0, flat.size, _ROWS_SLICE):
-      part = flat[i:i + _ROWS_SLICE].astype(np.float64)
-      total += float(np.dot(part, part))
-    return total
+    return dense_sum_squares(leaf)
   rows = math.prod(leaf.shape[:-1])
   step = max(1, _ROWS_SLICE // max(1, leaf.cols))
   total = 0.0
