@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
@@ -304,7 +305,8 @@ class SiteWorker:
     (`federation.error_feedback`, always with top-k), the residual is added to the
     pseudo-gradient first, and what the encoding loses of that sum becomes the next
     residual: over rounds, the site sends all of its pseudo-gradients (first moments are
-    sent as they are). Call once per round."""
+    sent as they are). Call once per round. The arrays are not the train state's, so a
+    background publish may read them while the site trains on."""
     x = self.delta()
     with jax.set_mesh(self.mesh):
       if self.residual is not None:
@@ -314,6 +316,9 @@ class SiteWorker:
         mu = optax.tree_utils.tree_get(self.state.opt_state, "mu")
         flat.update({exchange.moment_key(n): v for n, v in trees.flatten(mu).items()})
       sent = exchange.encode_update(flat, self.config_full)
+      # Sent as they are (float32): copies, as training on donates the state's buffers.
+      state_ids = {id(a) for a in jax.tree.leaves(self.state)}
+      sent = {n: jnp.copy(v) if id(v) in state_ids else v for n, v in sent.items()}
       if self.residual is not None:
         decoded = exchange.decode_update({n: sent[n] for n in trees.flatten(x)})
         self.residual = self._lost(x, trees.unflatten(decoded, x))
@@ -328,10 +333,18 @@ class SiteWorker:
 
 # -------------------------------------------------------------------- deployment
 
-def _wait(what: str, poll: Callable[[], Any], timeout_s: float, poll_s: float):
-  """Polls until `poll()` returns non-None; logs while waiting; raises after timeout."""
+class Cancelled(Exception):
+  """A background exchange was told to stop (`_Exchange.cancel`)."""
+
+
+def _wait(what: str, poll: Callable[[], Any], timeout_s: float, poll_s: float,
+          stop: threading.Event | None = None):
+  """Polls until `poll()` returns non-None; logs while waiting; raises after timeout, or
+  `Cancelled` once `stop` is set."""
   t0 = last_log = time.monotonic()
   while True:
+    if stop is not None and stop.is_set():
+      raise Cancelled(what)
     out = poll()
     if out is not None:
       return out
@@ -404,10 +417,11 @@ class _Site:
     self.channel = distributed.Channel(f"site/{name}") if jax.process_count() > 1 else None
     self._decisions = 0
 
-  def next_round(self, last_base: int) -> tuple[int, float]:
+  def next_round(self, last_base: int,
+                 stop: threading.Event | None = None) -> tuple[int, float]:
     """(the global round to train from next, seconds waited): a round whose update is
     committed but whose checkpoint was lost (trained again), else the newest global round
-    after `last_base`."""
+    after `last_base`. `stop`: see `_wait`."""
     t0 = time.perf_counter()
     decision = None
     if jax.process_index() == 0:
@@ -419,7 +433,7 @@ class _Site:
         else:
           g = _wait(f"a global round newer than {last_base} in {self.glob.url}",
                     lambda: exchange.newer_global_round(self.glob, last_base),
-                    float(self.f.site_wait_s), float(self.f.poll_s))
+                    float(self.f.site_wait_s), float(self.f.poll_s), stop)
         decision = {"round": g}
       except TimeoutError as e:
         decision = {"timeout": str(e)}
@@ -437,16 +451,27 @@ class _Site:
     return _read_global(self.worker, self.glob, g, self.schema, root=self.root,
                         last_round=last_base)
 
+  def fetch_global(self, g: int, last_base: int) -> "_Fetched":
+    """`read_global`'s reads only (no computation on the mesh, so a background thread
+    may run it while the site trains): `apply_global` finishes it."""
+    return _fetch_global(self.worker, self.glob, g, self.schema, root=self.root,
+                         last_round=last_base)
+
   def merged_into(self, manifest: dict) -> bool:
     """Whether this site's update is one of the inputs of the global round `manifest`."""
     return self.name in [i.get("site") for i in manifest["extra"].get("inputs", [])]
 
-  def publish(self, progress: Progress, rec: dict) -> None:
-    g = progress.base_round
+  def encode(self, progress: Progress) -> dict[str, Any]:
+    """This phase's update as it is sent (`SiteWorker.encoded_update`, on the mesh)."""
     try:
-      sent = self.worker.encoded_update()
+      return self.worker.encoded_update()
     except ValueError:  # Coded: a NaN or Inf leaves nothing to quantize.
-      raise exchange.diverged(self.name, g + 1) from None
+      raise exchange.diverged(self.name, progress.base_round + 1) from None
+
+  def publish(self, progress: Progress, rec: dict, sent: dict[str, Any]) -> None:
+    """Publishes `sent` (from `encode`) as this site's update trained from global round
+    `progress.base_round`: writes and host reads only, so it may run in the background."""
+    g = progress.base_round
     exchange.publish_update(self.own, self.config, self.name, g + 1, g, sent, rec["tokens"],
                             extra={"train_loss": rec["train_loss"], "step": rec["step"]},
                             signer=self.signer, channel=self.channel)
@@ -465,14 +490,94 @@ def read_global(worker: SiteWorker, glob: buckets.Bucket, round_: int, schema=No
 def _read_global(worker: SiteWorker, glob: buckets.Bucket, round_: int, schema=None, *,
                  root=None, last_round: int | None = None) -> tuple[Any, dict | None, dict]:
   """`read_global`, and the round's verified manifest."""
+  return _apply_global(worker, _fetch_global(worker, glob, round_, schema, root=root,
+                                             last_round=last_round))
+
+
+@dataclasses.dataclass
+class _Fetched:
+  """A verified global round as read: its download (applied by `_apply_global` to the
+  round the site holds) or the whole round (params, moments or None)."""
+  manifest: dict
+  download: dict | None = None
+  params: Any = None
+  moments: dict | None = None
+
+
+def _fetch_global(worker: SiteWorker, glob: buckets.Bucket, round_: int, schema=None, *,
+                  root=None, last_round: int | None = None) -> _Fetched:
+  """The reads of `_read_global` (into the site's shardings; nothing computed)."""
   shardings = worker.trainer.param_shardings
   if round_ >= 1 and worker.holds(round_ - 1):
     down, manifest = exchange.read_global_download(
         glob, worker.config_full, round_, shardings, worker.trainer.replicated, schema,
         root=root, last_round=last_round)
-    return (*worker.next_global(down), manifest)
-  return exchange.read_global_round(glob, worker.config_full, round_, shardings, schema,
-                                    root=root, last_round=last_round)
+    return _Fetched(manifest, download=down)
+  params, moments, manifest = exchange.read_global_round(
+      glob, worker.config_full, round_, shardings, schema, root=root, last_round=last_round)
+  return _Fetched(manifest, params=params, moments=moments)
+
+
+def _apply_global(worker: SiteWorker, fetched: _Fetched) -> tuple[Any, dict | None, dict]:
+  """(params, moments or None, manifest) of a fetched round, as `adopt` takes them."""
+  if fetched.download is not None:
+    return (*worker.next_global(fetched.download), fetched.manifest)
+  return fetched.params, fetched.moments, fetched.manifest
+
+
+class _Exchange:
+  """One round's exchange behind the steps a site trains ahead (federation.overlap_steps):
+  in a background thread, publish the update (`_Site.publish`), then wait for the next
+  global round and read it (`_Site.fetch_global`). Only writes, reads and host work run
+  there: every computation on the mesh (encoding the update, applying a download) stays
+  on the site's main thread, in the same order on every process of the site. The update
+  is committed once `published` is set; `join` returns (global round, `_Fetched`) and
+  the timings and bytes, or raises what the thread raised."""
+
+  def __init__(self, site: "_Site", progress: Progress, rec: dict, sent: dict[str, Any]):
+    self.published, self._stop = threading.Event(), threading.Event()
+    self._out: dict[str, Any] = {}
+    self._error: BaseException | None = None
+    self.t0 = time.perf_counter()
+    args = (site, Progress(**dataclasses.asdict(progress)), dict(rec), sent)
+    self._thread = threading.Thread(target=self._run, args=args, daemon=True,
+                                    name=f"exchange-{site.name}-{progress.base_round + 1}")
+    self._thread.start()
+
+  def _run(self, site, progress, rec, sent) -> None:
+    out = self._out
+    try:
+      write0, t = site.own.bytes_written, time.perf_counter()
+      site.publish(progress, rec, sent)
+      out.update(publish_s=time.perf_counter() - t, bytes_up=site.own.bytes_written - write0)
+      self.published.set()
+      read0 = site.glob.bytes_read
+      out["round"], out["poll_s"] = site.next_round(progress.base_round, self._stop)
+      t = time.perf_counter()
+      out["fetched"] = site.fetch_global(out["round"], progress.base_round)
+      out.update(read_s=time.perf_counter() - t, bytes_down=site.glob.bytes_read - read0)
+    except BaseException as e:  # noqa: BLE001  (raised in the main thread by join)
+      self._error = e
+    finally:
+      self.published.set()
+
+  def wait_published(self) -> dict[str, Any]:
+    """Blocks until the update is committed: {publish_s, bytes_up}."""
+    self.published.wait()
+    if "bytes_up" not in self._out:
+      self._thread.join()
+      raise self._error
+    return {k: self._out[k] for k in ("publish_s", "bytes_up")}
+
+  def join(self) -> dict[str, Any]:
+    self._thread.join()
+    if self._error is not None:
+      raise self._error
+    return self._out
+
+  def cancel(self) -> None:
+    """Stops waiting for the next global round (a read under way finishes first)."""
+    self._stop.set()
 
 
 def run_site(config, name: str, workdir: str, *, devices=None, private_key: str | None = None,
@@ -512,6 +617,10 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
   if overlaps(progress) and worker.sent is None and not progress.ahead:
     worker.keep_sent()  # Checkpointed right after a publish: its state is what was sent.
   t_sent = None  # When this run last published an update (perf_counter).
+  # federation.overlap_steps: the exchange running behind the steps trained ahead, and
+  # the record of the phase whose update it publishes (written once that is committed).
+  pending: _Exchange | None = None
+  pending_rec: dict = {}
   preempt = preemption.Preemption()
   try:
     while True:
@@ -523,18 +632,39 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
                                  losses=progress.ahead)
           progress.ahead, ahead_s = trained["losses"], trained["compute_s"]
           if trained["preempted"]:
+            if pending is not None:  # A checkpoint says "published" once it is committed.
+              pending_rec.update(pending.wait_published())
+              pending.cancel()
+              record(pending_rec)
             worker.save(dataclasses.asdict(progress))
             raise preemption.Preempted(trained["step"])
-        g, rec["wait_s"] = site.next_round(progress.base_round)  # Exposed at step tau.
-        if t_sent is not None:  # The exchange behind the checkpoint and the steps ahead.
-          rec["round_trip_s"] = time.perf_counter() - t_sent
+        if pending is not None:  # The exchange ran behind the steps ahead: join it.
+          t_join = time.perf_counter()
+          done = pending.join()
+          rec["wait_s"] = time.perf_counter() - t_join  # Exposed at step tau.
+          rec["round_trip_s"] = time.perf_counter() - pending.t0
           rec["hidden_s"] = rec["round_trip_s"] - rec["wait_s"]
-        t_read = time.perf_counter()
-        params, moments, manifest = site.read_global(g, progress.base_round)
+          pending_rec.update(publish_s=done["publish_s"], bytes_up=done["bytes_up"])
+          record(pending_rec)
+          pending = None
+          # Committed: checkpoint the state trained ahead with what was sent.
+          worker.save(dataclasses.asdict(progress))
+          g, t_read = done["round"], time.perf_counter()
+          params, moments, manifest = _apply_global(worker, done["fetched"])
+          rec.update(read_s=time.perf_counter() - t_read, fetch_s=done["read_s"],
+                     bytes_down=done["bytes_down"])
+        else:
+          g, rec["wait_s"] = site.next_round(progress.base_round)  # Exposed at step tau.
+          if t_sent is not None:  # The exchange behind the checkpoint and the steps ahead.
+            rec["round_trip_s"] = time.perf_counter() - t_sent
+            rec["hidden_s"] = rec["round_trip_s"] - rec["wait_s"]
+          t_read = time.perf_counter()
+          params, moments, manifest = site.read_global(g, progress.base_round)
+          rec["read_s"] = time.perf_counter() - t_read
         # Carried only onto the round this site's update went into.
         carry = ahead and g == progress.base_round + 1 and site.merged_into(manifest)
         worker.adopt(params, moments, round_=g, carry=carry)
-        rec.update(global_round=g, read_s=time.perf_counter() - t_read)
+        rec["global_round"] = g
         if ahead:
           rec.update(overlap_steps=len(progress.ahead), carried=carry, ahead_s=ahead_s)
         if federation.evaluate_round(config, g):
@@ -546,7 +676,7 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
         worker.base = params
         rec.update(global_round=progress.base_round, resumed_at_step=progress.steps_done)
         ahead_s = 0.0
-      rec["bytes_down"] = site.glob.bytes_read - read0
+      rec.setdefault("bytes_down", site.glob.bytes_read - read0)
       if progress.base_round >= int(f.rounds):
         record(rec)
         break
@@ -559,18 +689,30 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
         raise preemption.Preempted(trained["step"])
       trained["compute_s"] += ahead_s  # The phase's steps, those ahead included.
       rec.update(trained)
+      if overlaps(dataclasses.replace(progress, published=True)):
+        # Encoded here (on the mesh), published in the background while the next phase's
+        # first tau steps train; checkpointed when that is joined (`_Exchange`).
+        t_enc = time.perf_counter()
+        sent = site.encode(progress)
+        rec["encode_s"] = time.perf_counter() - t_enc
+        pending, pending_rec = _Exchange(site, progress, rec, sent), rec
+        progress.published = True
+        worker.keep_sent()
+        logging.info("site %s: round %d publishing in the background (train loss %.4f)",
+                     name, progress.base_round + 1, rec["train_loss"])
+        continue
       write0, t_pub = site.own.bytes_written, time.perf_counter()
-      site.publish(progress, rec)
+      site.publish(progress, rec, site.encode(progress))
       t_sent = time.perf_counter()
       rec.update(publish_s=t_sent - t_pub, bytes_up=site.own.bytes_written - write0)
       progress.published = True
       worker.save(dataclasses.asdict(progress))
-      if overlaps(progress):
-        worker.keep_sent()
       record(rec)
       logging.info("site %s: round %d published (train loss %.4f)", name,
                    progress.base_round + 1, rec["train_loss"])
   finally:
+    if pending is not None:
+      pending.cancel()
     preempt.close()
     if out is not None:
       out.close()

@@ -165,9 +165,11 @@ def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path, ov
   the right data position: each committed update, the final global model, the final
   train state and the next batch of its data equal an uninterrupted run's bit for bit;
   every update is accepted (named in the global round's inputs); tokens add up to
-  rounds x H x batch x seq_len. With federation.overlap_steps (tau=12 of H=24), kill (a)
-  lands in the steps the site trains ahead of global round 1 from what it sent, and
-  (b)'s replay carries them onto global round 2 again."""
+  rounds x H x batch x seq_len. With federation.overlap_steps (tau=12 of H=24), a site
+  publishes in the background while it trains tau steps ahead and checkpoints when it
+  joins that exchange, at step r x H + tau: kill (a) lands after it carried those steps
+  onto global round 1, and (b) while it trains ahead of global round 3, whose replay
+  carries them onto it again."""
   config = _site_config(overlap_steps)
   f = config.federation
   rounds, h = int(f.rounds), int(f.inner_steps)
@@ -192,15 +194,17 @@ def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path, ov
   # (a) Killed while training from global round 1, as soon as its round-1 checkpoint has
   # landed (the site polls every 0.02 s, reads a global in ~0.2 s, then trains for ~2 s;
   # a checkpoint takes 0.2-2 s).
+  # With overlap, a published round's checkpoint is the state trained tau steps ahead.
+  offset = overlap_steps
   site = _SiteProcess(config, workdir, 0)
   site.until("global round 1", lambda: exchange.read_latest(glob) == 1)
   t0 = time.monotonic()
-  while _checkpoints(site_dir) != [h] and time.monotonic() - t0 < 30:
+  while _checkpoints(site_dir) != [h + offset] and time.monotonic() - t0 < 30:
     time.sleep(0.001)
   site.kill()
   # The kill's phase, from the site's own state: its round-1 checkpoint (published round
   # 1) had landed, and it had not written any of round 2's update: killed mid-round.
-  assert _checkpoints(site_dir) == [h], "killed before its round-1 checkpoint landed"
+  assert _checkpoints(site_dir) == [h + offset], "killed before its round-1 checkpoint landed"
   assert not own.list(exchange.update_prefix(2)), \
       "the site wrote round 2's update before it could be killed mid-round"
 
@@ -208,7 +212,7 @@ def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path, ov
   site = _SiteProcess(config, workdir, 1)
   site.until("the round-3 update's COMMIT", lambda: committed(3))
   site.kill()
-  assert 3 * h not in _checkpoints(site_dir), \
+  assert 3 * h + offset not in _checkpoints(site_dir), \
       "the round-3 checkpoint landed before the kill; this run did not test a lost checkpoint"
   # The coordinator does not wait for the site's checkpoint: global round 3 is committed
   # while the site is down, so the restarted site must not simply train from LATEST.

@@ -362,8 +362,11 @@ def test_a_federation_of_multi_process_parties_is_its_simulation_bit_for_bit(tmp
   cyrillic as 1 process x 2 devices, the coordinator as 2 merge workers. Every update's
   chunks and every global round are bit-identical to the same federation with every
   party in one process; the audit recomputes every round; and the global model is the
-  simulation's, bit for bit."""
-  extra = {**MOMENTS, "data.shards": 2}  # The same batches on 1 or 2 processes.
+  simulation's, bit for bit. Each site trains a step ahead of global round 1 while it
+  publishes its update and reads that round in the background (federation.overlap_steps;
+  every process of latin in a thread of its own)."""
+  # The same batches on 1 or 2 processes.
+  extra = {**MOMENTS, "data.shards": 2, "federation.overlap_steps": 1}
 
   def config_():  # A fresh one per run (a deployment fills in its own keys).
     c = _config(extra=extra)
@@ -401,7 +404,7 @@ def test_a_federation_of_multi_process_parties_is_its_simulation_bit_for_bit(tmp
   out = tmp_path / "sim.npz"
   script = ("import sys, numpy as np, test_federation as t\n"
             "from tapestry_jax import simulate\n"
-            "extra = {**t.MOMENTS, 'data.shards': 2}\n"
+            "extra = {**t.MOMENTS, 'data.shards': 2, 'federation.overlap_steps': 1}\n"
             "c = t._config(extra=extra)\n"
             "c.sites.cyrillic.mesh.data = c.sites.cyrillic.mesh.fsdp = 0\n"
             "c.sites.cyrillic.mesh.tensor = 0\n"
