@@ -592,11 +592,13 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
   process stops at one step, saves a checkpoint and raises `preemption.Preempted`.
   Writes `WORKDIR/sites/NAME/rounds.jsonl` (one record per global model it trained
   from: eval of that global on this site's held-out data, train loss, compute and
-  exchange seconds, bytes up and down; wait_s is the wait for it that was exposed,
-  round_trip_s the seconds from publishing the update before it to finding it, hidden_s
-  their difference, the part spent on the checkpoint and the steps ahead; with
-  federation.overlap_steps also overlap_steps, carried, ahead_s). Returns the records of
-  this run."""
+  exchange seconds, bytes up and down, when it was adopted (adopted_at, Unix seconds);
+  wait_s is the wait for it that was exposed, round_trip_s the seconds from publishing
+  the update before it to finding it, hidden_s their difference, the part spent on the
+  checkpoint and the steps ahead; with federation.overlap_steps also overlap_steps,
+  carried, ahead_s, and, where the exchange ran in the background, encode_s (encoding
+  the update, on the main thread), fetch_s (the background read; read_s is then applying
+  it)). Returns the records of this run."""
   site = _Site(config, name, workdir, devices, private_key, credentials)
   worker, f = site.worker, config.federation
   progress = Progress.from_meta(worker.restore())
@@ -664,7 +666,7 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
         # Carried only onto the round this site's update went into.
         carry = ahead and g == progress.base_round + 1 and site.merged_into(manifest)
         worker.adopt(params, moments, round_=g, carry=carry)
-        rec["global_round"] = g
+        rec.update(global_round=g, adopted_at=time.time())
         if ahead:
           rec.update(overlap_steps=len(progress.ahead), carried=carry, ahead_s=ahead_s)
         if federation.evaluate_round(config, g):

@@ -3,6 +3,9 @@
   python -m experiments.benchmarks.federation_overhead          # 2 tiny sites, H=100, 3 rounds
   python -m experiments.benchmarks.federation_overhead --sites=4 --rounds=4 --eval
   python -m experiments.benchmarks.federation_overhead --max_mbps=100  # over emulated WAN links
+  # issue 15: the exchange hidden behind tau steps trained ahead, against no overlap
+  python -m experiments.benchmarks.federation_overhead --inner_steps=100 --rounds=4 \
+      --max_mbps=50 --overlap_steps=40
 
 Target (issue 3): with H=100 on file:// buckets, time spent outside inner steps
 (exchange, merge, waiting) is at most 5% of a round.
@@ -77,7 +80,18 @@ _JSON = flags.DEFINE_string("json_out", "", "Also write the results here.")
 _MBPS = flags.DEFINE_float("max_mbps", 0.0, "Emulated WAN link of every bucket, megabit/s "
                            "per direction (the buckets' ?max_mbps=); 0 = unthrottled.")
 
+_OVERLAP = flags.DEFINE_integer(
+    "overlap_steps", 0, "> 0: the overlap benchmark (issue 15) instead: the same deployed "
+    "federation without overlap and with federation.overlap_steps=N, one after the other; "
+    "prints the exposed exchange time of each and the final held-out loss delta.")
+
 CONFIG_PATH = "experiments/configs/federation.py"
+
+# Targets (issue 15), with --overlap_steps at a --max_mbps where the exchange without
+# overlap takes at least UNHIDDEN_MIN of a round.
+UNHIDDEN_MIN = 0.20
+EXPOSED_TARGET = 0.01  # The overlapped run's exchange not hidden behind inner steps.
+LOSS_DELTA_TARGET = 0.005  # Its final held-out loss against the run without overlap.
 
 
 def _throttled(url: str) -> str:
@@ -212,10 +226,104 @@ def _pct(x: float) -> str:
   return f"{100 * x:5.1f}%"
 
 
+def _exposure(recs: list[dict], rounds: int) -> dict[str, float]:
+  """One site's steady state (from adopting global round 1 to adopting round R) out of
+  its rounds.jsonl records: wall seconds, inner steps, evaluation, the exchange the
+  site's main thread waited on (publishing, or only encoding when the publish ran in the
+  background; waiting for and reading or applying the next round) and the rest
+  (checkpoints, logging)."""
+  by = {r["global_round"]: r for r in recs if "adopted_at" in r}
+  wall = by[rounds]["adopted_at"] - by[1]["adopted_at"]
+  phases = [by[g] for g in range(1, rounds)]
+  # A phase's compute_s holds the steps trained ahead before adopting its round.
+  inner = (sum(p["compute_s"] for p in phases) - by[1].get("ahead_s", 0.0)
+           + by[rounds].get("ahead_s", 0.0))
+  evals = sum(p.get("eval_s", 0.0) for p in phases)
+  exchange = (sum(p["encode_s"] if "encode_s" in p else p["publish_s"] for p in phases)
+              + sum(by[g]["wait_s"] + by[g]["read_s"] for g in range(2, rounds + 1)))
+  return {"wall_s": wall, "inner_s": inner, "eval_s": evals, "exchange_s": exchange,
+          "other_s": wall - inner - evals - exchange,
+          "exchange_fraction": exchange / wall,
+          "outside_inner_fraction": (wall - inner - evals) / wall,
+          "final_loss": by[rounds]["eval_loss"]}
+
+
+def _overlap_main(workdir: str) -> None:
+  """--overlap_steps: the deployed federation without and with overlap (see the flag)."""
+  from tapestry_jax import orchestrate, report  # pylint: disable=import-outside-toplevel
+  tau, arms = _OVERLAP.value, {}
+  if _ROUNDS.value < 3 or not 0 < tau < _INNER.value:
+    raise app.UsageError(f"--overlap_steps needs 0 < N < --inner_steps and --rounds >= 3; got "
+                         f"N={tau}, inner_steps={_INNER.value}, rounds={_ROUNDS.value}")
+  load0 = os.getloadavg()
+  for arm in (0, tau):
+    arm_dir = os.path.join(workdir, f"overlap_{arm}")
+    config, args = _config_and_args(arm_dir)
+    config.federation.overlap_steps = arm
+    args.append(f"--config.federation.overlap_steps={arm}")
+    t0 = time.perf_counter()
+    try:
+      orchestrate.run_processes(config, arm_dir, args, progress=False,
+                                timeout_s=_TIMEOUT.value)
+    except orchestrate.PartyFailed as e:
+      print(f"the deployed federation (overlap_steps={arm}) failed, nothing to measure:\n{e}")
+      raise SystemExit(1) from None
+    names = list(config.sites.keys())
+    site_recs, _ = report.deployment_records(arm_dir, names)
+    arms[arm] = {"deployed_s": time.perf_counter() - t0, "sites": {
+        n: _exposure([r for r in site_recs if r["site"] == n], _ROUNDS.value) for n in names}}
+  load1 = os.getloadavg()
+  link = f"{_MBPS.value:g} Mbit/s per direction" if _MBPS.value else "unthrottled"
+  print(f"deployed federation: {len(names)} sites {names} ({_PRESET.value}), H={_INNER.value}, "
+        f"{_ROUNDS.value} rounds, buckets {link}; without overlap, then with "
+        f"federation.overlap_steps={tau}; steady state from adopting global round 1 to "
+        f"adopting round {_ROUNDS.value}")
+  print(f"{'overlap':>7} {'site':>10} {'round s':>8} {'inner':>7} {'exchange':>9} {'other':>7} "
+        f"{'eval':>6} {'final loss':>11}")
+  for arm, a in arms.items():
+    for n, e in a["sites"].items():
+      w = e["wall_s"]
+      print(f"{arm:>7} {n:>10} {w / (_ROUNDS.value - 1):8.2f} {_pct(e['inner_s'] / w):>7} "
+            f"{_pct(e['exchange_fraction']):>9} {_pct(e['other_s'] / w):>7} "
+            f"{_pct(e['eval_s'] / w):>6} {e['final_loss']:11.4f}")
+  plain = min(e["exchange_fraction"] for e in arms[0]["sites"].values())
+  exposed = max(e["exchange_fraction"] for e in arms[tau]["sites"].values())
+  outside = max(e["outside_inner_fraction"] for e in arms[tau]["sites"].values())
+  loss = {arm: sum(e["final_loss"] for e in a["sites"].values()) / len(a["sites"])
+          for arm, a in arms.items()}
+  delta = loss[tau] / loss[0] - 1
+  print(f"without overlap the exchange takes {_pct(plain).strip()} of a round (least site; the "
+        f"setting needs >= {UNHIDDEN_MIN:.0%}: {'yes' if plain >= UNHIDDEN_MIN else 'NO'})")
+  print(f"target: exchange not hidden behind inner steps <= {EXPOSED_TARGET:.0%} of wall time "
+        f"with overlap: {_pct(exposed).strip()} (worst site, "
+        f"{'met' if exposed <= EXPOSED_TARGET else 'NOT met'}); everything outside inner steps "
+        f"and evaluation (checkpoints, logging too): {_pct(outside).strip()}")
+  print(f"target: final held-out loss (mean over sites) at most +{LOSS_DELTA_TARGET:.1%} "
+        f"against no overlap: {loss[tau]:.4f} vs {loss[0]:.4f} ({delta:+.2%}, "
+        f"{'met' if delta <= LOSS_DELTA_TARGET else 'NOT met'}); load average {load0[0]:.1f} "
+        f"-> {load1[0]:.1f} on {os.cpu_count()} CPUs")
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"preset": _PRESET.value, "inner_steps": _INNER.value, "rounds": _ROUNDS.value,
+                 "overlap_steps": tau, "max_mbps": _MBPS.value or None, "arms": arms,
+                 "unhidden_fraction": plain, "exposed_fraction": exposed,
+                 "outside_inner_fraction": outside, "loss": loss, "loss_delta": delta,
+                 "targets": {"unhidden_min": UNHIDDEN_MIN, "exposed": EXPOSED_TARGET,
+                             "loss_delta": LOSS_DELTA_TARGET},
+                 "load_average_1m_before_after": [load0[0], load1[0]]}, f, indent=2)
+
+
 def main(argv):
   del argv
   from tapestry_jax import orchestrate, report  # pylint: disable=import-outside-toplevel
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="federation_overhead_", dir="/tmp")
+  if _OVERLAP.value:
+    try:
+      _overlap_main(workdir)
+    finally:
+      if not _KEEP.value:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return
   try:
     config, args = _config_and_args(workdir)
   except app.UsageError:
