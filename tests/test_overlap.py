@@ -3,6 +3,7 @@ the next global round, its checks, and that a deployed site with overlap compute
 simulation's bits, also when preempted in the middle of the steps it trains ahead."""
 import os
 import threading
+import types
 
 import jax
 import numpy as np
@@ -217,3 +218,55 @@ def test_a_deployed_federation_with_overlap_is_its_simulation_through_a_preempti
                               drop=lambda r, s: (r, s) == (2, "latin"))
   carried = {(r["site"], r["global_round"]): r.get("carried") for r in dropped["records"]}
   assert carried[("latin", 2)] is False and carried[("cyrillic", 2)] is True
+
+
+def test_a_background_exchange_raises_what_failed_and_stops_waiting_when_cancelled():
+  """`_Exchange`: a publish that fails is raised in the main thread (and no commit is
+  claimed); once published, a cancelled wait for the next global round ends the thread."""
+
+  class _Site:
+    name = "latin"
+    own = glob = types.SimpleNamespace(bytes_written=0, bytes_read=0)
+
+    def __init__(self, fail):
+      self.fail = fail
+
+    def publish(self, progress, rec, sent):
+      if self.fail:
+        raise OSError("bucket unreachable")
+
+    def next_round(self, last_base, stop):
+      return site_lib._wait("a global round", lambda: None, 60, 0.01, stop), 0.0
+
+  progress, rec = site_lib.Progress(0, H, False), {"tokens": 1}
+  failed = site_lib._Exchange(_Site(fail=True), progress, rec, {})
+  with pytest.raises(OSError, match="bucket unreachable"):
+    failed.wait_published()
+  waiting = site_lib._Exchange(_Site(fail=False), progress, rec, {})
+  assert waiting.wait_published() == {"publish_s": pytest.approx(0, abs=1), "bytes_up": 0}
+  waiting.cancel()
+  with pytest.raises(site_lib.Cancelled):
+    waiting.join()
+
+
+def test_the_overlap_benchmark_counts_only_the_exchange_the_main_thread_waits_on():
+  """federation_overhead's steady state, from records: a background publish counts as
+  its encoding only; steps trained ahead count as inner steps of the window they ran in."""
+  from experiments.benchmarks import federation_overhead as fo
+  recs = [
+      {"global_round": 0, "adopted_at": 0.0, "compute_s": 5.0, "encode_s": 0.1, "wait_s": 0,
+       "read_s": 1.0},
+      {"global_round": 1, "adopted_at": 10.0, "compute_s": 9.0, "ahead_s": 3.0,
+       "encode_s": 0.1, "wait_s": 0.2, "read_s": 0.1},
+      {"global_round": 2, "adopted_at": 20.0, "compute_s": 9.0, "ahead_s": 3.0,
+       "publish_s": 0.5, "wait_s": 0.3, "read_s": 0.1},
+      {"global_round": 3, "adopted_at": 31.0, "wait_s": 0.4, "read_s": 0.2, "eval_loss": 2.0},
+  ]
+  got = fo._exposure(recs, 3)
+  assert got["wall_s"] == 21.0
+  assert got["inner_s"] == pytest.approx(9 + 9 - 3)  # Round 1's ahead ran before the window.
+  # Round 1's publish in the background (its encoding), round 2's in the foreground,
+  # then waiting for and reading rounds 2 and 3.
+  assert got["exchange_s"] == pytest.approx(0.1 + 0.5 + 0.3 + 0.1 + 0.4 + 0.2)
+  assert got["other_s"] == pytest.approx(21 - 15 - 1.6)
+  assert got["final_loss"] == 2.0
