@@ -110,7 +110,7 @@ RULES: list[tuple[str, Run | Covered]] = [
     (r"python -m experiments\.benchmarks\.federation_quality", Run(_FQ, timeout_s=600)),
     # Both arms (no overlap, then overlap), briefly.
     (r"python -m experiments\.benchmarks\.federation_overhead .*--overlap_steps",
-     Run("--inner_steps=4 --rounds=3 --overlap_steps=2 --workdir=/tmp/fo", timeout_s=600)),
+     Run("--inner_steps=4 --rounds=4 --overlap_steps=2 --workdir=/tmp/fo", timeout_s=600)),
     # Through 20 Mbit/s buckets: about 4 minutes on a loaded 2-core machine.
     (r"python -m experiments\.benchmarks\.federation_overhead .*--max_mbps",
      Run("--inner_steps=2 --rounds=2 --workdir=/tmp/fo", timeout_s=600)),

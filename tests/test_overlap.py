@@ -251,7 +251,8 @@ def test_a_background_exchange_raises_what_failed_and_stops_waiting_when_cancell
 
 def test_the_overlap_benchmark_counts_only_the_exchange_the_main_thread_waits_on():
   """federation_overhead's steady state, from records: a background publish counts as
-  its encoding only; steps trained ahead count as inner steps of the window they ran in."""
+  its encoding only; steps trained ahead count as inner steps of the window they ran in;
+  the window ends at adopting round R - 1 (the last round cannot overlap)."""
   from experiments.benchmarks import federation_overhead as fo
   recs = [
       {"global_round": 0, "adopted_at": 0.0, "compute_s": 5.0, "encode_s": 0.1, "wait_s": 0,
@@ -260,13 +261,15 @@ def test_the_overlap_benchmark_counts_only_the_exchange_the_main_thread_waits_on
        "encode_s": 0.1, "wait_s": 0.2, "read_s": 0.1},
       {"global_round": 2, "adopted_at": 20.0, "compute_s": 9.0, "ahead_s": 3.0,
        "publish_s": 0.5, "wait_s": 0.3, "read_s": 0.1},
-      {"global_round": 3, "adopted_at": 31.0, "wait_s": 0.4, "read_s": 0.2, "eval_loss": 2.0},
+      {"global_round": 3, "adopted_at": 31.0, "compute_s": 9.0, "ahead_s": 3.0,
+       "publish_s": 2.0, "wait_s": 0.4, "read_s": 0.2},
+      {"global_round": 4, "adopted_at": 45.0, "wait_s": 4.0, "read_s": 0.2, "eval_loss": 2.0},
   ]
-  got = fo._exposure(recs, 3)
+  got = fo._exposure(recs, 4)
   assert got["wall_s"] == 21.0
-  assert got["inner_s"] == pytest.approx(9 + 9 - 3)  # Round 1's ahead ran before the window.
+  assert got["inner_s"] == pytest.approx(9 + 9 - 3 + 3)  # Round 1's ahead ran before.
   # Round 1's publish in the background (its encoding), round 2's in the foreground,
-  # then waiting for and reading rounds 2 and 3.
+  # then waiting for and reading rounds 2 and 3; not round 3's phase and round 4.
   assert got["exchange_s"] == pytest.approx(0.1 + 0.5 + 0.3 + 0.1 + 0.4 + 0.2)
-  assert got["other_s"] == pytest.approx(21 - 15 - 1.6)
+  assert got["other_s"] == pytest.approx(21 - 18 - 1.6)
   assert got["final_loss"] == 2.0

@@ -4,8 +4,8 @@
   python -m experiments.benchmarks.federation_overhead --sites=4 --rounds=4 --eval
   python -m experiments.benchmarks.federation_overhead --max_mbps=100  # over emulated WAN links
   # issue 15: the exchange hidden behind tau steps trained ahead, against no overlap
-  python -m experiments.benchmarks.federation_overhead --inner_steps=100 --rounds=4 \
-      --max_mbps=50 --overlap_steps=40
+  python -m experiments.benchmarks.federation_overhead --inner_steps=100 --rounds=6 \
+      --max_mbps=50 --overlap_steps=50
 
 Target (issue 3): with H=100 on file:// buckets, time spent outside inner steps
 (exchange, merge, waiting) is at most 5% of a round.
@@ -227,20 +227,22 @@ def _pct(x: float) -> str:
 
 
 def _exposure(recs: list[dict], rounds: int) -> dict[str, float]:
-  """One site's steady state (from adopting global round 1 to adopting round R) out of
-  its rounds.jsonl records: wall seconds, inner steps, evaluation, the exchange the
-  site's main thread waited on (publishing, or only encoding when the publish ran in the
-  background; waiting for and reading or applying the next round) and the rest
-  (checkpoints, logging)."""
+  """One site's steady state out of its rounds.jsonl records: wall seconds, inner steps,
+  evaluation, the exchange the site's main thread waited on (publishing, or only
+  encoding when the publish ran in the background; waiting for and reading or applying
+  the next round) and the rest (checkpoints, logging). From adopting global round 1
+  (round 0's phase holds the compilation) to adopting round R - 1: the last round's
+  exchange has no next phase to hide behind in any run of R rounds."""
   by = {r["global_round"]: r for r in recs if "adopted_at" in r}
-  wall = by[rounds]["adopted_at"] - by[1]["adopted_at"]
-  phases = [by[g] for g in range(1, rounds)]
+  last = rounds - 1
+  wall = by[last]["adopted_at"] - by[1]["adopted_at"]
+  phases = [by[g] for g in range(1, last)]
   # A phase's compute_s holds the steps trained ahead before adopting its round.
   inner = (sum(p["compute_s"] for p in phases) - by[1].get("ahead_s", 0.0)
-           + by[rounds].get("ahead_s", 0.0))
+           + by[last].get("ahead_s", 0.0))
   evals = sum(p.get("eval_s", 0.0) for p in phases)
   exchange = (sum(p["encode_s"] if "encode_s" in p else p["publish_s"] for p in phases)
-              + sum(by[g]["wait_s"] + by[g]["read_s"] for g in range(2, rounds + 1)))
+              + sum(by[g]["wait_s"] + by[g]["read_s"] for g in range(2, last + 1)))
   return {"wall_s": wall, "inner_s": inner, "eval_s": evals, "exchange_s": exchange,
           "other_s": wall - inner - evals - exchange,
           "exchange_fraction": exchange / wall,
@@ -252,8 +254,8 @@ def _overlap_main(workdir: str) -> None:
   """--overlap_steps: the deployed federation without and with overlap (see the flag)."""
   from tapestry_jax import orchestrate, report  # pylint: disable=import-outside-toplevel
   tau, arms = _OVERLAP.value, {}
-  if _ROUNDS.value < 3 or not 0 < tau < _INNER.value:
-    raise app.UsageError(f"--overlap_steps needs 0 < N < --inner_steps and --rounds >= 3; got "
+  if _ROUNDS.value < 4 or not 0 < tau < _INNER.value:
+    raise app.UsageError(f"--overlap_steps needs 0 < N < --inner_steps and --rounds >= 4; got "
                          f"N={tau}, inner_steps={_INNER.value}, rounds={_ROUNDS.value}")
   load0 = os.getloadavg()
   for arm in (0, tau):
@@ -277,13 +279,13 @@ def _overlap_main(workdir: str) -> None:
   print(f"deployed federation: {len(names)} sites {names} ({_PRESET.value}), H={_INNER.value}, "
         f"{_ROUNDS.value} rounds, buckets {link}; without overlap, then with "
         f"federation.overlap_steps={tau}; steady state from adopting global round 1 to "
-        f"adopting round {_ROUNDS.value}")
+        f"adopting round {_ROUNDS.value - 1}; final loss: global round {_ROUNDS.value}")
   print(f"{'overlap':>7} {'site':>10} {'round s':>8} {'inner':>7} {'exchange':>9} {'other':>7} "
         f"{'eval':>6} {'final loss':>11}")
   for arm, a in arms.items():
     for n, e in a["sites"].items():
       w = e["wall_s"]
-      print(f"{arm:>7} {n:>10} {w / (_ROUNDS.value - 1):8.2f} {_pct(e['inner_s'] / w):>7} "
+      print(f"{arm:>7} {n:>10} {w / (_ROUNDS.value - 2):8.2f} {_pct(e['inner_s'] / w):>7} "
             f"{_pct(e['exchange_fraction']):>9} {_pct(e['other_s'] / w):>7} "
             f"{_pct(e['eval_s'] / w):>6} {e['final_loss']:11.4f}")
   plain = min(e["exchange_fraction"] for e in arms[0]["sites"].values())
