@@ -300,8 +300,8 @@ class BlockFormat:
 
 
 class BlockCodes(NamedTuple):
-  """One array as block-scaled codes: `codes` (the array's shape, a `BLOCK_DTYPES` dtype)
-  and float32 `scales` (`scales_shape(codes.shape, block)`). A pytree."""
+  """One array as block-scaled codes: `codes` (`codes_shape` of the array's, stored as
+  `stored_dtype`) and float32 `scales` (`scales_shape` of the array's shape). A pytree."""
   codes: Any
   scales: Any
 
