@@ -304,8 +304,9 @@ def _assert_same_round(got, want, name):
                                     np.asarray(st[leaf]), err_msg=f"{n} {leaf}")
 
 
-@pytest.mark.parametrize("name, dtype", [("moments", "float8_e4m3fn"), ("nesterov", "float8_e4m3fn"),
-                                         ("moments", "float4_e2m1fn"), ("nesterov", "int4")])
+@pytest.mark.parametrize("name, dtype", [
+    ("moments", "float8_e4m3fn"), ("nesterov", "float8_e4m3fn"), ("moments", "float4_e2m1fn"),
+    ("nesterov", "int4")])
 def test_a_site_rebuilds_the_committed_round_from_the_previous_one_and_its_download(
     federated, name, dtype):
   """Round 1 read whole, round 2 rebuilt from round 1 and round 2's download: exactly
