@@ -61,7 +61,8 @@ yields the round's encoded download (`outer.Download`: block-scaled codes along 
 axis), written beside the params as `exchange.down_key` arrays, and the params (under
 shared moments, the moments) written are the canonical ones, the previous round plus the
 decoded download. Merge blocks are cut along the last axis only at multiples of the code
-block (`exchange.common_blocks(..., last_multiple=)`), so each holds whole code blocks.
+block (`exchange.common_blocks(..., last_multiple=)`), so each holds whole code blocks
+(and, for 4-bit codes packed two per byte, whole bytes: `quantize.BlockFormat.align`).
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def plan_round(spec: outer_config.RoundMergeSpec, glob: Bucket, base_prefix: str
   outer_lib.check_update_count(spec.aggregator, spec.trim, len(inputs))
   scales, norms = _clip_scales(inputs, spec.clip_norm, declared_norms)
   arrays = base_manifest["arrays"]
-  last_multiple = spec.download.block if spec.download is not None else 1
+  last_multiple = spec.download.align if spec.download is not None else 1
   params = [_plan_param(spec.tx, glob, base_prefix, arrays, n, inputs, max_block_bytes,
                         last_multiple) for n in exchange.params_of(base_manifest)]
   work = [(i, b) for i, p in enumerate(params) for b in range(len(p.blocks))]
@@ -491,8 +492,9 @@ class _ParamIO:
     shape = self.p.base.record["shape"]
     for part in parts:
       self.down_writers[exchange.down_key(part, self.p.name)] = exchange.BlockWriter(
-          out, out_prefix, exchange.down_key(part, self.p.name), shape,
-          exchange.np_dtype(fmt.dtype), self.p.chunk, hasher=hasher)
+          out, out_prefix, exchange.down_key(part, self.p.name), fmt.codes_shape(shape),
+          exchange.np_dtype(quantize.stored_dtype(fmt.dtype)), fmt.codes_shape(self.p.chunk),
+          hasher=hasher)
       key = exchange.down_key(part, self.p.name, scales=True)
       self.scale_keys.add(key)
       self.down_writers[key] = exchange.BlockWriter(
@@ -715,7 +717,8 @@ def merge_work(plan: RoundPlan, out: Bucket, out_prefix: str, work: range, *,
       for leaf in p.leaves:
         writes.append((io.writers[leaf], io.writers[leaf].write(idx, new_leaves[leaf]), n))
       for key, x in new_down.items():
-        where = quantize.scales_index(idx, fmt.block) if key in io.scale_keys else idx
+        where = (quantize.scales_index(idx, fmt.block) if key in io.scale_keys
+                 else fmt.codes_index(idx))
         writes.append((io.down_writers[key], io.down_writers[key].write(where, x), n))
       if i == 0:
         for leaf, r in p.whole_records.items():

@@ -364,11 +364,11 @@ def _merge_block_jit(tx, aggregator, trim, quantized, quantized_m, with_finite, 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _download_jit(fmt, tx, params, update, mu, nu, grad):
-  new = (params.astype(jnp.float32) + fmt.decode(*update)).astype(params.dtype)
+  new = (params.astype(jnp.float32) + fmt.decode(*update, params.shape)).astype(params.dtype)
   if tx is None:
     return new, None, None, _all_finite(new)
   c1, c2 = tx.decays()
-  g = fmt.decode(*grad)
+  g = fmt.decode(*grad, params.shape)
   mu = c1 * mu + (np.float32(1) - c1) * g
   nu = c2 * nu + (np.float32(1) - c2) * (g * g)
   return new, mu, nu, _all_finite(new, mu, nu)

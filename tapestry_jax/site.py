@@ -248,7 +248,7 @@ class SiteWorker:
         jax.device_put(c.codes, s), jax.device_put(c.scales, self.trainer.replicated))
     params, moments, ok = {}, {}, []
     for n, d in down.items():
-      s = flat_shardings[n]
+      s = spec.download.codes_sharding(flat_shardings[n], np.ndim(flat_base[n]))
       d = outer_lib.Download(put(d.update, s), None if d.grad is None else put(d.grad, s))
       state = None if self.base_moments is None else self.base_moments[n]
       params[n], state, finite = outer_lib.download_step(spec.download, spec.tx, flat_base[n],

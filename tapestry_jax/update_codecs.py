@@ -33,8 +33,8 @@ import numpy as np
 
 from tapestry_jax import quantize
 
-INT4 = "int4"
-FP4 = "float4_e2m1fn"
+INT4 = quantize.INT4
+FP4 = quantize.FP4
 BLOCK_DTYPES = (INT4, FP4)  # Block-scaled 4-bit update dtypes (`federation.quant_block`).
 FLOAT_DTYPES = ("float32", "bfloat16")  # Sent as they are (cast by XLA).
 # Every update dtype, and what top-k values may be coded as.
@@ -55,10 +55,6 @@ _CODE_MAX = {INT4: 7.0, FP4: 6.0, quantize.DTYPE: 127.0, quantize.FP8: quantize.
 _HOSTILE_MAX = {INT4: 8.0, FP4: 6.0, quantize.DTYPE: 128.0, quantize.FP8: quantize.FP8_MAX}
 _STORED = {INT4: "uint8", FP4: "uint8", quantize.DTYPE: "int8", quantize.FP8: "float8_e4m3fn",
            "float32": "float32", "bfloat16": "bfloat16"}
-_FP4_GRID = np.array([0, .5, 1, 1.5, 2, 3, 4, 6], np.float32)  # e2m1 magnitudes, by bits
-# The value of each nibble: int4 two's complement; float4 sign bit 8 over the grid.
-_NIBBLE_VALUES = {INT4: np.array([*range(8), *range(-8, 0)], np.float32),
-                  FP4: np.concatenate([_FP4_GRID, -_FP4_GRID]).astype(np.float32)}
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -180,28 +176,10 @@ def to_host(leaf):
 # ---------------------------------------------------------------------- encoding
 
 
-def _pack(nibbles):
-  """uint8 nibbles (..., n) -> bytes (..., ceil(n / 2)), element 2i in the low nibble."""
-  n = nibbles.shape[-1]
-  if n % 2:
-    nibbles = jnp.pad(nibbles, [(0, 0)] * (nibbles.ndim - 1) + [(0, 1)])
-  pairs = nibbles.reshape(*nibbles.shape[:-1], nibbles.shape[-1] // 2, 2)
-  return pairs[..., 0] | (pairs[..., 1] << 4)
-
-
 def _codes(y, codec: str):
   """Codes of `y` = x / scale (|y| <= the codec's largest value, up to rounding)."""
-  if codec == INT4:
-    c = jnp.clip(jnp.round(y), -7, 7).astype(jnp.int32)  # round: half to even
-    return _pack(jnp.where(c < 0, c + 16, c).astype(jnp.uint8))
-  if codec == FP4:
-    m = jnp.minimum(jnp.abs(y), jnp.float32(6))
-    # Index into the grid: past each midpoint, or on it when the upper code is even.
-    mids = (_FP4_GRID[1:] + _FP4_GRID[:-1]) / 2
-    idx = sum(((m > mid) | ((m == mid) & (i % 2 == 1))).astype(jnp.int32)
-              for i, mid in enumerate(mids.tolist()))
-    sign = ((y < 0) & (idx > 0)).astype(jnp.int32)  # -0 is sent as +0
-    return _pack((idx + 8 * sign).astype(jnp.uint8))
+  if codec in BLOCK_DTYPES:  # Packed two per byte (`quantize.nibble_codes`).
+    return quantize.nibble_codes(y, codec)
   if codec == quantize.DTYPE:
     return jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8)
   return jnp.clip(y, -quantize.FP8_MAX, quantize.FP8_MAX).astype(jnp.float8_e4m3fn)
@@ -261,15 +239,7 @@ def _row_sharding(x):
 def _code_values(codes, codec: str, n: int):
   """float32 code values (..., n) of stored codes (4-bit: unpacked; no scale)."""
   if codec in BLOCK_DTYPES:
-    nib = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(
-        *codes.shape[:-1], 2 * codes.shape[-1])[..., :n]
-    nib = nib.astype(jnp.int32)
-    if codec == INT4:  # Elementwise (no table gather): row-blocks shard and fuse freely.
-      return (nib - 16 * (nib >= 8)).astype(jnp.float32)
-    mag = nib & 7
-    value = sum(jnp.where(mag == i, jnp.float32(g), jnp.float32(0))
-                for i, g in enumerate(_FP4_GRID.tolist()) if g)
-    return jnp.where(nib >= 8, -value, value)
+    return quantize.nibble_values(codes, codec, n)
   return codes.astype(jnp.float32)
 
 
@@ -321,7 +291,7 @@ def _values_np(codes: np.ndarray, codec: str, n: int, scales: np.ndarray, block:
   if codec in BLOCK_DTYPES:
     nib = np.stack([codes & 15, codes >> 4], axis=-1).reshape(
         codes.shape[0], 2 * codes.shape[1])[:, :n]
-    v = _NIBBLE_VALUES[codec][nib]
+    v = quantize.NIBBLE_VALUES[codec][nib]
   else:
     v = codes.astype(np.float32)
   per = np.repeat(scales.astype(np.float32), block, axis=-1)[:, :n]

@@ -200,13 +200,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   f.error_feedback = False
   # What sites read of each global round r >= 1: float32 = the whole round (params, and
   # under shared moments both Adam moments: 4 bytes per parameter per array); or int8 /
-  # float8_e4m3fn = the round's encoded update, 1 byte per parameter per array plus one
-  # float32 scale per download_block elements along the last axis (absmax scaling,
-  # tapestry_jax/quantize.py): the params' update and, under shared moments, the round's
-  # mean gradient (from which the moments advance). The global round is then DEFINED as
-  # the previous one plus the decoded update, so a site holding round r-1 rebuilds round r
-  # bit for bit (docs/federation.md); a site without it (first round, restart, missed
-  # round) reads the whole float32 round, which the coordinator still publishes.
+  # float8_e4m3fn (int4 / float4_e2m1fn) = the round's encoded update, 1 byte (half a byte,
+  # packed) per parameter per array plus one float32 scale per download_block elements
+  # along the last axis (absmax scaling, tapestry_jax/quantize.py): the params' update and,
+  # under shared moments, the round's mean gradient (from which the moments advance). The
+  # global round is then DEFINED as the previous one plus the decoded update, so a site
+  # holding round r-1 rebuilds round r bit for bit (docs/federation.md); a site without it
+  # (first round, restart, missed round) reads the whole float32 round, which the
+  # coordinator still publishes.
   f.download_dtype = "float32"
   # Elements per scale of the encoded download, along the last axis (>= 1).
   f.download_block = 128

@@ -345,15 +345,17 @@ def download_parts(config) -> tuple[str, ...]:
 
 def download_schema(config, schema=None) -> dict[str, tuple]:
   """Array name -> (shape, dtype) of a global round's download (`down_key` names) under
-  `federation.download_dtype`: codes shaped like each parameter, float32 scales one per
+  `federation.download_dtype`: codes shaped like each parameter (4-bit ones packed two per
+  uint8 along its last axis, `quantize.codes_shape`), float32 scales one per
   `federation.download_block` elements of its last axis."""
   settings = federation.download(config)
   if settings is None:
     raise ValueError("federation.download_dtype is float32: global rounds have no download")
   out = {}
+  dtype = settings["dtype"]
   for n, (shape, _) in (schema or federation.param_schema(config)).items():
     for part in download_parts(config):
-      out[down_key(part, n)] = (shape, settings["dtype"])
+      out[down_key(part, n)] = (quantize.codes_shape(shape, dtype), quantize.stored_dtype(dtype))
       out[down_key(part, n, scales=True)] = (quantize.scales_shape(shape, settings["block"]),
                                              "float32")
   return out
@@ -424,9 +426,11 @@ def read_global_download(bucket: buckets.Bucket, config, round_: int, shardings,
   manifest). Verified like `read_global` (signature, federation, round, no rollback),
   and: the round is merged from round `round_` - 1, its download arrays match
   `download_schema` and the configured block (before anything is read), every chunk its
-  digest, and every scale is finite, > 0 and decodes its codes within float32. Codes go
-  into `shardings` (a params pytree of shardings), scales into `scale_sharding`. What
-  the codes decode to is checked where they are applied (`outer.download_step`'s flag)."""
+  digest, every scale is finite, > 0 and decodes its codes within float32, and 4-bit
+  codes are ones an encoder writes (`quantize.check_codes`). Codes go into `shardings` (a
+  params pytree of shardings; packed codes with the last axis whole,
+  `quantize.BlockFormat.codes_sharding`), scales into `scale_sharding`. What the codes
+  decode to is checked where they are applied (`outer.download_step`'s flag)."""
   settings = federation.download(config)
   if settings is None:
     raise ValueError("federation.download_dtype is float32: global rounds have no download")
@@ -449,9 +453,11 @@ def read_global_download(bucket: buckets.Bucket, config, round_: int, shardings,
       raise ExchangeError(f"{where}: array {key!r} is coded in blocks of {block!r}, "
                           f"federation.download_block is {settings['block']}")
   flat_shardings = {}
+  fmt = quantize.BlockFormat(settings["dtype"], settings["block"])
+  param_schema = schema or federation.param_schema(config)
   for n, s in trees.flatten(shardings).items():
     for part in parts:
-      flat_shardings[down_key(part, n)] = s
+      flat_shardings[down_key(part, n)] = fmt.codes_sharding(s, len(param_schema[n][0]))
       flat_shardings[down_key(part, n, scales=True)] = scale_sharding
   flat = store.read_arrays(bucket, prefix, down_manifest, flat_shardings)
   out = {}
@@ -463,6 +469,9 @@ def read_global_download(bucket: buckets.Bucket, config, round_: int, shardings,
                                       settings["dtype"])
       if problem:
         raise ExchangeError(f"{where}: array {down_key(part, n, scales=True)!r}: {problem}")
+      problem = quantize.check_codes(flat[down_key(part, n)], fmt.dtype, param_schema[n][0])
+      if problem:
+        raise ExchangeError(f"{where}: array {down_key(part, n)!r}: {problem}")
       fields[part] = quantize.BlockCodes(flat[down_key(part, n)], scales)
     out[n] = outer_lib.Download(**fields)
   return out, manifest
