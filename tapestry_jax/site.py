@@ -298,9 +298,11 @@ class SiteWorker:
     with jax.set_mesh(self.mesh):
       return self._delta(self.base, self.state.params)
 
-  def encoded_update(self) -> dict[str, Any]:
+  def encoded_update(self, round_: int | None = None) -> dict[str, Any]:
     """This round's update as it is sent (`exchange.encode_update` of `delta()`, and
-    under shared moments of the first moment too, a flat dict). With error feedback
+    under shared moments of the first moment too, a flat dict); `round_`, the global
+    round it goes into, leaves the first moment out of a param round
+    (`federation.moment_round`; None: sent under shared moments). With error feedback
     (`federation.error_feedback`, always with top-k), the residual is added to the
     pseudo-gradient first, and what the encoding loses of that sum becomes the next
     residual: over rounds, the site sends all of its pseudo-gradients (first moments are
@@ -310,7 +312,8 @@ class SiteWorker:
       if self.residual is not None:
         x = self._carry(x, self.residual)
       flat = trees.flatten(x)
-      if federation.shared_moments(self.config_full):
+      if (federation.shared_moments(self.config_full) if round_ is None
+          else federation.moment_round(self.config_full, round_)):
         mu = optax.tree_utils.tree_get(self.state.opt_state, "mu")
         flat.update({exchange.moment_key(n): v for n, v in trees.flatten(mu).items()})
       sent = exchange.encode_update(flat, self.config_full)
@@ -444,7 +447,7 @@ class _Site:
   def publish(self, progress: Progress, rec: dict) -> None:
     g = progress.base_round
     try:
-      sent = self.worker.encoded_update()
+      sent = self.worker.encoded_update(round_=g + 1)
     except ValueError:  # Coded: a NaN or Inf leaves nothing to quantize.
       raise exchange.diverged(self.name, g + 1) from None
     exchange.publish_update(self.own, self.config, self.name, g + 1, g, sent, rec["tokens"],
