@@ -297,10 +297,6 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
   if every > 1 and not shared_moments(config):
     raise ConfigError(f"federation.moment_sync_every={every} syncs the shared Adam moments "
                       f"every {every} rounds; it needs federation.outer.name=moments (or 1)")
-  if every > 1 and download(config) is not None:
-    raise ConfigError(f"federation.moment_sync_every={every} with federation.download_dtype="
-                      f"{f.download_dtype!r} is not supported; set download_dtype float32 or "
-                      f"moment_sync_every 1")
   if shared_moments(config):
     if int(f.outer.get("steps_per_round") or f.inner_steps) != int(f.inner_steps):
       raise ConfigError(f"federation.outer.steps_per_round={f.outer.steps_per_round} must be "

@@ -407,10 +407,6 @@ class RoundMergeSpec:
     if every > 1 and not self.shared_moments:
       raise ValueError(f"moment_sync_every={every} syncs shared Adam moments every {every} "
                        f"rounds; it needs outer.name moments (or 1)")
-    if every > 1 and self.download is not None:
-      raise ValueError(f"moment_sync_every={every} with an encoded download "
-                       f"(download_dtype {self.download.dtype}) is not supported; use a "
-                       f"float32 download or moment_sync_every 1")
     for key, value in (("clip_norm", clip_norm), ("aggregator", aggregator), ("trim", trim),
                        ("outer_clip_norm", outer_clip_norm), ("moment_sync_every", every)):
       object.__setattr__(self, key, value)

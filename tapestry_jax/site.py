@@ -188,7 +188,12 @@ class SiteWorker:
     shardings = self.trainer.param_shardings
     params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
     self.base = params
-    self.base_round, self.base_moments = None, None
+    # A param round of moments synced every K rounds (`federation.moment_round`) keeps
+    # the global moments of the round before it: still those its download applies to.
+    kept = (self.base_moments if moments is None and round_ is not None
+            and self.base_round == int(round_) - 1
+            and not federation.moment_round(self.config_full, round_) else None)
+    self.base_round, self.base_moments = None, kept
     if carry:
       with jax.set_mesh(self.mesh):
         new = self._carry_over(params, self.state.params, sent["params"], np.float32(1))
@@ -220,7 +225,8 @@ class SiteWorker:
           state.opt_state, mu, nu,
           lambda: jax.device_put(jnp.asarray(count, jnp.int32), self.trainer.replicated)))
     if self.downloads and round_ is not None and (
-        moments is not None or not federation.shared_moments(self.config_full)):
+        moments is not None or kept is not None
+        or not federation.shared_moments(self.config_full)):
       self.base_round = int(round_)
     self.state = state
 
@@ -238,7 +244,7 @@ class SiteWorker:
     untouched, if a value comes out non-finite."""
     if self.base_round is None:
       raise RuntimeError(f"site {self.name}: next_global() without a global round held")
-    spec = federation.merge_spec(self.config_full)
+    spec = federation.merge_spec(self.config_full).for_round(self.base_round + 1)
     flat_shardings = trees.flatten(self.trainer.param_shardings)
     flat_base = trees.flatten(self.base)
     if sorted(down) != sorted(flat_base):
@@ -249,7 +255,9 @@ class SiteWorker:
     for n, d in down.items():
       s = flat_shardings[n]
       d = outer_lib.Download(put(d.update, s), None if d.grad is None else put(d.grad, s))
-      state = None if self.base_moments is None else self.base_moments[n]
+      # (A param round of moments synced every K rounds leaves them to the site.)
+      state = (self.base_moments[n] if self.base_moments is not None and spec.shared_moments
+               else None)
       params[n], state, finite = outer_lib.download_step(spec.download, spec.tx, flat_base[n],
                                                          d, state)
       ok.append(finite)

@@ -3,18 +3,26 @@ config check, each round's merge rule, the coordinator's refusal of updates whos
 moments do not fit their round, and the audit of such a run. (Simulation == deployment:
 tests/test_federation.py.)"""
 
+import os
 import re
+import threading
 
 import jax
 import numpy as np
 import pytest
 
 import fed_fakes
+from experiments.configs import federation as fed_config
 from tapestry_jax import audit
+from tapestry_jax import coordinator as coord_lib
 from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import outer
 from tapestry_jax import outer_config
+from tapestry_jax import report
+from tapestry_jax import simulate
+from tapestry_jax import site as site_lib
+from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
 
 H = 3  # Inner steps per round.
@@ -42,12 +50,7 @@ def test_moment_sync_every_must_be_an_integer_of_at_least_1_with_outer_moments()
   with pytest.raises(ConfigError, match=r"moment_sync_every=2 .* needs "
                                         r"federation.outer.name=moments"):
     federation.check_federation_config(c)
-  c = _config(download_dtype="int8")
-  with pytest.raises(ConfigError, match=r"moment_sync_every=2 with "
-                                        r"federation.download_dtype='int8' is not supported"):
-    federation.check_federation_config(c)
-  c.federation.moment_sync_every = 1  # Today's shared moments, every round.
-  federation.check_federation_config(c)
+  federation.check_federation_config(_config(download_dtype="int8", overlap_steps=1))
 
 
 def test_each_round_merges_with_its_own_rule():
@@ -109,7 +112,7 @@ def test_updates_whose_first_moments_do_not_fit_their_round_are_refused_and_audi
   assert any(not np.array_equal(a2[k], a1[k]) for k in outer_keys if k.endswith("/nu"))
   # Bit for bit the simulation's whole-array merge of each round.
   spec = federation.merge_spec(config)
-  params, state = fed_fakes.coord_lib.initial_round(config)
+  params, state = coord_lib.initial_round(config)
   for r in (1, 2):
     ups = []
     for i, n in enumerate(honest):
@@ -125,3 +128,90 @@ def test_updates_whose_first_moments_do_not_fit_their_round_are_refused_and_audi
 
   reports = audit.audit_federation(config, str(tmp_path))
   assert audit.verdict(reports) == "audited 3 rounds: all bit-identical"
+
+
+def _threads_config():
+  """Two sites, shared moments synced every 2 rounds at H=4, overlap tau=2 and float8
+  downloads: round 1 and 3 are param rounds, round 2 a moment round."""
+  c = fed_config.get_config("tiny/latin,cyrillic")  # Shared moments, float8 updates.
+  f = c.federation
+  f.rounds, f.inner_steps, f.overlap_steps, f.eval_every = 3, 4, 2, 1
+  f.moment_sync_every, f.download_dtype = 2, "float8_e4m3fn"
+  f.poll_s, f.compare_alone = 0.01, False
+  f.round_timeout_s = f.site_wait_s = 300.0  # A party that fails ends the others soon.
+  c.train.update(global_batch_size=8, warmup_steps=2, eval_batches=1)
+  c.data.seq_len, c.data.synthetic.num_documents = 32, 100
+  return c
+
+
+class _NoPreemption:
+  """A `preemption.Preemption` for a site in a thread (signals are the main thread's)."""
+
+  def should_stop(self, step: int) -> bool:
+    del step
+    return False
+
+  def close(self):
+    pass
+
+
+def test_a_deployed_federation_with_overlap_and_downloads_is_its_simulation(
+    tmp_path, monkeypatch):
+  """Two sites and a coordinator (threads sharing only file:// buckets) with the sync
+  period, overlap and downloads together: a site holding round r - 1 applies round r's
+  download in param rounds (params only, its own moments kept) and in the moment round
+  (the moments of round 0 advanced over 2 x H steps), and carries only its params onto
+  a param round. Every global round is the simulation's bit for bit, and audits."""
+  config = _threads_config()
+  devices = {"latin": jax.devices()[:1], "cyrillic": jax.devices()[1:2]}
+  workdir = str(tmp_path / "deploy")
+  trust.ensure_local_keys(config, os.path.join(workdir, "keys"), federation.party_names(config))
+  monkeypatch.setattr(site_lib.preemption, "Preemption", _NoPreemption)
+  out = {}
+
+  def party(name, fn):
+    def run():
+      try:
+        out[name] = fn()
+      except BaseException as e:  # noqa: BLE001  (checked below)
+        out[name] = e
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    return t
+
+  threads = [party("coordinator", coord_lib.Coordinator(config, workdir).run)]
+  threads += [party(n, lambda n=n: site_lib.run_site(config, n, workdir, devices=devices[n]))
+              for n in ("latin", "cyrillic")]
+  for t in threads:
+    t.join(900)
+    assert not t.is_alive()
+  for name in ("latin", "cyrillic", "coordinator"):
+    assert not isinstance(out[name], BaseException), (name, out[name])
+
+  sim = simulate.simulate(config, str(tmp_path / "sim"), devices=devices["latin"])
+  rounds = {r: fed_fakes.read_round(config, workdir, r) for r in (1, 2, 3)}
+  assert [m["extra"]["moment_round"] for m, _ in rounds.values()] == [False, True, False]
+  _, arrays = rounds[3]
+  for n, want in sim["params"].items():
+    np.testing.assert_array_equal(arrays[f"params/{n}"], want, err_msg=n)
+  for n, st in sim["outer_state"].items():
+    for leaf in ("mu", "nu"):
+      np.testing.assert_array_equal(arrays[f"outer/{n}/{leaf}"], getattr(st, leaf), err_msg=n)
+      np.testing.assert_array_equal(rounds[2][1][f"outer/{n}/{leaf}"], getattr(st, leaf))
+    assert int(st.count) == 2 * 4
+  # A param round's download holds the params' update only.
+  assert not any(k.startswith("down/grad") for k in rounds[1][1])
+  assert any(k.startswith("down/grad") for k in rounds[2][1])
+  records, _ = report.deployment_records(workdir, ["latin", "cyrillic"])
+  deployed = {(r["site"], r["global_round"]): r for r in records}
+  for r in sim["records"]:
+    got = deployed[(r["site"], r["global_round"])]
+    assert got["eval_loss"] == r["eval_loss"], r
+    assert (got.get("carried"), got.get("overlap_steps")) == \
+        (r.get("carried"), r.get("overlap_steps")), r
+    assert got["bytes_down"] >= r["bytes_down"], (got, r)  # The buckets' metadata too.
+  for n in ("latin", "cyrillic"):  # Downloads: a param round's half of a moment round's.
+    down = [deployed[(n, g)]["bytes_down"] for g in range(4)]
+    assert down[1] < down[2] < down[0] and down[3] < down[2], down
+  assert audit.verdict(audit.audit_federation(config, workdir)) == \
+      "audited 4 rounds: all bit-identical"

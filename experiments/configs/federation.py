@@ -223,7 +223,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Rounds r % K == 0 are moment rounds (sites send their first moments, the global
   # moments advance over the K x H steps since the last one, sites adopt them); in the
   # others sites send pseudo-gradients only, adopt the global params and keep training
-  # their own moments. 1 = every round. Not with an encoded download (download_dtype).
+  # their own moments. 1 = every round.
   f.moment_sync_every = 1
   # Cap on the tokens one site may claim per round, in tokens; 0 = the configured
   # inner_steps x global_batch_size x seq_len (a site cannot inflate its weight).

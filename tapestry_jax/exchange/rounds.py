@@ -377,13 +377,16 @@ def check_moment_round(manifest: dict, config, round_: int, where: str) -> None:
 # --------------------------------------------------------------------------- global rounds
 
 
-def download_parts(config) -> tuple[str, ...]:
+def download_parts(config, round_: int | None = None) -> tuple[str, ...]:
   """The `outer.Download` fields a global round's download holds: the params' update
-  and, under shared moments, the round's mean gradient."""
-  return DOWN_PARTS if federation.shared_moments(config) else DOWN_PARTS[:1]
+  and, under shared moments, the round's mean gradient (of round `round_`: only in a
+  moment round, `federation.moment_round`)."""
+  moments = (federation.shared_moments(config) if round_ is None
+             else federation.moment_round(config, round_))
+  return DOWN_PARTS if moments else DOWN_PARTS[:1]
 
 
-def download_schema(config, schema=None) -> dict[str, tuple]:
+def download_schema(config, schema=None, round_: int | None = None) -> dict[str, tuple]:
   """Array name -> (shape, dtype) of a global round's download (`down_key` names) under
   `federation.download_dtype`: codes shaped like each parameter, float32 scales one per
   `federation.download_block` elements of its last axis."""
@@ -392,7 +395,7 @@ def download_schema(config, schema=None) -> dict[str, tuple]:
     raise ValueError("federation.download_dtype is float32: global rounds have no download")
   out = {}
   for n, (shape, _) in (schema or federation.param_schema(config)).items():
-    for part in download_parts(config):
+    for part in download_parts(config, round_):
       out[down_key(part, n)] = (shape, settings["dtype"])
       out[down_key(part, n, scales=True)] = (quantize.scales_shape(shape, settings["block"]),
                                              "float32")
@@ -477,11 +480,12 @@ def read_global_download(bucket: buckets.Bucket, config, round_: int, shardings,
     raise ExchangeError(f"{where}: global round {round_} is not merged from round "
                         f"{round_ - 1} (base round {manifest.get('base_round')!r}); it has "
                         f"no download from it")
-  expected = download_schema(config, schema)
+  check_moment_round(manifest, config, round_, where)
+  expected = download_schema(config, schema, round_)
   down_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
                                          if k.startswith(DOWN)})
   store.check_schema(down_manifest, expected)
-  parts = download_parts(config)
+  parts = download_parts(config, round_)
   names = list(trees.flatten(shardings))
   for key in (down_key(part, n) for n in names for part in parts):
     block = down_manifest["arrays"][key].get("block")
