@@ -13,6 +13,7 @@ import pytest
 
 import fed_fakes
 from experiments.configs import federation as fed_config
+from experiments.sweeps import desloc as desloc_sweep
 from tapestry_jax import audit
 from tapestry_jax import coordinator as coord_lib
 from tapestry_jax import exchange
@@ -22,6 +23,7 @@ from tapestry_jax import outer_config
 from tapestry_jax import report
 from tapestry_jax import simulate
 from tapestry_jax import site as site_lib
+from tapestry_jax import sweep
 from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
 
@@ -215,3 +217,12 @@ def test_a_deployed_federation_with_overlap_and_downloads_is_its_simulation(
     assert down[1] < down[2] < down[0] and down[3] < down[2], down
   assert audit.verdict(audit.audit_federation(config, workdir)) == \
       "audited 4 rounds: all bit-identical"
+
+
+def test_the_shipped_sweep_gives_valid_configs():
+  base = fed_config.get_config("debref2k")
+  runs = desloc_sweep.get_sweep()
+  assert len({r["name"] for r in runs}) == len(runs) > 1
+  assert {r["federation.moment_sync_every"] for r in runs} == {1, 2, 4, 8}
+  for run in runs:
+    federation.check_federation_config(sweep.apply_overrides(base, run))
