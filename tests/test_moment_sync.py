@@ -1,6 +1,7 @@
 """Shared moments synced every K rounds (`federation.moment_sync_every`, DES-LOC): the
 config check, each round's merge rule, the coordinator's refusal of updates whose first
-moments do not fit their round, and the audit of such a run. (Simulation == deployment:
+moments do not fit their round, the audit of such a run, and a deployed federation with
+overlap and downloads that is its simulation. (Simulation == deployment as processes:
 tests/test_federation.py.)"""
 
 import os
@@ -102,7 +103,7 @@ def test_updates_whose_first_moments_do_not_fit_their_round_are_refused_and_audi
                re.search(reason, m.getMessage()) for m in caplog.records), \
         [m.getMessage() for m in caplog.records]
 
-  m0, a0 = fed_fakes.read_round(config, tmp_path, 0)
+  _, a0 = fed_fakes.read_round(config, tmp_path, 0)
   m1, a1 = fed_fakes.read_round(config, tmp_path, 1)
   m2, a2 = fed_fakes.read_round(config, tmp_path, 2)
   assert (m1["extra"]["moment_round"], m2["extra"]["moment_round"]) == (False, True)
@@ -130,6 +131,12 @@ def test_updates_whose_first_moments_do_not_fit_their_round_are_refused_and_audi
 
   reports = audit.audit_federation(config, str(tmp_path))
   assert audit.verdict(reports) == "audited 3 rounds: all bit-identical"
+  # A site refuses a global round that records another kind of round than the schedule's.
+  exchange.check_moment_round(m1, config, 1, "here")
+  with pytest.raises(exchange.ExchangeError, match=r"here: global round 1 records "
+                                                   r"moment_round=True; .* makes it False"):
+    exchange.check_moment_round(dict(m1, extra={**m1["extra"], "moment_round": True}),
+                                config, 1, "here")
 
 
 def _threads_config():
