@@ -145,7 +145,7 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
     raise AuditError(f"global round {round_} names base manifest {str(named)[:16]}..., the "
                      f"committed round {round_ - 1} is {base_digest[:16]}...")
   report["base"] = {"round": round_ - 1, "manifest_sha256": base_digest}
-  schema = exchange.update_schema(config)
+  schema = exchange.update_schema(config, round_)
   inputs, tokens, recorded = [], [], []
   for rec in extra["inputs"]:
     site = rec["site"]
@@ -174,7 +174,13 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
   spec = outer_config.RoundMergeSpec.from_config(
       extra["outer"], settings.get("robust"),
       weight_cap=settings.get("weight_cap_tokens") or federation.weight_cap(config),
-      download=settings.get("download"))
+      download=settings.get("download"),
+      moment_sync_every=settings.get("moment_sync_every", 1))
+  if spec.moment_sync_every > 1 and extra.get("moment_round") is not spec.moment_round(round_):
+    raise AuditError(f"global round {round_} records moment_round="
+                     f"{extra.get('moment_round')!r}; moment_sync_every="
+                     f"{spec.moment_sync_every} makes it {spec.moment_round(round_)}")
+  spec = spec.for_round(round_)  # Under moments synced every K rounds: this round's rule.
   cap = spec.weight_cap
   weights = spec.weights(tokens)
   if [float(w) for w in weights] != recorded:

@@ -74,6 +74,7 @@ class Coordinator:
     self.spec = federation.merge_spec(config)  # How every round is merged.
     self.block_bytes = merge_lib.block_bytes(self.f.get("merge_block_mib"))  # Not the bits.
     self.schema = exchange.update_schema(config)  # What a site update must be.
+    self._schemas: dict[bool, dict] = {}  # (moment_sync_every > 1) per kind of round.
     self.quorum = federation.quorum(config)
     self.dir = os.path.join(workdir, "coordinator")
     os.makedirs(self.dir, exist_ok=True)
@@ -134,6 +135,8 @@ class Coordinator:
     robust = self.f.get("robust")
     settings = {"weight_cap_tokens": int(self.spec.weight_cap),
                 "robust": robust.to_dict() if robust is not None else None}
+    if self.spec.moment_sync_every > 1:  # Recorded only when on: older rounds read as 1.
+      settings["moment_sync_every"] = self.spec.moment_sync_every
     download = federation.download(self.config)
     if download is not None:  # Recorded only when on: older rounds read as off.
       settings["download"] = download
@@ -149,6 +152,16 @@ class Coordinator:
       if late is not None:
         logging.warning("coordinator: late update of site %s for closed round %d ignored", n, r)
         self._missing.discard((n, r))
+
+  def update_schema(self, round_: int) -> dict:
+    """What a site update for `round_` must be: with first moments only in the moment
+    rounds of shared moments synced every K > 1 rounds (`federation.moment_round`)."""
+    if federation.moment_sync_every(self.config) == 1:
+      return self.schema
+    key = federation.moment_round(self.config, round_)
+    if key not in self._schemas:
+      self._schemas[key] = exchange.update_schema(self.config, round_)
+    return self._schemas[key]
 
   def gather(self, round_: int) -> dict[str, dict]:
     """Waits for the round's quorum (then `deadline_s` more for stragglers)."""
@@ -178,7 +191,8 @@ class Coordinator:
         else:
           if m is None:
             continue
-          why = exchange.validate_update(m, self.config, n, round_, base, self.schema, self.root)
+          why = exchange.validate_update(m, self.config, n, round_, base,
+                                         self.update_schema(round_), self.root)
         if why is not None:
           digest = exchange.manifest_digest(m)[:16] if m else "-"
           logging.warning("coordinator: round %d: rejected update of site %s (manifest "
@@ -249,11 +263,14 @@ class Coordinator:
               f"{round_ - 1}") from None
     inputs = [{"site": n, "round": round_, "manifest_sha256": exchange.manifest_digest(updates[n]),
                "tokens": t, "weight": float(w)} for n, t, w in zip(names, tokens, weights)]
+    extra = {"inputs": inputs, "base_manifest_sha256": exchange.manifest_digest(base_manifest),
+             "outer": federation.outer_config(self.config), "merge": self.merge_settings()}
+    if self.spec.moment_sync_every > 1:  # Whether this round synced the shared moments.
+      extra["moment_round"] = self.spec.moment_round(round_)
     committed, ours = self._commit(prefix, exchange.make_manifest(
         federation=self.f.id, kind="global", round=round_, author=federation.COORDINATOR,
         attempt=attempt, base_round=round_ - 1, tokens=int(sum(tokens)), arrays=records,
-        extra={"inputs": inputs, "base_manifest_sha256": exchange.manifest_digest(base_manifest),
-               "outer": federation.outer_config(self.config), "merge": self.merge_settings()}))
+        extra=extra))
     exchange.write_latest(self.glob, round_)
     if not ours:
       names = [i["site"] for i in committed["extra"]["inputs"]]
@@ -284,9 +301,9 @@ class Coordinator:
     gets the round's records."""
     r = job["round"]
     inputs = [(self.sites[n], exchange.update_prefix(r), updates[n]) for n in job["sites"]]
-    plan = merge_lib.plan_round(self.spec, self.glob, exchange.global_prefix(r - 1),
-                                base_manifest, inputs, job["weights"],
-                                max_block_bytes=self.block_bytes)
+    plan = merge_lib.plan_round(self.spec.for_round(r), self.glob,
+                                exchange.global_prefix(r - 1), base_manifest, inputs,
+                                job["weights"], max_block_bytes=self.block_bytes)
     out = exchange.data_prefix(exchange.global_prefix(r), job["attempt"])
     return self.workers.merge(str(job["seq"]), plan, self.glob, out)
 

@@ -164,7 +164,7 @@ def merge_spec(config) -> outer_config_lib.RoundMergeSpec:
   `federation.robust`), so an audit rebuilds the same spec from them."""
   return outer_config_lib.RoundMergeSpec.from_config(
       outer_config(config), config.federation.get("robust"), weight_cap=weight_cap(config),
-      download=download(config))
+      download=download(config), moment_sync_every=moment_sync_every(config))
 
 
 def download(config) -> dict | None:
@@ -182,6 +182,26 @@ def shared_moments(config) -> bool:
   """Whether sites start each round from the global Adam moments and send their first
   moment (`federation.outer.name` moments, `outer.SharedMoments`)."""
   return config.federation.outer.get("name") == "moments"
+
+
+def moment_sync_every(config) -> int:
+  """K, the rounds between syncs of the shared moments (`federation.moment_sync_every`,
+  DES-LOC; 1 = every round), checked: ConfigError naming the field."""
+  try:
+    return outer_config_lib.check_moment_sync_every(
+        config.federation.get("moment_sync_every", 1))
+  except ValueError as e:
+    raise ConfigError(f"federation.{e}") from None
+
+
+def moment_round(config, round_: int) -> bool:
+  """Whether global round `round_` syncs the shared moments: under outer moments, every
+  K-th round (round_ % K == 0, round 0 included). Its updates carry the sites' first
+  moments and sites adopt its global moments; in the other rounds (param rounds) they
+  send pseudo-gradients only and keep training their own moments. False without shared
+  moments."""
+  return shared_moments(config) and outer_config_lib.syncs_moments(
+      round_, moment_sync_every(config))
 
 
 def param_schema(config) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -273,6 +293,10 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
     outer_config_lib.check_robust_config(f.get("robust"), len(names), int(f.quorum))
   except ValueError as e:
     raise ConfigError(f"federation.robust: {e}") from None
+  every = moment_sync_every(config)
+  if every > 1 and not shared_moments(config):
+    raise ConfigError(f"federation.moment_sync_every={every} syncs the shared Adam moments "
+                      f"every {every} rounds; it needs federation.outer.name=moments (or 1)")
   if shared_moments(config):
     if int(f.outer.get("steps_per_round") or f.inner_steps) != int(f.inner_steps):
       raise ConfigError(f"federation.outer.steps_per_round={f.outer.steps_per_round} must be "

@@ -78,6 +78,22 @@ class SharedMoments(NamedTuple):
             optax.ScaleByAdamState(count=state.count + self.steps, mu=m, nu=nu))
 
 
+class SharedParams(NamedTuple):
+  """A param round of shared moments synced every K rounds (`federation.moment_sync_every`,
+  DES-LOC): sites send their pseudo-gradients only and keep training their own moments,
+  so params <- params - lr * sum_k w_k delta_k (`SharedMoments`' params rule) and the
+  global moments and count stay those of the last moment round. Its state is
+  `SharedMoments`' (the same stored leaves), passed through."""
+  lr: float
+
+  def init(self, params):
+    return SharedMoments(self.lr, 0.0, 0.0, 1).init(params)
+
+  def update(self, delta, state, params=None):
+    del params
+    return jnp.float32(-self.lr) * delta, state
+
+
 class Download(NamedTuple):
   """One parameter's part of a global round's download (`federation.download_dtype`):
   the encoded update of its params and, under shared moments, the encoded mean gradient

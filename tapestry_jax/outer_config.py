@@ -356,6 +356,21 @@ def check_robust_config(cfg, num_sites: int, quorum: int) -> None:
 
 
 
+def check_moment_sync_every(value) -> int:
+  """`federation.moment_sync_every` (K) checked: an integer >= 1; ValueError otherwise."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"moment_sync_every must be an integer >= 1 (1 = sync the shared "
+                     f"moments every round); got {value!r}")
+  return int(value)
+
+
+def syncs_moments(round_: int, every: int) -> bool:
+  """Whether global round `round_` is a moment round under a sync period of `every`
+  rounds: round_ % every == 0 (round 0, the initial moments, is one). A pure function
+  of the round, so the coordinator, the sites and the audit agree."""
+  return int(round_) % int(every) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundMergeSpec:
   """What a round merge needs besides its inputs, checked once when it is built.
@@ -373,6 +388,9 @@ class RoundMergeSpec:
   # federation.download_dtype / download_block: the round's encoded download (the new
   # global is the old one plus its decoded update, `outer.download_step`); None = off.
   download: quantize.BlockFormat | None = None
+  # federation.moment_sync_every (K, shared moments only): the global moments are synced
+  # in rounds r % K == 0 only; `for_round` gives each round's own spec. 1 = every round.
+  moment_sync_every: int = 1
 
   def __post_init__(self):
     clip_norm, aggregator, trim = _check_robust(self.clip_norm, self.aggregator, self.trim)
@@ -385,24 +403,51 @@ class RoundMergeSpec:
       raise ValueError("the outer clip is not supported with shared moments (outer.name moments)")
     if self.download is not None and not isinstance(self.download, quantize.BlockFormat):
       raise ValueError(f"download must be a quantize.BlockFormat or None; got {self.download!r}")
+    every = check_moment_sync_every(self.moment_sync_every)
+    if every > 1 and not self.shared_moments:
+      raise ValueError(f"moment_sync_every={every} syncs shared Adam moments every {every} "
+                       f"rounds; it needs outer.name moments (or 1)")
     for key, value in (("clip_norm", clip_norm), ("aggregator", aggregator), ("trim", trim),
-                       ("outer_clip_norm", outer_clip_norm)):
+                       ("outer_clip_norm", outer_clip_norm), ("moment_sync_every", every)):
       object.__setattr__(self, key, value)
 
   @classmethod
   def from_config(cls, outer, robust=None, *, weight_cap: int | None = None,
-                  download: Mapping | None = None) -> "RoundMergeSpec":
+                  download: Mapping | None = None,
+                  moment_sync_every: int = 1) -> "RoundMergeSpec":
     """The spec of an outer section (`default_outer_config()` fields), a robust section
     (`default_robust_config()` fields; None or absent fields: its defaults), a token
-    weight cap (None: no cap) and a download format ({"dtype", "block"}, what a global
-    manifest records; None: off). Raises ValueError naming the bad field."""
+    weight cap (None: no cap), a download format ({"dtype", "block"}, what a global
+    manifest records; None: off) and the moment sync period K. Raises ValueError naming
+    the bad field."""
     fmt = None
     if download is not None:
       if not isinstance(download, Mapping) or set(download) != {"dtype", "block"}:
         raise ValueError(f"download must be {{'dtype': ..., 'block': ...}}; got {download!r}")
       fmt = quantize.BlockFormat(download["dtype"], download["block"])
     return cls(make_outer_optimizer(outer), weight_cap=weight_cap,
-               outer_clip_norm=outer_clip(outer), download=fmt, **robust_kwargs(robust))
+               outer_clip_norm=outer_clip(outer), download=fmt,
+               moment_sync_every=moment_sync_every, **robust_kwargs(robust))
+
+  def moment_round(self, round_: int) -> bool:
+    """Whether global round `round_` syncs the shared moments (`syncs_moments`); True
+    for every round without shared moments synced on a period."""
+    return syncs_moments(round_, self.moment_sync_every)
+
+  def for_round(self, round_: int) -> "RoundMergeSpec":
+    """The spec that merges global round `round_` >= 1: this one, except under shared
+    moments synced every K > 1 rounds, where a moment round advances the moments over
+    the K * H inner steps since the last one (`outer.SharedMoments` with steps K * H) and
+    a param round updates the params only (`outer.SharedParams`)."""
+    every = self.moment_sync_every
+    if every == 1:
+      return self
+    tx = self.tx
+    if self.moment_round(round_):
+      tx = tx._replace(steps=tx.steps * every)
+    else:
+      tx = outer_lib.SharedParams(tx.lr)
+    return dataclasses.replace(self, tx=tx, moment_sync_every=1)
 
   @property
   def shared_moments(self) -> bool:

@@ -69,7 +69,6 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, "simulation.jsonl"), "a")  # Records as they come.
   like = next(iter(workers.values())).trainer.param_shardings  # The params' structure.
-  moments = federation.shared_moments(config)
   download = None  # (federation.download_dtype on) the last round's {name: outer.Download}.
   names = []  # The sites whose updates went into the current global round.
   for g in range(int(f.rounds) + 1):
@@ -86,6 +85,8 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
         w.adopt(*w.next_global(download), round_=g, carry=carry)
         read = jax.tree.leaves(download)
       else:
+        # Shared moments synced every K rounds: a param round's moments are not adopted.
+        moments = federation.moment_round(config, g)
         w.adopt(trees.unflatten(params, like), state if moments else None, round_=g,
                 carry=carry)
         read = [*params.values(), *(jax.tree.leaves(state) if moments else [])]
@@ -103,7 +104,7 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
           rec["dropped"] = True
         else:
           # What a deployed site sends (federation.update_dtype, encoded the same way).
-          sent = w.encoded_update()
+          sent = w.encoded_update(round_=g + 1)
           norms.append(exchange.update_norm(sent))  # As the deployed site declares it.
           deltas.append({n: update_codecs.to_host(v) for n, v in sent.items()})
           # Every array stored: codes, their scales and top-k indices.
@@ -121,7 +122,7 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
     download = None
     if deltas:
       # Clipped by the norms the sites declare: the coordinator then merges the same bits.
-      new_params, new_state, *down = spec.outer_step(
+      new_params, new_state, *down = spec.for_round(g + 1).outer_step(
           params, state, [exchange.as_update(d) for d in deltas], spec.weights(tokens),
           norms=norms)
       params = {n: np.asarray(v) for n, v in new_params.items()}

@@ -189,7 +189,12 @@ class SiteWorker:
     shardings = self.trainer.param_shardings
     params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
     self.base = params
-    self.base_round, self.base_moments = None, None
+    # A param round of moments synced every K rounds (`federation.moment_round`) keeps
+    # the global moments of the round before it: still those its download applies to.
+    kept = (self.base_moments if moments is None and round_ is not None
+            and self.base_round == int(round_) - 1
+            and not federation.moment_round(self.config_full, round_) else None)
+    self.base_round, self.base_moments = None, kept
     if carry:
       with jax.set_mesh(self.mesh):
         new = self._carry_over(params, self.state.params, sent["params"], np.float32(1))
@@ -221,7 +226,8 @@ class SiteWorker:
           state.opt_state, mu, nu,
           lambda: jax.device_put(jnp.asarray(count, jnp.int32), self.trainer.replicated)))
     if self.downloads and round_ is not None and (
-        moments is not None or not federation.shared_moments(self.config_full)):
+        moments is not None or kept is not None
+        or not federation.shared_moments(self.config_full)):
       self.base_round = int(round_)
     self.state = state
 
@@ -239,7 +245,7 @@ class SiteWorker:
     untouched, if a value comes out non-finite."""
     if self.base_round is None:
       raise RuntimeError(f"site {self.name}: next_global() without a global round held")
-    spec = federation.merge_spec(self.config_full)
+    spec = federation.merge_spec(self.config_full).for_round(self.base_round + 1)
     flat_shardings = trees.flatten(self.trainer.param_shardings)
     flat_base = trees.flatten(self.base)
     if sorted(down) != sorted(flat_base):
@@ -250,7 +256,9 @@ class SiteWorker:
     for n, d in down.items():
       s = spec.download.codes_sharding(flat_shardings[n], np.ndim(flat_base[n]))
       d = outer_lib.Download(put(d.update, s), None if d.grad is None else put(d.grad, s))
-      state = None if self.base_moments is None else self.base_moments[n]
+      # (A param round of moments synced every K rounds leaves them to the site.)
+      state = (self.base_moments[n] if self.base_moments is not None and spec.shared_moments
+               else None)
       params[n], state, finite = outer_lib.download_step(spec.download, spec.tx, flat_base[n],
                                                          d, state)
       ok.append(finite)
@@ -299,9 +307,11 @@ class SiteWorker:
     with jax.set_mesh(self.mesh):
       return self._delta(self.base, self.state.params)
 
-  def encoded_update(self) -> dict[str, Any]:
+  def encoded_update(self, round_: int | None = None) -> dict[str, Any]:
     """This round's update as it is sent (`exchange.encode_update` of `delta()`, and
-    under shared moments of the first moment too, a flat dict). With error feedback
+    under shared moments of the first moment too, a flat dict); `round_`, the global
+    round it goes into, leaves the first moment out of a param round
+    (`federation.moment_round`; None: sent under shared moments). With error feedback
     (`federation.error_feedback`, always with top-k), the residual is added to the
     pseudo-gradient first, and what the encoding loses of that sum becomes the next
     residual: over rounds, the site sends all of its pseudo-gradients (first moments are
@@ -312,7 +322,8 @@ class SiteWorker:
       if self.residual is not None:
         x = self._carry(x, self.residual)
       flat = trees.flatten(x)
-      if federation.shared_moments(self.config_full):
+      if (federation.shared_moments(self.config_full) if round_ is None
+          else federation.moment_round(self.config_full, round_)):
         mu = optax.tree_utils.tree_get(self.state.opt_state, "mu")
         flat.update({exchange.moment_key(n): v for n, v in trees.flatten(mu).items()})
       sent = exchange.encode_update(flat, self.config_full)
@@ -464,7 +475,7 @@ class _Site:
   def encode(self, progress: Progress) -> dict[str, Any]:
     """This phase's update as it is sent (`SiteWorker.encoded_update`, on the mesh)."""
     try:
-      return self.worker.encoded_update()
+      return self.worker.encoded_update(round_=progress.base_round + 1)
     except ValueError:  # Coded: a NaN or Inf leaves nothing to quantize.
       raise exchange.diverged(self.name, progress.base_round + 1) from None
 

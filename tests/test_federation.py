@@ -73,6 +73,11 @@ MOMENTS = {
     "federation.robust.clip_norm": 1e-2,
 }
 
+# Shared moments synced every 2 rounds (federation.moment_sync_every, DES-LOC): round 1
+# is a param round (pseudo-gradients only; the sites keep their own moments), round 2
+# a moment round (the moments advance over the 2 x 3 steps since round 0).
+DESLOC = {**MOMENTS, "federation.moment_sync_every": 2}
+
 # Shared moments with top-k pseudo-gradients (the 10% largest of every row, their values
 # as block-scaled float4, their column indices; 1-D leaves dense float4 in blocks of 64)
 # and error feedback; first moments sent dense in float8.
@@ -251,8 +256,9 @@ def test_site_config_applies_the_site_overrides():
   assert c.data.synthetic.languages == "all"  # The shared section is not modified.
 
 
-@pytest.mark.parametrize("extra", [None, FEDADAM, INT8, MOMENTS, TOPK, MULOCO],
-                         ids=["fedavg", "fedadam", "int8", "moments", "topk_moments", "muloco"])
+@pytest.mark.parametrize("extra", [None, FEDADAM, INT8, MOMENTS, TOPK, MULOCO, DESLOC],
+                         ids=["fedavg", "fedadam", "int8", "moments", "topk_moments", "muloco",
+                              "desloc"])
 def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
   config = _config(extra=extra)
   sim = simulate.simulate(config, str(tmp_path / "sim"))
@@ -285,6 +291,15 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
       assert len(update["arrays"]) == 2 * len(federation.param_schema(config))
       assert update["extra"]["update_norm"] > MOMENTS["federation.robust.clip_norm"]
       assert all(f"inner_mu/{n}" in update["arrays"] for n in sim["params"])
+    if extra is DESLOC:  # First moments in the moment round only: fewer bytes in round 1.
+      param_round = exchange.read_manifest(site_bucket, exchange.update_prefix(1))
+      assert len(param_round["arrays"]) == len(federation.param_schema(config))
+      assert len(update["arrays"]) == 2 * len(federation.param_schema(config))
+      assert (manifest["extra"]["moment_round"], manifest["extra"]["merge"]["moment_sync_every"]
+              ) == (True, 2)
+      sent = {r: [x["bytes_up"] for x in sim["records"]
+                  if x["site"] == i["site"] and x["global_round"] == r - 1] for r in (1, 2)}
+      assert sent[1][0] < sent[2][0]
     if extra is TOPK:  # 2-D leaves: k values of every row, their indices and row scales.
       arrays = update["arrays"]
       assert arrays["unembed"]["quant"] == {"codec": "topk", "values": "float4_e2m1fn",
@@ -311,7 +326,7 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
                               manifest["arrays"][f"params/{name}"],
                               tuple(slice(0, n) for n in want.shape))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=name)
-  if extra in (MOMENTS, TOPK):  # The global moments too: the sites continue from them.
+  if extra in (MOMENTS, TOPK, DESLOC):  # The global moments too: the sites continue from them.
     for name, st in sim["outer_state"].items():
       for leaf in ("mu", "nu"):
         got = exchange.read_block(glob, exchange.data_prefix(exchange.global_prefix(2), manifest),
@@ -330,6 +345,11 @@ def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
   assert deployed.keys() == simulated.keys()
   for k in deployed:
     assert deployed[k] == pytest.approx(simulated[k], rel=1e-5), k
+  if extra is DESLOC:  # The deployed sites sent (and read) fewer bytes in the param round.
+    for n in ("latin", "cyrillic"):
+      up = {r["global_round"]: r for r in sites if r["site"] == n}
+      assert up[0]["bytes_up"] < up[1]["bytes_up"], up
+      assert up[1]["bytes_down"] < up[0]["bytes_down"], up
   summary = report.summarize(config, sites, coord)
   assert summary["complete"]
   assert all(v["bytes_sent"] > 0 and v["bytes_received"] > 0 for v in summary["final"].values())

@@ -125,12 +125,15 @@ def _measured_bytes(config, workdir: str) -> dict[str, dict[str, float]]:
   """Per site: bytes sent and read over the configured rounds, from a deployed run of
   BYTES_ROUNDS rounds (the sizes of a round's arrays and manifests do not depend on the
   data): sent = rounds x a round's mean; read = the first read (round 0, whole) + rounds
-  x the later rounds' mean (each includes its LATEST polls)."""
+  x the later rounds' mean (each includes its LATEST polls). With the moments synced
+  every K rounds (`federation.moment_sync_every`), whole periods of K rounds are run, so
+  the means weigh moment and param rounds as the whole run does."""
   import sys
 
   from tapestry_jax import federation, orchestrate, report
 
-  rounds = min(BYTES_ROUNDS, int(config.federation.rounds))
+  every = federation.moment_sync_every(config)
+  rounds = min(-(-BYTES_ROUNDS // every) * every, int(config.federation.rounds))
   overrides = {"federation.rounds": rounds, "federation.eval_every": rounds + 1,
                "federation.compare_alone": False}
   args = [*orchestrate.config_args_from(sys.argv[1:]),

@@ -220,6 +220,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # update missed that round takes it as it is. 0 = off (wait idle for the global round);
   # 1..H. Quality cost on debref: docs/federation.md.
   f.overlap_steps = 0
+  # Under outer moments: K, the rounds between syncs of the shared Adam moments (DES-LOC).
+  # Rounds r % K == 0 are moment rounds (sites send their first moments, the global
+  # moments advance over the K x H steps since the last one, sites adopt them); in the
+  # others sites send pseudo-gradients only, adopt the global params and keep training
+  # their own moments. 1 = every round.
+  f.moment_sync_every = 1
   # Cap on the tokens one site may claim per round, in tokens; 0 = the configured
   # inner_steps x global_batch_size x seq_len (a site cannot inflate its weight).
   f.weight_cap_tokens = 0

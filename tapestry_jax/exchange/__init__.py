@@ -17,7 +17,7 @@ from tapestry_jax.exchange.rounds import (
     download_schema, encode_update, global_arrays, moment_key, newer_global_round, outer_key,
     param_key, params_of, publish_update, read_global, read_global_download,
     read_global_manifest, read_global_moments, read_global_round, stored_arrays, update_norm,
-    update_schema, validate_update)
+    update_schema, validate_update, check_moment_round)
 from tapestry_jax.exchange.store import (
     COMMIT, DEFAULT_MAX_CHUNK_BYTES, FORMAT_VERSION, KINDS, LATEST, MANIFEST, CommitConflict,
     ExchangeError, check_schema, choose_chunk_shape, chunk_digest, combined_digest,

@@ -115,13 +115,15 @@ def params_of(manifest: dict) -> list[str]:
 # --------------------------------------------------------------------------- updates
 
 
-def update_schema(config) -> dict[str, tuple]:
+def update_schema(config, round_: int | None = None) -> dict[str, tuple]:
   """Array name -> (shape, dtype) or (shape, dtype, quant) every site update must match:
   per parameter, the arrays its codec sends (`federation.update_spec`, `update_codecs.
   LeafCodec.layout`): floating leaves as federation.update_dtype (cast, per-tensor codes
   whose records must carry their offset and scale, or block / top-k codes whose records
   must name exactly their codec, with their scales and indices), first moments in
-  federation.moment_dtype. The coordinator merges in float32 whatever sites sent."""
+  federation.moment_dtype. The coordinator merges in float32 whatever sites sent.
+  `round_`: the updates for that round, whose first moments are sent only if it is a
+  moment round (`federation.moment_round`); None: under shared moments, with them."""
   spec = federation.update_spec(config)
   out = {}
   params = federation.param_schema(config)
@@ -131,7 +133,9 @@ def update_schema(config) -> dict[str, tuple]:
     raise ExchangeError(f"parameter names {taken} collide with the update's array names "
                         f"({MOMENT_PREFIX}..., {', '.join(COMPANION_PREFIXES.values())}...)")
   leaves = [(n, shape, d, False) for n, (shape, d) in params.items()]
-  if federation.shared_moments(config):  # The site's first moment of each parameter.
+  moments = (federation.shared_moments(config) if round_ is None
+             else federation.moment_round(config, round_))
+  if moments:  # The site's first moment of each parameter.
     leaves += [(MOMENT_PREFIX + n, shape, d, True) for n, (shape, d) in params.items()]
   for n, shape, d, moment in leaves:
     # jnp.issubdtype: numpy's does not count bfloat16 (an ml_dtypes type) as floating.
@@ -327,6 +331,9 @@ def validate_update(manifest: dict, config, site: str, round_: int, base_round: 
   tokens = manifest.get("tokens")
   if not isinstance(tokens, int) or tokens <= 0:
     return f"token count {tokens!r} is not a positive integer"
+  why = _moments_problem(manifest, config, round_)
+  if why is not None:
+    return why
   try:
     store.check_schema(manifest, schema)
   except ExchangeError as e:
@@ -334,16 +341,52 @@ def validate_update(manifest: dict, config, site: str, round_: int, base_round: 
   return None
 
 
+def _moments_problem(manifest: dict, config, round_: int) -> str | None:
+  """Why an update's first moments do not fit `round_` under shared moments synced every
+  K > 1 rounds (carried on a param round, missing on a moment round); None if they do."""
+  every = federation.moment_sync_every(config)
+  arrays = manifest.get("arrays")
+  if every == 1 or not federation.shared_moments(config) or not isinstance(arrays, dict):
+    return None
+  has = any(k.startswith(MOMENT_PREFIX) for k in arrays)
+  want = federation.moment_round(config, round_)
+  if has and not want:
+    return (f"carries first moments ({MOMENT_PREFIX}...) for round {round_}, a param round "
+            f"(federation.moment_sync_every={every}: only rounds divisible by {every} sync "
+            f"the moments)")
+  if want and not has:
+    return (f"lacks the first moments ({MOMENT_PREFIX}...) for round {round_}, a moment "
+            f"round (federation.moment_sync_every={every})")
+  return None
+
+
+def check_moment_round(manifest: dict, config, round_: int, where: str) -> None:
+  """ExchangeError if global round `round_`'s manifest records a moment sync
+  (`extra["moment_round"]`, written when federation.moment_sync_every > 1) other than
+  the schedule's (`federation.moment_round`)."""
+  if not federation.shared_moments(config) or federation.moment_sync_every(config) == 1:
+    return
+  recorded = (manifest.get("extra") or {}).get("moment_round")
+  want = federation.moment_round(config, round_)
+  if round_ >= 1 and recorded is not want:
+    raise ExchangeError(f"{where}: global round {round_} records moment_round={recorded!r}; "
+                        f"federation.moment_sync_every={federation.moment_sync_every(config)} "
+                        f"makes it {want}")
+
+
 # --------------------------------------------------------------------------- global rounds
 
 
-def download_parts(config) -> tuple[str, ...]:
+def download_parts(config, round_: int | None = None) -> tuple[str, ...]:
   """The `outer.Download` fields a global round's download holds: the params' update
-  and, under shared moments, the round's mean gradient."""
-  return DOWN_PARTS if federation.shared_moments(config) else DOWN_PARTS[:1]
+  and, under shared moments, the round's mean gradient (of round `round_`: only in a
+  moment round, `federation.moment_round`)."""
+  moments = (federation.shared_moments(config) if round_ is None
+             else federation.moment_round(config, round_))
+  return DOWN_PARTS if moments else DOWN_PARTS[:1]
 
 
-def download_schema(config, schema=None) -> dict[str, tuple]:
+def download_schema(config, schema=None, round_: int | None = None) -> dict[str, tuple]:
   """Array name -> (shape, dtype) of a global round's download (`down_key` names) under
   `federation.download_dtype`: codes shaped like each parameter (4-bit ones packed two per
   uint8 along its last axis, `quantize.codes_shape`), float32 scales one per
@@ -354,7 +397,7 @@ def download_schema(config, schema=None) -> dict[str, tuple]:
   out = {}
   dtype = settings["dtype"]
   for n, (shape, _) in (schema or federation.param_schema(config)).items():
-    for part in download_parts(config):
+    for part in download_parts(config, round_):
       out[down_key(part, n)] = (quantize.codes_shape(shape, dtype), quantize.stored_dtype(dtype))
       out[down_key(part, n, scales=True)] = (quantize.scales_shape(shape, settings["block"]),
                                              "float32")
@@ -441,11 +484,12 @@ def read_global_download(bucket: buckets.Bucket, config, round_: int, shardings,
     raise ExchangeError(f"{where}: global round {round_} is not merged from round "
                         f"{round_ - 1} (base round {manifest.get('base_round')!r}); it has "
                         f"no download from it")
-  expected = download_schema(config, schema)
+  check_moment_round(manifest, config, round_, where)
+  expected = download_schema(config, schema, round_)
   down_manifest = dict(manifest, arrays={k: v for k, v in manifest["arrays"].items()
                                          if k.startswith(DOWN)})
   store.check_schema(down_manifest, expected)
-  parts = download_parts(config)
+  parts = download_parts(config, round_)
   names = list(trees.flatten(shardings))
   for key in (down_key(part, n) for n in names for part in parts):
     block = down_manifest["arrays"][key].get("block")
@@ -510,12 +554,14 @@ def read_global_round(bucket: buckets.Bucket, config, round_: int, shardings, sc
                       root: trust.TrustRoot | None = None,
                       last_round: int | None = None) -> tuple[Any, dict | None, dict]:
   """What a site reads of global round `round_` before training on it: (params, the
-  global moments under outer "moments" else None, manifest), all verified
-  (`read_global`, `read_global_moments`)."""
+  global moments under outer "moments" in a moment round (`federation.moment_round`)
+  else None, manifest), all verified (`read_global`, `read_global_moments`)."""
   params, manifest = read_global(bucket, config, round_, shardings, schema, root=root,
                                  last_round=last_round)
+  check_moment_round(manifest, config, round_, f"{bucket.url}/{store.global_prefix(round_)}")
+  # Shared moments synced every K rounds: a param round's moments are not adopted.
   moments = (read_global_moments(bucket, config, round_, manifest, shardings, schema)
-             if federation.shared_moments(config) else None)
+             if federation.moment_round(config, round_) else None)
   return params, moments, manifest
 
 
