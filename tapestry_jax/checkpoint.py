@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import re
+import threading
 from typing import Any
 
 import grain
@@ -141,6 +142,12 @@ def _restore_args(abstract_state) -> ocp.args.PyTreeRestore:
       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
 
 
+# Orbax numbers its save operations process-wide and reads "the current one" while a save
+# starts: two checkpointers starting saves at once from two threads of one process (sites
+# run as threads, in tests) would wait on each other's signals. Starts are serialized.
+_SAVE_LOCK = threading.Lock()
+
+
 class Checkpointer:
   """Async Orbax checkpoints with a save interval and a keep policy.
 
@@ -170,7 +177,8 @@ class Checkpointer:
     items = dict(state=ocp.args.PyTreeSave(state), **_data_save(data_iterator))
     if meta is not None:
       items["meta"] = ocp.args.JsonSave(meta)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with _SAVE_LOCK:
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore_meta(self, step: int) -> dict | None:
     """The `meta` dict saved with `step`, or None if that step has none."""
