@@ -12,7 +12,8 @@ Variants (optionally followed by /SITE,SITE,... to choose the sites):
           the quality benchmark's setting (byte-level, d=192, 3 layers, seq 128); any of
           en, fr, ja, id, de, es, zh-cn with e.g. `debref/en,fr,de,es,zh-cn`.
   debref2k  debref at 2,000 inner steps per site (5x the budget, 10 evaluations): the
-          communication benchmark's setting (issue 15, docs/communication.md).
+          communication benchmark's setting (issue 15, docs/communication.md); its
+          default (`+moments`) is H=16 with float4 updates and float4 downloads.
   small   4 synthetic sites on the ~20M `small` model.
 The outer algorithm, at most one modifier (e.g. `debref+fedadam`, `tiny+fedavg/latin,greek`):
   +moments  shared Adam moments at H=4 with the same steps, float8 updates (see `moments`);
@@ -99,7 +100,8 @@ def fedavg(c: ml_collections.ConfigDict) -> None:
   del c
 
 
-def moments(c: ml_collections.ConfigDict, inner_steps: int = 4) -> None:
+def moments(c: ml_collections.ConfigDict, inner_steps: int = 4,
+            update_dtype: str = "float8_e4m3fn", download_dtype: str = "float32") -> None:
   """Turns `c` into shared Adam moments (`outer.SharedMoments`) at H=`inner_steps` with
   the same total steps, sending float8 updates: every site runs H steps of the `train`
   AdamW recipe from the global params and the global Adam moments and step count, and
@@ -108,9 +110,9 @@ def moments(c: ml_collections.ConfigDict, inner_steps: int = 4) -> None:
   is the sites' mean model). The variants' default (no modifier). Each site sends two
   arrays per round, so float8 (a quarter of float32's bytes, measured as good: see the
   "Measured" notes in get_config) is what makes it send H times fewer bytes than data
-  parallelism (2H here)."""
+  parallelism (2H here). `update_dtype` and `download_dtype`: what is sent and read."""
   f = c.federation
-  f.update_dtype = "float8_e4m3fn"
+  f.update_dtype, f.download_dtype = update_dtype, download_dtype
   steps = int(f.rounds) * int(f.inner_steps)
   evals = max(1, steps // max(1, int(f.eval_every) * int(f.inner_steps)))
   f.inner_steps, f.rounds = int(inner_steps), max(1, steps // int(inner_steps))
@@ -337,5 +339,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     t.steps = f.rounds * f.inner_steps
   if variant == "small":
     t.global_batch_size = 16
-  MODIFIERS[modifiers[0].partition("/")[0] if modifiers else DEFAULT_MODIFIER](c)
+  modifier = modifiers[0].partition("/")[0] if modifiers else DEFAULT_MODIFIER
+  if modifier == "moments" and long_budget:
+    # The communication benchmark's best measured setting at 2,000 steps per site
+    # (docs/communication.md, issue 15): H=16, 4-bit updates and 4-bit downloads.
+    moments(c, inner_steps=16, update_dtype="float4_e2m1fn", download_dtype="float4_e2m1fn")
+  else:
+    MODIFIERS[modifier](c)
   return c

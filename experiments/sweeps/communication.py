@@ -4,7 +4,7 @@
       --sweep=experiments/sweeps/communication.py --workdir=/tmp/sweep_comm \
       --data_parallel --runs=m16
 
-Every run is shared Adam moments (`+moments`, the variants' default) with float8 updates
+Every run is shared Adam moments (`+moments`) with float8 updates and float32 reads
 unless it says otherwise; only the round length H and what is sent change, so every run
 shares the cached references (each site alone, data parallelism: `--reference_cache`).
 The table's "sent x" and "read x" are data parallelism's bytes over the run's (array
@@ -16,6 +16,10 @@ STEPS = 2000  # Inner steps per site (debref2k).
 EVALS = 5  # Evaluations of the global model per run (and the last round).
 
 
+# The variants' shared moments before the debref2k default (float4 both ways): float8
+# updates, float32 reads.
+F8 = {"federation.update_dtype": "float8_e4m3fn", "federation.download_dtype": "float32"}
+
 F4_D8 = {"federation.update_dtype": "float4_e2m1fn",
          "federation.download_dtype": "float8_e4m3fn"}
 
@@ -26,7 +30,7 @@ def _m(h: int, name: str = "", **kw):
     raise ValueError(f"H={h} does not divide the {STEPS} steps of the budget")
   rounds = STEPS // h
   return {"name": name or f"m{h}", "federation.inner_steps": h, "federation.rounds": rounds,
-          "federation.eval_every": max(1, rounds // EVALS), **kw}
+          "federation.eval_every": max(1, rounds // EVALS), **F8, **kw}
 
 
 def get_sweep():

@@ -5,7 +5,7 @@ costs in quality, at H=16.
   python -m launch.sweep --config=experiments/configs/federation.py:debref2k \
       --sweep=experiments/sweeps/desloc.py --workdir=/tmp/sweep_desloc --data_parallel
 
-Every run is shared Adam moments (`+moments`, the variants' default) with float8 updates
+Every run is shared Adam moments (`+moments`) with float8 updates and float32 reads
 at H=16 (125 rounds); k1 is today's shared moments (`m16` of
 `experiments/sweeps/communication.py`). In a param round (r % K != 0) sites send their
 pseudo-gradient only and keep training their own moments; in a moment round they also
@@ -19,6 +19,10 @@ STEPS = 2000  # Inner steps per site (debref2k).
 H = 16
 EVALS = 5  # Evaluations of the global model per run (and the last round).
 
+# The variants' shared moments before the debref2k default (float4 both ways): float8
+# updates, float32 reads.
+F8 = {"federation.update_dtype": "float8_e4m3fn", "federation.download_dtype": "float32"}
+
 F4_D8 = {"federation.update_dtype": "float4_e2m1fn",
          "federation.download_dtype": "float8_e4m3fn"}
 
@@ -28,7 +32,7 @@ def _k(k: int, name: str = "", **kw):
   rounds = STEPS // H
   return {"name": name or f"k{k}", "federation.inner_steps": H, "federation.rounds": rounds,
           "federation.eval_every": max(1, rounds // EVALS),
-          "federation.moment_sync_every": k, **kw}
+          "federation.moment_sync_every": k, **F8, **kw}
 
 
 def get_sweep():
