@@ -250,10 +250,9 @@ def test_a_background_exchange_raises_what_failed_and_stops_waiting_when_cancell
 
 
 def test_the_overlap_benchmark_counts_only_the_exchange_the_main_thread_waits_on():
-  """federation_overhead's steady state, from records: a background publish counts as
+  """federation_overhead's steady state (`report.steady_exposure`), from records: a background publish counts as
   its encoding only; steps trained ahead count as inner steps of the window they ran in;
   the window ends at adopting round R - 1 (the last round cannot overlap)."""
-  from experiments.benchmarks import federation_overhead as fo
   recs = [
       {"global_round": 0, "adopted_at": 0.0, "compute_s": 5.0, "encode_s": 0.1, "wait_s": 0,
        "read_s": 1.0},
@@ -265,7 +264,7 @@ def test_the_overlap_benchmark_counts_only_the_exchange_the_main_thread_waits_on
        "publish_s": 2.0, "wait_s": 0.4, "read_s": 0.2},
       {"global_round": 4, "adopted_at": 45.0, "wait_s": 4.0, "read_s": 0.2, "eval_loss": 2.0},
   ]
-  got = fo._exposure(recs, 4)
+  got = report.steady_exposure(recs, 4)
   assert got["wall_s"] == 21.0
   assert got["inner_s"] == pytest.approx(9 + 9 - 3 + 3)  # Round 1's ahead ran before.
   # Round 1's publish in the background (its encoding), round 2's in the foreground,

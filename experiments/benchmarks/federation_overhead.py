@@ -226,30 +226,6 @@ def _pct(x: float) -> str:
   return f"{100 * x:5.1f}%"
 
 
-def _exposure(recs: list[dict], rounds: int) -> dict[str, float]:
-  """One site's steady state out of its rounds.jsonl records: wall seconds, inner steps,
-  evaluation, the exchange the site's main thread waited on (publishing, or only
-  encoding when the publish ran in the background; waiting for and reading or applying
-  the next round) and the rest (checkpoints, logging). From adopting global round 1
-  (round 0's phase holds the compilation) to adopting round R - 1: the last round's
-  exchange has no next phase to hide behind in any run of R rounds."""
-  by = {r["global_round"]: r for r in recs if "adopted_at" in r}
-  last = rounds - 1
-  wall = by[last]["adopted_at"] - by[1]["adopted_at"]
-  phases = [by[g] for g in range(1, last)]
-  # A phase's compute_s holds the steps trained ahead before adopting its round.
-  inner = (sum(p["compute_s"] for p in phases) - by[1].get("ahead_s", 0.0)
-           + by[last].get("ahead_s", 0.0))
-  evals = sum(p.get("eval_s", 0.0) for p in phases)
-  exchange = (sum(p["encode_s"] if "encode_s" in p else p["publish_s"] for p in phases)
-              + sum(by[g]["wait_s"] + by[g]["read_s"] for g in range(2, last + 1)))
-  return {"wall_s": wall, "inner_s": inner, "eval_s": evals, "exchange_s": exchange,
-          "other_s": wall - inner - evals - exchange,
-          "exchange_fraction": exchange / wall,
-          "outside_inner_fraction": (wall - inner - evals) / wall,
-          "final_loss": by[rounds]["eval_loss"]}
-
-
 def _overlap_main(workdir: str) -> None:
   """--overlap_steps: the deployed federation without and with overlap (see the flag)."""
   from tapestry_jax import orchestrate, report  # pylint: disable=import-outside-toplevel
@@ -273,7 +249,8 @@ def _overlap_main(workdir: str) -> None:
     names = list(config.sites.keys())
     site_recs, _ = report.deployment_records(arm_dir, names)
     arms[arm] = {"deployed_s": time.perf_counter() - t0, "sites": {
-        n: _exposure([r for r in site_recs if r["site"] == n], _ROUNDS.value) for n in names}}
+        n: report.steady_exposure([r for r in site_recs if r["site"] == n], _ROUNDS.value)
+        for n in names}}
   load1 = os.getloadavg()
   link = f"{_MBPS.value:g} Mbit/s per direction" if _MBPS.value else "unthrottled"
   print(f"deployed federation: {len(names)} sites {names} ({_PRESET.value}), H={_INNER.value}, "
