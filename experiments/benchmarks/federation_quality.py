@@ -155,7 +155,7 @@ def _measured_bytes(config, workdir: str) -> dict[str, dict[str, float]]:
                     "read": recs[0]["bytes_down"] + total * sum(down_later) / len(down_later),
                     "sent_per_round": sum(up) / len(up),
                     "read_per_round": sum(down_later) / len(down_later),
-                    "read_first": recs[0]["bytes_down"]}
+                    "read_first": recs[0]["bytes_down"], "rounds": rounds}
   return result
 
 
@@ -231,7 +231,8 @@ def main(argv):
   # reads the reduced one back (a ring moves up to twice that; we count 1x).
   dp_bytes = steps * 4 * model_lib.count_params(mcfg)
   if measured is not None:
-    how = (f"measured on the deployed path ({BYTES_ROUNDS} rounds as processes, every array, "
+    measured_rounds = next(iter(measured.values()))["rounds"]
+    how = (f"measured on the deployed path ({measured_rounds} rounds as processes, every array, "
            f"manifest, commit marker and poll), scaled to {int(f.rounds)} rounds")
     sent = {n: m["sent"] for n, m in measured.items()}
     read = {n: m["read"] for n, m in measured.items()}
