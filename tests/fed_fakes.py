@@ -5,6 +5,7 @@ committed global rounds. (Not a test module: pytest collects only test_*.py.)"""
 import functools
 import os
 import tempfile
+import threading
 
 import numpy as np
 
@@ -86,3 +87,16 @@ def publish(cfg, workdir, site: str, round_: int, delta, *, tokens=None) -> dict
   manifest = signer(site).sign(manifest)
   exchange.write_manifest(b, prefix, manifest)
   return manifest
+
+
+def start_party(out: dict, name: str, fn) -> threading.Thread:
+  """Runs `fn` (a coordinator's or site's loop) in a daemon thread named `name`; its
+  result, or what it raised, goes into `out[name]` for the test to check."""
+  def run():
+    try:
+      out[name] = fn()
+    except BaseException as e:  # noqa: BLE001  (checked by the caller)
+      out[name] = e
+  t = threading.Thread(target=run, name=name, daemon=True)
+  t.start()
+  return t

@@ -4,9 +4,9 @@ moments do not fit their round, the audit of such a run, and a deployed federati
 overlap and downloads that is its simulation. (Simulation == deployment as processes:
 tests/test_federation.py.)"""
 
+import functools
 import os
 import re
-import threading
 
 import jax
 import numpy as np
@@ -178,15 +178,7 @@ def test_a_deployed_federation_with_overlap_and_downloads_is_its_simulation(
   monkeypatch.setattr(site_lib.preemption, "Preemption", _NoPreemption)
   out = {}
 
-  def party(name, fn):
-    def run():
-      try:
-        out[name] = fn()
-      except BaseException as e:  # noqa: BLE001  (checked below)
-        out[name] = e
-    t = threading.Thread(target=run, name=name, daemon=True)
-    t.start()
-    return t
+  party = functools.partial(fed_fakes.start_party, out)
 
   threads = [party("coordinator", coord_lib.Coordinator(config, workdir).run)]
   threads += [party(n, lambda n=n: site_lib.run_site(config, n, workdir, devices=devices[n]))

@@ -1,6 +1,7 @@
 """Overlapped outer updates (federation.overlap_steps): the carry of local progress onto
 the next global round, its checks, and that a deployed site with overlap computes its
 simulation's bits, also when preempted in the middle of the steps it trains ahead."""
+import functools
 import os
 import threading
 import types
@@ -163,15 +164,7 @@ def test_a_deployed_federation_with_overlap_is_its_simulation_through_a_preempti
   monkeypatch.setattr(site_lib.preemption, "Preemption", _StopLatinOnce)
   out = {}
 
-  def party(name, fn):
-    def run():
-      try:
-        out[name] = fn()
-      except BaseException as e:  # noqa: BLE001  (checked below)
-        out[name] = e
-    t = threading.Thread(target=run, name=name, daemon=True)
-    t.start()
-    return t
+  party = functools.partial(fed_fakes.start_party, out)
 
   coordinator = party("coordinator", coord_lib.Coordinator(config, workdir).run)
   sites = {n: party(n, lambda n=n: site_lib.run_site(config, n, workdir, devices=devices[n]))
