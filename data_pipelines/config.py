@@ -51,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Packing bins filled at once (first-fit); more bins = less padding but documents of
   # one batch come from a longer window of the stream. 0 = the stream's batch rows.
   c.packing_bins = 0
+  # Most documents (pieces) packed into one row; 0 = no limit. cuDNN attention on GPUs
+  # is built for at most model.max_segments runs per row, padding being one more.
+  c.max_documents_per_row = 0
   # Host threads that read and tokenize documents ahead of packing (0 = inline).
   c.prefetch_threads = 4
   # Host prefetch depth: documents read ahead by the reader threads; the final batch
@@ -104,7 +107,8 @@ def validate(data_cfg: ml_collections.ConfigDict) -> None:
   if data_cfg.text_documents not in TEXT_DOCUMENTS:
     raise DataError(f"unknown data.text_documents {data_cfg.text_documents!r}; "
                     f"expected one of {', '.join(TEXT_DOCUMENTS)}")
-  for name in ("shards", "packing_bins", "prefetch_threads", "prefetch_buffer"):
+  for name in ("shards", "packing_bins", "max_documents_per_row", "prefetch_threads",
+               "prefetch_buffer"):
     value = data_cfg[name]
     if not isinstance(value, int) or value < 0:
       raise DataError(f"data.{name} must be a non-negative integer, got {value!r}")

@@ -178,6 +178,7 @@ def _packed_batches(tokens: grain.MapDataset, data_cfg: ml_collections.ConfigDic
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct={"inputs": seq_len, "targets": seq_len},
       num_packing_bins=data_cfg.packing_bins or batch_size,
+      max_sequences_per_bin=data_cfg.get("max_documents_per_row", 0) or None,
       # Shuffled rows keep one batch from holding only the pieces of one long doc.
       shuffle_bins=train, seed=(seed + 1) % 2**32)
   ds = ds.map(functools.partial(

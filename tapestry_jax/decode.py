@@ -12,12 +12,12 @@ dynamic-update-slice; RoPE positions are per row (slot - start).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from tapestry_jax import attention
 from tapestry_jax import model as model_lib
 
 Params = model_lib.Params
@@ -41,7 +41,7 @@ def init_cache(cfg: model_lib.ModelConfig, start_B: jax.Array, max_len: int) -> 
 
 def _cache_mask(cache: Cache, T: int) -> jax.Array:
   """Query slot q sees key slot j iff j <= q and both are real tokens or both padding,
-  `model.attention_mask`'s rule with padding as segment 0 (no row is empty)."""
+  `attention.mask`'s rule with padding as segment 0 (no row is empty)."""
   S = cache.k_NxBxSxKxDh.shape[2]
   q_T = cache.length + jnp.arange(T)
   real_BxT = q_T[None, :] >= cache.start_B[:, None]
@@ -56,8 +56,6 @@ def _extend_hidden(params: Params, cache: Cache, tokens_BxT: jax.Array,
   """Runs T new tokens through every layer at slots [length, length + T); returns the
   last layer's output x_BxTxD and the cache holding their keys and values."""
   T = tokens_BxT.shape[1]
-  if cfg.attention == "cudnn":  # cuDNN's fused kernel is for training lengths, not T=1.
-    cfg = dataclasses.replace(cfg, attention="xla")
   positions_BxT = jnp.maximum(cache.length + jnp.arange(T)[None, :] - cache.start_B[:, None], 0)
   mask_Bx1xTxS = _cache_mask(cache, T)
   x_BxTxD = model_lib.embed(params, tokens_BxT, cfg)
@@ -70,7 +68,7 @@ def _extend_hidden(params: Params, cache: Cache, tokens_BxT: jax.Array,
     at = (i, 0, cache.length, 0, 0)
     k_NxBxSxKxDh = jax.lax.dynamic_update_slice(k_NxBxSxKxDh, k_BxTxKxDh[None], at)
     v_NxBxSxKxDh = jax.lax.dynamic_update_slice(v_NxBxSxKxDh, v_BxTxKxDh[None], at)
-    o_BxTxHxDh = model_lib.attend(cfg, q_BxTxHxDh, k_NxBxSxKxDh[i], v_NxBxSxKxDh[i], mask_Bx1xTxS)
+    o_BxTxHxDh = attention.masked(q_BxTxHxDh, k_NxBxSxKxDh[i], v_NxBxSxKxDh[i], mask_Bx1xTxS)
     x_BxTxD = model_lib.attention_output_and_mlp(cfg, x_BxTxD, layer, o_BxTxHxDh)
     return (x_BxTxD, k_NxBxSxKxDh, v_NxBxSxKxDh), None
 

@@ -1,8 +1,9 @@
 """Decoder-only transformer (LLaMA style) as pure functions over a parameter pytree.
 
-Data flow: token ids -> `forward` -> logits -> `loss` (train.py) / eval metrics.
-Pre-norm RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention,
-optional tied embeddings and z-loss. Layers are stacked along a leading `layers` axis
+Data flow: token ids -> `hidden` -> `token_losses` (train.py, eval) or `forward` -> logits
+(decoding). Pre-norm RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query
+attention (the kernel per platform is attention.py's), optional tied embeddings and
+z-loss; the loss never builds the whole logits (losses.py). Layers are stacked along a leading `layers` axis
 (always, so checkpoints do not depend on `scan_layers`), and either scanned (compile
 time flat in depth) or unrolled. Every parameter and activation names its logical axes;
 `sharding.LOGICAL_RULES` maps them to the mesh.
@@ -17,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tapestry_jax import attention
+from tapestry_jax import losses
 from tapestry_jax import sharding
 
 Params = dict[str, Any]
@@ -42,7 +45,9 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"  # none | full | dots | dots_no_batch
   scan_layers: bool = True
-  attention: str = "auto"  # auto | xla | cudnn (jax.nn.dot_product_attention impl)
+  attention: str = "auto"  # auto | reference | xla | cudnn | splash (attention.py)
+  max_segments: int = 32  # Documents per packed row the cudnn kernel is built for.
+  loss_chunk: int = 512  # Positions per chunk of the output layer's loss (0 = all).
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -60,8 +65,10 @@ class ModelConfig:
       raise ValueError(f"model: head_dim={self.head_dim} must be even (rotary embeddings)")
     if self.remat not in _REMAT_POLICIES:
       raise ValueError(f"model: remat must be one of {sorted(_REMAT_POLICIES)}, got {self.remat!r}")
-    if self.attention not in ("auto", "xla", "cudnn"):
-      raise ValueError(f"model: attention must be auto|xla|cudnn, got {self.attention!r}")
+    attention.resolve(self.attention)  # ValueError naming the choices.
+    if self.max_segments < 1 or self.loss_chunk < 0:
+      raise ValueError(f"model: max_segments={self.max_segments} must be >= 1 and "
+                       f"loss_chunk={self.loss_chunk} >= 0")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
       if getattr(self, name) <= 0:
         raise ValueError(f"model: {name} must be positive, got {getattr(self, name)}")
@@ -184,16 +191,6 @@ def rope(x_BxLxHxDh: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.A
   return out.astype(x_BxLxHxDh.dtype)
 
 
-def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
-  """Causal and within-document: position i sees j iff j <= i and same segment.
-
-  Padding (segment 0) attends to earlier padding only, so no row is empty."""
-  L = segment_ids_BxL.shape[1]
-  causal_LxL = jnp.tril(jnp.ones((L, L), jnp.bool_))
-  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return (same_BxLxL & causal_LxL)[:, None, :, :]  # B x 1 x L x L (broadcast over heads)
-
-
 def _matmul(x_BxLxI: jax.Array, w: jax.Array) -> jax.Array:
   """x_BxLxI @ w, with w's leading dims contracted against I and its trailing dims
   (one or more) kept: (B, L, *w.shape[n_in:]). Done as one 2-D matmul over flattened
@@ -255,83 +252,6 @@ def _swiglu_bwd(res, dy_BxLxD):
 swiglu_mlp.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def _to_head_major(x_BxLxNxDh: jax.Array, K: int) -> jax.Array:
-  """[B, L, K*G, Dh] -> [B, K, G*L, Dh] (kv-head major; the G query heads of a group
-  stacked along the row dim, so one matmul per (b, kv head) serves the whole group)."""
-  B, L, N, Dh = x_BxLxNxDh.shape
-  return x_BxLxNxDh.reshape(B, L, K, N // K, Dh).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, Dh)
-
-
-def _from_head_major(x_BxKxGLxDh: jax.Array, L: int) -> jax.Array:
-  B, K, GL, Dh = x_BxKxGLxDh.shape
-  G = GL // L
-  return x_BxKxGLxDh.reshape(B, K, G, L, Dh).transpose(0, 3, 1, 2, 4).reshape(B, L, K * G, Dh)
-
-
-def _batched_dot(a, b, contract_a: int, contract_b: int):
-  """dot_general over 4-D operands batched on their leading (B, K) dims."""
-  return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((0, 1), (0, 1))),
-                             preferred_element_type=jnp.float32)
-
-
-def _attention_scores(q_BxKxGTxDh, k_BxKxSxDh, bias_Bx1xTxS):
-  """Scores of T queries against S keys (T = S in training, T < S against a KV cache)."""
-  B, K, GT, Dh = q_BxKxGTxDh.shape
-  T, S = bias_Bx1xTxS.shape[2:]
-  s_BxKxGTxS = _batched_dot(q_BxKxGTxDh, k_BxKxSxDh, 3, 3) * (1.0 / math.sqrt(Dh))
-  s_BxKxGxTxS = s_BxKxGTxS.reshape(B, K, GT // T, T, S) + bias_Bx1xTxS[:, :, None]
-  return s_BxKxGxTxS.reshape(B, K, GT, S)
-
-
-def _attention_fwd(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias_Bx1xLxL):
-  B, L, H, Dh = q_BxLxHxDh.shape
-  K = k_BxLxKxDh.shape[2]
-  q_ = _to_head_major(q_BxLxHxDh, K)
-  k_ = _to_head_major(k_BxLxKxDh, K)
-  v_ = _to_head_major(v_BxLxKxDh, K)
-  s_BxKxGLxL = _attention_scores(q_, k_, bias_Bx1xLxL)
-  lse_BxKxGL = jax.nn.logsumexp(s_BxKxGLxL, axis=-1)
-  p_BxKxGLxL = jnp.exp(s_BxKxGLxL - lse_BxKxGL[..., None]).astype(q_.dtype)
-  o_ = _batched_dot(p_BxKxGLxL, v_, 3, 2).astype(q_.dtype)
-  return _from_head_major(o_, L), (q_, k_, v_, o_, lse_BxKxGL, bias_Bx1xLxL)
-
-
-@jax.custom_vjp
-def grouped_attention(q_BxLxHxDh: jax.Array, k_BxLxKxDh: jax.Array, v_BxLxKxDh: jax.Array,
-                      bias_Bx1xLxL: jax.Array) -> jax.Array:
-  """Grouped-query softmax attention with an additive fp32 mask bias (0 = visible, very
-  negative = hidden); what jax.nn.dot_product_attention computes, laid out for XLA:CPU.
-
-  q/k/v are transposed once to kv-head-major [B, K, (G x) L, Dh], so every matmul of the
-  forward and backward is batched over the leading (B, K) dims and no B x H x L x L
-  tensor is transposed. The backward keeps only q, k, v, the output and the row
-  logsumexp (flash-attention style) and recomputes the probabilities, instead of storing
-  two B x H x L x L tensors per layer."""
-  return _attention_fwd(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, bias_Bx1xLxL)[0]
-
-
-def _attention_bwd(res, do_BxLxHxDh):
-  q_, k_, v_, o_, lse_BxKxGL, bias_Bx1xTxS = res
-  T, S = bias_Bx1xTxS.shape[2:]
-  Dh = q_.shape[-1]
-  K = k_.shape[1]
-  do_ = _to_head_major(do_BxLxHxDh, K)
-  p_BxKxGLxL = jnp.exp(_attention_scores(q_, k_, bias_Bx1xTxS) - lse_BxKxGL[..., None])
-  dv_ = _batched_dot(p_BxKxGLxL.astype(q_.dtype), do_, 2, 2)
-  dp_BxKxGLxL = _batched_dot(do_, v_, 3, 3)
-  delta_BxKxGL = jnp.sum(do_.astype(jnp.float32) * o_.astype(jnp.float32), axis=-1)
-  ds_BxKxGLxL = (p_BxKxGLxL * (dp_BxKxGLxL - delta_BxKxGL[..., None]) *
-                 (1.0 / math.sqrt(Dh))).astype(q_.dtype)
-  dq_ = _batched_dot(ds_BxKxGLxL, k_, 3, 2)
-  dk_ = _batched_dot(ds_BxKxGLxL, q_, 2, 2)
-  dt = q_.dtype
-  return (_from_head_major(dq_.astype(dt), T), _from_head_major(dk_.astype(dt), S),
-          _from_head_major(dv_.astype(dt), S), jnp.zeros_like(bias_Bx1xTxS))
-
-
-grouped_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
 def attention_inputs(cfg: ModelConfig, x_BxLxD: jax.Array, layer: Params,
                      positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One layer's pre-norm queries, keys and values, rotated to `positions_BxL`."""
@@ -348,17 +268,6 @@ def attention_inputs(cfg: ModelConfig, x_BxLxD: jax.Array, layer: Params,
   return q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh
 
 
-def attend(cfg: ModelConfig, q_BxTxHxDh: jax.Array, k_BxSxKxDh: jax.Array, v_BxSxKxDh: jax.Array,
-           mask_Bx1xTxS: jax.Array) -> jax.Array:
-  """Grouped-query attention of T queries over S keys where `mask_Bx1xTxS` is True."""
-  if cfg.attention == "auto" and jax.default_backend() == "cpu":
-    bias_Bx1xTxS = jnp.where(mask_Bx1xTxS, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    return grouped_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, bias_Bx1xTxS)
-  impl = None if cfg.attention == "auto" else cfg.attention
-  return jax.nn.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=mask_Bx1xTxS,
-                                      implementation=impl)
-
-
 def attention_output_and_mlp(cfg: ModelConfig, x_BxLxD: jax.Array, layer: Params,
                              o_BxLxHxDh: jax.Array) -> jax.Array:
   """The rest of a layer after attention: output projection, residual, MLP, residual."""
@@ -372,9 +281,9 @@ def attention_output_and_mlp(cfg: ModelConfig, x_BxLxD: jax.Array, layer: Params
   return sharding.constrain(x_BxLxD + mlp_BxLxD, ("batch", "length", "act_embed"))
 
 
-def _layer(cfg: ModelConfig, x_BxLxD, layer: Params, positions_BxL, mask_Bx1xLxL):
+def _layer(cfg: ModelConfig, impl: str, x_BxLxD, layer: Params, positions_BxL, context):
   q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh = attention_inputs(cfg, x_BxLxD, layer, positions_BxL)
-  o_BxLxHxDh = attend(cfg, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_Bx1xLxL)
+  o_BxLxHxDh = attention.attend(impl, context, q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh)
   return attention_output_and_mlp(cfg, x_BxLxD, layer, o_BxLxHxDh)
 
 
@@ -399,10 +308,17 @@ def forward_embeddings(params: Params, x_BxLxD: jax.Array, positions_BxL: jax.Ar
                        segment_ids_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Input embeddings -> fp32 logits_BxLxV (split from `forward` so tests can
   differentiate with respect to the inputs)."""
-  mask_Bx1xLxL = attention_mask(segment_ids_BxL)
+  return output_logits(params, hidden(params, x_BxLxD, positions_BxL, segment_ids_BxL, cfg), cfg)
+
+
+def hidden(params: Params, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+           segment_ids_BxL: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Input embeddings -> the last layer's output x_BxLxD (before the final norm)."""
+  impl = attention.resolve(cfg.attention)
+  context = attention.prepare(impl, segment_ids_BxL, cfg.max_segments)
 
   def body(x, layer):
-    return _layer(cfg, x, layer, positions_BxL, mask_Bx1xLxL), None
+    return _layer(cfg, impl, x, layer, positions_BxL, context), None
 
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -411,15 +327,18 @@ def forward_embeddings(params: Params, x_BxLxD: jax.Array, positions_BxL: jax.Ar
   else:
     for i in range(cfg.n_layers):
       x_BxLxD, _ = body(x_BxLxD, jax.tree.map(lambda p: p[i], params["layers"]))
+  return x_BxLxD
 
-  return output_logits(params, x_BxLxD, cfg)
+
+def _unembed(params: Params, cfg: ModelConfig) -> jax.Array:
+  return (params["embed"].T if cfg.tie_embeddings else params["unembed"]).astype(
+      _DTYPES[cfg.compute_dtype])
 
 
 def output_logits(params: Params, x_BxLxD: jax.Array, cfg: ModelConfig) -> jax.Array:
   """The last layer's output -> final norm -> fp32 logits_BxLxV."""
   x_BxLxD = rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps)
-  unembed_DxV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-  logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(x_BxLxD.dtype))
+  logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, _unembed(params, cfg))
   logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
   return logits_BxLxV.astype(jnp.float32)
 
@@ -431,11 +350,26 @@ def forward(params: Params, inputs_BxL: jax.Array, positions_BxL: jax.Array,
                             segment_ids_BxL, cfg)
 
 
+def loss_chunk_len(cfg: ModelConfig, L: int) -> int:
+  """Positions per chunk of the loss: L cut into the fewest equal chunks of at most
+  `cfg.loss_chunk` positions (0 = one chunk)."""
+  if cfg.loss_chunk <= 0 or L <= cfg.loss_chunk:
+    return L
+  n = -(-L // cfg.loss_chunk)
+  while L % n:
+    n += 1
+  return L // n
+
+
 def token_losses(params: Params, batch: dict[str, jax.Array], cfg: ModelConfig):
-  """Per-token cross-entropy (nats) and z-loss, both BxL, plus the BxL loss mask."""
-  logits_BxLxV = forward(params, batch["inputs"], batch["positions"], batch["segment_ids"], cfg)
-  logz_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+  """Per-token cross-entropy (nats) and z-loss, both BxL, plus the BxL loss mask. The
+  logits are never whole: `losses.logsumexp_and_target` works through chunks of
+  positions."""
+  x_BxLxD = hidden(params, embed(params, batch["inputs"], cfg), batch["positions"],
+                   batch["segment_ids"], cfg)
+  x_BxLxD = rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps)
+  logz_BxL, target_logit_BxL = losses.logsumexp_and_target(
+      x_BxLxD, _unembed(params, cfg), batch["targets"], loss_chunk_len(cfg, x_BxLxD.shape[1]))
   ce_BxL = logz_BxL - target_logit_BxL
   mask_BxL = (batch["segment_ids"] > 0).astype(jnp.float32)
   return ce_BxL * mask_BxL, cfg.z_loss * jnp.square(logz_BxL) * mask_BxL, mask_BxL

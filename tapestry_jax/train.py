@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tapestry_jax import attention
 from tapestry_jax import init_from as init_from_lib
 from tapestry_jax import model as model_lib
 from tapestry_jax import sharding
@@ -199,6 +200,9 @@ class Trainer:
                                       opt_state=opt_shardings, rng=replicated)
     self.batch_sharding = sharding.named_sharding(mesh, ("batch", "length"))
     self.replicated = replicated
+    # cuDNN's packed attention holds at most max_segments runs of segment ids per row.
+    self._max_runs = (model_cfg.max_segments if attention.resolve(model_cfg.attention) == "cudnn"
+                      else None)
 
     self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
     # train.init_from: params to start from instead of a random init (`init_from.load`).
@@ -242,6 +246,13 @@ class Trainer:
 
   def shard_batch(self, batch: dict[str, np.ndarray]) -> Batch:
     """This process's rows of the global batch -> global arrays on the mesh."""
+    if self._max_runs is not None:
+      runs = attention.count_runs(batch["segment_ids"])
+      if runs > self._max_runs:
+        raise ValueError(
+            f"a packed row holds {runs} documents and padding runs, but attention=cudnn is "
+            f"built for model.max_segments={self._max_runs}: set data.max_documents_per_row "
+            f"below model.max_segments")
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k]))
             for k in BATCH_KEYS}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 
+from tapestry_jax import attention
 from tapestry_jax import init_from
 from tapestry_jax import model as model_lib
 from tapestry_jax import sharding
@@ -39,6 +40,13 @@ def check_site_config(config, devices: list[jax.Device] | None = None) -> tuple[
     if getattr(mcfg, name) % tensor:
       raise ConfigError(f"model.{name}={getattr(mcfg, name)} is not divisible by "
                         f"mesh.tensor={tensor}")
+  if attention.resolve(mcfg.attention) == "cudnn":
+    docs = config.data.get("max_documents_per_row", 0)
+    if not 0 < docs < mcfg.max_segments:
+      raise ConfigError(
+          f"attention=cudnn packs at most model.max_segments={mcfg.max_segments} runs per row "
+          f"(documents, then padding): data.max_documents_per_row={docs} must be in "
+          f"[1, {mcfg.max_segments - 1}]")
   if mcfg.d_model % mesh_shape["fsdp"]:
     raise ConfigError(f"model.d_model={mcfg.d_model} is not divisible by mesh.fsdp={mesh_shape['fsdp']}")
 

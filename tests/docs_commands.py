@@ -64,6 +64,8 @@ class Covered:
 _FQ = (f"{_TINY_FED} --workdir=/tmp/fq")
 RULES: list[tuple[str, Run | Covered]] = [
     (r"pip install -e '\.\[test\]' && python -m pytest", Covered((".ci/run",))),
+    (r"^pip install -e '\.\[(cuda12|tpu)\]'", Covered((
+        "tests/test_install.py::test_accelerator_extras_are_jaxs_own",))),
     (r"^pip install", Covered((".ci/run",))),
     (r"python -m launch\.federate", Run(_TINY_FED)),
     (r"python -m launch\.(coordinator|site) .*--num_processes", Covered((

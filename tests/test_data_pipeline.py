@@ -143,6 +143,18 @@ def test_packing_fills_rows_with_several_short_documents():
   assert (seg > 0).mean() > 0.8  # ... and are mostly full.
 
 
+def test_max_documents_per_row_caps_the_packing():
+  """cuDNN's packed attention is built for a fixed number of runs per row."""
+  cfg = _cfg(seq_len=256, max_documents_per_row=2)
+  cfg.synthetic.num_documents = 50
+  cfg.synthetic.max_sentences = 3
+  it = iter(dp.make_dataset(cfg, split="train", batch_size=8))
+  seg = np.concatenate([next(it)["segment_ids"] for _ in range(5)])
+  assert seg.max() == 2
+  with pytest.raises(dp.DataError, match="max_documents_per_row"):
+    dp.validate(_cfg(max_documents_per_row=-1))
+
+
 # --- split rules ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data,fraction,cut", [

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tapestry_jax import attention
 from tapestry_jax import model as model_lib
 from tapestry_jax import sharding
 
@@ -153,16 +154,16 @@ def test_grouped_attention_matches_jax_nn_attention_and_its_gradients():
   v = jax.random.normal(ks[2], (B, L, K, Dh))
   ct = jax.random.normal(ks[3], (B, L, H, Dh))
   segments = jnp.asarray([[1] * 7 + [2] * 5, [1] * 3 + [2] * 6 + [0] * 3], jnp.int32)
-  mask = model_lib.attention_mask(segments)
+  mask = attention.mask(segments)
   bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
 
   def ours(q, k, v):
-    return jnp.sum(model_lib.grouped_attention(q, k, v, bias) * ct)
+    return jnp.sum(attention.grouped_attention(q, k, v, bias) * ct)
 
   def ref(q, k, v):
     return jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla") * ct)
 
-  np.testing.assert_allclose(jax.jit(model_lib.grouped_attention)(q, k, v, bias),
+  np.testing.assert_allclose(jax.jit(attention.grouped_attention)(q, k, v, bias),
                              jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"),
                              rtol=1e-5, atol=1e-5)
   got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)

@@ -44,7 +44,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   m.compute_dtype = "float32"  # Matmul dtype; "bfloat16" on accelerators.
   m.remat = "none"  # Rematerialisation: none | full | dots | dots_no_batch.
   m.scan_layers = True  # Scan over layers (compile time flat in depth) vs unrolled.
-  m.attention = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn.
+  # auto (reference on CPU, cuDNN flash on Hopper+ GPUs, Pallas splash on TPU) | reference |
+  # xla | cudnn | splash: tapestry_jax/attention.py.
+  m.attention = "auto"
+  m.max_segments = 32  # cudnn: runs of segment ids per row it is built for (docs + padding).
+  m.loss_chunk = 512  # Positions per chunk of the loss; no B x L x vocab logits (0 = one chunk).
 
   # --- data (data_pipelines.config) ----------------------------------------------------
   c.data = data_config.default_config()
@@ -113,6 +117,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.remat = "dots_no_batch"
     c.data.tokenizer = "sentencepiece"
     c.data.seq_len = 2048
+    c.data.max_documents_per_row = m.max_segments - 1  # cuDNN's packed attention.
     t.global_batch_size = 256
     t.steps = 20_000
     t.lr = 3e-4 if preset in ("1b", "7b") else 6e-4
