@@ -52,6 +52,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   # --- data (data_pipelines.config) ----------------------------------------------------
   c.data = data_config.default_config()
+  # cuDNN's packed attention (GPUs) holds model.max_segments runs per row: the documents
+  # and the padding after them.
+  c.data.max_documents_per_row = m.max_segments - 1
 
   # --- training ---------------------------------------------------------------------------
   t = c.train = ml_collections.ConfigDict()
@@ -117,7 +120,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     m.remat = "dots_no_batch"
     c.data.tokenizer = "sentencepiece"
     c.data.seq_len = 2048
-    c.data.max_documents_per_row = m.max_segments - 1  # cuDNN's packed attention.
     t.global_batch_size = 256
     t.steps = 20_000
     t.lr = 3e-4 if preset in ("1b", "7b") else 6e-4
