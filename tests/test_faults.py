@@ -1,8 +1,8 @@
 """Faults the federation must survive, each with what it must not lose.
 
-A site process SIGKILLed while it trains and while its checkpoint lands (a real
-`launch.site` process against an in-process coordinator, compared with an uninterrupted
-run computed here), two coordinators racing on one round, an update replayed into a
+A site process SIGKILLed while it trains, while it publishes and while its checkpoint is
+written (a real `launch.site` process, stopped at each point by tests/paused_site.py,
+against an in-process coordinator, compared with an uninterrupted run computed here), two coordinators racing on one round, an update replayed into a
 later round, a rolled-back or foreign-signed global round on the site's side, and an
 upload that stopped half-way. Everything runs on file:// buckets.
 """
@@ -74,8 +74,8 @@ def _capture_logs(caplog):
 # ------------------------------------------------------------------ 1. a site killed and restarted
 
 # One site (quorum 1, so the coordinator moves on as soon as the site publishes), four
-# rounds of 24 inner steps (~1.5 s of training per round on a CPU: long enough to kill
-# the site inside one).
+# rounds of 24 inner steps (with overlap, 12 of them after the round is adopted: a
+# half-way point to stop at either way).
 SITE_OVERRIDES = {
     "federation.rounds": 4, "federation.inner_steps": 24, "federation.poll_s": 0.02,
     "federation.deadline_s": 0.0, "federation.round_timeout_s": 300.0,
