@@ -127,6 +127,7 @@ RULES: list[tuple[str, Run | Covered]] = [
      Run("--preset=tiny --repeats=3 --s3_repeats=1")),
     (r"python -m experiments\.benchmarks\.sample_throughput",
      Run("--preset=tiny --batch=2 --prompt_len=8 --new_tokens=8 --repeats=1")),
+    (r"python -m experiments\.benchmarks\.data_throughput", Run("--documents=60 --repeats=1")),
     (r"python -m experiments\.benchmarks\.train_throughput",
      Run("--preset=tiny --steps=2 --batch=2 --seq_len=64 --matmul_n=256")),
     (r"^(JAX_PLATFORMS=cpu )?sbatch", Covered(("tests/test_slurm.py", "tests/test_recipes.py"))),

@@ -2,10 +2,14 @@
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from tapestry_jax.buckets import Bucket, BucketError, kvstore_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_url_forms(tmp_path, monkeypatch):
@@ -108,16 +112,40 @@ def test_bucket_under_a_regular_file_is_not_writable(tmp_path):
     b.write("k", b"x")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+# Drops every capability of its process (capset(2)), so that even root obeys directory
+# permissions as an unprivileged user does (CAP_DAC_OVERRIDE is what lets root ignore
+# them), then checks the bucket named by argv[1]. A subprocess: the drop is for good.
+_CHECK_WITHOUT_CAPABILITIES = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process.
+if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:  # Effective, permitted, inheritable.
+  raise OSError(ctypes.get_errno(), "capset")
+from tapestry_jax.buckets import Bucket, BucketError
+try:
+  Bucket(sys.argv[1]).check_writable()
+except BucketError as e:
+  print(e)
+else:
+  print("writable")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="capabilities are Linux's")
 def test_read_only_directory_is_not_writable(tmp_path):
+  """Also as root (how CI runs): the check runs in a process with no capabilities."""
   ro = tmp_path / "ro"
   ro.mkdir()
   ro.chmod(0o555)
   try:
-    with pytest.raises(BucketError, match="permission denied"):
-      Bucket(str(ro / "b")).check_writable()
+    out = subprocess.run([sys.executable, "-c", _CHECK_WITHOUT_CAPABILITIES, f"{ro}/b"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
   finally:
     ro.chmod(0o755)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.startswith(f"bucket {ro}/b is not writable"), out.stdout
+  assert "permission denied" in out.stdout, out.stdout
 
 
 def test_unreachable_endpoint_is_named(monkeypatch):

@@ -253,10 +253,14 @@ def test_bad_updates_are_rejected_with_a_reason_and_not_merged(tmp_path, caplog)
       d[n] = d[n].astype(ml_dtypes.bfloat16)
     _publish(config, tmp_path, "greek", round_, d, **bad)
     caplog.clear()
+    read0 = coord.sites["greek"].bytes_read
 
     rec = coord.run_round(round_)
 
     assert rec["sites"] == ["cyrillic", "latin"], reason
+    # Refused from its manifest: only that and the COMMIT were read (a few kB), none of
+    # the update's arrays (~3.5 MB; an absurd shape is never allocated or read).
+    assert coord.sites["greek"].bytes_read - read0 < 64 << 10, reason
     rejected = [m for m in _warnings(caplog) if "rejected update of site greek" in m]
     assert len(rejected) == 1 and f"round {round_}:" in rejected[0], _warnings(caplog)
     assert re.search(reason, rejected[0]), rejected[0]

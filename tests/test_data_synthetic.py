@@ -3,7 +3,6 @@
 import collections
 import math
 import re
-import time
 
 import numpy as np
 import pytest
@@ -33,11 +32,11 @@ def test_documents_are_deterministic_and_seeded():
   assert set(_docs(0, "train", 300)).isdisjoint(_docs(0, "eval", 300))
 
 
-def test_generation_is_cheap():
-  start = time.perf_counter()
+def test_documents_are_of_moderate_length():
+  """Short enough to pack many per row, long enough to hold several sentences (their
+  generation speed: experiments/benchmarks/data_throughput.py)."""
   docs = [syn.generate_document(0, i % 6, "train", 10_000 + i) for i in range(600)]
-  per_doc = (time.perf_counter() - start) / len(docs)
-  assert per_doc < 2e-3, f"{per_doc * 1e3:.2f} ms per document"
+  assert all(isinstance(d, str) and d for d in docs)
   assert 100 < np.mean([len(d.encode()) for d in docs]) < 3000
 
 

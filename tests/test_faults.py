@@ -1,8 +1,8 @@
 """Faults the federation must survive, each with what it must not lose.
 
-A site process SIGKILLed while it trains and while its checkpoint lands (a real
-`launch.site` process against an in-process coordinator, compared with an uninterrupted
-run computed here), two coordinators racing on one round, an update replayed into a
+A site process SIGKILLed while it trains, while it publishes and while its checkpoint is
+written (a real `launch.site` process, stopped at each point by tests/paused_site.py,
+against an in-process coordinator, compared with an uninterrupted run computed here), two coordinators racing on one round, an update replayed into a
 later round, a rolled-back or foreign-signed global round on the site's side, and an
 upload that stopped half-way. Everything runs on file:// buckets.
 """
@@ -74,8 +74,8 @@ def _capture_logs(caplog):
 # ------------------------------------------------------------------ 1. a site killed and restarted
 
 # One site (quorum 1, so the coordinator moves on as soon as the site publishes), four
-# rounds of 24 inner steps (~1.5 s of training per round on a CPU: long enough to kill
-# the site inside one).
+# rounds of 24 inner steps (with overlap, 12 of them after the round is adopted: a
+# half-way point to stop at either way).
 SITE_OVERRIDES = {
     "federation.rounds": 4, "federation.inner_steps": 24, "federation.poll_s": 0.02,
     "federation.deadline_s": 0.0, "federation.round_timeout_s": 300.0,
@@ -98,9 +98,11 @@ def _site_config(overlap_steps: int = 0):
 
 class _SiteProcess:
   """`python -m launch.site` for site latin, in a process group of its own (so SIGKILL
-  reaches nothing else); the log is WORKDIR/logs/latin.N.log."""
+  reaches nothing else); the log is WORKDIR/logs/latin.N.log. With `pause_at`
+  (tests/paused_site.py: "train:STEP", "publish:ROUND" or "checkpoint:STEP") the same
+  site stops for good at that point and says so in WORKDIR/logs/pause.N.json."""
 
-  def __init__(self, config, workdir, run: int):
+  def __init__(self, config, workdir, run: int, pause_at: str = ""):
     args = [f"--config={ROOT}/experiments/configs/federation.py:tiny+fedavg/latin",
             *[f"--config.{k}={v}" for k, v in SITE_OVERRIDES.items()],
             f"--config.federation.overlap_steps={config.federation.overlap_steps}",
@@ -116,8 +118,13 @@ class _SiteProcess:
                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"} if cache else {}))
     os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
     self.log = os.path.join(workdir, "logs", f"latin.{run}.log")
+    self.pause_file = os.path.join(workdir, "logs", f"pause.{run}.json")
+    main = ["-m", "launch.site"]
+    if pause_at:
+      main = [os.path.join(ROOT, "tests", "paused_site.py")]
+      env.update(PAUSE_AT=pause_at, PAUSE_FILE=self.pause_file)
     with open(self.log, "w") as log:
-      self.proc = subprocess.Popen([sys.executable, "-m", "launch.site", *args], cwd=ROOT,
+      self.proc = subprocess.Popen([sys.executable, *main, *args], cwd=ROOT,
                                    env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
 
@@ -140,6 +147,13 @@ class _SiteProcess:
     os.killpg(self.proc.pid, signal.SIGKILL)
     self.proc.wait()
 
+  def kill_when_paused(self) -> dict:
+    """SIGKILLs the site once it has stopped at its pause point; returns what it said."""
+    self.until("its pause point", lambda: os.path.exists(self.pause_file))
+    self.kill()
+    with open(self.pause_file) as f:
+      return json.load(f)
+
   def finish(self, timeout_s: float = 240.0) -> None:
     try:
       rc = self.proc.wait(timeout_s)
@@ -155,21 +169,31 @@ def _checkpoints(site_dir) -> list[int]:
   return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
 
 
+def _unfinished_checkpoints(site_dir) -> list[str]:
+  """Orbax's temporary directories of checkpoints not finalised (STEP.orbax-checkpoint-tmp*)."""
+  path = os.path.join(site_dir, "checkpoints")
+  return sorted(d for d in os.listdir(path) if not d.isdigit()) if os.path.isdir(path) else []
+
+
 @pytest.mark.parametrize("overlap_steps", [0, 12], ids=["no_overlap", "overlap"])
-def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path, overlap_steps):
+def test_a_site_killed_mid_steps_mid_publish_and_mid_checkpoint_resumes_exactly(
+    tmp_path, overlap_steps):
   """Must not be lost: the site's data position (no batch skipped or trained twice from
   another position), its train state, and the federation's result. A site SIGKILLed
-  (a) while training a round and (b) right after its update's COMMIT appears, while its
-  checkpoint is being written (the coordinator has meanwhile moved on to the next
+  (a) half-way through a round's inner steps, (b) half-way through writing its update's
+  arrays (no manifest, no COMMIT) and (c) after its update's COMMIT, half-way through
+  writing that round's checkpoint (the coordinator has meanwhile moved on to the next
   round), restarted on the same workdir each time, trains every round exactly once from
   the right data position: each committed update, the final global model, the final
   train state and the next batch of its data equal an uninterrupted run's bit for bit;
   every update is accepted (named in the global round's inputs); tokens add up to
-  rounds x H x batch x seq_len. With federation.overlap_steps (tau=12 of H=24), a site
-  publishes in the background while it trains tau steps ahead and checkpoints when it
-  joins that exchange, at step r x H + tau: kill (a) lands after it carried those steps
-  onto global round 1, and (b) while it trains ahead of global round 3, whose replay
-  carries them onto it again."""
+  rounds x H x batch x seq_len. Each kill lands in its phase on every run: the site stops
+  there for good (tests/paused_site.py) and the test asserts the phase from the site's
+  checkpoints and bucket before it goes on. With federation.overlap_steps (tau=12 of
+  H=24), a site publishes in the background while it trains tau steps ahead and
+  checkpoints when it joins that exchange, at step r x H + tau: kill (a) lands after it
+  carried those steps onto global round 1, (b) while it trains ahead of round 2's
+  exchange, and (c) before global round 3, whose replay carries them onto it again."""
   config = _site_config(overlap_steps)
   f = config.federation
   rounds, h = int(f.rounds), int(f.inner_steps)
@@ -190,30 +214,35 @@ def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path, ov
   glob, own = coord.glob, coord.sites["latin"]
   site_dir = os.path.join(workdir, "sites", "latin")
   committed = lambda r: own.exists(f"{exchange.update_prefix(r)}/{exchange.COMMIT}")
-
-  # (a) Killed while training from global round 1, as soon as its round-1 checkpoint has
-  # landed (the site polls every 0.02 s, reads a global in ~0.2 s, then trains for ~2 s;
-  # a checkpoint takes 0.2-2 s).
   # With overlap, a published round's checkpoint is the state trained tau steps ahead.
   offset = overlap_steps
-  site = _SiteProcess(config, workdir, 0)
-  site.until("global round 1", lambda: exchange.read_latest(glob) == 1)
-  t0 = time.monotonic()
-  while _checkpoints(site_dir) != [h + offset] and time.monotonic() - t0 < 30:
-    time.sleep(0.001)
-  site.kill()
-  # The kill's phase, from the site's own state: its round-1 checkpoint (published round
-  # 1) had landed, and it had not written any of round 2's update: killed mid-round.
-  assert _checkpoints(site_dir) == [h + offset], "killed before its round-1 checkpoint landed"
-  assert not own.list(exchange.update_prefix(2)), \
-      "the site wrote round 2's update before it could be killed mid-round"
 
-  # (b) Killed as soon as the round-3 update is committed: its checkpoint has not landed.
-  site = _SiteProcess(config, workdir, 1)
-  site.until("the round-3 update's COMMIT", lambda: committed(3))
-  site.kill()
-  assert 3 * h + offset not in _checkpoints(site_dir), \
-      "the round-3 checkpoint landed before the kill; this run did not test a lost checkpoint"
+  # (a) Mid-inner-steps: half-way through the phase trained from global round 1, which
+  # starts at the round-1 checkpoint (step H + tau). Nothing of it is on disk: the
+  # checkpoints end at that step and the site's bucket has no byte of round 2's update.
+  said = _SiteProcess(config, workdir, 0, f"train:{h + offset}").kill_when_paused()
+  assert said["phase_start"] < said["step"] < said["phase_start"] + said["phase_steps"], said
+  assert _checkpoints(site_dir) == [h + offset] and not _unfinished_checkpoints(site_dir)
+  assert committed(1) and not own.list(exchange.update_prefix(2))
+
+  # (b) Mid-publish: the restarted site trains that phase again and is killed half-way
+  # through writing round 2's arrays: some are in its bucket, the rest, the manifest and
+  # the COMMIT are not, and its checkpoints still end at step H + tau.
+  said = _SiteProcess(config, workdir, 1, "publish:2").kill_when_paused()
+  keys = own.list(exchange.update_prefix(2))
+  stored = {n for n in said["arrays"] if any(f"/arrays/{n}/" in k for k in keys)}
+  assert 0 < len(said["written"]) < len(said["arrays"]) and stored == set(said["written"]), \
+      (said, keys)
+  assert not any(k.endswith((exchange.COMMIT, exchange.MANIFEST)) for k in keys), keys
+  assert _checkpoints(site_dir) == [h + offset]
+
+  # (c) Mid-checkpoint: killed after round 3's COMMIT, with that round's checkpoint begun
+  # (Orbax's temporary directory holds its data position) and not finalised.
+  said = _SiteProcess(config, workdir, 2, f"checkpoint:{3 * h + offset}").kill_when_paused()
+  assert committed(3) and not own.list(exchange.update_prefix(4))
+  assert 3 * h + offset not in _checkpoints(site_dir), _checkpoints(site_dir)
+  assert [d.split(".")[0] for d in _unfinished_checkpoints(site_dir)] == [str(3 * h + offset)]
+  assert said["written"], said
   # The coordinator does not wait for the site's checkpoint: global round 3 is committed
   # while the site is down, so the restarted site must not simply train from LATEST.
   deadline = time.monotonic() + 60
@@ -221,7 +250,7 @@ def test_a_site_killed_mid_round_and_mid_checkpoint_resumes_exactly(tmp_path, ov
     time.sleep(0.01)
   assert exchange.read_latest(glob) == 3
 
-  site = _SiteProcess(config, workdir, 2)
+  site = _SiteProcess(config, workdir, 3)
   site.finish()
   coordinator.join(60)
   assert not coordinator.is_alive(), "the coordinator did not finish"

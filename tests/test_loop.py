@@ -15,6 +15,7 @@ from tapestry_jax import federation
 from tapestry_jax import loop
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
+from tapestry_jax import trust
 from tapestry_jax.validate import ConfigError
 
 import fed_fakes
@@ -156,10 +157,16 @@ def test_init_from_a_federations_global_bucket_verifies_the_round(tmp_path):
   assert got.keys() == want.keys()
   for n, a in got.items():
     np.testing.assert_array_equal(np.asarray(a), want[n], err_msg=n)
-  # Another party's key, a round that does not exist, a bucket with no rounds.
-  c.train.init_public_key = cfg.federation.trust.public_keys.latin
-  with pytest.raises(checkpoint_lib.InitError, match="global round 0"):
+  # Another party's key: the coordinator's signature does not verify under it (the
+  # trust root's refusal, word for word), a round that does not exist, a bucket with no rounds.
+  keys = cfg.federation.trust.public_keys
+  c.train.init_public_key = keys.latin
+  key_ids = {p: trust.key_id(trust.parse_public_key(keys[p])) for p in ("coordinator", "latin")}
+  with pytest.raises(checkpoint_lib.InitError) as e:
     loop.site_setup(c)[1].init_state(0)
+  assert str(e.value) == (
+      f"train.init_from={url!r}: global round 0: manifest of 'coordinator' is signed by "
+      f"unknown key {key_ids['coordinator'][:16]!r}, not 'coordinator''s key {key_ids['latin']}")
   c.train.update(init_public_key="", init_round=3)
   with pytest.raises(checkpoint_lib.InitError, match="global round 3 is not committed"):
     loop.site_setup(c)[1].init_state(0)

@@ -11,11 +11,14 @@ from tapestry_jax.validate import ConfigError
 
 def test_overrides_apply_to_a_copy():
   base = fed_config.get_config("tiny+fedavg")
-  c = sweep.apply_overrides(base, {"name": "x", "federation.inner_steps": 10,
+  before = base.to_dict()
+  c = sweep.apply_overrides(base, {"name": "x", "federation.inner_steps": 7,
                                    "federation.outer.lr": 0.3, "sites": "latin,kana"})
-  assert c.federation.inner_steps == 10 and c.federation.outer.lr == 0.3
+  assert c.federation.inner_steps == 7 and c.federation.outer.lr == 0.3
   assert sorted(federation.site_names(c)) == ["kana", "latin"]
-  assert base.federation.inner_steps == 10 and len(federation.site_names(base)) == 4
+  # The base keeps every value the copy changed.
+  assert (base.federation.inner_steps, base.federation.outer.lr) == (10, 1.0)
+  assert len(federation.site_names(base)) == 4 and base.to_dict() == before
 
 
 def test_typos_and_unknown_sites_are_config_errors():
