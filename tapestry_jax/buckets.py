@@ -505,7 +505,8 @@ class Bucket:
     keys = sorted(k.decode() for k in keys)
     if self._root is not None:  # A link is listed as a key (its target is not walked).
       for key in keys:
-        self._confine("list", key)
+        if os.path.islink(os.path.join(self._root, key)):
+          self._confine("list", key)
     return keys
 
   def delete_prefix(self, prefix: str) -> None:
