@@ -85,13 +85,13 @@ def test_the_loop_stops_with_one_line_at_the_step_after_a_failed_save(tmp_path, 
   """The first save (step 1) fails in the background and no other save is due before the
   last step: the run stops with `error: checkpoint at step 1 failed: ...` (the launcher's
   one-line path) before that step, instead of training on without a checkpoint. Each
-  step takes 0.3 s of host time, as a real one would, so the failure is known by the
+  step takes 0.5 s of host time, as a real one would, so the failure is known by the
   next step or so."""
   checkpoint_faults.hook_state_writes(checkpoint_faults.disk_full_at(1), monkeypatch)
   save = checkpoint_lib.Checkpointer.save
 
   def slow_step(self, step, *args, **kwargs):
-    time.sleep(0.3)
+    time.sleep(0.5)
     return save(self, step, *args, **kwargs)
 
   monkeypatch.setattr(checkpoint_lib.Checkpointer, "save", slow_step)
