@@ -72,8 +72,8 @@ def test_a_failed_background_save_is_raised_by_the_next_call(tmp_path, monkeypat
                         "device"), msg
   assert "the latest checkpoint kept is step 1" in msg and "\n" not in msg
   assert ckpt.latest_step() == 1
-  np.testing.assert_array_equal(ckpt.restore_state(1, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})["w"],
-                                np.arange(4.0))
+  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  np.testing.assert_array_equal(ckpt.restore_state(1, abstract)["w"], np.arange(4.0))
   assert ckpt.save(4, state, it)  # The disk has room again: saving goes on.
   ckpt.wait()
   assert ckpt.latest_step() == 4
