@@ -29,10 +29,12 @@ BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
   """BAD_INPUT_ERRORS and the federation's own (a round that fails verification, a round
-  without its quorum), a model spec naming nothing loadable and the plots' (not a
-  finished run), imported only when needed: their modules import jax."""
+  without its quorum), a model spec naming nothing loadable, the plots' (not a
+  finished run) and a failed checkpoint save (full disk, lost mount: one line naming
+  the step and the checkpoint still kept), imported only when needed: their modules
+  import jax."""
   from tapestry_jax.buckets import BucketError
-  from tapestry_jax.checkpoint import CheckpointDirError, InitError
+  from tapestry_jax.checkpoint import CheckpointDirError, CheckpointSaveError, InitError
   from tapestry_jax.coordinator import QuorumError
   from tapestry_jax.exchange import ExchangeError
   from tapestry_jax.model_source import ModelSourceError
@@ -40,7 +42,7 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
   from tapestry_jax.trust import TrustError
 
   return BAD_INPUT_ERRORS + (ExchangeError, QuorumError, TrustError, BucketError, InitError,
-                             CheckpointDirError, ModelSourceError, PlotError)
+                             CheckpointDirError, ModelSourceError, PlotError, CheckpointSaveError)
 
 
 def define_party_flags():

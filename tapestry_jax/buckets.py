@@ -14,6 +14,7 @@ Accepted URLs:
   s3://bucket/prefix?endpoint=URL&region=REGION    S3 or an S3-compatible store
 Any of the URL forms may add `max_mbps=N` to its query (`file:///dir?max_mbps=100`): the
 bucket then emulates a WAN link of N megabit/s per direction (see `Bucket`).
+A file:// bucket refuses a key that a symbolic link leads out of the bucket (`Bucket`).
 """
 
 from __future__ import annotations
@@ -346,6 +347,12 @@ class Bucket:
       # both "create" a COMMIT. S3-compatible stores (SeaweedFS, MinIO) honour the headers.
       self._spec["use_conditional_write"] = True
     self.context = _context(max_retries, credentials)
+    # A file:// bucket's real directory, resolved once (the URL may name a symlink) and
+    # given to TensorStore, so a later change of that link does not move the bucket.
+    self._root = None
+    if self._spec["driver"] == "file":
+      self._root = os.path.realpath(self._spec["path"])
+      self._spec["path"] = self._root.rstrip("/") + "/"
     self.bytes_written = 0
     self.bytes_read = 0
     self._lock = threading.Lock()
@@ -368,6 +375,38 @@ class Bucket:
     return BucketError(f"bucket {self.url}: cannot {op} {key!r} ({self._where(key)}): "
                        f"{describe_error(exc)}")
 
+  def _confine(self, op: str, key: str) -> None:
+    """BucketError if, in a file:// bucket, a symbolic link on the way to `key` (its
+    own, or a directory's in the middle) leads out of the bucket's real directory.
+
+    Checked on every call, just before TensorStore opens the path, so a link planted
+    later is caught by the next operation; a link swapped in between this check and
+    the open is not (TensorStore follows links). Links that stay inside are allowed."""
+    if self._root is None:
+      return
+    real = os.path.realpath(os.path.join(self._root, key))
+    if os.path.commonpath([real, self._root]) != self._root:
+      raise BucketError(f"bucket {self.url}: cannot {op} {key!r} ({self._where(key)}): a "
+                        f"symbolic link leads it out of the bucket's directory "
+                        f"{self._root}, to {real}; file:// buckets refuse such links")
+
+  def _confine_tree(self, op: str, key: str) -> None:
+    """`_confine` for `key` and everything stored under it (a zarr array's directory)."""
+    self._confine(op, key)
+    if self._root is None:
+      return
+    todo = [os.path.realpath(os.path.join(self._root, key))]
+    while todo:
+      try:
+        entries = list(os.scandir(todo.pop()))
+      except (FileNotFoundError, NotADirectoryError):
+        continue
+      for entry in entries:
+        if entry.is_symlink():
+          self._confine(op, os.path.relpath(entry.path, self._root))
+        elif entry.is_dir():
+          todo.append(entry.path)
+
   def record_transfer(self, *, written: int = 0, read: int = 0) -> None:
     """Adds bytes moved to the counters (`read`/`write` call it, exchange.py for its zarr
     arrays); with `max_mbps`, waits until they fit under the link's rate."""
@@ -382,6 +421,7 @@ class Bucket:
   def read(self, key: str) -> bytes | None:
     """The value stored at `key`, or None if there is none."""
     check_key(key)
+    self._confine("read", key)
     try:
       result = self._kv.read(key).result()
     except Exception as e:  # noqa: BLE001
@@ -395,6 +435,7 @@ class Bucket:
   def write(self, key: str, data: bytes) -> None:
     """Stores `data` at `key`; returns once the store reports it durable."""
     check_key(key)
+    self._confine("write", key)
     if not isinstance(data, (bytes, bytearray, memoryview)):
       raise BucketError(f"bucket {self.url}: value for {key!r} must be bytes, got "
                         f"{type(data).__name__}")
@@ -411,6 +452,7 @@ class Bucket:
     it is). On S3-like stores, which cannot rename atomically, this is what lets two
     racing writers agree that exactly one of them committed."""
     check_key(key)
+    self._confine("create", key)
     data = bytes(data)
     try:
       # StorageGeneration "no value" (b'\x02'): the write applies only if the key is absent.
@@ -425,6 +467,7 @@ class Bucket:
   def exists(self, key: str) -> bool:
     """Whether `key` holds a value (reads zero bytes of it)."""
     check_key(key)
+    self._confine("check", key)
     try:
       result = self._kv.read(key, byte_range=slice(0, 0)).result()
     except Exception as e:  # noqa: BLE001
@@ -434,6 +477,7 @@ class Bucket:
   def delete(self, key: str) -> None:
     """Removes `key`; deleting a missing key is not an error."""
     check_key(key)
+    self._confine("delete", key)
     try:
       self._kv.write(key, None).result()
     except Exception as e:  # noqa: BLE001
@@ -450,17 +494,27 @@ class Bucket:
   def list(self, prefix: str = "") -> list[str]:
     """Sorted keys (relative to the bucket) that start with `prefix` ('' lists all)."""
     try:
-      keys = self._kv.list(self._key_range(prefix)).result()
+      key_range = self._key_range(prefix)
+      if "/" in prefix:  # TensorStore follows a link in the prefix's directories.
+        self._confine("list", prefix.rsplit("/", 1)[0])
+      keys = self._kv.list(key_range).result()
     except BucketError:
       raise
     except Exception as e:  # noqa: BLE001
       raise self._fail("list", prefix + "*", e) from None
-    return sorted(k.decode() for k in keys)
+    keys = sorted(k.decode() for k in keys)
+    if self._root is not None:  # A link is listed as a key (its target is not walked).
+      for key in keys:
+        if os.path.islink(os.path.join(self._root, key)):
+          self._confine("list", key)
+    return keys
 
   def delete_prefix(self, prefix: str) -> None:
     """Removes every key that starts with `prefix` (which must be non-empty)."""
     if not prefix:
       raise BucketError(f"bucket {self.url}: refusing to delete with an empty prefix")
+    if self._root is not None:  # TensorStore would delete what a link leads to.
+      self.list(prefix)
     try:
       self._kv.delete_range(self._key_range(prefix)).result()
     except BucketError:
@@ -472,9 +526,11 @@ class Bucket:
     """A kvstore spec rooted at `key` (for a zarr3 array stored there).
 
     Open arrays with `context=bucket.context`: `memory://` stores are only shared
-    within that context.
+    within that context. In a file:// bucket, every file and directory under `key` is
+    checked for links out of the bucket now (see `_confine`).
     """
     check_key(key)
+    self._confine_tree("open", key)
     spec = dict(self._spec)
     spec["path"] = spec["path"] + key.rstrip("/") + "/"
     return spec

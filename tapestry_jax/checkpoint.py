@@ -148,12 +148,22 @@ def _restore_args(abstract_state) -> ocp.args.PyTreeRestore:
 _SAVE_LOCK = threading.Lock()
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint save that failed (for an async save, in the background): that step was
+  not kept. Raised at the first `save` or `wait` after the failure is known."""
+
+
 class Checkpointer:
   """Async Orbax checkpoints with a save interval and a keep policy.
 
   `directory` is a local path or a bucket URL (`checkpoint_path`). Every process of a
   multi-process job constructs one and calls every method (Orbax synchronises them);
   the data iterator is a StreamsIterator (saved per stream) or a grain iterator.
+
+  A failed save is never silent: Orbax alone reports a failed background write only at
+  the next save that is due (or logs it), so `save` also checks, without waiting, on
+  every call, and raises CheckpointSaveError naming the failed step and the latest step
+  still kept.
   """
 
   def __init__(self, directory: str, save_every: int, keep: int, async_save: bool = True):
@@ -165,6 +175,7 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(checkpoint_path(directory), options=options,
                                           item_handlers=_item_handlers())
+    self._in_flight: int | None = None  # The step whose save may still be running.
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -173,12 +184,38 @@ class Checkpointer:
            meta: dict | None = None) -> bool:
     """Saves if `step` is on the interval (or `force`). The iterator's position is read
     now, before this call returns, so the caller may keep iterating. `meta` is a small
-    JSON dict kept in the same step (e.g. a federated site's round bookkeeping)."""
+    JSON dict kept in the same step (e.g. a federated site's round bookkeeping).
+    CheckpointSaveError if this save, or an earlier one that has finished, failed."""
+    if not (force or self._manager.should_save(step)):
+      self.check()
+      return False
+    self.wait()  # Orbax waits for the previous save here anyway; its failure first.
     items = dict(state=ocp.args.PyTreeSave(state), **_data_save(data_iterator))
     if meta is not None:
       items["meta"] = ocp.args.JsonSave(meta)
-    with _SAVE_LOCK:
-      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      with _SAVE_LOCK:
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001  (storage and Orbax raise many types)
+      raise self._failed(step, e) from e
+    if saved:
+      self._in_flight = step
+    return saved
+
+  def _failed(self, step: int | None, exc: BaseException) -> CheckpointSaveError:
+    why = (str(exc).strip().splitlines() or [""])[0][:300]
+    kept = self._manager.latest_step()  # Orbax has dropped the failed step by now.
+    what = "a checkpoint" if step is None else f"checkpoint at step {step}"
+    return CheckpointSaveError(
+        f"{what} failed: {type(exc).__name__}: {why}; the latest "
+        f"checkpoint kept is {'none' if kept is None else f'step {kept}'} in "
+        f"{self._manager.directory}")
+
+  def check(self) -> None:
+    """CheckpointSaveError if the last background save has failed; returns at once while
+    it is still running."""
+    if self._in_flight is not None and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def restore_meta(self, step: int) -> dict | None:
     """The `meta` dict saved with `step`, or None if that step has none."""
@@ -201,10 +238,15 @@ class Checkpointer:
     return restored["state"]
 
   def wait(self) -> None:
-    """Blocks until background saves are durable; raises if one failed."""
-    self._manager.wait_until_finished()
+    """Blocks until background saves are durable; CheckpointSaveError if one failed."""
+    step, self._in_flight = self._in_flight, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._failed(step, e) from e
 
   def close(self) -> None:
+    self.wait()
     self._manager.close()
 
 

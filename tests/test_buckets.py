@@ -215,3 +215,102 @@ def test_a_stalled_endpoint_is_given_up_within_bounded_time(tmp_path):
   assert seconds < 60, line[0]
   assert "cannot write 'k'" in line[0], line[0]
   assert len(held) >= 2  # The request was retried (a new connection per attempt).
+
+
+# ---------------------------------------------------------------- links out of a file:// bucket
+
+
+def _outside(tmp_path):
+  """A directory next to the bucket holding a file `s` that must stay unread and unchanged."""
+  out = tmp_path / "outside"
+  out.mkdir()
+  (out / "s").write_bytes(b"secret")
+  return out
+
+
+def _refused(op, key, why="symbolic link leads it out of the bucket"):
+  with pytest.raises(BucketError) as e:
+    op()
+  msg = str(e.value)
+  assert repr(key) in msg and why in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("link, key", [
+    ("f", "f"),                    # the key itself is a link to a file outside
+    ("d", "d/s"),                  # a directory link, the key below it
+    ("a/b/d", "a/b/d/s"),          # a directory link in the middle of a longer key
+])
+def test_links_out_of_a_file_bucket_are_refused(tmp_path, link, key):
+  out = _outside(tmp_path)
+  root = tmp_path / "b"
+  (root / link).parent.mkdir(parents=True, exist_ok=True)
+  (root / link).symlink_to(out / "s" if link == "f" else out)
+  b = Bucket(f"file://{root}")
+  _refused(lambda: b.read(key), key)
+  _refused(lambda: b.exists(key), key)
+  _refused(lambda: b.write(key, b"x"), key)
+  _refused(lambda: b.create(key, b"x"), key)
+  _refused(lambda: b.delete(key), key)
+  _refused(lambda: b.array_spec(key), key)
+  _refused(lambda: b.list(), link)  # The link is listed as a key: refused by name.
+  if link != "f":
+    _refused(lambda: b.write(f"{link}/new", b"x"), f"{link}/new")
+    _refused(lambda: b.list(f"{link}/"), link)
+    _refused(lambda: b.delete_prefix(f"{link}/"), link)
+  assert sorted(os.listdir(out)) == ["s"] and (out / "s").read_bytes() == b"secret"
+
+
+def test_links_inside_a_file_bucket_and_a_linked_root_work(tmp_path):
+  """A link that stays inside the bucket is allowed; a bucket URL naming a link to the
+  bucket's directory is resolved once, when the Bucket is made."""
+  real = tmp_path / "real"
+  Bucket(f"file://{real}").write("a/x", b"12")
+  (real / "alias").symlink_to(real / "a")
+  (tmp_path / "root-link").symlink_to(real)
+  b = Bucket(f"file://{tmp_path}/root-link")
+  assert b.read("alias/x") == b"12" and b.read("a/x") == b"12"
+  b.write("alias/y", b"3")
+  assert (real / "a" / "y").read_bytes() == b"3"
+  assert b.list() == ["a/x", "a/y", "alias"]
+  assert b.array_spec("a")["path"] == f"{real}/a/"
+
+
+def test_a_party_reading_an_update_through_a_link_gets_a_clear_error(tmp_path):
+  """A committed update whose array directory, or COMMIT, was replaced by a link to a
+  copy outside the bucket: the exchange read that a coordinator or merge worker makes
+  refuses it with a BucketError naming the key, before TensorStore follows the link."""
+  import shutil
+
+  import jax
+  import numpy as np
+
+  from tapestry_jax import exchange as ex
+
+  root = tmp_path / "site-fr"
+  bucket = Bucket(f"file://{root}")
+  prefix, attempt = ex.update_prefix(1), ex.new_attempt("links")
+  data = ex.data_prefix(prefix, attempt)
+  records = ex.write_arrays(bucket, data, {"w": np.arange(6, dtype=np.float32)})
+  ex.write_manifest(bucket, prefix, ex.make_manifest(
+      federation="test", kind="update", round=1, author="fr", attempt=attempt,
+      arrays=records, base_round=0, tokens=1, extra={}))
+  manifest = ex.read_manifest(bucket, prefix)
+  cpu = {"w": jax.sharding.SingleDeviceSharding(jax.devices()[0])}
+  np.testing.assert_array_equal(np.asarray(ex.read_arrays(bucket, prefix, manifest, cpu)["w"]),
+                                np.arange(6))
+
+  array_dir = root / data / "arrays" / "w"
+  chunk = next(p for p in array_dir.rglob("*") if p.is_file() and p.name != "zarr.json")
+  key = str(chunk.relative_to(root))
+  moved = tmp_path / "elsewhere"
+  shutil.copytree(array_dir, moved)
+  chunk.unlink()
+  chunk.symlink_to(moved / chunk.relative_to(array_dir))  # One chunk leads out.
+  _refused(lambda: ex.read_arrays(bucket, prefix, manifest, cpu), key)
+  _refused(lambda: ex.open_array(bucket, data, "w", manifest["arrays"]["w"]), key)
+
+  commit = root / prefix / "COMMIT"
+  shutil.copy(commit, tmp_path / "COMMIT")
+  commit.unlink()
+  commit.symlink_to(tmp_path / "COMMIT")
+  _refused(lambda: ex.read_manifest(bucket, prefix), f"{prefix}/COMMIT")
