@@ -2,18 +2,25 @@
 collector removes old rounds and uncommitted attempts but never a round a site may still
 read (a slow site paused in the middle of reading one, a site restarting from its
 checkpoint), and that the audit reports collected rounds instead of failing on them."""
+import functools
+import os
 import threading
 
 import jax
 import numpy as np
 import pytest
 
+from experiments.configs import federation as fed_config
 import fed_fakes
 
 from tapestry_jax import audit
+from tapestry_jax import buckets
+from tapestry_jax import coordinator as coord_lib
 from tapestry_jax import exchange
 from tapestry_jax import federation
+from tapestry_jax import preemption
 from tapestry_jax import retention
+from tapestry_jax import site as site_lib
 from tapestry_jax import trust
 from tapestry_jax.exchange import store
 from tapestry_jax.validate import ConfigError
@@ -128,7 +135,10 @@ def test_a_slow_site_mid_read_keeps_its_round_while_the_collector_runs(tmp_path,
   assert _global_rounds(cfg, wd) == [4, 5] and _round_keys(cfg, wd, 3) == []
   assert retention.collected_below(glob, cfg, coord.root) == 4
   # Each site collects its own updates at or below the floor (the coordinator may not).
+  # (Not above its own marker either: a restart may look at those, `site._unsaved_base`.)
   greek = fed_fakes.bucket(cfg, wd, "greek")
+  assert retention.collect_updates(greek, glob, cfg, "greek", 2, coord.root)["rounds"] == [1, 2]
+  assert exchange.committed_rounds(greek, "update") == [3, 4, 5]
   retention.collect_updates(greek, glob, cfg, "greek", 4, coord.root)
   assert exchange.committed_rounds(greek, "update") == [5]
 
@@ -165,3 +175,70 @@ def test_a_missing_or_forged_marker_keeps_every_round(tmp_path):
   _mark(cfg, wd, "latin", 3)
   assert coord.collect()["rounds"] == [0, 1, 2]
   assert _global_rounds(cfg, wd) == [3]
+
+
+H = 2  # Inner steps per round in the deployed test.
+
+
+class _StopLatinOnce:
+  """A `preemption.Preemption` that stops site latin's thread once, at step H + 1 (the
+  first step it trains from global round 1), as a SIGTERM there would."""
+  fired = False
+
+  def __init__(self):
+    self.stopped = False
+    self.mine = threading.current_thread().name == "latin" and not _StopLatinOnce.fired
+
+  def should_stop(self, step: int) -> bool:
+    if self.mine and step == H + 1:
+      self.stopped = _StopLatinOnce.fired = True
+    return self.stopped
+
+  def close(self):
+    pass
+
+
+def test_a_site_restarting_from_its_checkpoint_after_collection_resumes(tmp_path, monkeypatch):
+  """Deployed parties (threads sharing only file:// buckets), keep_rounds=1, quorum 1:
+  site latin is preempted at the first step it trains from global round 1 (its
+  checkpoint: round 1, not yet published); cyrillic then runs alone to round 4 while the
+  coordinator collects after every round. Latin's marker keeps round 1: latin restarts
+  from its checkpoint, reads round 1 again and completes. The next collection, with both
+  sites' markers moved on, removes round 0."""
+  config = fed_config.get_config("tiny+fedavg/latin,cyrillic")
+  f = config.federation
+  f.rounds, f.inner_steps, f.quorum, f.eval_every = 4, H, 1, 100
+  f.poll_s, f.deadline_s, f.round_timeout_s, f.compare_alone = 0.01, 0.0, 300.0, False
+  f.retention.keep_rounds = 1
+  config.train.update(global_batch_size=8, warmup_steps=2, eval_batches=1)
+  config.data.seq_len, config.data.synthetic.num_documents = 32, 100
+  workdir = str(tmp_path)
+  trust.ensure_local_keys(config, os.path.join(workdir, "keys"), federation.party_names(config))
+  devices = {"latin": jax.devices()[:1], "cyrillic": jax.devices()[1:2]}
+  monkeypatch.setattr(site_lib.preemption, "Preemption", _StopLatinOnce)
+  out = {}
+  party = functools.partial(fed_fakes.start_party, out)
+  site = lambda n: party(n, lambda: site_lib.run_site(config, n, workdir,  # noqa: E731
+                                                       devices=devices[n]))
+
+  coordinator = party("coordinator", coord_lib.Coordinator(config, workdir).run)
+  site("latin").join(600)
+  assert isinstance(out.get("latin"), preemption.Preempted), out
+  site("cyrillic").join(600)
+  coordinator.join(600)
+  for name in ("cyrillic", "coordinator"):
+    assert not isinstance(out[name], BaseException), (name, out[name])
+
+  latin = site("latin")  # Restarts from its checkpoint of global round 1.
+  latin.join(600)
+  assert not isinstance(out["latin"], BaseException), out["latin"]
+  assert [(r["global_round"], r.get("resumed_at_step")) for r in out["latin"]] == \
+      [(1, 1), (4, None)]
+  # Latin's marker (round 0: its newest durable checkpoint before the one of round 1)
+  # held every round while it was away.
+  assert [r["retention"]["floor"] for r in out["coordinator"]] == [0, 0, 0, 0]
+
+  glob = buckets.Bucket(federation.bucket_urls(config, workdir)[federation.GLOBAL])
+  assert exchange.committed_rounds(glob, "global") == [0, 1, 2, 3, 4]
+  assert coord_lib.Coordinator(config, workdir).collect()["rounds"] == [0]
+  assert exchange.committed_rounds(glob, "global") == [1, 2, 3, 4]
