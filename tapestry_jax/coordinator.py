@@ -376,6 +376,8 @@ class Coordinator:
       self.publish_initial()
       latest = 0
       logging.info("coordinator: published initial global round 0 to %s", self.glob.url)
+    else:
+      self.collect()  # A restart (or a rerun after the last round) collects what it may.
     records = []
     with open(os.path.join(self.dir, "rounds.jsonl"), "a") as out:
       for r in range(latest + 1, int(self.f.rounds) + 1):
