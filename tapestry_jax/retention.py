@@ -7,7 +7,8 @@ deletes only from the bucket it owns:
                bucket: the base round of its newest checkpoint known to be durable, the
                oldest global round it can still read (it never reads one older: rollback
                is refused, and a restart reads its checkpoint's round or a newer one).
-               It deletes its own update rounds at or below the coordinator's floor.
+               It deletes its own update rounds at or below both the coordinator's
+               floor and its own marker.
   coordinator  after each round, reads every site's marker and keeps every global round
                >= floor = min(LATEST - K + 1, every site's marker); a missing or
                unverifiable marker keeps everything. It writes the floor, signed, to the
@@ -52,7 +53,7 @@ def floor(latest: int, keep: int, markers: dict[str, int | None]) -> int:
   round at or above each site's resume marker; a site without one (None) keeps all."""
   if keep <= 0 or any(m is None for m in markers.values()):
     return 0
-  return max(0, min(latest - keep + 1, *markers.values()))
+  return max(0, min([latest - keep + 1, *markers.values()]))
 
 
 def collectable(committed: list[int], latest: int, keep: int,

@@ -50,7 +50,7 @@ def test_keep_rounds_must_be_a_non_negative_integer():
     cfg.federation.retention = {"keep_rounds": bad}
     with pytest.raises(ConfigError, match=r"federation.retention.keep_rounds=.* must be an "
                                           r"integer >= 0"):
-      retention.keep_rounds(cfg)
+      federation.check_federation_config(cfg)  # Up front, before any party starts.
 
 
 def _mark(cfg, workdir, site: str, round_: int) -> None:
