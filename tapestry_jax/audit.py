@@ -20,6 +20,10 @@ Round 0 (no inputs) is recomputed from the config: the initial params and outer 
 The merge is deterministic (fixed site order, float32, fixed accumulation order), which
 is what makes 4 an equality, not a tolerance.
 `audit_federation` audits many rounds in turn (what `launch.audit` runs).
+
+Under retention (`federation.retention.keep_rounds`) the rounds below the coordinator's
+signed floor are removed, and with them what the floor round itself was merged from:
+those rounds are reported as collected, not audited (`tapestry_jax.retention`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from tapestry_jax import federation
 from tapestry_jax import merge as merge_lib
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import outer_config
+from tapestry_jax import retention
 from tapestry_jax import trust
 
 
@@ -93,6 +98,11 @@ def audit_round(config, workdir: str, round_: int, *, credentials: str | None = 
   glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries, credentials=credentials)
   root = trust.TrustRoot.from_config(config) if f.trust.require_signatures else None
   prefix = exchange.global_prefix(round_)
+  below = retention.collected_below(glob, config, root)
+  if 0 < below and round_ <= below:
+    raise AuditError(f"global round {round_} cannot be recomputed: retention "
+                     f"(federation.retention.keep_rounds) collected the global rounds below "
+                     f"{below}; rounds from {below + 1} on can be audited")
   manifest = _read(glob, prefix, f"global round {round_}")
   report: dict[str, Any] = {
       "round": round_, "federation": manifest["federation"],
@@ -231,6 +241,14 @@ def audit_federation(config, workdir: str, rounds: Iterable[int] | None = None, 
     rounds = exchange.committed_rounds(glob, "global")
     if not rounds:
       raise AuditError(f"{glob.url} has no committed global round")
+    root = trust.TrustRoot.from_config(config) if config.federation.trust.require_signatures \
+        else None
+    below = retention.collected_below(glob, config, root)
+    if below > 0:  # Its base and inputs are gone: the kept rounds after it are audited.
+      if echo is not None:
+        echo(f"global rounds 0..{below}: collected by retention (federation.retention."
+             f"keep_rounds), not audited")
+      rounds = [r for r in rounds if r > below]
   reports = []
   for r in rounds:
     reports.append(audit_round(config, workdir, r, credentials=credentials))

@@ -34,6 +34,7 @@ from tapestry_jax import model as model_lib
 from tapestry_jax import merge as merge_lib
 from tapestry_jax import merge_workers
 from tapestry_jax import outer as outer_lib
+from tapestry_jax import retention
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
 
@@ -82,6 +83,7 @@ class Coordinator:
     self._rejected: set[str] = set()  # Sites whose update the last gather refused.
     self.workers = merge_workers.Workers(distributed.group())
     self._seq = 0  # Merge jobs sent to the workers so far.
+    self.keep = retention.keep_rounds(config)  # 0: every round is kept.
 
   # ---------------------------------------------------------------- rounds
 
@@ -287,6 +289,19 @@ class Coordinator:
                       if n not in updates and n not in self._rejected}
     return rec
 
+  def collect(self) -> dict | None:
+    """Retention (`federation.retention.keep_rounds`): removes the global rounds no site
+    may still need (`retention.collect_global`). A storage error is logged, not fatal:
+    the next round collects again."""
+    if not self.keep:
+      return None
+    try:
+      return retention.collect_global(self.glob, self.sites, self.config, self.root,
+                                      self.signer)
+    except (buckets.BucketError, exchange.ExchangeError) as e:
+      logging.warning("coordinator: retention skipped this round: %s", e)
+      return None
+
   # ---------------------------------------------------------------- merge workers
 
   def _send(self, job: dict) -> dict:
@@ -361,10 +376,14 @@ class Coordinator:
       self.publish_initial()
       latest = 0
       logging.info("coordinator: published initial global round 0 to %s", self.glob.url)
+    else:
+      self.collect()  # A restart (or a rerun after the last round) collects what it may.
     records = []
     with open(os.path.join(self.dir, "rounds.jsonl"), "a") as out:
       for r in range(latest + 1, int(self.f.rounds) + 1):
         rec = self.run_round(r)
+        if self.keep:
+          rec["retention"] = self.collect()
         records.append(rec)
         out.write(json.dumps(rec) + "\n")
         out.flush()

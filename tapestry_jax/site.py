@@ -43,6 +43,7 @@ from tapestry_jax import loop
 from tapestry_jax import outer as outer_lib
 from tapestry_jax import preemption
 from tapestry_jax import quantize
+from tapestry_jax import retention
 from tapestry_jax import train as train_lib
 from tapestry_jax import trees
 
@@ -427,6 +428,25 @@ class _Site:
     self.schema = federation.param_schema(config)  # Once, not per round.
     self.channel = distributed.Channel(f"site/{name}") if jax.process_count() > 1 else None
     self._decisions = 0
+    self.keep = retention.keep_rounds(config)  # 0: no resume marker, nothing collected.
+    self._durable = 0  # Base round of the newest checkpoint known to be durable.
+
+  def saved(self, base_round: int, *, restored: bool = False) -> None:
+    """Retention: after a checkpoint trained from `base_round` is saved, marks the base
+    round of the one before it (durable now: a save waits for the previous one; a
+    `restored` one is durable) as the oldest global round this site may still read, then
+    removes its own update rounds that neither it nor an audit can use
+    (`retention.collect_updates`). Storage errors are logged: a stale marker keeps more."""
+    if not self.keep or jax.process_index() != 0:
+      return
+    if restored:
+      self._durable = max(0, base_round)
+    resume, self._durable = self._durable, max(0, base_round)
+    try:
+      retention.write_resume(self.own, self.config, self.name, resume, self.signer)
+      retention.collect_updates(self.own, self.glob, self.config, self.name, resume, self.root)
+    except (buckets.BucketError, exchange.ExchangeError) as e:
+      logging.warning("site %s: retention skipped: %s", self.name, e)
 
   def next_round(self, last_base: int,
                  stop: threading.Event | None = None) -> tuple[int, float]:
@@ -615,6 +635,11 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
   progress = Progress.from_meta(worker.restore())
   if progress.base_round >= 0:
     logging.info("site %s: resumed at step %d (%s)", name, int(worker.state.step), progress)
+  site.saved(progress.base_round, restored=True)  # A fresh site marks round 0.
+
+  def save(p: Progress) -> None:
+    worker.save(dataclasses.asdict(p))
+    site.saved(p.base_round)
   records = []
   out = open(os.path.join(site.dir, "rounds.jsonl"), "a") if jax.process_index() == 0 else None
 
@@ -649,7 +674,7 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
               pending_rec.update(pending.wait_published())
               pending.cancel()
               record(pending_rec)
-            worker.save(dataclasses.asdict(progress))
+            save(progress)
             raise preemption.Preempted(trained["step"])
         if pending is not None:  # The exchange ran behind the steps ahead: join it.
           t_join = time.perf_counter()
@@ -661,7 +686,7 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
           record(pending_rec)
           pending = None
           # Committed: checkpoint the state trained ahead with what was sent.
-          worker.save(dataclasses.asdict(progress))
+          save(progress)
           g, t_read = done["round"], time.perf_counter()
           params, moments, manifest = _apply_global(worker, done["fetched"])
           rec.update(read_s=time.perf_counter() - t_read, fetch_s=done["read_s"],
@@ -698,7 +723,7 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
       progress.losses = trained.pop("losses")
       progress.steps_done = len(progress.losses)
       if trained.pop("preempted"):
-        worker.save(dataclasses.asdict(progress))
+        save(progress)
         raise preemption.Preempted(trained["step"])
       trained["compute_s"] += ahead_s  # The phase's steps, those ahead included.
       rec.update(trained)
@@ -719,7 +744,7 @@ def run_site(config, name: str, workdir: str, *, devices=None, private_key: str 
       t_sent = time.perf_counter()
       rec.update(publish_s=t_sent - t_pub, bytes_up=site.own.bytes_written - write0)
       progress.published = True
-      worker.save(dataclasses.asdict(progress))
+      save(progress)
       record(rec)
       logging.info("site %s: round %d published (train loss %.4f)", name,
                    progress.base_round + 1, rec["train_loss"])

@@ -28,6 +28,7 @@ from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import model_source
 from tapestry_jax import orchestrate
+from tapestry_jax import retention
 from tapestry_jax import seaweed
 from tapestry_jax import trees
 from tapestry_jax import trust
@@ -498,3 +499,36 @@ def test_an_unreachable_site_store_does_not_stop_the_round(s3, creds, tmp_path):
   rec = coord.run_round(1)
   assert rec["sites"] == ["cyrillic"]
   assert time.monotonic() - t0 < 30  # The deadline (1 s after the first update), plus merge.
+
+
+def test_retention_collects_over_s3_each_party_only_in_its_own_bucket(s3, creds, tmp_path):
+  """federation.retention.keep_rounds=1 on S3: each site marks with its own credentials,
+  the coordinator removes the global rounds below the floor with its own, each site its
+  own updates with its own; the coordinator cannot delete from a site's bucket."""
+  config = _config(s3, "retention", rounds=3, poll_s=0.05)
+  config.federation.retention.keep_rounds = 1
+  keys = str(tmp_path / "keys")
+  trust.ensure_local_keys(config, keys, federation.party_names(config))
+  coord = _coordinator(config, tmp_path, creds, keys)
+  coord.publish_initial()
+  own = {n: buckets.Bucket(config.sites[n].bucket, max_retries=2, credentials=creds[n])
+         for n in SITES}
+  signers = {n: trust.Signer.from_file(n, os.path.join(keys, f"{n}.key")) for n in SITES}
+  for r in (1, 2, 3):
+    for i, n in enumerate(SITES):
+      _commit_update(own[n], config, n, r, _delta(config, 10 * r + i), signers[n])
+      retention.write_resume(own[n], config, n, r - 1, signers[n])
+    coord.run_round(r)
+  assert coord.collect()["rounds"] == [0, 1]  # The sites mark round 2.
+  glob = buckets.Bucket(config.federation.global_bucket, max_retries=2,
+                        credentials=creds["latin"])  # What a site sees.
+  assert exchange.committed_rounds(glob, "global") == [2, 3]
+  assert glob.list(exchange.global_prefix(1) + "/") == []
+  for n in SITES:
+    retention.collect_updates(own[n], glob, config, n, 2, coord.root)
+    assert exchange.committed_rounds(own[n], "update") == [3]
+  theirs = buckets.Bucket(config.sites.latin.bucket, max_retries=1,
+                          credentials=creds["coordinator"])
+  with pytest.raises(buckets.BucketError, match="permission denied"):
+    theirs.delete_prefix(exchange.update_prefix(3) + "/")
+  assert exchange.committed_rounds(own["latin"], "update") == [3]

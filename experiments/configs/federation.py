@@ -235,6 +235,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # input (whole chunks, so the bits do not depend on it); its memory is a few block sets
   # per merge worker. 16 = merge.DEFAULT_MAX_BLOCK_BYTES.
   f.merge_block_mib = 16.0
+  # Retention (tapestry_jax/retention.py, docs/federation.md): keep_rounds = K > 0 removes
+  # the global rounds older than the last K that no site may still resume from (each site
+  # marks the oldest global round it may read) with their sites' updates, and uncommitted
+  # attempts; every party deletes only from its own bucket. 0 = keep every round.
+  f.retention = ml_collections.ConfigDict(dict(keep_rounds=0))
   # Rounds between evaluations of the global model on every site's held-out data (the
   # last round is always evaluated).
   f.eval_every = 5
