@@ -219,8 +219,8 @@ def _check_signature(manifest: Mapping, author: str, known: ed25519.Ed25519Publi
     value = base64.b64decode(str(sig.get("value", "")), validate=True)
     known.verify(value, signed_bytes(manifest))
   except (binascii.Error, ValueError, InvalidSignature):
-    raise TrustError(f"{what}: the signature does not verify (forged, or it was changed "
-                     f"after it was signed)") from None
+    raise TrustError(f"{what}: the signature does not verify (forged, or the manifest was "
+                     f"changed after it was signed)") from None
   return sig
 
 

@@ -7,6 +7,8 @@ rounds verify with the keys they were signed with). A forged update changes noth
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -24,6 +26,7 @@ SITES = fed_fakes.SITES
 # The federation's root key, held offline by its governance (one per test process).
 ROOT_KEY = trust.generate_private_key()
 ROOT = trust.Signer(trust.ROOT_PARTY, ROOT_KEY)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(rounds=3, quorum=2):
@@ -94,7 +97,7 @@ def test_a_site_key_rotated_at_a_round_boundary_and_the_whole_run_audits(tmp_pat
   assert _inputs(config, tmp_path, 2) == ["cyrillic", "latin"]
   old_id = fed_fakes.signer("greek").key_id
   (msg,) = _rejections(caplog)
-  assert (f"rejected update of site greek" in msg and f"manifest of 'greek' for round 2 is "
+  assert ("rejected update of site greek" in msg and f"manifest of 'greek' for round 2 is "
           f"signed with its key {old_id}, which is not its key for that round "
           f"({new_signer.key_id}, from round 2 on, by trust-root update #1): a rotated key"
           in msg), msg
@@ -258,3 +261,44 @@ def test_a_forged_or_tampered_trust_root_update_is_refused_by_every_party(tmp_pa
   with pytest.raises(exchange.ExchangeError, match=r"the trust-root log has a gap: update #1 "
                                                    r"is missing"):
     exchange.read_trust_updates(glob)
+
+
+def test_launch_keygen_makes_the_root_key_and_publishes_a_key_change(tmp_path):
+  """`launch.keygen --party=trust-root` prints the root_key line; `--change_key` publishes
+  a rotation every reader applies; the same with another key than the root key is one
+  line and exit status 2, and publishes nothing."""
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+
+  def keygen(*args):
+    return subprocess.run([sys.executable, "-m", "launch.keygen", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+  made = keygen("--party=trust-root", f"--out={tmp_path}/root")
+  assert made.returncode == 0, made.stderr[-2000:]
+  root_line = made.stdout.strip().splitlines()[-1]
+  assert root_line.startswith("--config.federation.trust.root_key=ed25519:"), made.stdout
+  assert keygen("--party=latin", f"--out={tmp_path}/new").returncode == 0
+  config = fed_fakes.config()
+  config.federation.trust.root_key = root_line.split("=", 1)[1]
+  args = ["--config=experiments/configs/federation.py:tiny+fedavg/latin,cyrillic,greek",
+          root_line, f"--workdir={tmp_path}", "--change_key=latin", "--from_round=3",
+          f"--new_key={tmp_path}/new/latin.pub"]
+  args += [f"--config.federation.trust.public_keys.{p}={k}"
+           for p, k in config.federation.trust.public_keys.items()]
+
+  stranger = trust.keygen(str(tmp_path / "stranger"), trust.ROOT_PARTY)[0]
+  refused = keygen(*args, f"--root_key={stranger}")
+  assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+      f"error: file://{tmp_path}/buckets/global: refusing to publish the trust-root update: "
+      f"this key is not the federation's root key (federation.trust.root_key)"], refused.stderr
+  out = keygen(*args, f"--root_key={tmp_path}/root/trust-root.key")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "published trust-root update #1" in out.stdout, out.stdout
+
+  glob = fed_fakes.bucket(config, tmp_path, federation.GLOBAL)
+  root = trust.TrustRoot.from_config(config)
+  exchange.refresh_trust(root, glob)
+  new_text = open(tmp_path / "new" / "latin.pub").read().strip()
+  assert trust.public_key_text(root.key_for("latin", 3)) == new_text
+  assert root.key_for("latin", 2) is root.keys["latin"]  # Before round 3: the configured key.

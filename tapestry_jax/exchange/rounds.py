@@ -420,7 +420,8 @@ def read_trust_updates(bucket: buckets.Bucket) -> list[dict]:
   """The trust-root log in global bucket `bucket`: every published trust-root update
   (`trust.key_update`), in order; ExchangeError for a gap or a record that is not JSON.
   Its signatures are checked where it is applied (`refresh_trust`)."""
-  keys = sorted(k for k in bucket.list(TRUST_LOG) if re.fullmatch(r"trust/updates/\d{6}\.json", k))
+  keys = sorted(k for k in bucket.list(TRUST_LOG)
+                if re.fullmatch(r"trust/updates/\d{6}\.json", k))
   out = []
   for seq, key in enumerate(keys, 1):
     if key != trust_update_key(seq):
@@ -459,6 +460,23 @@ def refresh_trust(root: trust.TrustRoot | None, bucket: buckets.Bucket) -> None:
     root.apply_updates(read_trust_updates(bucket))
   except trust.TrustError as e:
     raise ExchangeError(f"{bucket.url}: refusing the trust-root log: {e}") from None
+
+
+def change_key(bucket: buckets.Bucket, config, signer: trust.Signer, party: str,
+               from_round: int, new_key: str | None) -> dict:
+  """Signs (with `signer`, the root key's holder) and publishes in global bucket `bucket`
+  the next trust-root update: from round `from_round` on, `party`'s key is `new_key`
+  ("ed25519:..."), or None: revoked. Checked as every reader will check it before it is
+  published; returns it. ExchangeError if the log or the update is refused."""
+  root = trust.TrustRoot.from_config(config)
+  refresh_trust(root, bucket)
+  try:
+    record = trust.key_update(signer, root, party, from_round, new_key)
+    root.apply_updates(root.updates + [record])
+  except trust.TrustError as e:
+    raise ExchangeError(f"{bucket.url}: refusing to publish the trust-root update: {e}") from None
+  publish_trust_update(bucket, record)
+  return record
 
 
 class StaleRoundError(ExchangeError):
