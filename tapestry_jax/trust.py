@@ -202,9 +202,9 @@ class Signer:
 
 
 def _check_signature(manifest: Mapping, author: str, known: ed25519.Ed25519PublicKey,
-                     what: str) -> Mapping:
-  """The signature of `manifest` by `author`, checked with `known` (TrustError if it is
-  missing, by another key, or does not verify)."""
+                     what: str) -> None:
+  """Checks `manifest`'s signature by `author` with `known`: TrustError if it is missing,
+  by another key, or does not verify."""
   if manifest.get("author") != author:
     raise TrustError(f"{what} authored by {manifest.get('author')!r}, expected {author!r}")
   sig = manifest.get("signature")
@@ -221,7 +221,6 @@ def _check_signature(manifest: Mapping, author: str, known: ed25519.Ed25519Publi
   except (binascii.Error, ValueError, InvalidSignature):
     raise TrustError(f"{what}: the signature does not verify (forged, or the manifest was "
                      f"changed after it was signed)") from None
-  return sig
 
 
 class TrustRoot:

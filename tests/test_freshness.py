@@ -197,3 +197,19 @@ def test_the_audit_refuses_rounds_whose_dates_go_backwards(tmp_path):
   with pytest.raises(audit.AuditError, match=r"update of site cyrillic for round 2 is dated "
                                              r".*, after the global round merged from it"):
     audit.audit_round(config, str(tmp_path), 2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_global_age_s", -1.0, r"federation.trust.max_global_age_s must be seconds >= 0, got -1.0"),
+    ("max_clock_skew_s", float("nan"), r"federation.trust.max_clock_skew_s must be seconds >= 0"),
+    ("expires_at", "2030-01-01T00:00:00+02:00", r"federation.trust.expires_at "
+                                                r"'2030-01-01T00:00:00\+02:00' is not an ISO-8601 "
+                                                r"UTC time"),
+    ("expires_at", "next year", r"federation.trust.expires_at 'next year' is not an ISO-8601"),
+])
+def test_bad_time_settings_are_one_clear_error(tmp_path, field, value, message):
+  config = fed_fakes.config()
+  config.federation.trust[field] = value
+  with pytest.raises(federation.ConfigError, match=r"party 'latin': " + message):
+    federation.party_trust(config, "latin", str(tmp_path),
+                           os.path.join(fed_fakes.KEYS, "latin.key"))
