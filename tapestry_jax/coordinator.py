@@ -64,12 +64,14 @@ class Coordinator:
     self.config = config
     self.f = config.federation
     self.names = sorted(federation.site_names(config))  # The merge's fixed order.
-    self.root, self.signer = federation.party_trust(config, federation.COORDINATOR, workdir,
-                                                    private_key)
     urls = federation.bucket_urls(config, workdir)
     retries = int(self.f.storage_retries)
     self.glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries,
                                credentials=credentials)
+    # Its key may have been rotated by a trust-root update in the global bucket's log.
+    log = exchange.read_trust_updates(self.glob) if self.f.trust.require_signatures else None
+    self.root, self.signer = federation.party_trust(config, federation.COORDINATOR, workdir,
+                                                    private_key, updates=log)
     self.sites = {n: buckets.Bucket(urls[n], max_retries=retries, credentials=credentials)
                   for n in self.names}
     self.spec = federation.merge_spec(config)  # How every round is merged.
@@ -193,6 +195,7 @@ class Coordinator:
         else:
           if m is None:
             continue
+          exchange.refresh_trust(self.root, self.glob)  # A key rotated for this round?
           why = exchange.validate_update(m, self.config, n, round_, base,
                                          self.update_schema(round_), self.root)
         if why is not None:

@@ -93,14 +93,16 @@ def default_key_file(workdir: str, party: str) -> str:
   return os.path.join(os.path.abspath(workdir), "keys", f"{party}.key")
 
 
-def party_trust(config, party: str, workdir: str, private_key: str | None = None
-                ) -> tuple[trust.TrustRoot | None, trust.Signer | None]:
-  """The trust root every party verifies against and `party`'s own signer.
+def party_trust(config, party: str, workdir: str, private_key: str | None = None,
+                updates=None) -> tuple[trust.TrustRoot | None, trust.Signer | None]:
+  """The trust root every party verifies against (live: it refuses an expired trust root
+  and manifests dated beyond the clock skew) and `party`'s own signer.
 
   With federation.trust.require_signatures (the default) every party must have a public
   key in federation.trust.public_keys, and `party`'s private key (`private_key`, default
-  WORKDIR/keys/PARTY.key) must match its public key. Without it: (None, None), nothing
-  is signed or verified (for experiments on one trusted machine only)."""
+  WORKDIR/keys/PARTY.key) must match its public key, or a key that `updates` (the
+  trust-root log, `exchange.read_trust_updates`) rotated it to. Without it: (None, None),
+  nothing is signed or verified (for experiments on one trusted machine only)."""
   t = config.federation.trust
   if not bool(t.require_signatures):
     logging.warning("federation.trust.require_signatures is off: updates and global rounds "
@@ -114,7 +116,9 @@ def party_trust(config, party: str, workdir: str, private_key: str | None = None
         f"and set --config.federation.trust.public_keys.NAME=ed25519:... (launch.federate "
         f"makes them itself for a federation run on one machine)")
   try:
-    root = trust.TrustRoot.from_config(config)
+    root = trust.TrustRoot.from_config(config, live=True)
+    root.check_live()
+    root.apply_updates(list(updates or []))
     signer = trust.Signer.from_file(party, private_key or default_key_file(workdir, party))
     root.check_signer(signer)
   except trust.TrustError as e:

@@ -415,12 +415,15 @@ class _Site:
   def __init__(self, config, name: str, workdir: str, devices, private_key, credentials):
     federation.check_federation_config(config, devices, site=name)
     self.config, self.name, self.f = config, name, config.federation
-    self.root, self.signer = federation.party_trust(config, name, workdir, private_key)
     urls = federation.bucket_urls(config, workdir)
     retries = int(self.f.storage_retries)
     self.own = buckets.Bucket(urls[name], max_retries=retries, credentials=credentials)
     self.glob = buckets.Bucket(urls[federation.GLOBAL], max_retries=retries,
                                credentials=credentials)
+    # Its key may have been rotated by a trust-root update in the global bucket's log.
+    log = exchange.read_trust_updates(self.glob) if self.f.trust.require_signatures else None
+    self.root, self.signer = federation.party_trust(config, name, workdir, private_key,
+                                                    updates=log)
     self.own.check_writable()
     self.dir = os.path.join(workdir, "sites", name)
     os.makedirs(self.dir, exist_ok=True)

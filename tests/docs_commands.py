@@ -91,6 +91,9 @@ RULES: list[tuple[str, Run | Covered]] = [
         "tests/test_references.py"))),
     # One run of the sweep (its own rounds and H), no alone references.
     (r"python -m launch\.sweep", Run("--runs=H100 --noalone")),
+    (r"python -m launch\.keygen .*--change_key", Covered((
+        "tests/test_key_rotation.py::"
+        "test_launch_keygen_makes_the_root_key_and_publishes_a_key_change",))),
     (r"python -m launch\.keygen", Run()),
     (r"python -m launch\.plot", Run(phase=1)),
     (r"python -m launch\.evaluate .*--model=hf:", Run(phase=2)),

@@ -451,13 +451,14 @@ def test_restart_redoes_an_uncommitted_round_bit_identically(tmp_path, monkeypat
   assert [r["round"] for r in records] == [2]
   assert exchange.read_latest(glob) == 2
   manifest, got = _read_round(config, workdir, 2)
-  # The redo is a new attempt (its own directory, its own signature); the crashed
+  # The redo is a new attempt (its own directory, its own dated signature); the crashed
   # attempt is garbage that no COMMIT names. Everything else is bit-identical.
   assert exchange.uncommitted_attempts(glob, prefix) == [crashed] != [manifest["attempt"]]
   def unsigned(m):  # Without what names this run's attempts and inputs' manifests.
     extra = dict(m["extra"], base_manifest_sha256=None,
                  inputs=[dict(i, manifest_sha256=None) for i in m["extra"]["inputs"]])
-    return {k: v for k, v in dict(m, extra=extra).items() if k not in ("attempt", "signature")}
+    return {k: v for k, v in dict(m, extra=extra).items()
+            if k not in ("attempt", "signature", "signed_at")}
   assert unsigned(manifest) == unsigned(want_manifest)
   assert got.keys() == want.keys()
   for name in want:

@@ -271,6 +271,20 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # default WORKDIR/keys/PARTY.key). launch.federate, which runs every party on this
   # machine, makes any missing key pairs in WORKDIR/keys and fills these in.
   f.trust.public_keys = ml_collections.ConfigDict({n: "" for n in [*names, "coordinator"]})
+  # The federation's root public key ("ed25519:...", `launch.keygen --party=trust-root`),
+  # held offline by whoever governs the federation: the only key that may rotate or revoke
+  # a party's key (signed trust-root updates in the global bucket, docs/trust.md).
+  # "" = the keys above never change.
+  f.trust.root_key = ""
+  # When the trust root expires, UTC ISO-8601 ("2027-06-30T00:00:00Z"): running parties
+  # refuse to go on after it, and nothing signed after it verifies. "" = never.
+  f.trust.expires_at = ""
+  # Seconds: a site refuses a global round signed longer ago than this (a frozen or
+  # replaying coordinator); above the longest wait for a round. 0 = no bound.
+  f.trust.max_global_age_s = 0.0
+  # Seconds two parties' clocks may differ: a manifest dated further in a reader's future
+  # is refused, and the age bound above is extended by it.
+  f.trust.max_clock_skew_s = 300.0
   # --- robust merge -----------------------------------------------------------------------
   # Norm clipping of each site's pseudo-gradient and the aggregator (mean, trimmed_mean,
   # median); see outer_config.default_robust_config for each field.

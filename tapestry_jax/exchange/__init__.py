@@ -13,6 +13,8 @@ from tapestry_jax.exchange.blocks import (BlockWriter, common_blocks, iter_block
                                           read_block)
 from tapestry_jax.exchange.rounds import (
     COMPANION_PREFIXES, DOWN, DOWN_PARTS, MOMENT_PREFIX, OUTER, PARAMS, RollbackError,
+    StaleRoundError, TRUST_LOG, change_key, publish_trust_update, read_trust_updates, refresh_trust,
+    trust_update_key,
     as_update, companion_key, decode_update, diverged, down_key, download_parts,
     download_schema, encode_update, global_arrays, moment_key, newer_global_round, outer_key,
     param_key, params_of, publish_update, read_global, read_global_download,

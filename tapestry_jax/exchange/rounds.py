@@ -24,7 +24,9 @@ coordinator checks an update with `validate_update` before merging it.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 import jax
@@ -236,7 +238,9 @@ def publish_update(bucket: buckets.Bucket, config, name: str, round_: int, base_
     store.write_manifest(bucket, prefix, manifest)
   channel.broadcast(f"{key}/committed", store.manifest_digest(manifest))
   committed = store.read_manifest(bucket, prefix)
-  if committed is None or store.manifest_digest(committed) != store.manifest_digest(manifest):
+  # Each process dated its own copy: the content signed is what must agree.
+  if committed is None or (store.manifest_digest(trust.unstamped(committed))
+                           != store.manifest_digest(trust.unstamped(manifest))):
     raise ExchangeError(f"site {name}: process {jax.process_index()} built another manifest "
                         f"for round {round_} than the one committed")
   return committed
@@ -316,7 +320,7 @@ def validate_update(manifest: dict, config, site: str, round_: int, base_round: 
   the schema (names, shapes, dtypes: checked before anything is allocated)."""
   if root is not None:
     try:
-      root.verify(manifest, site)
+      root.verify(manifest, site, round_)
     except trust.TrustError as e:
       return f"bad signature: {e}"
   if manifest.get("kind") != "update" or manifest.get("federation") != config.federation.id:
@@ -404,14 +408,91 @@ def download_schema(config, schema=None, round_: int | None = None) -> dict[str,
   return out
 
 
+TRUST_LOG = "trust/updates/"
+
+
+def trust_update_key(seq: int) -> str:
+  """Where trust-root update number `seq` (1, 2, ...) lives in the global bucket."""
+  return f"{TRUST_LOG}{int(seq):06d}.json"
+
+
+def read_trust_updates(bucket: buckets.Bucket) -> list[dict]:
+  """The trust-root log in global bucket `bucket`: every published trust-root update
+  (`trust.key_update`), in order; ExchangeError for a gap or a record that is not JSON.
+  Its signatures are checked where it is applied (`refresh_trust`)."""
+  keys = sorted(k for k in bucket.list(TRUST_LOG)
+                if re.fullmatch(r"trust/updates/\d{6}\.json", k))
+  out = []
+  for seq, key in enumerate(keys, 1):
+    if key != trust_update_key(seq):
+      raise ExchangeError(f"{bucket.url}: the trust-root log has a gap: update #{seq} is "
+                          f"missing ({key} is next)")
+    data = bucket.read(key)
+    try:
+      record = json.loads(data) if data is not None else None
+    except ValueError:
+      record = None
+    if not isinstance(record, dict):
+      raise ExchangeError(f"{bucket.url}/{key}: not a trust-root update (JSON object)")
+    out.append(record)
+  return out
+
+
+def publish_trust_update(bucket: buckets.Bucket, record: dict) -> str:
+  """Adds signed trust-root update `record` (`trust.key_update`) to the log in global
+  bucket `bucket` with a create-only write (a published update is never replaced);
+  returns its key. ExchangeError if its number is taken."""
+  key = trust_update_key(record.get("seq", 0))
+  data = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+  if not bucket.create(key, data):
+    raise ExchangeError(f"{bucket.url}/{key}: trust-root update #{record.get('seq')} is "
+                        f"already published; make the next one on top of the current log")
+  return key
+
+
+def refresh_trust(root: trust.TrustRoot | None, bucket: buckets.Bucket) -> None:
+  """Applies to `root` (None: unsigned federation) the trust-root updates published in
+  global bucket `bucket` since it last looked; ExchangeError if the log is refused
+  (forged, tampered, not signed by federation.trust.root_key, records removed)."""
+  if root is None:
+    return
+  try:
+    root.apply_updates(read_trust_updates(bucket))
+  except trust.TrustError as e:
+    raise ExchangeError(f"{bucket.url}: refusing the trust-root log: {e}") from None
+
+
+def change_key(bucket: buckets.Bucket, config, signer: trust.Signer, party: str,
+               from_round: int, new_key: str | None) -> dict:
+  """Signs (with `signer`, the root key's holder) and publishes in global bucket `bucket`
+  the next trust-root update: from round `from_round` on, `party`'s key is `new_key`
+  ("ed25519:..."), or None: revoked. Checked as every reader will check it before it is
+  published; returns it. ExchangeError if the log or the update is refused."""
+  root = trust.TrustRoot.from_config(config)
+  refresh_trust(root, bucket)
+  try:
+    record = trust.key_update(signer, root, party, from_round, new_key)
+    root.apply_updates(root.updates + [record])
+  except trust.TrustError as e:
+    raise ExchangeError(f"{bucket.url}: refusing to publish the trust-root update: {e}") from None
+  publish_trust_update(bucket, record)
+  return record
+
+
+class StaleRoundError(ExchangeError):
+  """A global round signed longer ago than federation.trust.max_global_age_s allows."""
+
+
 def read_global_manifest(bucket, prefix: str, root: trust.TrustRoot | None) -> dict:
   """The manifest of committed global round `prefix`, its coordinator's signature
-  verified with `root` (None: unsigned federation). ExchangeError if it is not committed
-  or the signature does not verify."""
+  verified with `root` (None: unsigned federation; first brought up to date with the
+  bucket's trust-root log). ExchangeError if it is not committed or the signature does
+  not verify."""
   manifest = store.read_manifest(bucket, prefix)
   if manifest is None:
     raise ExchangeError(f"{bucket.url}/{prefix} is not committed")
   if root is not None:
+    refresh_trust(root, bucket)
     try:
       root.verify(manifest, federation.COORDINATOR)
     except trust.TrustError as e:
@@ -458,6 +539,11 @@ def _global_manifest(bucket: buckets.Bucket, config, round_: int, root, last_rou
       manifest.get("federation") != fid:
     raise ExchangeError(
         f"{bucket.url}/{prefix}: manifest is not global round {round_} of federation {fid!r}")
+  if root is not None:  # A frozen or replaying coordinator (federation.trust.max_global_age_s).
+    try:
+      root.check_age(manifest, f"global round {round_}")
+    except trust.TrustError as e:
+      raise StaleRoundError(f"{bucket.url}/{prefix}: {e}") from None
   return manifest
 
 
