@@ -94,15 +94,22 @@ def _minus(a, b):
   return {n: np.asarray(a[n], np.float64) - np.asarray(b[n], np.float64) for n in a}
 
 
-def _outside(merged, honest_clipped, rtol) -> int:
-  """How many coordinates of `merged` leave [min, max] of the honest (clipped) values,
-  up to `rtol` of the largest honest magnitude (float32 summation in the trimmed mean)."""
+def _outside(merged, honest_clipped, rtol, drop=0) -> int:
+  """How many coordinates of `merged` leave the range of the honest (clipped) values
+  without their `drop` smallest and `drop` largest (0: [min, max]), up to `rtol` of the
+  largest honest magnitude (float32 summation in the trimmed mean)."""
   count = 0
   for n, m in merged.items():
-    h_KxN = np.stack([np.asarray(h[n], np.float64) for h in honest_clipped])
+    h_KxN = np.sort(np.stack([np.asarray(h[n], np.float64) for h in honest_clipped]), axis=0)
     tol = rtol * np.abs(h_KxN).max(0, initial=0.0)
-    count += int(np.sum((m < h_KxN.min(0) - tol) | (m > h_KxN.max(0) + tol)))
+    count += int(np.sum((m < h_KxN[drop] - tol) | (m > h_KxN[len(h_KxN) - 1 - drop] + tol)))
   return count
+
+
+def _dropped_per_end(aggregator, n_sites, trim) -> int:
+  """Values the aggregator drops at each end per coordinate: trim, or for the median
+  all but the middle one (odd count) or two (even count)."""
+  return trim if aggregator == "trimmed_mean" else (n_sites - 1) // 2
 
 
 def _clip_bound_check(merged, deltas, weights, bad, clip_norm, what, tol=0.0):
@@ -153,7 +160,8 @@ def test_a_byzantine_minority_moves_the_robust_merge_at_most_its_bound(attack, r
   if robust == "clipped_mean":
     _clip_bound_check(got, deltas, w, bad, kw["clip_norm"], attack)
   else:  # Per coordinate within the honest values, however large the attack.
-    assert _outside(got, honest, 2 * N_SITES * EPS32) == 0
+    drop = _dropped_per_end(robust, N_SITES, N_BAD) - N_BAD
+    assert _outside(got, honest, 2 * N_SITES * EPS32, drop) == 0
   # The plain mean under the same attack leaves the honest range and the robust bound
   # (except stealthy ALIE, which stays inside the honest spread by design: no aggregator
   # removes it, see the next test).
@@ -190,8 +198,9 @@ def test_alie_stays_inside_the_honest_spread_and_shifts_the_robust_merge_within_
 
 @st.composite
 def _round(draw, aggregator):
-  """A merge round: K sites, of which the first `n_bad` in a random order are attackers
-  with arbitrary finite values; random leaf shapes, token counts, weight cap, clip."""
+  """A merge round of K sites, n_bad of them (up to the aggregator's breakdown point, at
+  random places in the merge order) attackers sending arbitrary finite values, each its
+  own or all the same (colluding); random leaf shapes, token counts, weight cap, clip."""
   k = draw(st.integers(3, 8))
   trim = draw(st.integers(1, (k - 1) // 2)) if aggregator == "trimmed_mean" else 0
   most = {"trimmed_mean": trim, "median": (k - 1) // 2, "mean": k - 1}[aggregator]
@@ -208,13 +217,15 @@ def _round(draw, aggregator):
       x = draw(hnp.arrays(np.float32, shape, elements=bad_el if i < n_bad else honest_el))
       tree[f"p{j}"] = (np.round(x * 1024) / 1024).astype(np.float32)
     deltas.append(tree)
+  if n_bad and draw(st.booleans()):  # Colluding: every attacker sends the same values.
+    deltas[1:n_bad] = [deltas[0]] * (n_bad - 1)
   order = draw(st.permutations(range(k)))
   deltas = [deltas[i] for i in order]
   bad = {order.index(i) for i in range(n_bad)}
   tokens = draw(st.lists(st.integers(1, 10**6), min_size=k, max_size=k))
   cap = draw(st.none() | st.integers(1, 10**6))
-  clip = draw(st.just(0.0) | st.floats(0.01, 1000)) if aggregator != "mean" else draw(
-      st.floats(0.01, 1000))
+  clips = st.floats(0.01, 1000)  # The clipped mean needs a clip; the others may have none.
+  clip = draw(clips if aggregator == "mean" else st.just(0.0) | clips)
   return dict(deltas=deltas, bad=bad, weights=outer.cap_weights(tokens, cap), clip=clip,
               trim=trim)
 
@@ -223,20 +234,23 @@ def _round(draw, aggregator):
 @given(_round("mean"))
 def test_property_the_clipped_mean_moves_at_most_attacker_weight_times_clip(r):
   got = _merged(r["deltas"], r["weights"], clip_norm=r["clip"])
-  honest_part, w_bad = _clip_bound_check(got, r["deltas"], r["weights"], r["bad"], r["clip"],
-                                         "clipped mean")
-  # Hence within w_bad * (clip + ||honest mean||) of the honest sites' weighted mean.
-  if len(r["bad"]) < len(r["deltas"]):
-    honest = [d for k, d in enumerate(r["deltas"]) if k not in r["bad"]]
-    w_h = [float(r["weights"][k]) for k in range(len(r["deltas"])) if k not in r["bad"]]
-    mean = {n: sum(w * c[n] for w, c in zip(w_h, _clipped(honest, r["clip"]))) / sum(w_h)
-            for n in got}
-    tol = 4 * len(r["deltas"]) * EPS32 * (r["clip"] + _norm(mean))
-    assert _norm(_minus(got, mean)) <= w_bad * (r["clip"] + _norm(mean)) + tol
+  _, w_bad = _clip_bound_check(got, r["deltas"], r["weights"], r["bad"], r["clip"],
+                               "clipped mean")
+  # Hence within w_bad * (clip + ||honest mean||) of the honest sites' weighted mean (the
+  # weights are not renormalized: the honest part is (1 - w_bad) x that mean).
+  honest = [d for k, d in enumerate(r["deltas"]) if k not in r["bad"]]
+  w_h = [float(r["weights"][k]) for k in range(len(r["deltas"])) if k not in r["bad"]]
+  mean = {n: sum(w * c[n] for w, c in zip(w_h, _clipped(honest, r["clip"]))) / sum(w_h)
+          for n in got}
+  tol = 4 * len(r["deltas"]) * EPS32 * (r["clip"] + _norm(mean))
+  assert _norm(_minus(got, mean)) <= w_bad * (r["clip"] + _norm(mean)) + tol
 
 
 @pytest.mark.parametrize("aggregator", ["trimmed_mean", "median"])
 def test_property_trimmed_mean_and_median_stay_in_the_honest_range(aggregator):
+  """With b attackers and t values dropped at each end (b <= t), every kept value has at
+  least t - b honest values below it and above it: the output lies within the honest
+  values less their t - b smallest and largest, [min, max] at the breakdown point."""
   @settings(max_examples=50, deadline=None, derandomize=True, database=None)
   @given(_round(aggregator))
   def check(r):
@@ -246,7 +260,8 @@ def test_property_trimmed_mean_and_median_stay_in_the_honest_range(aggregator):
     # The median picks (or halves the sum of two) honest-bounded values: exact. The
     # trimmed mean sums up to K values in float32 first.
     rtol = 0.0 if aggregator == "median" else 2 * len(r["deltas"]) * EPS32
-    assert _outside(got, honest, rtol) == 0
+    drop = _dropped_per_end(aggregator, len(r["deltas"]), r["trim"]) - len(r["bad"])
+    assert _outside(got, honest, rtol, drop) == 0, drop
   check()
 
 
