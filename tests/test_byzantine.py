@@ -1,7 +1,7 @@
 """A Byzantine minority beyond sign flips: Gaussian-noise and "a little is enough" (ALIE,
 Baruch et al. 2019) updates against the clipped mean, the trimmed mean and the median.
 
-Each test asserts the bound the aggregator guarantees, read from `outer._aggregate`: the
+Each test asserts the bound the aggregator guarantees, read from `outer.merge_block`: the
 clipped mean moves at most the attackers' weight times clip_norm away from the honest
 sites' (clipped, weighted, not renormalized) contribution; the trimmed mean (attackers <=
 trim) and the median (attackers < half) stay per coordinate within the honest sites'
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -84,8 +84,10 @@ def _merged(deltas, weights, **robust) -> dict[str, np.ndarray]:
 
 
 def _clipped(deltas, clip_norm) -> list[dict[str, np.ndarray]]:
-  """Each delta times its float32 clip scale, as the merge multiplies (in float32)."""
-  scales = outer.clip_scales([outer.update_norm(d) for d in deltas], clip_norm)
+  """Each delta times its clip scale min(1, clip_norm / ||delta||) in float32, as the merge
+  multiplies; computed here, not by the library's clip, so a broken clip cannot hide."""
+  scales = [np.float32(min(1.0, clip_norm / max(_norm(d), clip_norm))) if clip_norm
+            else np.float32(1) for d in deltas]
   return [{n: (s * v).astype(np.float32) for n, v in d.items()} for s, d in zip(scales, deltas)]
 
 
@@ -157,17 +159,17 @@ def test_a_byzantine_minority_moves_the_robust_merge_at_most_its_bound(attack, r
   deltas, bad, honest = _attacked_round(attack, rng)
   w = outer.cap_weights(rng.integers(1, 1000, N_SITES), None)
   kw = dict(ROBUST[robust], trim=N_BAD)
-  if robust == "clipped_mean":  # Above every honest norm: only attackers are clipped.
-    kw["clip_norm"] = 2 * max(outer.update_norm(h) for h in honest)
+  if robust == "clipped_mean":  # Below every norm, as an ALIE update is as long as an honest one.
+    kw["clip_norm"] = 0.5 * min(outer.update_norm(h) for h in honest)
   got = _merged(deltas, w, **kw)
   if robust == "clipped_mean":
     _clip_bound_check(got, deltas, w, bad, kw["clip_norm"], attack)
-  else:  # Per coordinate within the honest values, however large the attack.
+  else:  # Per coordinate within the honest values, however large the attack. (ALIE at
+    # z_max with attackers = trim sits inside [min, max] itself: the plain mean passes too.)
     drop = _dropped_per_end(robust, N_SITES, N_BAD) - N_BAD
     assert _outside(got, honest, 2 * N_SITES * EPS32, drop) == 0
   # The plain mean under the same attack leaves the honest range and the robust bound
-  # (except stealthy ALIE, which stays inside the honest spread by design: no aggregator
-  # removes it, see the next test).
+  # (except stealthy ALIE, which stays inside the honest spread by design, see below).
   if attack != "alie":
     plain = _merged(deltas, w)
     assert _outside(plain, honest, 1e-3) > 0.9 * sum(np.size(v) for v in plain.values())
@@ -178,9 +180,9 @@ def test_a_byzantine_minority_moves_the_robust_merge_at_most_its_bound(attack, r
 
 @pytest.mark.parametrize("robust", ["trimmed_mean", "median"])
 def test_alie_stays_inside_the_honest_spread_and_shifts_the_robust_merge_within_it(robust):
-  """ALIE's point: its value sits inside the honest spread, so the trimmed mean and the
-  median keep it and are shifted by it, but never beyond the honest range (checked above);
-  the guarantee is that range, not the honest mean."""
+  """What the robust merge does not do, so that no one claims it: ALIE's value sits inside
+  the honest spread, so the trimmed mean and the median keep it and are shifted by it
+  (within their bounds, checked above). The guarantee is a range, not the honest mean."""
   rng = np.random.default_rng(18)
   deltas, _, honest = _attacked_round("alie", rng)
   w = outer.cap_weights([1] * N_SITES, None)
@@ -197,6 +199,12 @@ def test_alie_stays_inside_the_honest_spread_and_shifts_the_robust_merge_within_
 
 
 # ---------------------------------------------------------------------- properties
+
+
+# Fixed examples (the same every run) and no example database in the tree; generation is
+# not what a loaded CI machine should be judged on.
+PROPERTY = dict(max_examples=50, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -233,7 +241,7 @@ def _round(draw, aggregator):
               trim=trim)
 
 
-@settings(max_examples=50, deadline=None, derandomize=True, database=None)
+@settings(**PROPERTY)
 @given(_round("mean"))
 def test_property_the_clipped_mean_moves_at_most_attacker_weight_times_clip(r):
   got = _merged(r["deltas"], r["weights"], clip_norm=r["clip"])
@@ -254,15 +262,17 @@ def test_property_trimmed_mean_and_median_stay_in_the_honest_range(aggregator):
   """With b attackers and t values dropped at each end (b <= t), every kept value has at
   least t - b honest values below it and above it: the output lies within the honest
   values less their t - b smallest and largest, [min, max] at the breakdown point."""
-  @settings(max_examples=50, deadline=None, derandomize=True, database=None)
+  @settings(**PROPERTY)
   @given(_round(aggregator))
   def check(r):
     got = _merged(r["deltas"], r["weights"], clip_norm=r["clip"], aggregator=aggregator,
                   trim=r["trim"])
     honest = [c for k, c in enumerate(_clipped(r["deltas"], r["clip"])) if k not in r["bad"]]
-    # The median picks (or halves the sum of two) honest-bounded values: exact. The
-    # trimmed mean sums up to K values in float32 first.
-    rtol = 0.0 if aggregator == "median" else 2 * len(r["deltas"]) * EPS32
+    # The median picks (or halves the sum of two) honest-bounded values: exact, but for
+    # the last bit of a clip scale (norms summed in another order). The trimmed mean sums
+    # up to K values in float32 first.
+    rtol = (2 * EPS32 if r["clip"] else 0.0) if aggregator == "median" else (
+        2 * len(r["deltas"]) * EPS32)
     drop = _dropped_per_end(aggregator, len(r["deltas"]), r["trim"]) - len(r["bad"])
     assert _outside(got, honest, rtol, drop) == 0, drop
   check()
