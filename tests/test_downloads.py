@@ -470,6 +470,7 @@ DEPLOY = {
 
 # Packed 4-bit codes (float8 downloads deployed: tests/test_overlap.py; int8 downloads merged
 # bit for bit: test_merge_round_with_downloads_is_the_whole_outer_step_bit_for_bit).
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float4_e2m1fn"])
 def test_simulation_and_deployment_with_downloads_give_the_same_global_model(tmp_path, dtype):
   from experiments.configs import federation as fed_config

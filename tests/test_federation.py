@@ -256,9 +256,14 @@ def test_site_config_applies_the_site_overrides():
   assert c.data.synthetic.languages == "all"  # The shared section is not modified.
 
 
-@pytest.mark.parametrize("extra", [None, FEDADAM, INT8, MOMENTS, TOPK, MULOCO, DESLOC],
-                         ids=["fedavg", "fedadam", "int8", "moments", "topk_moments", "muloco",
-                              "desloc"])
+@pytest.mark.parametrize("extra", [
+    pytest.param(None, id="fedavg"),
+    pytest.param(FEDADAM, id="fedadam", marks=pytest.mark.slow),
+    pytest.param(INT8, id="int8", marks=pytest.mark.slow),
+    pytest.param(MOMENTS, id="moments"),
+    pytest.param(TOPK, id="topk_moments", marks=pytest.mark.slow),
+    pytest.param(MULOCO, id="muloco", marks=pytest.mark.slow),
+    pytest.param(DESLOC, id="desloc", marks=pytest.mark.slow)])
 def test_simulation_and_deployment_give_the_same_global_model(tmp_path, extra):
   config = _config(extra=extra)
   sim = simulate.simulate(config, str(tmp_path / "sim"))
@@ -509,6 +514,7 @@ def _pids(*needles: str) -> list[int]:
   return pids
 
 
+@pytest.mark.slow
 def test_a_multi_process_site_preempted_by_sigterm_resumes_bit_identically(tmp_path):
   """SIGTERM to one process of 2-process site latin after its round-1 update: both its
   processes stop at one step, save a checkpoint mid-phase and exit 0 with one line; the

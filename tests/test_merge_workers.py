@@ -100,8 +100,9 @@ def _round_arrays(cfg, workdir) -> dict[int, dict[str, str]]:
 
 # Packed 4-bit downloads: blocks cut at whole bytes (int8's are merged bit for bit in
 # tests/test_downloads.py).
-@pytest.mark.parametrize("clip, download", [(0.0, "float32"), (0.05, "float32"),
-                                            (0.0, "int4")])
+@pytest.mark.parametrize("clip, download", [
+    (0.0, "float32"), pytest.param(0.05, "float32", marks=pytest.mark.slow),
+    pytest.param(0.0, "int4", marks=pytest.mark.slow)])
 def test_one_two_and_four_workers_commit_bit_identical_rounds(tmp_path, clip, download):
   """(With downloads on, the encoded downloads are written by the workers too.)"""
   cfg = config(clip, download)
