@@ -405,7 +405,7 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
   # process opens-or-creates the same metadata and writes only its own chunks.
   single = jax.process_count() == 1
 
-  layouts, opens = {}, {}
+  layouts, opens, specs = {}, {}, {}
   for name in names:
     x = arrays[name]
     shape, dtype = tuple(int(s) for s in x.shape), np.dtype(x.dtype)
@@ -419,6 +419,7 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
     # All opens are issued before any is awaited: on a remote store each is a round trip.
     opens[name] = ts.open(spec, create=True, delete_existing=single, open=not single,
                           context=bucket.context)
+    specs[name] = spec
 
   records: dict[str, dict] = {}
   pending: collections.deque = collections.deque()  # (name, commit future, nbytes)
@@ -444,7 +445,14 @@ def write_arrays(bucket: Bucket, prefix: str, arrays: Mapping[str, Any], *,
     for name in names:
       shape, dtype, chunk = layouts[name]
       try:
-        store = opens[name].result()
+        try:
+          store = opens[name].result()
+        except ValueError as e:
+          if "ALREADY_EXISTS" not in str(e):
+            raise
+          # The create-only metadata write landed but its answer was lost, and its retry
+          # found it: open what this writer just created (the metadata must match).
+          store = ts.open(specs[name], open=True, context=bucket.context).result()
       except Exception as e:  # noqa: BLE001
         settle(-1)
         raise ExchangeError(f"{_where(bucket, prefix, name)}: cannot create array: "
