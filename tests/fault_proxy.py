@@ -97,8 +97,8 @@ class FaultProxy:
     self._server.proxy = self
     self.port = self._server.server_address[1]
     self.endpoint = f"http://127.0.0.1:{self.port}"
-    self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                    daemon=True)
+    self._thread = threading.Thread(target=self._server.serve_forever,
+                                    kwargs={"poll_interval": 0.05}, daemon=True)
 
   def __enter__(self) -> "FaultProxy":
     self._thread.start()
