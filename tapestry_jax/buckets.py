@@ -240,6 +240,9 @@ def describe_error(exc: BaseException) -> str:
   elif ("permission_denied" in low or "permission denied" in low or "accessdenied" in low
         or "access denied" in low or "'403'" in low):
     reason = "permission denied"
+  elif "retry attempts failed" in low and "curl error" not in low:
+    # Every try was answered, with an error (503 ServiceUnavailable, 429 SlowDown, ...).
+    reason = "the store kept answering with errors"
   elif ("could not connect" in low or "couldn't connect" in low or "resolve host" in low
         or "unavailable" in low or "deadline_exceeded" in low or "timed out" in low
         or "curl error" in low):
