@@ -2,7 +2,7 @@
 again, each time under another fault schedule, for a bounded time. Not part of the
 default suite.
 
-  python tests/chaos.py --minutes=10 [--rate=0.2]
+  python -m tests.chaos --minutes=10 [--rate=0.2]
 
 Run i uses seed i and `--rate` (the share of requests that get a fault; the default
 suite runs seed 1 at 0.1). It stops at the first failing run (printing its output) and
