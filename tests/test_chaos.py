@@ -333,7 +333,7 @@ def test_a_request_that_keeps_failing_is_retried_with_bounded_jittered_backoff(s
   """Must not be lost: the bound on how long one storage operation can hang. A store
   that answers 503 to every request: the write fails after exactly max_retries retries,
   with one clear error naming the key; the gaps between tries follow the exponential
-  backoff (0.2 s x 2^k) plus a jitter of at most 0.2 s, and the jitter varies."""
+  backoff (0.2 s x 2^k) plus a jitter of at most 0.2 s that varies from try to try."""
   retries = 4
   with fault_proxy.FaultProxy(s3.port, rules=[fault_proxy.Rule("503")]) as proxy:
     b = buckets.Bucket(proxy.url("site-latin", "perm"), max_retries=retries,
@@ -349,8 +349,10 @@ def test_a_request_that_keeps_failing_is_retried_with_bounded_jittered_backoff(s
   tries = proxy.entries("PUT", "/site-latin/perm/k")
   assert len(tries) == retries + 1 and all(t.fault == "503" for t in tries)
   extra = [b.t - a.t - _backoff_s(k) for k, (a, b) in enumerate(zip(tries, tries[1:]))]
-  assert all(-0.01 < x < JITTER_S + 0.3 for x in extra), extra  # 0.3 s: a loaded machine.
-  assert max(extra) - min(extra) > 0.005, f"no jitter: {extra}"
+  assert all(-0.01 < x < JITTER_S + 0.5 for x in extra), extra  # 0.5 s: a loaded machine.
+  # Uniform jitter in [0, 0.2 s] averages 0.1 s; four tries average under 0.015 s with
+  # probability 3e-4. (Scheduling delays on a loaded machine add to it, too.)
+  assert np.mean(extra) > 0.015 and max(extra) - min(extra) > 0.005, f"no jitter: {extra}"
   bound = sum(_backoff_s(k) + JITTER_S for k in range(retries))
   assert elapsed < bound + 2.0, (elapsed, bound)
 
