@@ -61,6 +61,10 @@ _S3_QUERY_KEYS = {"endpoint": "endpoint", "region": "aws_region", "aws_region": 
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")
 
 
+# TensorStore's StorageGeneration for "no value": a conditional write on it creates.
+_NO_VALUE = b"\x02"
+
+
 class BucketError(Exception):
   """A bucket URL that cannot be used, a key outside the bucket, or a failed storage op."""
 
@@ -458,11 +462,41 @@ class Bucket:
     self._confine("create", key)
     data = bytes(data)
     try:
-      # StorageGeneration "no value" (b'\x02'): the write applies only if the key is absent.
-      stamp = self._kv.write(key, data, if_equal=b"\x02").result()
+      # The write applies only if the key is absent.
+      stamp = self._kv.write(key, data, if_equal=_NO_VALUE).result()
     except Exception as e:  # noqa: BLE001
       raise self._fail("create", key, e) from None
     if not stamp.generation:  # The condition failed: someone else's value is there.
+      return False
+    self.record_transfer(written=len(data))
+    return True
+
+  def read_versioned(self, key: str) -> tuple[bytes | None, bytes]:
+    """The value at `key` (None if there is none) and the storage generation it was read
+    at, for `replace`."""
+    check_key(key)
+    self._confine("read", key)
+    try:
+      result = self._kv.read(key).result()
+    except Exception as e:  # noqa: BLE001
+      raise self._fail("read", key, e) from None
+    if result.state != "value":
+      return None, _NO_VALUE
+    value = bytes(result.value)
+    self.record_transfer(read=len(value))
+    return value, bytes(result.stamp.generation)
+
+  def replace(self, key: str, data: bytes, generation: bytes) -> bool:
+    """Stores `data` at `key` only if `key` is still at `generation` (from
+    `read_versioned`): a compare-and-swap. False if another writer changed it since."""
+    check_key(key)
+    self._confine("write", key)
+    data = bytes(data)
+    try:
+      stamp = self._kv.write(key, data, if_equal=generation).result()
+    except Exception as e:  # noqa: BLE001
+      raise self._fail("write", key, e) from None
+    if not stamp.generation:
       return False
     self.record_transfer(written=len(data))
     return True

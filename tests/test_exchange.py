@@ -169,6 +169,36 @@ def test_uncommitted_round_is_invisible(tmp_path):
   assert ex.read_latest(bucket) == 5
 
 
+def _commit_round(bucket, round_):
+  prefix = ex.global_prefix(round_)
+  records = ex.write_arrays(bucket, ex.data_prefix(prefix, ATTEMPT),
+                            {"w": np.full((2,), round_, np.float32)})
+  ex.write_manifest(bucket, prefix, ex.make_manifest(
+      federation="t", kind="global", round=round_, author="c", attempt=ATTEMPT, arrays=records))
+
+
+def test_latest_is_never_moved_back_by_a_writer_it_races(tmp_path, monkeypatch):
+  """A slower writer of round 3 reads LATEST = 2; before it writes, another writer moves
+  LATEST to 4. The slower write must not land (compare-and-swap), so LATEST stays 4."""
+  bucket = Bucket(str(tmp_path / "b"))
+  for r in (2, 3, 4):
+    _commit_round(bucket, r)
+  ex.write_latest(bucket, 2)
+  read_versioned = Bucket.read_versioned
+  raced = []
+
+  def read_then_lose_the_race(self, key):
+    out = read_versioned(self, key)
+    if key == "LATEST" and not raced:
+      raced.append(True)
+      ex.write_latest(bucket, 4)  # The other coordinator, between our read and our write.
+    return out
+
+  monkeypatch.setattr(Bucket, "read_versioned", read_then_lose_the_race)
+  ex.write_latest(bucket, 3)
+  assert raced and ex.read_latest(bucket) == 4
+
+
 def test_create_only_commit_lets_exactly_one_of_racing_writers_commit(tmp_path):
   """Many writers racing to commit one round through create-only writes: one wins."""
   import concurrent.futures

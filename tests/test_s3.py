@@ -532,3 +532,18 @@ def test_retention_collects_over_s3_each_party_only_in_its_own_bucket(s3, creds,
   with pytest.raises(buckets.BucketError, match="permission denied"):
     theirs.delete_prefix(exchange.update_prefix(3) + "/")
   assert exchange.committed_rounds(own["latin"], "update") == [3]
+
+
+def test_replace_is_a_compare_and_swap_on_s3(s3, creds):
+  """What keeps LATEST from moving back when two coordinators race (exchange.write_latest):
+  a write conditional on the generation read (If-Match) fails once another writer wrote."""
+  bucket = buckets.Bucket(s3.url(federation.GLOBAL, "cas"),
+                          credentials=creds[federation.COORDINATOR])
+  bucket.write("K", b"1")
+  _, seen = bucket.read_versioned("K")
+  bucket.write("K", b"2")  # Another writer, after our read.
+  assert not bucket.replace("K", b"3", seen) and bucket.read("K") == b"2"
+  _, seen = bucket.read_versioned("K")
+  assert bucket.replace("K", b"4", seen) and bucket.read("K") == b"4"
+  _, absent = bucket.read_versioned("NEW")
+  assert bucket.replace("NEW", b"x", absent) and not bucket.replace("NEW", b"y", absent)

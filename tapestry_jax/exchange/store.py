@@ -890,6 +890,9 @@ def check_schema(manifest: Mapping, expected: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- rounds
 
 
+_LATEST_TRIES = 8
+
+
 def write_latest(bucket: Bucket, round: int, kind: str = "global") -> None:  # noqa: A002
   """Points `LATEST` at `round`; refuses unless that round is committed in `bucket`.
 
@@ -903,14 +906,21 @@ def write_latest(bucket: Bucket, round: int, kind: str = "global") -> None:  # n
   if manifest["round"] != round or manifest["kind"] != kind:
     raise ExchangeError(f"{_where(bucket, prefix)}: manifest says {manifest['kind']} round "
                         f"{manifest['round']}, not {kind} round {round}")
-  try:
-    current = read_latest(bucket)
-  except ExchangeError:
-    current = None  # An unreadable pointer is replaced.
-  if current is not None and current >= round:
-    return
-  bucket.write(LATEST, _canonical(bucket.url, LATEST,
-                                  {"kind": kind, "round": int(round), "prefix": prefix}))
+  pointer = _canonical(bucket.url, LATEST, {"kind": kind, "round": int(round), "prefix": prefix})
+  # Compare-and-swap: a newer pointer written between our read and our write (a second
+  # coordinator) makes the write fail instead of moving LATEST back.
+  for _ in range(_LATEST_TRIES):
+    data, generation = bucket.read_versioned(LATEST)
+    try:
+      current = None if data is None else _latest_round(data)
+    except ExchangeError:
+      current = None  # An unreadable pointer is replaced.
+    if current is not None and current >= round:
+      return
+    if bucket.replace(LATEST, pointer, generation):
+      return
+  raise ExchangeError(f"bucket {bucket.url}: LATEST changed under every one of "
+                      f"{_LATEST_TRIES} tries to point it at round {round}")
 
 
 def read_latest(bucket: Bucket) -> int | None:
@@ -919,11 +929,17 @@ def read_latest(bucket: Bucket) -> int | None:
   if data is None:
     return None
   try:
-    value = json.loads(data)["round"]
-    return _round(value)
-  except (ValueError, KeyError, TypeError, ExchangeError):
+    return _latest_round(data)
+  except ExchangeError:
     raise ExchangeError(f"bucket {bucket.url}: LATEST is not a round pointer: "
                         f"{data[:80]!r}") from None
+
+
+def _latest_round(data: bytes) -> int:
+  try:
+    return _round(json.loads(data)["round"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ExchangeError(f"not a round pointer ({e})") from None
 
 
 def committed_rounds(bucket: Bucket, kind: str) -> list[int]:
