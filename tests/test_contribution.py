@@ -240,7 +240,7 @@ def _poisoned(monkeypatch, scale=-4.0):
 
 def test_a_federation_with_a_poisoned_site_learns_like_the_honest_one(tmp_path, monkeypatch):
   def config(mode):
-    c = _config(mode=mode, rounds=3, inner_steps=4, eval_every=3, compare_alone=False)
+    c = _config(mode=mode, rounds=2, inner_steps=3, eval_every=2, compare_alone=False)
     c.train.update(global_batch_size=8, warmup_steps=2, eval_batches=1)
     return c
 
@@ -253,7 +253,7 @@ def test_a_federation_with_a_poisoned_site_learns_like_the_honest_one(tmp_path, 
   loss = {k: scorer.loss(v["params"]) for k, v in (("on", on), ("off", off), ("honest", honest))}
   # Refused in every round (its score below 0 each time), so the check's run is the
   # honest-only federation bit for bit; without the check the poisoned site drags it off.
-  assert [c["round"] for c in on["contribution"]] == [1, 2, 3]
+  assert [c["round"] for c in on["contribution"]] == [1, 2]
   for c in on["contribution"]:
     scores = {s["site"]: s["score"] for s in c["sites"]}
     assert scores[BAD] < 0 < min(scores["cyrillic"], scores["latin"]), c
