@@ -258,8 +258,8 @@ def test_a_federation_with_a_poisoned_site_learns_like_the_honest_one(tmp_path, 
     scores = {s["site"]: s["score"] for s in c["sites"]}
     assert scores[BAD] < 0 < min(scores["cyrillic"], scores["latin"]), c
     assert [s["site"] for s in c["sites"] if s["refused"]] == [BAD]
+  initial = scorer.loss(coord_lib.initial_round(config("off"))[0])
+  assert loss["on"] == loss["honest"] < initial, loss
+  assert loss["off"] > loss["honest"] + 0.5 * (initial - loss["honest"]), loss
   for n, v in honest["params"].items():
     np.testing.assert_array_equal(on["params"][n], v, err_msg=n)
-  initial = scorer.loss(coord_lib.initial_round(config("off"))[0])
-  assert loss["on"] == loss["honest"] < initial
-  assert loss["off"] > loss["honest"] + 0.5 * (initial - loss["honest"]), loss
