@@ -3,6 +3,9 @@ math, scores on a toy (a step down the validation gradient helps, a flipped and 
 hurts), the simulation's and the coordinator's scores equal bit for bit, a poisoned update
 refused or down-weighted with its score in the signed global manifest and the audit
 checking it, and a federation with a poisoned site trained with the check on and off."""
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +16,6 @@ from experiments.configs import federation as fed_config
 from tapestry_jax import audit
 from tapestry_jax import contribution
 from tapestry_jax import coordinator as coord_lib
-from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import model as model_lib
 from tapestry_jax import outer
@@ -232,34 +234,76 @@ def _poisoned(monkeypatch, scale=-4.0):
 
   def encoded_update(self, round_=None):
     sent = honest(self, round_=round_)
-    if self.name == BAD:
-      sent = {n: (scale * np.asarray(v)).astype(np.asarray(v).dtype) for n, v in sent.items()}
-    return sent
+    return {n: scale * v for n, v in sent.items()} if self.name == BAD else sent
   monkeypatch.setattr(site_lib.SiteWorker, "encoded_update", encoded_update)
 
 
-def test_a_federation_with_a_poisoned_site_learns_like_the_honest_one(tmp_path, monkeypatch):
-  def config(mode):
-    c = _config(mode=mode, rounds=2, inner_steps=3, eval_every=2, compare_alone=False)
-    c.train.update(global_batch_size=8, warmup_steps=2, eval_batches=1)
-    return c
+def _fed_config(mode, **fed):
+  """Two rounds of 3 inner steps; the coordinator waits for every site (quorum 2 lets a
+  round close without the refused one)."""
+  c = _config(mode=mode, rounds=2, inner_steps=3, eval_every=2, compare_alone=False,
+              deadline_s=300.0, round_timeout_s=900.0, **fed)
+  c.train.update(global_batch_size=8, warmup_steps=2, eval_batches=1)
+  return c
 
-  _poisoned(monkeypatch)
-  scorer = contribution.Scorer(config("refuse"))  # The same validation set for every arm.
-  on = simulate.simulate(config("refuse"), str(tmp_path / "on"))
-  off = simulate.simulate(config("off"), str(tmp_path / "off"))
-  honest = simulate.simulate(config("off"), str(tmp_path / "honest"),
-                             drop=lambda r, n: n == BAD)
-  loss = {k: scorer.loss(v["params"]) for k, v in (("on", on), ("off", off), ("honest", honest))}
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory):
+  """The poisoned federation simulated with the check on, off, and without greek at all,
+  every site on one device (the deployed test's mesh shape); and the validation set."""
+  tmp = tmp_path_factory.mktemp("poisoned")
+  one = jax.devices()[:1]
+  with pytest.MonkeyPatch.context() as mp:
+    _poisoned(mp)
+    runs = {"on": simulate.simulate(_fed_config("refuse"), str(tmp / "on"), devices=one),
+            "off": simulate.simulate(_fed_config("off"), str(tmp / "off"), devices=one),
+            "honest": simulate.simulate(_fed_config("off"), str(tmp / "honest"), devices=one,
+                                        drop=lambda r, n: n == BAD)}
+  return runs, contribution.Scorer(_fed_config("refuse"))
+
+
+def test_a_federation_with_a_poisoned_site_learns_like_the_honest_one(poisoned):
+  runs, scorer = poisoned
+  loss = {k: scorer.loss(v["params"]) for k, v in runs.items()}
+  initial = scorer.loss(coord_lib.initial_round(_fed_config("off"))[0])
   # Refused in every round (its score below 0 each time), so the check's run is the
-  # honest-only federation bit for bit; without the check the poisoned site drags it off.
-  assert [c["round"] for c in on["contribution"]] == [1, 2]
-  for c in on["contribution"]:
+  # honest-only federation; without the check the poisoned site drags it off.
+  assert loss["on"] == loss["honest"] < initial, loss
+  assert loss["off"] > loss["honest"] + 0.5 * (initial - loss["honest"]), loss
+  assert [c["round"] for c in runs["on"]["contribution"]] == [1, 2]
+  for c in runs["on"]["contribution"]:
     scores = {s["site"]: s["score"] for s in c["sites"]}
     assert scores[BAD] < 0 < min(scores["cyrillic"], scores["latin"]), c
     assert [s["site"] for s in c["sites"] if s["refused"]] == [BAD]
-  initial = scorer.loss(coord_lib.initial_round(config("off"))[0])
-  assert loss["on"] == loss["honest"] < initial, loss
-  assert loss["off"] > loss["honest"] + 0.5 * (initial - loss["honest"]), loss
-  for n, v in honest["params"].items():
-    np.testing.assert_array_equal(on["params"][n], v, err_msg=n)
+  for n, v in runs["honest"]["params"].items():
+    np.testing.assert_array_equal(runs["on"]["params"][n], v, err_msg=n)
+
+
+def test_deployed_parties_score_and_refuse_as_the_simulation(poisoned, tmp_path, monkeypatch):
+  """The coordinator and the three sites as threads sharing only file:// buckets, each
+  site on a device of its own: every round scored, refused and merged as simulated, bit
+  for bit, and the audit recomputes every round from the signed scores."""
+  runs, _ = poisoned
+  config = _fed_config("refuse")
+  _poisoned(monkeypatch)
+  workdir = str(tmp_path)
+  out = {}
+  party = functools.partial(fed_fakes.start_party, out)
+  coordinator = party("coordinator", fed_fakes.coordinator(config, workdir).run)
+  sites = [party(n, lambda n=n, d=d: site_lib.run_site(
+      config, n, workdir, devices=[d], private_key=os.path.join(fed_fakes.KEYS, f"{n}.key")))
+           for n, d in zip(SITES, jax.devices())]
+  for t in (*sites, coordinator):  # A site that fails leaves the coordinator waiting.
+    t.join(900)
+    assert not t.is_alive() and not isinstance(out[t.name], BaseException), (t.name, out)
+  for r, want in enumerate(runs["on"]["contribution"], start=1):
+    manifest, arrays = fed_fakes.read_round(config, workdir, r)
+    got = manifest["extra"]["contribution"]
+    assert [i["site"] for i in manifest["extra"]["inputs"]] == ["cyrillic", "latin"]
+    assert [(s["site"], s["score"], s["loss"], s["refused"]) for s in got["sites"]] == \
+        [(s["site"], s["score"], s["loss"], s["refused"]) for s in want["sites"]]
+    assert got["global_loss"] == want["global_loss"]
+  for n, v in runs["on"]["params"].items():
+    np.testing.assert_array_equal(arrays[f"params/{n}"], v, err_msg=n)
+  reports = audit.audit_federation(config, workdir)
+  assert audit.verdict(reports) == "audited 3 rounds: all bit-identical"
