@@ -242,7 +242,7 @@ def _fed_config(mode, **fed):
   """Two rounds of 3 inner steps; the coordinator waits for every site (quorum 2 lets a
   round close without the refused one)."""
   c = _config(mode=mode, rounds=2, inner_steps=3, eval_every=2, compare_alone=False,
-              deadline_s=300.0, round_timeout_s=900.0, **fed)
+              deadline_s=300.0, round_timeout_s=300.0, site_wait_s=300.0, **fed)
   c.train.update(global_batch_size=8, warmup_steps=2, eval_batches=1)
   return c
 
@@ -279,6 +279,17 @@ def test_a_federation_with_a_poisoned_site_learns_like_the_honest_one(poisoned):
     np.testing.assert_array_equal(runs["on"]["params"][n], v, err_msg=n)
 
 
+class _NoPreemption:
+  """A `preemption.Preemption` for a site in a thread (signals are the main thread's)."""
+
+  def should_stop(self, step: int) -> bool:
+    del step
+    return False
+
+  def close(self):
+    pass
+
+
 def test_deployed_parties_score_and_refuse_as_the_simulation(poisoned, tmp_path, monkeypatch):
   """The coordinator and the three sites as threads sharing only file:// buckets, each
   site on a device of its own: every round scored, refused and merged as simulated, bit
@@ -286,6 +297,7 @@ def test_deployed_parties_score_and_refuse_as_the_simulation(poisoned, tmp_path,
   runs, _ = poisoned
   config = _fed_config("refuse")
   _poisoned(monkeypatch)
+  monkeypatch.setattr(site_lib.preemption, "Preemption", _NoPreemption)
   workdir = str(tmp_path)
   out = {}
   party = functools.partial(fed_fakes.start_party, out)
