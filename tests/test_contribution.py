@@ -211,7 +211,7 @@ def test_refusals_below_the_quorum_commit_nothing(toy, tmp_path):
     (lambda r: r["sites"][1].update(refused=False), r"site greek: refused=False but policy"),
     (lambda r: r["sites"][0].update(score=1.0), r"site cyrillic: recorded score 1\.0 is not "),
     (lambda r: r["sites"].pop(0), r"input cyrillic .* has no recorded score"),
-])
+], ids=["refusal_flipped", "score_changed", "input_unscored"])
 def test_check_record_catches_what_disagrees(toy, tamper, match):
   _, scorer, params, updates = toy
   checked = scorer.check_arrays(params, list(SITES), [updates[n] for n in SITES])
