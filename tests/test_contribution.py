@@ -16,6 +16,7 @@ from experiments.configs import federation as fed_config
 from tapestry_jax import audit
 from tapestry_jax import contribution
 from tapestry_jax import coordinator as coord_lib
+from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import model as model_lib
 from tapestry_jax import outer
@@ -193,6 +194,30 @@ def test_weight_mode_keeps_the_poisoned_update_down_weighted(toy, tmp_path):
   np.testing.assert_allclose(rec["weights"], np.array([1, 0.01, 1]) / 2.01, rtol=1e-6)
   manifest, _ = fed_fakes.read_round(config, tmp_path, 1)
   assert [i["weight"] for i in manifest["extra"]["inputs"]] == rec["weights"]
+  assert audit.audit_round(config, str(tmp_path), 1)["identical"]
+
+
+def test_an_update_the_merge_would_refuse_is_refused_unscored(toy, tmp_path, caplog):
+  config, _, _, updates = toy
+  nan = {k: v.copy() for k, v in updates[BAD].items()}
+  nan["embed"].flat[7] = np.nan
+  coord = fed_fakes.coordinator(config, tmp_path)
+  coord.publish_initial()
+  for n in ("cyrillic", "latin"):
+    fed_fakes.publish(config, tmp_path, n, 1, updates[n])
+  # Signed by greek, without a declared norm (no clip needs one; NaN is not JSON).
+  b, attempt = fed_fakes.bucket(config, tmp_path, BAD), exchange.new_attempt()
+  prefix = exchange.update_prefix(1)
+  records = exchange.write_arrays(b, exchange.data_prefix(prefix, attempt), nan)
+  exchange.write_manifest(b, prefix, fed_fakes.signer(BAD).sign(exchange.make_manifest(
+      federation=config.federation.id, kind="update", round=1, author=BAD, attempt=attempt,
+      base_round=0, tokens=federation.weight_cap(config), arrays=records, extra={})))
+  rec = coord.run_round(1)
+  assert rec["sites"] == ["cyrillic", "latin"] and rec["contribution_refused"] == []
+  assert any(f"refused update of site {BAD}" in r.getMessage() and "non-finite values in array "
+             "embed" in r.getMessage() for r in caplog.records)
+  manifest, _ = fed_fakes.read_round(config, tmp_path, 1)
+  assert [s["site"] for s in manifest["extra"]["contribution"]["sites"]] == ["cyrillic", "latin"]
   assert audit.audit_round(config, str(tmp_path), 1)["identical"]
 
 
