@@ -13,7 +13,9 @@ merge:
      site's signature, freshness (this round, trained from the base round), and the
      signed dates in causal order (base, then inputs, then the round, within
      federation.trust.max_clock_skew_s; a round's age is not held against it);
-  3. the weights: recomputed from the signed token counts and the recorded cap;
+  3. the weights: recomputed from the signed token counts and the recorded cap (with the
+     contribution check on, and the recorded scores: `contribution.check_record`; the
+     scores themselves are not recomputed, the validation set being the coordinator's);
   4. the merge: `merge.merge_round` on exactly those inputs into a scratch bucket (every
      chunk it reads is checked against its writer's signed digests), and the result's
      chunk digests compared with the round's: equal digests mean bit-identical arrays
@@ -40,6 +42,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from tapestry_jax import buckets
+from tapestry_jax import contribution
 from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import merge as merge_lib
@@ -237,6 +240,14 @@ def _recompute(config, glob, urls, round_, manifest, root, report, scratch, out,
   spec = spec.for_round(round_)  # Under moments synced every K rounds: this round's rule.
   cap = spec.weight_cap
   weights = spec.weights(tokens)
+  if extra.get("contribution") is not None:  # Weights and refusals from the signed scores.
+    named = extra["inputs"]
+    try:
+      weights = contribution.check_record(extra["contribution"], [i["site"] for i in named],
+                                          [i["manifest_sha256"] for i in named], tokens, cap)
+    except (ValueError, KeyError, TypeError) as e:
+      raise AuditError(f"global round {round_}: contribution check: {e}") from None
+    report["contribution"] = extra["contribution"]
   if [float(w) for w in weights] != recorded:
     raise AuditError(f"global round {round_} records weights {recorded}; the signed token "
                      f"counts {tokens} with cap {cap} give {[float(w) for w in weights]}")
@@ -261,6 +272,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"  input {i['site']:>12}: update {i['manifest_sha256'][:16]}..., arrays "
                  f"{i['arrays_sha256'][:16]}..., {i['tokens']} tokens, weight "
                  f"{i['weight']:.4f}, signature {i['signature']}  [{i['bucket']}]")
+  for s in report.get("contribution", {}).get("sites", []):
+    lines.append(f"  contribution {s['site']:>12}: score {s['score']!r}"
+                 f"{' (refused)' if s['refused'] else ''}")
   lines.append(f"  recomputed {report['arrays']} arrays: {verdict}; stored chunks verified "
                f"({report['stored_bytes_verified']} bytes)")
   return "\n".join(lines)

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from tapestry_jax import buckets
+from tapestry_jax import contribution
 from tapestry_jax import distributed
 from tapestry_jax import exchange
 from tapestry_jax import federation
@@ -86,6 +87,9 @@ class Coordinator:
     self.workers = merge_workers.Workers(distributed.group())
     self._seq = 0  # Merge jobs sent to the workers so far.
     self.keep = retention.keep_rounds(config)  # 0: every round is kept.
+    # federation.contribution: scores every update on the coordinator's validation set.
+    self.scorer = (contribution.Scorer(config)
+                   if contribution.policy(config).on and self.workers.leader else None)
 
   # ---------------------------------------------------------------- rounds
 
@@ -239,12 +243,15 @@ class Coordinator:
     read0 = self.glob.bytes_read + sum(self.sites[n].bytes_read for n in gathered)
     write0 = self.glob.bytes_written
     t1 = time.perf_counter()
+    checked = (self.check_contributions(round_, base_prefix, base_manifest, updates)
+               if self.scorer is not None else None)
     prefix = exchange.global_prefix(round_)
     attempt = exchange.new_attempt()
     while True:
       names = [n for n in self.names if n in updates]
       tokens = [updates[n]["tokens"] for n in names]
-      weights = self.spec.weights(tokens)
+      weights = (self.spec.weights(tokens) if checked is None
+                 else checked.weights(names, tokens, self.spec.weight_cap))
       job = {"kind": "merge", "round": round_, "sites": names, "attempt": attempt,
              "digests": [exchange.manifest_digest(updates[n]) for n in names],
              "weights": [float(w) for w in weights],
@@ -272,6 +279,8 @@ class Coordinator:
              "outer": federation.outer_config(self.config), "merge": self.merge_settings()}
     if self.spec.moment_sync_every > 1:  # Whether this round synced the shared moments.
       extra["moment_round"] = self.spec.moment_round(round_)
+    if checked is not None:  # Recorded only when on: the scores and what they decided.
+      extra["contribution"] = checked.record()
     committed, ours = self._commit(prefix, exchange.make_manifest(
         federation=self.f.id, kind="global", round=round_, author=federation.COORDINATOR,
         attempt=attempt, base_round=round_ - 1, tokens=int(sum(tokens)), arrays=records,
@@ -287,6 +296,9 @@ class Coordinator:
                           - read0),
            "bytes_written": self.glob.bytes_written - write0,
            "site_train_loss": {n: updates[n].get("extra", {}).get("train_loss") for n in names}}
+    if checked is not None:
+      rec["contribution_scores"] = dict(zip(checked.sites, checked.scores))
+      rec["contribution_refused"] = checked.refused
     self._missing = {(n, r) for n, r in self._missing if r >= round_ - 2}
     self._missing |= {(n, round_) for n in self.names
                       if n not in updates and n not in self._rejected}
@@ -304,6 +316,27 @@ class Coordinator:
     except (buckets.BucketError, exchange.ExchangeError) as e:
       logging.warning("coordinator: retention skipped this round: %s", e)
       return None
+  def check_contributions(self, round_: int, base_prefix: str, base_manifest: dict,
+                          updates: dict[str, dict]) -> contribution.Checked:
+    """Scores the round's updates (`contribution.Scorer`) and drops from `updates` those
+    the policy refuses and those the merge would refuse; QuorumError when fewer than the
+    quorum remain (the latest global round stays round_ - 1)."""
+    inputs = {n: (self.sites[n], exchange.update_prefix(round_), updates[n])
+              for n in self.names if n in updates}
+    checked = self.scorer.check_stored(self.glob, base_prefix, base_manifest, inputs)
+    why = {**checked.bad, **{n: f"contribution score {checked.score(n)!r} is below "
+                                f"contribution.threshold {checked.policy.threshold!r}"
+                             for n in checked.refused}}
+    for n in sorted(why):
+      logging.warning("coordinator: round %d: refused update of site %s (manifest sha256 %s): "
+                      "%s", round_, n, exchange.manifest_digest(updates[n])[:16], why[n])
+      self._rejected.add(n)  # Committed but refused: never reported as late.
+      del updates[n]
+    if len(updates) < self.quorum:
+      raise QuorumError(f"round {round_}: refused updates of {sorted(why)}; {len(updates)} "
+                        f"updates remain, quorum {self.quorum}; the latest global round "
+                        f"stays {round_ - 1}")
+    return checked
 
   # ---------------------------------------------------------------- merge workers
 

@@ -299,6 +299,11 @@ def check_federation_config(config, devices: list[jax.Device] | None = None,
     raise ConfigError(f"federation.robust: {e}") from None
   from tapestry_jax import retention  # Built on this module.
   retention.keep_rounds(config)
+  from tapestry_jax import contribution  # pylint: disable=import-outside-toplevel  (a cycle)
+  try:
+    contribution.check_config(config)
+  except (ValueError, DataError) as e:
+    raise ConfigError(f"federation.{e}") from None
   every = moment_sync_every(config)
   if every > 1 and not shared_moments(config):
     raise ConfigError(f"federation.moment_sync_every={every} syncs the shared Adam moments "

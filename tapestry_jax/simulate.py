@@ -25,13 +25,14 @@ from absl import logging
 
 import data_pipelines
 
+from tapestry_jax import contribution
 from tapestry_jax import exchange
 from tapestry_jax import federation
 from tapestry_jax import loop
 from tapestry_jax import site as site_lib
 from tapestry_jax import trees
 from tapestry_jax import update_codecs
-from tapestry_jax.coordinator import initial_round
+from tapestry_jax.coordinator import QuorumError, initial_round
 
 
 def _workers(config, workdir: str, devices=None, *,
@@ -71,6 +72,9 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   like = next(iter(workers.values())).trainer.param_shardings  # The params' structure.
   download = None  # (federation.download_dtype on) the last round's {name: outer.Download}.
   names = []  # The sites whose updates went into the current global round.
+  # federation.contribution: the coordinator's check, on the same validation set.
+  scorer = contribution.Scorer(config) if contribution.policy(config).on else None
+  checks = []  # Each round's `contribution.Checked.record()`, with its round.
   for g in range(int(f.rounds) + 1):
     merged, deltas, tokens, names, norms = names, [], [], [], []
     for name, w in workers.items():
@@ -120,10 +124,21 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
       break
     t0 = time.perf_counter()
     download = None
+    weights = spec.weights(tokens) if deltas else None
+    if deltas and scorer is not None:  # As the coordinator: refused updates leave the round.
+      checked = scorer.check_arrays(params, names, deltas)
+      keep = [k for k, n in enumerate(names) if n not in checked.refused]
+      deltas, norms, tokens, names = ([x[k] for k in keep]
+                                      for x in (deltas, norms, tokens, names))
+      if checked.refused and len(names) < federation.quorum(config):
+        raise QuorumError(f"round {g + 1}: refused updates of {checked.refused}; {len(names)} "
+                          f"updates remain, quorum {federation.quorum(config)}")
+      weights = checked.weights(names, tokens, spec.weight_cap)
+      checks.append({"round": g + 1, **checked.record()})
     if deltas:
       # Clipped by the norms the sites declare: the coordinator then merges the same bits.
       new_params, new_state, *down = spec.for_round(g + 1).outer_step(
-          params, state, [exchange.as_update(d) for d in deltas], spec.weights(tokens),
+          params, state, [exchange.as_update(d) for d in deltas], weights,
           norms=norms)
       params = {n: np.asarray(v) for n, v in new_params.items()}
       state = jax.device_get(new_state)
@@ -133,7 +148,10 @@ def simulate(config, workdir: str, *, devices=None, drop: Any = None) -> dict[st
   log.close()
   for w in workers.values():
     w.close()
-  return {"params": params, "outer_state": state, "records": records}
+  out = {"params": params, "outer_state": state, "records": records}
+  if scorer is not None:
+    out["contribution"] = checks
+  return out
 
 
 def train_alone(config, workdir: str, *, devices=None) -> dict[str, dict]:

@@ -39,6 +39,7 @@ from data_pipelines import corpora
 from ml_collections.config_dict import placeholder
 
 from experiments.configs import lm
+from tapestry_jax import contribution
 from tapestry_jax import outer_config
 
 
@@ -289,6 +290,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Norm clipping of each site's pseudo-gradient and the aggregator (mean, trimmed_mean,
   # median); see outer_config.default_robust_config for each field.
   f.robust = outer_config.default_robust_config()
+  # --- contribution check -----------------------------------------------------------------
+  # Scores each site's update by its effect on the loss of a validation set the coordinator
+  # holds, and down-weights or refuses the ones that make it worse (off by default); see
+  # contribution.default_config for each field and docs/trust.md.
+  f.contribution = contribution.default_config()
 
   # --- the sites ------------------------------------------------------------------------
   c.sites = ml_collections.ConfigDict()
