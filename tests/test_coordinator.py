@@ -300,6 +300,15 @@ def test_a_norm_boosted_update_is_bounded_by_clipping_and_robust_merges(tmp_path
     assert step <= clip + 1e-5
   else:  # ... and the coordinate-wise median of 3 never takes the extreme value.
     assert step <= max(norms["cyrillic"], norms["latin"]) + 1e-5
+    # It is the median, coordinate by coordinate, of the clipped updates (a trimmed mean
+    # of 3 with trim 1 is their median), not some other bounded mix of them.
+    sent = {**honest, "greek": boosted}
+    scale = {n: np.float32(clip / max(norms[n], clip)) for n in SITES}
+    median = {k: np.median(np.stack([scale[n] * sent[n][k] for n in SITES]), axis=0)
+              for k in honest["greek"]}
+    want, _ = _reference(config, [([median], [1.0])])
+    for n, w in want.items():
+      np.testing.assert_allclose(arrays[f"params/{n}"], w, rtol=1e-6, atol=1e-7, err_msg=n)
   # Without clipping, the plain mean is dragged by the boosted update.
   plain = _config(rounds=1)
   for n in SITES:

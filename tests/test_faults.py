@@ -484,11 +484,15 @@ def test_a_site_refuses_a_rollback_and_a_global_round_signed_by_an_unknown_key(t
 # ------------------------------------------------------------------ 5. an upload cut short
 
 
-def test_an_upload_cut_short_is_ignored_and_the_round_closes_on_quorum(tmp_path, caplog):
+@pytest.mark.parametrize("cut", ["mid-arrays", "at-manifest", "at-commit"])
+def test_an_upload_cut_short_is_ignored_and_the_round_closes_on_quorum(tmp_path, caplog,
+                                                                       monkeypatch, cut):
   """Must not be lost: the rule that only a commit marker makes an update exist. greek's
-  upload stopped after some of its arrays (no manifest, no COMMIT): the coordinator reads
-  not a byte of it, closes round 1 on the quorum of the two committed updates, and the
-  global round's inputs name only those (by their committed manifests' digests)."""
+  upload stopped after some of its arrays, or inside `publish_update` as it wrote its
+  manifest or created its COMMIT (the manifest landed, the marker did not): the
+  coordinator reads not a byte of it, closes round 1 on the quorum of the two committed
+  updates, and the global round's inputs name only those (by their committed manifests'
+  digests)."""
   config = _config(rounds=1, quorum=2, deadline_s=0.2)
   coord = _coordinator(config, tmp_path)
   coord.publish_initial()
@@ -497,9 +501,27 @@ def test_an_upload_cut_short_is_ignored_and_the_round_closes_on_quorum(tmp_path,
   greek = _bucket(config, tmp_path, "greek")
   prefix = exchange.update_prefix(1)
   attempt = exchange.new_attempt("greek/1/0")
-  names = sorted(deltas["greek"])
-  exchange.write_arrays(greek, exchange.data_prefix(prefix, attempt),
-                        {n: deltas["greek"][n] for n in names[:len(names) // 2]})
+  if cut == "mid-arrays":
+    names = sorted(deltas["greek"])
+    exchange.write_arrays(greek, exchange.data_prefix(prefix, attempt),
+                          {n: deltas["greek"][n] for n in names[:len(names) // 2]})
+  else:  # The process dies inside publish_update, at the manifest's write or COMMIT's create.
+    method, name = ("write", exchange.MANIFEST) if cut == "at-manifest" else ("create",
+                                                                             exchange.COMMIT)
+    real = getattr(greek, method)
+
+    def killed(key, *args, **kwargs):
+      if key.endswith("/" + name):
+        raise KeyboardInterrupt(f"killed at {name}")
+      return real(key, *args, **kwargs)
+
+    monkeypatch.setattr(greek, method, killed)
+    with pytest.raises(KeyboardInterrupt, match=f"killed at {name}"):
+      exchange.publish_update(greek, config, "greek", 1, 0, deltas["greek"],
+                              federation.weight_cap(config), {},
+                              signer=fed_fakes.signer("greek"))
+    assert greek.exists(f"{exchange.data_prefix(prefix, attempt)}/{exchange.MANIFEST}") == (
+        cut == "at-commit")
   assert greek.list(f"{prefix}/{attempt}/") and exchange.read_manifest(greek, prefix) is None
 
   rec = coord.run_round(1)
