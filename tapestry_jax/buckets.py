@@ -427,17 +427,7 @@ class Bucket:
 
   def read(self, key: str) -> bytes | None:
     """The value stored at `key`, or None if there is none."""
-    check_key(key)
-    self._confine("read", key)
-    try:
-      result = self._kv.read(key).result()
-    except Exception as e:  # noqa: BLE001
-      raise self._fail("read", key, e) from None
-    if result.state != "value":
-      return None
-    value = bytes(result.value)
-    self.record_transfer(read=len(value))
-    return value
+    return self.read_versioned(key)[0]
 
   def write(self, key: str, data: bytes) -> None:
     """Stores `data` at `key`; returns once the store reports it durable."""
